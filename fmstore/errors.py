@@ -1,0 +1,39 @@
+"""The exceptions fmstore raises: one base class, so callers can catch everything fmstore-specific."""
+
+from __future__ import annotations
+
+
+class FmstoreError(Exception):
+    """Base class of every error fmstore raises on purpose."""
+
+
+class BlobNotFoundError(FmstoreError, KeyError):
+    """A key that no tier (or not the tier asked) holds.
+
+    Subclasses ``KeyError`` so ``except KeyError`` and ``dict``-style code keep working.
+    """
+
+    def __init__(self, key: str, where: str | None = None) -> None:
+        self.key = key
+        self.where = where
+        super().__init__(key)
+
+    def __str__(self) -> str:  # KeyError would print only repr(key)
+        place = f" in {self.where}" if self.where else ""
+        return f"no blob with key {self.key!r}{place}"
+
+
+class InvalidKeyError(FmstoreError, ValueError):
+    """A key that is not a safe relative name (empty, absolute, '..', reserved, ...)."""
+
+
+class CapacityError(FmstoreError):
+    """A value does not fit: larger than a tier's capacity, or no room could be made."""
+
+
+class CorruptBlobError(FmstoreError):
+    """Stored bytes that do not form a complete, well-formed blob (truncated, bad header)."""
+
+
+class ConfigError(FmstoreError, ValueError):
+    """Bad configuration: an unknown URL scheme, a size string that does not parse, ..."""

@@ -1,0 +1,9 @@
+"""The four storage tiers, fastest first: device memory, host memory, local disk, object storage."""
+
+from .base import Tier
+from .device import DeviceTier
+from .host import BufferPool, HostTier
+from .local import LocalTier
+from .object import ObjectTier
+
+__all__ = ["Tier", "DeviceTier", "HostTier", "BufferPool", "LocalTier", "ObjectTier"]

@@ -1,0 +1,194 @@
+"""Crash-safe, parallel reading and writing of blob files on a local file system.
+
+Writes go to a temporary name in the target directory, are fsync'd, then renamed over the
+final name and the directory fsync'd: a reader sees the old blob or the whole new one, never
+a part, even if the writer is killed.  Large blobs are split into chunks written and read by
+a thread pool with ``pwrite``/``preadv`` (which release the GIL), so one blob keeps several
+I/O requests in flight.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import Executor
+
+import torch
+
+from ..blob import BlobInfo, Value, decode_header, from_bytes_tensor, header_length
+from ..errors import BlobNotFoundError, CorruptBlobError
+from ..keys import TMP_MARKER
+
+#: Bytes read first: the header and, for small blobs, all of the data in one system call.
+HEAD_READ = 64 * 1024
+
+
+def tmp_name(path: str) -> str:
+    d, base = os.path.split(path)
+    return os.path.join(d, f".{base}{TMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def tmp_owner_pid(filename: str) -> int | None:
+    """The pid that wrote a temporary file, from its name, or ``None`` if it is not one."""
+    if TMP_MARKER not in filename:
+        return None
+    try:
+        return int(filename.split(TMP_MARKER, 1)[1].split("-", 1)[0])
+    except ValueError:
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data = data[n:]
+        offset += n
+
+
+def _pread_into(fd: int, dest: memoryview, offset: int, name: str) -> None:
+    while len(dest):
+        n = os.preadv(fd, [dest], offset)
+        if n == 0:
+            raise CorruptBlobError(f"{name}: truncated blob (end of file at byte {offset})")
+        dest = dest[n:]
+        offset += n
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def chunks(start: int, end: int, chunk: int) -> Iterator[tuple[int, int]]:
+    """``[start, end)`` cut into pieces of at most ``chunk`` bytes."""
+    for a in range(start, end, chunk):
+        yield a, min(end, a + chunk)
+
+
+def _run_chunked(pool: Executor | None, fn, pieces: list[tuple]) -> None:
+    """Call ``fn(*piece)`` for each piece: in the pool if there are several, else inline."""
+    if pool is None or len(pieces) <= 1:
+        for piece in pieces:
+            fn(*piece)
+        return
+    futures = [pool.submit(fn, *piece) for piece in pieces]
+    errors = [f.exception() for f in futures]
+    for e in errors:
+        if e is not None:
+            raise e
+
+
+def write_atomic(
+    path: str,
+    header: bytes,
+    data: memoryview,
+    *,
+    pool: Executor | None = None,
+    chunk: int = 16 << 20,
+    fsync: bool = True,
+) -> int:
+    """Write ``header + data`` to ``path`` crash-safely; returns the file's size."""
+    directory = os.path.dirname(path)
+    tmp = tmp_name(path)
+    for attempt in range(3):
+        os.makedirs(directory, exist_ok=True)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            break
+        except FileNotFoundError:  # a concurrent delete pruned the empty directory
+            if attempt == 2:
+                raise
+    try:
+        try:
+            _pwrite_all(fd, memoryview(header), 0)
+            base = len(header)
+            pieces = [(fd, data[a:b], base + a) for a, b in chunks(0, len(data), chunk)]
+            _run_chunked(pool, _pwrite_all, pieces)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if fsync:
+        _fsync_dir(directory)
+    return len(header) + len(data)
+
+
+def read_header(fd: int, name: str) -> tuple[BlobInfo, int, bytes]:
+    """(info, header length, first bytes read) of the open blob file ``fd``; checks its size."""
+    size = os.fstat(fd).st_size
+    head = os.pread(fd, min(size, HEAD_READ), 0)
+    hlen = header_length(head, name=name)
+    if hlen > len(head):
+        head = os.pread(fd, hlen, 0)
+        if len(head) < hlen:
+            raise CorruptBlobError(f"{name}: truncated blob (header cut at {len(head)} bytes)")
+    info = decode_header(head[:hlen], name=name)
+    if size != hlen + info.nbytes:
+        what = "truncated" if size < hlen + info.nbytes else "has trailing bytes"
+        raise CorruptBlobError(
+            f"{name}: blob file {what}: {size} bytes on disk, header says {hlen + info.nbytes}"
+        )
+    return info, hlen, head
+
+
+def open_blob(path: str, key: str, where: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise BlobNotFoundError(key, where) from None
+    except IsADirectoryError:
+        raise BlobNotFoundError(key, where) from None
+    except OSError as e:
+        if e.errno == errno.ENOTDIR:
+            raise BlobNotFoundError(key, where) from None
+        raise
+
+
+def read_blob(
+    path: str, key: str, where: str, *, pool: Executor | None = None, chunk: int = 16 << 20
+) -> tuple[Value, BlobInfo]:
+    """Read a whole blob file into a new tensor (or bytes), checking it is complete."""
+    name = f"{where}: {key!r} ({path})"
+    fd = open_blob(path, key, where)
+    try:
+        info, hlen, head = read_header(fd, name)
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            mv = memoryview(buf.numpy())
+            have = min(len(head) - hlen, info.nbytes)
+            mv[:have] = head[hlen : hlen + have]
+            pieces = [(fd, mv[a:b], hlen + a, name) for a, b in chunks(have, info.nbytes, chunk)]
+            _run_chunked(pool, _pread_into, pieces)
+        return from_bytes_tensor(buf, info), info
+    finally:
+        os.close(fd)
+
+
+def stat_blob(path: str, key: str, where: str) -> BlobInfo:
+    fd = open_blob(path, key, where)
+    try:
+        return read_header(fd, f"{where}: {key!r} ({path})")[0]
+    finally:
+        os.close(fd)

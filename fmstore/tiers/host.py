@@ -1,0 +1,128 @@
+"""HostTier: blobs in host RAM, from a reusable pool of pinned buffers when CUDA is present.
+
+Pinned (page-locked) memory is what lets device<->host copies run at full PCIe speed and
+asynchronously, but ``cudaHostAlloc`` is slow and fragments; the pool allocates each size
+class once and hands buffers out again, so steady-state training never pins new memory.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import torch
+
+from ..errors import CapacityError, ConfigError
+from ..units import format_size
+from .memory import MemoryTier
+
+
+def size_class(nbytes: int) -> int:
+    """Round up to at most 1/8 above ``nbytes`` (min 512 B), so similar sizes share buffers."""
+    if nbytes <= 512:
+        return 512
+    step = 1 << max(9, nbytes.bit_length() - 4)
+    return -(-nbytes // step) * step
+
+
+class BufferPool:
+    """Flat uint8 host buffers, pinned or not, recycled by size class.
+
+    ``limit`` caps the bytes the pool keeps allocated: idle buffers are freed to make room
+    before a new one is allocated.  Buffers in use may exceed it (the tier's capacity check,
+    not the pool, decides what is stored).
+    """
+
+    def __init__(self, *, pinned: bool, limit: int | None = None) -> None:
+        self.pinned = pinned
+        self.limit = limit
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+        self.reserved = 0  # bytes allocated, in use or idle
+        self.idle = 0
+        self.allocations = 0  # how many buffers were ever allocated (reuse shows as few)
+
+    def acquire(self, nbytes: int) -> tuple[torch.Tensor, Callable[[], None]]:
+        cls = size_class(nbytes)
+        with self._lock:
+            bucket = self._free.get(cls)
+            if bucket:
+                buf = bucket.pop()
+                self.idle -= cls
+                return buf, lambda: self._release(buf)
+            if self.limit is not None and self.reserved + cls > self.limit:
+                self._trim(self.reserved + cls - self.limit)
+            self.reserved += cls
+            self.allocations += 1
+        try:
+            buf = torch.empty(cls, dtype=torch.uint8, pin_memory=self.pinned)
+        except RuntimeError as e:
+            with self._lock:
+                self.reserved -= cls
+            raise CapacityError(f"cannot allocate {format_size(cls)} of host memory: {e}") from None
+        return buf, lambda: self._release(buf)
+
+    def _release(self, buf: torch.Tensor) -> None:
+        cls = buf.numel()
+        with self._lock:
+            self._free.setdefault(cls, []).append(buf)
+            self.idle += cls
+            if self.limit is not None and self.reserved > self.limit:
+                self._trim(self.reserved - self.limit)
+
+    def _trim(self, want: int) -> None:
+        """Free idle buffers, largest first, until ``want`` bytes are freed (lock held)."""
+        for cls in sorted(self._free, reverse=True):
+            bucket = self._free[cls]
+            while bucket and want > 0:
+                bucket.pop()
+                self.reserved -= cls
+                self.idle -= cls
+                want -= cls
+            if not bucket:
+                del self._free[cls]
+            if want <= 0:
+                return
+
+    def clear(self) -> None:
+        with self._lock:
+            self._trim(self.idle)
+
+
+class HostTier(MemoryTier):
+    """Blobs in host memory up to ``capacity`` bytes.
+
+    ``pinned=None`` pins when CUDA is available (so copies to and from the GPU are fast) and
+    uses plain memory otherwise; ``True``/``False`` force it.  ``get`` returns a new CPU tensor.
+    """
+
+    kind = "host"
+
+    def __init__(
+        self,
+        capacity: int | str | None = None,
+        *,
+        pinned: bool | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(capacity=capacity, name=name)
+        if pinned is None:
+            pinned = torch.cuda.is_available()
+        if pinned and not torch.cuda.is_available():
+            raise ConfigError("HostTier(pinned=True) needs CUDA; pass pinned=None or False")
+        self.pinned = pinned
+        self.pool = BufferPool(pinned=pinned, limit=self.capacity)
+
+    def _alloc(self, nbytes: int) -> tuple[torch.Tensor, Callable[[], None]]:
+        return self.pool.acquire(nbytes)
+
+    def stats(self) -> dict[str, object]:
+        out = super().stats()
+        out.update(
+            pinned=self.pinned, pool_reserved=self.pool.reserved, pool_allocations=self.pool.allocations
+        )
+        return out
+
+    def close(self) -> None:
+        super().close()
+        self.pool.clear()

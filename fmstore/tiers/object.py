@@ -1,0 +1,292 @@
+"""ObjectTier: blobs in object storage or any file system fsspec reaches (s3://, gs://, ...).
+
+A blob becomes visible only once complete: on S3 a blob is one PUT or a multipart upload
+whose completion is the commit (parts upload concurrently, and a failed upload is aborted);
+on ``file://`` it is a temporary file renamed into place; other fsspec back ends get a single
+``pipe_file``.  ``storage_options`` go to fsspec untouched; credentials come from them or the
+standard AWS variables and are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ..blob import (
+    BlobInfo,
+    Value,
+    as_memoryview,
+    decode_header,
+    encode_header,
+    from_bytes_tensor,
+    header_length,
+)
+from ..errors import BlobNotFoundError, ConfigError, CorruptBlobError
+from ..keys import TMP_MARKER
+from ..units import parse_size
+from .base import Tier
+from .files import chunks
+from .local import SUFFIX, LocalTier
+
+
+def open_fs(url: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    """(fsspec file system, root path) for ``url``; unknown or unusable schemes raise ConfigError."""
+    import fsspec
+    from fsspec.core import url_to_fs
+
+    if not isinstance(url, str) or not url:
+        raise ConfigError(f"ObjectTier needs a URL such as 's3://bucket/prefix', got {url!r}")
+    scheme = url.split("://", 1)[0] if "://" in url else "file"
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ValueError:
+        raise ConfigError(
+            f"unknown URL scheme {scheme!r} in {url!r}; fsspec knows e.g. s3, gs, az, file, memory"
+        ) from None
+    except ImportError as e:
+        raise ConfigError(f"URL scheme {scheme!r} needs a package that is not installed: {e}") from None
+    fs, root = url_to_fs(url, **(storage_options or {}))
+    return fs, root.rstrip("/")
+
+
+class ObjectTier(Tier):
+    """Blobs stored as ``<url>/<key>.safetensors`` objects.
+
+    ``part_size`` and ``max_concurrency`` set how large blobs are cut into parts and how
+    many parts move at once (S3 multipart upload and ranged reads; ``file://`` chunked I/O).
+    """
+
+    kind = "object"
+    durable = True
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        capacity: int | str | None = None,
+        part_size: int | str = "32MiB",
+        max_concurrency: int = 8,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(capacity=capacity, name=name)
+        self.url = url
+        self.fs, self.root = open_fs(url, storage_options)
+        self.part_size = max(parse_size(part_size, what="part_size") or 0, 5 << 20)  # S3 minimum
+        self.max_concurrency = max(1, max_concurrency)
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self._is_local = "file" in protocols
+        self._is_s3 = "s3" in protocols or "s3a" in protocols
+        # file:// is a local directory: the LocalTier code (atomic rename, parallel I/O,
+        # clean-up of dead writers' temporary files) does the work.
+        self._local = (
+            LocalTier(self.root, io_threads=self.max_concurrency, chunk=self.part_size, name=self.name)
+            if self._is_local
+            else None
+        )
+        self._load_index()
+
+    def path_of(self, key: str) -> str:
+        return f"{self.root}/{key}{SUFFIX}" if self.root else f"{key}{SUFFIX}"
+
+    def footprint(self, info: BlobInfo) -> int:
+        return len(encode_header(info)) + info.nbytes
+
+    def __repr__(self) -> str:  # the URL only: storage_options may hold credentials
+        return f"ObjectTier({self.url!r}, name={self.name!r})"
+
+    # ------------------------------------------------------------------ write
+
+    def _write(self, key: str, value: Value, info: BlobInfo) -> None:
+        if self._local is not None:
+            return self._local._write(key, value, info)
+        header = encode_header(info)
+        data = as_memoryview(value)
+        path = self.path_of(key)
+        if self._is_s3:
+            self._sync(self._s3_put(path, header, data))
+        else:
+            self.fs.pipe_file(path, header + data.tobytes())
+
+    async def _s3_put(self, path: str, header: bytes, data: memoryview) -> None:
+        fs = self.fs
+        bucket, key, _ = fs.split_path(path)
+        total = len(header) + len(data)
+        if total <= self.part_size:
+            await fs._call_s3("put_object", Bucket=bucket, Key=key, Body=header + data.tobytes())
+            fs.invalidate_cache(path)
+            return
+        mpu = await fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+        upload_id = mpu["UploadId"]
+        gate = asyncio.Semaphore(self.max_concurrency)
+
+        async def upload(number: int, start: int, end: int) -> dict[str, Any]:
+            async with gate:  # at most max_concurrency parts in memory at once
+                body = _slice(header, data, start, end)
+                out = await fs._call_s3(
+                    "upload_part", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+                )
+                return {"PartNumber": number, "ETag": out["ETag"]}
+
+        try:
+            parts = await asyncio.gather(
+                *(upload(i + 1, a, b) for i, (a, b) in enumerate(chunks(0, total, self.part_size)))
+            )
+            await fs._call_s3(
+                "complete_multipart_upload",
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": list(parts)},
+            )
+        except BaseException:
+            try:  # the object never appeared; free the parts the server holds
+                await asyncio.shield(
+                    fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+                )
+            except Exception:
+                pass
+            raise
+        finally:
+            fs.invalidate_cache(path)
+
+    # ------------------------------------------------------------------ read
+
+    def _read(self, key: str) -> tuple[Value, BlobInfo]:
+        path = self.path_of(key)
+        where = f"tier {self.name!r}"
+        if self._local is not None:
+            return self._local._read(key)
+        if self._is_s3:
+            return self._sync(self._s3_get(path, key))
+        try:
+            raw = self.fs.cat_file(path)
+        except FileNotFoundError:
+            raise BlobNotFoundError(key, where) from None
+        name = f"{where}: {key!r} ({path})"
+        hlen = header_length(raw, name=name)
+        info = decode_header(raw[:hlen], name=name)
+        _check_size(len(raw), hlen, info, name)
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            memoryview(buf.numpy())[:] = memoryview(raw)[hlen:]
+        return from_bytes_tensor(buf, info), info
+
+    async def _s3_get(self, path: str, key: str) -> tuple[Value, BlobInfo]:
+        fs = self.fs
+        bucket, skey, _ = fs.split_path(path)
+        name = f"tier {self.name!r}: {key!r} ({path})"
+
+        async def get_range(start: int, end: int) -> tuple[bytes, int]:
+            try:
+                resp = await fs._call_s3(
+                    "get_object", Bucket=bucket, Key=skey, Range=f"bytes={start}-{end - 1}"
+                )
+            except FileNotFoundError:
+                raise BlobNotFoundError(key, f"tier {self.name!r}") from None
+            try:
+                body = await resp["Body"].read()
+            finally:
+                resp["Body"].close()
+            total = int(str(resp.get("ContentRange", "")).rsplit("/", 1)[-1] or len(body))
+            return body, total
+
+        first, total = await get_range(0, self.part_size)
+        hlen = header_length(first, name=name)
+        if hlen > len(first):
+            first = first + (await get_range(len(first), hlen))[0]
+        info = decode_header(first[:hlen], name=name)
+        _check_size(total, hlen, info, name)
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            mv = memoryview(buf.numpy())
+            have = min(len(first) - hlen, info.nbytes)
+            mv[:have] = first[hlen : hlen + have]
+            gate = asyncio.Semaphore(self.max_concurrency)
+
+            async def fetch(a: int, b: int) -> None:
+                async with gate:
+                    body, _ = await get_range(hlen + a, hlen + b)
+                if len(body) != b - a:
+                    raise CorruptBlobError(f"{name}: short read ({len(body)} of {b - a} bytes at {a})")
+                mv[a:b] = body
+
+            await asyncio.gather(*(fetch(a, b) for a, b in chunks(have, info.nbytes, self.part_size)))
+        return from_bytes_tensor(buf, info), info
+
+    # ------------------------------------------------------------------ the rest
+
+    def _stat(self, key: str) -> BlobInfo:
+        if self._local is not None:
+            return self._local._stat(key)
+        path = self.path_of(key)
+        where = f"tier {self.name!r}"
+        name = f"{where}: {key!r} ({path})"
+        try:
+            head = self.fs.cat_file(path, start=0, end=64 * 1024)
+            hlen = header_length(head, name=name)
+            if hlen > len(head):
+                head = self.fs.cat_file(path, start=0, end=hlen)
+        except FileNotFoundError:
+            raise BlobNotFoundError(key, where) from None
+        return decode_header(head[:hlen], name=name)
+
+    def _remove(self, key: str) -> None:
+        if self._local is not None:
+            return self._local._remove(key)
+        path = self.path_of(key)
+        if key not in self and not self.fs.exists(path):
+            raise BlobNotFoundError(key, f"tier {self.name!r}")
+        try:
+            self.fs.rm_file(path)
+        except FileNotFoundError:
+            raise BlobNotFoundError(key, f"tier {self.name!r}") from None
+
+    def _probe(self, key: str) -> int | None:
+        try:
+            return int(self.fs.info(self.path_of(key))["size"])
+        except (FileNotFoundError, OSError):
+            return None
+
+    def _scan(self) -> Iterator[tuple[str, int]]:
+        if self._local is not None:
+            yield from self._local._scan()
+            return
+        self.fs.invalidate_cache(self.root)
+        try:
+            found = self.fs.find(self.root, detail=True) if self.root else {}
+        except FileNotFoundError:
+            return
+        prefix = self.root + "/"
+        for path, meta in found.items():
+            if not path.startswith(prefix) or not path.endswith(SUFFIX) or TMP_MARKER in path:
+                continue
+            yield path[len(prefix) : -len(SUFFIX)], int(meta.get("size") or 0)
+
+    def _sync(self, coro: Any) -> Any:
+        from fsspec.asyn import sync
+
+        return sync(self.fs.loop, lambda: coro)
+
+    def close(self) -> None:
+        if self._local is not None:
+            self._local.close()
+
+
+def _slice(header: bytes, data: memoryview, start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` of ``header + data`` without building the whole concatenation."""
+    h = len(header)
+    if start >= h:
+        return data[start - h : end - h].tobytes()
+    return header[start:end] + data[: max(0, end - h)].tobytes()
+
+
+def _check_size(total: int, hlen: int, info: BlobInfo, name: str) -> None:
+    if total != hlen + info.nbytes:
+        what = "truncated" if total < hlen + info.nbytes else "has trailing bytes"
+        raise CorruptBlobError(
+            f"{name}: object {what}: {total} bytes stored, header says {hlen + info.nbytes}"
+        )
