@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
+import torch
+
 from .blob import BlobInfo, Value, describe
 from .errors import BlobNotFoundError, CapacityError, ConfigError, FmstoreError
 from .keys import check_key
@@ -153,8 +155,14 @@ class TieredStore:
             self._reserve_inflight(info.nbytes)
             self._submit(self._write_back_job, key, version, info.nbytes)
 
-    def get(self, key: str, *, promote: bool | None = None) -> Value:
-        """The value of ``key``, bit-exact, from the fastest tier that holds it."""
+    def get(
+        self, key: str, *, promote: bool | None = None, device: str | torch.device | None = None
+    ) -> Value:
+        """The value of ``key``, bit-exact, from the fastest tier that holds it.
+
+        ``promote`` overrides the store's promotion setting for this read; ``device`` places
+        a tensor there (e.g. ``"cuda"``: pinned host memory is copied straight to the GPU).
+        """
         check_key(key)
         for _attempt in range(8):
             with self._lock:
@@ -165,12 +173,13 @@ class TieredStore:
                 version = entry.version
                 source = min(entry.holders) if entry.holders else None
             if move is not None and (source is None or source > 0):
-                return _copy(move.value)
+                value = _copy(move.value)
+                return value.to(device) if device is not None and isinstance(value, torch.Tensor) else value
             if source is None:
                 time.sleep(0.001)  # between tiers mid-move; look again
                 continue
             try:
-                value = self.tiers[source].get(key)
+                value = self.tiers[source].get(key, device=device)
             except BlobNotFoundError:
                 time.sleep(0.001)  # moved or replaced while we looked; look again
                 continue

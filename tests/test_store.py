@@ -329,6 +329,6 @@ def test_gpu_device_host_local_chain(tmp_path):
         assert s.where("p5")[0] == "device:cuda:0"
         assert s.where("p0") == ["local"]
         for k, v in values.items():
-            got = s.get(k)
-            assert torch.equal(got.to(v.device), v)
+            got = s.get(k, device="cuda")
+            assert got.device.type == "cuda" and torch.equal(got, v)
         assert s.tiers[1].pinned

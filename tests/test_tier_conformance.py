@@ -203,3 +203,16 @@ def test_reader_never_sees_a_partial_blob(make_tier):
         r.join()
     assert not errors, errors
     assert seen, "the readers never completed a read"
+
+
+def test_get_onto_a_device(make_tier):
+    tier = make_tier()
+    t = random_tensor(torch.bfloat16, (8, 8))
+    tier.put("k", t)
+    targets = ["cpu"] + (["cuda:0"] if torch.cuda.is_available() else [])
+    for dev in targets:
+        got = tier.get("k", device=dev)
+        assert got.device == torch.device(dev)
+        assert_same(got, t)
+    tier.put("b", b"raw")
+    assert tier.get("b", device="cpu") == b"raw"  # bytes stay bytes

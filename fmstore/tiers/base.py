@@ -6,6 +6,8 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 
+import torch
+
 from ..blob import BlobInfo, Value, describe
 from ..errors import BlobNotFoundError, CapacityError
 from ..keys import check_key
@@ -94,10 +96,18 @@ class Tier(ABC):
             self.bytes_written += info.nbytes
         return info
 
-    def get(self, key: str) -> Value:
-        """The blob under ``key``, bit-exact, as a new tensor (or ``bytes``) the caller owns."""
+    def get(self, key: str, *, device: str | torch.device | None = None) -> Value:
+        """The blob under ``key``, bit-exact, as a new tensor (or ``bytes``) the caller owns.
+
+        ``device`` puts a tensor there (memory tiers copy straight from their buffer, e.g.
+        pinned host memory to the GPU at full speed); by default tensors come back on the
+        tier's own device (CPU for all but :class:`DeviceTier`).
+        """
         check_key(key)
-        value, info = self._read(key)
+        dev = torch.device(device) if device is not None else None
+        value, info = self._read(key, dev)
+        if dev is not None and isinstance(value, torch.Tensor) and value.device != dev:
+            value = value.to(dev)
         with self._lock:
             self.bytes_read += info.nbytes
         return value
@@ -207,7 +217,8 @@ class Tier(ABC):
     def _write(self, key: str, value: Value, info: BlobInfo) -> None: ...
 
     @abstractmethod
-    def _read(self, key: str) -> tuple[Value, BlobInfo]: ...
+    def _read(self, key: str, device: torch.device | None = None) -> tuple[Value, BlobInfo]:
+        """Read ``key``; may place a tensor on ``device`` directly (``get`` moves it if not)."""
 
     @abstractmethod
     def _stat(self, key: str) -> BlobInfo: ...

@@ -6,6 +6,8 @@ import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 from ..blob import BlobInfo, Value, as_memoryview, encode_header
 from ..errors import BlobNotFoundError
 from ..keys import TMP_MARKER
@@ -66,7 +68,7 @@ class LocalTier(Tier):
             fsync=self.fsync,
         )
 
-    def _read(self, key: str) -> tuple[Value, BlobInfo]:
+    def _read(self, key: str, device: torch.device | None = None) -> tuple[Value, BlobInfo]:
         return read_blob(self.path_of(key), key, f"tier {self.name!r}", pool=self._pool, chunk=self.chunk)
 
     def _stat(self, key: str) -> BlobInfo:

@@ -82,13 +82,13 @@ class MemoryTier(Tier):
         if done:
             slot.release()
 
-    def _read(self, key: str) -> tuple[Value, BlobInfo]:
+    def _read(self, key: str, device: torch.device | None = None) -> tuple[Value, BlobInfo]:
         slot = self._pin(key)
         try:
             info = slot.info
             if info.is_bytes:
                 return slot.buf.cpu().numpy().tobytes(), info
-            out = torch.empty(info.nbytes, dtype=torch.uint8, device=self.out_device)
+            out = torch.empty(info.nbytes, dtype=torch.uint8, device=device or self.out_device)
             out.copy_(slot.buf)
             return from_bytes_tensor(out, info), info
         finally:

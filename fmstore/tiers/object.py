@@ -155,11 +155,11 @@ class ObjectTier(Tier):
 
     # ------------------------------------------------------------------ read
 
-    def _read(self, key: str) -> tuple[Value, BlobInfo]:
+    def _read(self, key: str, device: torch.device | None = None) -> tuple[Value, BlobInfo]:
         path = self.path_of(key)
         where = f"tier {self.name!r}"
         if self._local is not None:
-            return self._local._read(key)
+            return self._local._read(key, device)
         if self._is_s3:
             return self._sync(self._s3_get(path, key))
         try:
