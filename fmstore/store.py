@@ -129,18 +129,29 @@ class TieredStore:
         entry = self._entry_for_write(key)
         with entry.lock:
             with self._lock:
+                # An older value of this key moving down in the background stops counting
+                # against the in-flight budget now (its job waits for this key's lock, so
+                # waiting on the budget here could wait on ourselves); it stays readable
+                # until the new value is in place, so a failed put loses nothing.
+                self._unaccount(entry.move)
+            try:
+                for attempt in range(3):
+                    self._make_room(target, info, key, background=False)
+                    try:
+                        self.tiers[target].put(key, value)
+                        break
+                    except CapacityError:
+                        if attempt == 2:  # concurrent writers keep taking the room we make
+                            raise
+            except BaseException:
+                with self._lock:
+                    if not entry.holders and entry.move is None and self._entries.get(key) is entry:
+                        del self._entries[key]  # a new key that never got stored
+                raise
+            with self._lock:
                 entry.version += 1
                 version = entry.version
-                self._supersede_move(entry)
-            for attempt in range(3):
-                self._make_room(target, info, key, background=False)
-                try:
-                    self.tiers[target].put(key, value)
-                    break
-                except CapacityError:
-                    if attempt == 2:  # concurrent writers keep taking the room we make
-                        raise
-            with self._lock:
+                entry.move = None  # superseded: its job finds the version changed
                 stale = entry.holders - {target}
                 entry.holders = {target}
                 entry.info = info
@@ -242,7 +253,8 @@ class TieredStore:
                 holders = set(entry.holders)
                 entry.holders.clear()
                 entry.version += 1
-                self._supersede_move(entry)
+                self._unaccount(entry.move)
+                entry.move = None
                 for i in holders:
                     self._lru[i].pop(key, None)
                 if self._entries.get(key) is entry:
@@ -504,13 +516,9 @@ class TieredStore:
             self._inflight -= nbytes
             self._cond.notify_all()
 
-    def _supersede_move(self, entry: _Entry) -> None:
-        """A newer write or a delete makes an in-flight move moot (store lock held)."""
-        move = entry.move
-        if move is None:
-            return
-        entry.move = None
-        if move.accounted:
+    def _unaccount(self, move: _Move | None) -> None:
+        """Stop counting ``move`` in the in-flight bytes (store lock held)."""
+        if move is not None and move.accounted:
             move.accounted = False
             self._inflight -= move.nbytes
             self._cond.notify_all()
@@ -536,9 +544,7 @@ class TieredStore:
             if ok:  # on failure the value stays in memory, readable, and flush() reports it
                 move.release()
                 with self._lock:
-                    accounted, move.accounted = move.accounted, False
-                if accounted:
-                    self._release_inflight(move.nbytes)
+                    self._unaccount(move)
 
     def _write_back_job(self, key: str, version: int, nbytes: int) -> None:
         last = len(self.tiers) - 1

@@ -332,3 +332,34 @@ def test_gpu_device_host_local_chain(tmp_path):
             got = s.get(k, device="cuda")
             assert got.device.type == "cuda" and torch.equal(got, v)
         assert s.tiers[1].pinned
+
+
+def test_failed_put_of_a_new_key_leaves_no_trace(tmp_path):
+    with TieredStore([HostTier("1KiB", pinned=False)]) as s:
+        with pytest.raises(CapacityError):
+            s.put("big", blob(0, 4 * KiB))
+        assert "big" not in s and s.where("big") == []
+        with pytest.raises(BlobNotFoundError):
+            s.get("big")
+
+
+def test_failed_overwrite_keeps_the_old_value(tmp_path):
+    s = TieredStore([HostTier("2KiB", pinned=False), SlowLocal(tmp_path / "l", "4KiB")], promote=False)
+    s.put("a", blob(1))
+    s.put("b", blob(2))
+    s.put("c", blob(3))  # "a" is on its way down
+    with pytest.raises(CapacityError):
+        s.put("a", blob(9, 64 * KiB))  # fits no tier
+    assert same(s.get("a"), blob(1))
+    s.flush()
+    assert same(s.get("a"), blob(1)) and s.where("a") == ["local"]
+    s.close()
+
+
+def test_overwrite_that_cannot_make_room_keeps_the_old_value():
+    with TieredStore([HostTier("4KiB", pinned=False)]) as s:
+        s.put("a", blob(1))
+        s.put("b", blob(2, 2 * KiB))
+        with pytest.raises(CapacityError, match="no slower tier"):
+            s.put("a", blob(9, 3 * KiB))  # would need "b" evicted, and there is nowhere to put it
+        assert same(s.get("a"), blob(1)) and same(s.get("b"), blob(2, 2 * KiB))
