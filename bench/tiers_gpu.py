@@ -55,13 +55,17 @@ def main() -> None:
             times[name].append(timed(fn))
     assert torch.equal(dev_tier.get("b"), src) and torch.equal(host_tier.get("b", device="cuda"), src)
     gbps = {k: n / statistics.median(v) / 1e9 for k, v in times.items()}
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  blob {format_size(n)}  "
-          f"median of {args.repeats}")
+    print(
+        f"{torch.cuda.get_device_name()}  torch {torch.__version__}  blob {format_size(n)}  "
+        f"median of {args.repeats}"
+    )
     for name, v in gbps.items():
         print(f"  {name:<26} {v:8.1f} GB/s")
     print(f"  DeviceTier.put / raw D2D: {gbps['DeviceTier.put'] / gbps['raw D2D copy_']:.2f}x")
     print(f"  HostTier.put / raw D2H:   {gbps['HostTier.put (D2H)'] / gbps['raw D2H copy_ (pinned)']:.2f}x")
-    print(f"  HostTier.get / raw H2D:   {gbps['HostTier.get(device=cuda)'] / gbps['raw H2D copy_ (pinned)']:.2f}x")
+    print(
+        f"  HostTier.get / raw H2D:   {gbps['HostTier.get(device=cuda)'] / gbps['raw H2D copy_ (pinned)']:.2f}x"
+    )
     print(f"  HostTier pool allocations: {host_tier.pool.allocations} (reused after warm-up)")
 
 

@@ -69,8 +69,8 @@ class S3Server:
 
     endpoint: str
     access_key: str
-    secret_key: str
-    data_dir: str
+    secret_key: str = field(repr=False)  # never printed or logged
+    data_dir: str = ""
     process: subprocess.Popen[bytes] | None = None
     log_path: str = ""
     buckets: list[str] = field(default_factory=list)
@@ -179,7 +179,8 @@ def start_seaweedfs(
                 raise TimeoutError(f"SeaweedFS S3 did not answer within {timeout} s; log: {_tail(log_path)}")
             time.sleep(0.2)
         if bucket:
-            _retry(lambda: server.create_bucket(bucket), deadline)
+            # The filer may need a moment to join the master; a bad name fails within 10 s.
+            _retry(lambda: server.create_bucket(bucket), min(deadline, time.monotonic() + 10))
     except BaseException:
         server.stop()
         raise

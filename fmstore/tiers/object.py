@@ -24,12 +24,21 @@ from ..blob import (
     from_bytes_tensor,
     header_length,
 )
-from ..errors import BlobNotFoundError, ConfigError, CorruptBlobError
+from ..errors import BlobNotFoundError, ConfigError, CorruptBlobError, FmstoreError
 from ..keys import TMP_MARKER
 from ..units import parse_size
 from .base import Tier
 from .files import chunks
 from .local import SUFFIX, LocalTier
+
+#: Bytes fetched by the first ranged GET of a blob: the header, and small blobs whole.
+FIRST_READ = 1 << 20
+#: Whole-blob read attempts when the object keeps being overwritten during the read.
+READ_ATTEMPTS = 5
+
+
+class _ObjectChanged(Exception):
+    """The object was replaced between two ranged GETs of one read."""
 
 
 def open_fs(url: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
@@ -176,25 +185,51 @@ class ObjectTier(Tier):
         return from_bytes_tensor(buf, info), info
 
     async def _s3_get(self, path: str, key: str) -> tuple[Value, BlobInfo]:
+        """Read a blob with concurrent ranged GETs, all of one version of the object.
+
+        An object overwritten mid-read would otherwise mix ranges of two versions: every range
+        after the first is asked for with ``If-Match`` on the first one's ETag, and every
+        answer's ETag is checked; on a change the whole read starts again.
+        """
+        name = f"tier {self.name!r}: {key!r} ({path})"
+        for _attempt in range(READ_ATTEMPTS):
+            try:
+                return await self._s3_get_once(path, key, name)
+            except _ObjectChanged:
+                continue
+        raise FmstoreError(f"{name}: the object kept changing while it was read ({READ_ATTEMPTS} attempts)")
+
+    async def _s3_get_once(self, path: str, key: str, name: str) -> tuple[Value, BlobInfo]:
         fs = self.fs
         bucket, skey, _ = fs.split_path(path)
-        name = f"tier {self.name!r}: {key!r} ({path})"
+        etag: str | None = None
 
-        async def get_range(start: int, end: int) -> tuple[bytes, int]:
+        async def get_range(start: int, end: int) -> tuple[bytes, int, str | None]:
+            cond = {"IfMatch": etag} if etag else {}
             try:
                 resp = await fs._call_s3(
-                    "get_object", Bucket=bucket, Key=skey, Range=f"bytes={start}-{end - 1}"
+                    "get_object", Bucket=bucket, Key=skey, Range=f"bytes={start}-{end - 1}", **cond
                 )
             except FileNotFoundError:
+                if etag:  # deleted after the first range: a change like any other
+                    raise _ObjectChanged() from None
                 raise BlobNotFoundError(key, f"tier {self.name!r}") from None
+            except OSError as e:
+                if etag and _precondition_failed(e):
+                    raise _ObjectChanged() from None
+                raise
             try:
                 body = await resp["Body"].read()
             finally:
                 resp["Body"].close()
+            if etag and resp.get("ETag") != etag:  # a server that ignores If-Match
+                raise _ObjectChanged()
             total = int(str(resp.get("ContentRange", "")).rsplit("/", 1)[-1] or len(body))
-            return body, total
+            return body, total, resp.get("ETag")
 
-        first, total = await get_range(0, self.part_size)
+        # A small first read learns the header, the size and the version (ETag); then every
+        # other part goes at once.
+        first, total, etag = await get_range(0, min(self.part_size, FIRST_READ))
         hlen = header_length(first, name=name)
         if hlen > len(first):
             first = first + (await get_range(len(first), hlen))[0]
@@ -209,7 +244,7 @@ class ObjectTier(Tier):
 
             async def fetch(a: int, b: int) -> None:
                 async with gate:
-                    body, _ = await get_range(hlen + a, hlen + b)
+                    body, _, _ = await get_range(hlen + a, hlen + b)
                 if len(body) != b - a:
                     raise CorruptBlobError(f"{name}: short read ({len(body)} of {b - a} bytes at {a})")
                 mv[a:b] = body
@@ -282,6 +317,22 @@ def _slice(header: bytes, data: memoryview, start: int, end: int) -> bytes:
     if start >= h:
         return data[start - h : end - h].tobytes()
     return header[start:end] + data[: max(0, end - h)].tobytes()
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    """Whether an error (or what it was translated from) is S3's 412 PreconditionFailed."""
+    seen: BaseException | None = e
+    while seen is not None:
+        resp = getattr(seen, "response", None)
+        if isinstance(resp, dict):
+            err = resp.get("Error", {})
+            status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if err.get("Code") == "PreconditionFailed" or status == 412:
+                return True
+        if "pre-condition" in str(seen) or "PreconditionFailed" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _check_size(total: int, hlen: int, info: BlobInfo, name: str) -> None:
