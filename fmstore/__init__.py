@@ -5,6 +5,7 @@ Tensors move between GPU memory, pinned host memory, local NVMe and object stora
 """
 
 from .blob import BlobInfo
+from .checkpoint import Checkpointer, SaveHandle, SnapshotInfo
 from .errors import (
     BlobNotFoundError,
     CapacityError,
@@ -20,6 +21,9 @@ from .units import format_size, parse_size
 __version__ = "0.1.0"
 
 __all__ = [
+    "Checkpointer",
+    "SaveHandle",
+    "SnapshotInfo",
     "TieredStore",
     "PrefetchHandle",
     "Tier",

@@ -27,7 +27,7 @@ ENTRY = "data"
 MAX_HEADER = 100 * 1024 * 1024
 
 # safetensors dtype codes for the torch dtypes it knows.
-_ST_CODES: dict[torch.dtype, str] = {
+SAFETENSORS_CODES: dict[torch.dtype, str] = {
     torch.float64: "F64",
     torch.float32: "F32",
     torch.float16: "F16",
@@ -129,7 +129,7 @@ def from_bytes_tensor(buf: torch.Tensor, info: BlobInfo) -> Value:
 
 def encode_header(info: BlobInfo) -> bytes:
     """The safetensors prefix (8-byte length + JSON, space-padded to 8 bytes) for a blob."""
-    code = _ST_CODES.get(info.dtype) if not info.is_bytes else "U8"
+    code = SAFETENSORS_CODES.get(info.dtype) if not info.is_bytes else "U8"
     shape = list(info.shape) if code is not None else [info.nbytes]
     meta = {
         "fmstore": FORMAT_VERSION,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
 
 import torch
@@ -95,14 +95,17 @@ def _run_chunked(pool: Executor | None, fn, pieces: list[tuple]) -> None:
 
 def write_atomic(
     path: str,
-    header: bytes,
-    data: memoryview,
+    segments: Sequence[bytes | memoryview],
     *,
     pool: Executor | None = None,
     chunk: int = 16 << 20,
     fsync: bool = True,
 ) -> int:
-    """Write ``header + data`` to ``path`` crash-safely; returns the file's size."""
+    """Write the concatenation of ``segments`` to ``path`` crash-safely; returns its size.
+
+    Segments are written in place from the caller's memory (no concatenated copy), each cut
+    into ``chunk`` pieces that the ``pool`` writes in parallel.
+    """
     directory = os.path.dirname(path)
     tmp = tmp_name(path)
     for attempt in range(3):
@@ -113,11 +116,14 @@ def write_atomic(
         except FileNotFoundError:  # a concurrent delete pruned the empty directory
             if attempt == 2:
                 raise
+    total = 0
     try:
         try:
-            _pwrite_all(fd, memoryview(header), 0)
-            base = len(header)
-            pieces = [(fd, data[a:b], base + a) for a, b in chunks(0, len(data), chunk)]
+            pieces = []
+            for seg in segments:
+                mv = memoryview(seg).cast("B") if len(seg) else memoryview(b"")
+                pieces += [(fd, mv[a:b], total + a) for a, b in chunks(0, len(mv), chunk)]
+                total += len(mv)
             _run_chunked(pool, _pwrite_all, pieces)
             if fsync:
                 os.fsync(fd)
@@ -132,7 +138,25 @@ def write_atomic(
         raise
     if fsync:
         _fsync_dir(directory)
-    return len(header) + len(data)
+    return total
+
+
+def read_ranges_into(
+    path: str,
+    ranges: Sequence[tuple[int, memoryview]],
+    *,
+    pool: Executor | None = None,
+    chunk: int = 16 << 20,
+) -> None:
+    """Fill each ``(offset, dest)`` from ``path`` (parallel, chunked); a short file is an error."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        pieces = []
+        for offset, dest in ranges:
+            pieces += [(fd, dest[a:b], offset + a, path) for a, b in chunks(0, len(dest), chunk)]
+        _run_chunked(pool, _pread_into, pieces)
+    finally:
+        os.close(fd)
 
 
 def read_header(fd: int, name: str) -> tuple[BlobInfo, int, bytes]:

@@ -61,8 +61,7 @@ class LocalTier(Tier):
     def _write(self, key: str, value: Value, info: BlobInfo) -> None:
         write_atomic(
             self.path_of(key),
-            encode_header(info),
-            as_memoryview(value),
+            [encode_header(info), as_memoryview(value)],
             pool=self._pool,
             chunk=self.chunk,
             fsync=self.fsync,

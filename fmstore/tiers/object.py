@@ -10,7 +10,7 @@ standard AWS variables and are never logged.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -116,51 +116,9 @@ class ObjectTier(Tier):
         data = as_memoryview(value)
         path = self.path_of(key)
         if self._is_s3:
-            self._sync(self._s3_put(path, header, data))
+            self._sync(s3_put(self.fs, path, [header, data], self.part_size, self.max_concurrency))
         else:
-            self.fs.pipe_file(path, header + data.tobytes())
-
-    async def _s3_put(self, path: str, header: bytes, data: memoryview) -> None:
-        fs = self.fs
-        bucket, key, _ = fs.split_path(path)
-        total = len(header) + len(data)
-        if total <= self.part_size:
-            await fs._call_s3("put_object", Bucket=bucket, Key=key, Body=header + data.tobytes())
-            fs.invalidate_cache(path)
-            return
-        mpu = await fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key)
-        upload_id = mpu["UploadId"]
-        gate = asyncio.Semaphore(self.max_concurrency)
-
-        async def upload(number: int, start: int, end: int) -> dict[str, Any]:
-            async with gate:  # at most max_concurrency parts in memory at once
-                body = _slice(header, data, start, end)
-                out = await fs._call_s3(
-                    "upload_part", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
-                )
-                return {"PartNumber": number, "ETag": out["ETag"]}
-
-        try:
-            parts = await asyncio.gather(
-                *(upload(i + 1, a, b) for i, (a, b) in enumerate(chunks(0, total, self.part_size)))
-            )
-            await fs._call_s3(
-                "complete_multipart_upload",
-                Bucket=bucket,
-                Key=key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": list(parts)},
-            )
-        except BaseException:
-            try:  # the object never appeared; free the parts the server holds
-                await asyncio.shield(
-                    fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
-                )
-            except Exception:
-                pass
-            raise
-        finally:
-            fs.invalidate_cache(path)
+            self.fs.pipe_file(path, gather_bytes([memoryview(header), data], 0, len(header) + len(data)))
 
     # ------------------------------------------------------------------ read
 
@@ -311,12 +269,69 @@ class ObjectTier(Tier):
             self._local.close()
 
 
-def _slice(header: bytes, data: memoryview, start: int, end: int) -> bytes:
-    """Bytes ``[start, end)`` of ``header + data`` without building the whole concatenation."""
-    h = len(header)
-    if start >= h:
-        return data[start - h : end - h].tobytes()
-    return header[start:end] + data[: max(0, end - h)].tobytes()
+async def s3_put(
+    fs: Any, path: str, segments: Sequence[bytes | memoryview], part_size: int, concurrency: int
+) -> None:
+    """Upload the concatenation of ``segments`` as one S3 object, visible only when complete.
+
+    Small objects are one PUT; larger ones a multipart upload whose parts (cut across
+    segments without concatenating them) go ``concurrency`` at a time; the completion is the
+    commit, and a failed upload is aborted.
+    """
+    bucket, key, _ = fs.split_path(path)
+    views = [memoryview(seg).cast("B") if len(seg) else memoryview(b"") for seg in segments]
+    total = sum(len(v) for v in views)
+    try:
+        if total <= part_size:
+            await fs._call_s3("put_object", Bucket=bucket, Key=key, Body=gather_bytes(views, 0, total))
+            return
+        mpu = await fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+        upload_id = mpu["UploadId"]
+        gate = asyncio.Semaphore(concurrency)
+
+        async def upload(number: int, start: int, end: int) -> dict[str, Any]:
+            async with gate:  # at most `concurrency` parts in memory at once
+                body = gather_bytes(views, start, end)
+                out = await fs._call_s3(
+                    "upload_part", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+                )
+                return {"PartNumber": number, "ETag": out["ETag"]}
+
+        try:
+            parts = await asyncio.gather(
+                *(upload(i + 1, a, b) for i, (a, b) in enumerate(chunks(0, total, part_size)))
+            )
+            await fs._call_s3(
+                "complete_multipart_upload",
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": list(parts)},
+            )
+        except BaseException:
+            try:  # the object never appeared; free the parts the server holds
+                await asyncio.shield(
+                    fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+                )
+            except Exception:
+                pass
+            raise
+    finally:
+        fs.invalidate_cache(path)
+
+
+def gather_bytes(views: Sequence[memoryview], start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` of the concatenation of ``views``, copying only that range."""
+    out = bytearray()
+    pos = 0
+    for v in views:
+        if pos >= end:
+            break
+        a, b = max(start, pos), min(end, pos + len(v))
+        if a < b:
+            out += v[a - pos : b - pos]
+        pos += len(v)
+    return bytes(out)
 
 
 def _precondition_failed(e: BaseException) -> bool:

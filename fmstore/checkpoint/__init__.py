@@ -1,0 +1,24 @@
+"""Async, incremental, crash-safe snapshots of training state (see :class:`Checkpointer`)."""
+
+from .checkpointer import (
+    Checkpointer,
+    ChecksumError,
+    LoadMismatchError,
+    SaveHandle,
+    SnapshotInfo,
+    SnapshotNotFoundError,
+)
+from .manifest import Manifest, ManifestError
+from .tree import UnsupportedValueError
+
+__all__ = [
+    "Checkpointer",
+    "SaveHandle",
+    "SnapshotInfo",
+    "Manifest",
+    "ManifestError",
+    "ChecksumError",
+    "LoadMismatchError",
+    "SnapshotNotFoundError",
+    "UnsupportedValueError",
+]

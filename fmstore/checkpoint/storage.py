@@ -1,0 +1,167 @@
+"""Where a checkpoint's files live: a local directory or any fsspec URL.
+
+Files are written whole and crash-safely (local: temp + fsync + rename; S3: one PUT or a
+completed multipart upload), from a list of memory segments without concatenating them,
+and read back by byte ranges in parallel.  This is the "how bytes reach storage" half of a
+checkpoint; what to write is decided by the checkpointer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ..errors import CorruptBlobError
+from ..keys import TMP_MARKER
+from ..tiers.files import chunks, read_ranges_into, write_atomic
+from ..tiers.object import gather_bytes, open_fs, s3_put
+
+
+class SnapshotStorage:
+    """Files under ``root`` (a path, ``file://``, ``s3://``, ``memory://``, ...)."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        storage_options: dict[str, Any] | None = None,
+        *,
+        io_threads: int = 8,
+        part_size: int = 32 << 20,
+        concurrency: int = 8,
+    ) -> None:
+        root = os.fspath(root)
+        self.url = root
+        self.local = "://" not in root or root.startswith("file://")
+        self.part_size = part_size
+        self.concurrency = concurrency
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="fmstore-ckpt-io")
+        if self.local:
+            self.root = os.path.abspath(root.removeprefix("file://"))
+            os.makedirs(self.root, exist_ok=True)
+            self.fs = None
+        else:
+            self.fs, self.root = open_fs(root, storage_options)
+            protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+            self._s3 = "s3" in protocols or "s3a" in protocols
+
+    def path(self, rel: str) -> str:
+        return os.path.join(self.root, *rel.split("/")) if self.local else f"{self.root}/{rel}"
+
+    # ------------------------------------------------------------------ write
+
+    def write(self, rel: str, segments: Sequence[bytes | memoryview]) -> int:
+        """Write ``rel`` as the concatenation of ``segments``; visible only once complete."""
+        path = self.path(rel)
+        if self.local:
+            return write_atomic(path, segments, pool=self._pool)
+        views = [memoryview(s).cast("B") if len(s) else memoryview(b"") for s in segments]
+        total = sum(len(v) for v in views)
+        if self._s3:
+            self._sync(s3_put(self.fs, path, views, self.part_size, self.concurrency))
+        else:
+            self.fs.pipe_file(path, gather_bytes(views, 0, total))
+        return total
+
+    # ------------------------------------------------------------------ read
+
+    def read_bytes(self, rel: str) -> bytes:
+        """A whole (small) file; ``FileNotFoundError`` if it is not there."""
+        if self.local:
+            with open(self.path(rel), "rb") as f:
+                return f.read()
+        return self.fs.cat_file(self.path(rel))
+
+    def read_ranges(self, rel: str, ranges: Sequence[tuple[int, memoryview]]) -> None:
+        """Fill each ``(offset, dest)`` with the file's bytes there; short data is an error."""
+        path = self.path(rel)
+        if self.local:
+            read_ranges_into(path, ranges, pool=self._pool)
+            return
+        pieces = [
+            (off + a, dest[a:b]) for off, dest in ranges for a, b in chunks(0, len(dest), self.part_size)
+        ]
+        if getattr(self.fs, "async_impl", False):
+            self._sync(self._read_async(path, pieces))
+            return
+        for off, dest in pieces:
+            self._fill(path, off, dest, self.fs.cat_file(path, start=off, end=off + len(dest)))
+
+    async def _read_async(self, path: str, pieces: list[tuple[int, memoryview]]) -> None:
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def one(off: int, dest: memoryview) -> None:
+            async with gate:
+                data = await self.fs._cat_file(path, start=off, end=off + len(dest))
+            self._fill(path, off, dest, data)
+
+        await asyncio.gather(*(one(off, dest) for off, dest in pieces))
+
+    @staticmethod
+    def _fill(path: str, off: int, dest: memoryview, data: bytes) -> None:
+        if len(data) != len(dest):
+            raise CorruptBlobError(
+                f"{path}: truncated file: {len(data)} of {len(dest)} bytes at offset {off}"
+            )
+        dest[:] = data
+
+    def size(self, rel: str) -> int:
+        if self.local:
+            return os.path.getsize(self.path(rel))
+        return int(self.fs.info(self.path(rel))["size"])
+
+    # ------------------------------------------------------------------ listing and deleting
+
+    def exists(self, rel: str) -> bool:
+        if self.local:
+            return os.path.exists(self.path(rel))
+        return bool(self.fs.exists(self.path(rel)))
+
+    def list_dir(self, rel: str = "") -> list[str]:
+        """Names directly under ``rel`` (files and directories), temp files left out."""
+        if self.local:
+            try:
+                names = os.listdir(self.path(rel) if rel else self.root)
+            except FileNotFoundError:
+                return []
+        else:
+            base = f"{self.root}/{rel}" if rel else self.root
+            self.fs.invalidate_cache(base)
+            try:
+                names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False)]
+            except FileNotFoundError:
+                return []
+        return sorted(n for n in names if TMP_MARKER not in n)
+
+    def delete(self, rel: str) -> None:
+        try:
+            if self.local:
+                os.unlink(self.path(rel))
+            else:
+                self.fs.rm_file(self.path(rel))
+        except FileNotFoundError:
+            pass
+
+    def delete_dir(self, rel: str) -> None:
+        """Remove a snapshot directory and everything in it (temp files of dead writers too)."""
+        if self.local:
+            shutil.rmtree(self.path(rel), ignore_errors=True)
+            return
+        try:
+            self.fs.rm(self.path(rel), recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def _sync(self, coro: Any) -> Any:
+        from fsspec.asyn import sync
+
+        return sync(self.fs.loop, lambda: coro)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __repr__(self) -> str:  # the URL only: storage_options may hold credentials
+        return f"SnapshotStorage({self.url!r})"
