@@ -12,18 +12,27 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from ..blob import SAFETENSORS_CODES, dtype_from_name, dtype_name
 from ..errors import CorruptBlobError, FmstoreError
-from .manifest import MANIFEST, Manifest, ManifestError, Shard, TensorEntry, parse_step_dir, step_dir
+from .manifest import (
+    CHUNK_SIZE,
+    MANIFEST,
+    Manifest,
+    ManifestError,
+    Shard,
+    TensorEntry,
+    parse_step_dir,
+    step_dir,
+)
+from .sharding import Piece, dtensor_region, intersect, is_dtensor, pieces_to_save, plan_read
 from .staging import Staged, Stager
 from .storage import SnapshotStorage
 from .tree import flatten, unflatten
@@ -42,13 +51,38 @@ class LoadMismatchError(FmstoreError, ValueError):
     """A snapshot tensor does not fit the target tensor it is loaded into (dtype or shape)."""
 
 
-def checksum(data: torch.Tensor) -> str:
-    """``xxh3_128`` of a flat uint8 CPU tensor's bytes (xxHash: ~10+ GB/s on one core)."""
+def digest(data: torch.Tensor | memoryview, chunk_size: int = CHUNK_SIZE) -> tuple[str, list[str]]:
+    """(checksum, per-chunk xxh3_128 digests) of a flat uint8 CPU tensor's bytes.
+
+    xxHash's xxh3 runs at >10 GB/s a core.  The checksum hashes the chunk digests, so two
+    byte strings have equal checksums exactly when all their chunks match.
+    """
     import xxhash
 
-    if data.numel() == 0:
-        return "xxh3_128:" + xxhash.xxh3_128_hexdigest(b"")
-    return "xxh3_128:" + xxhash.xxh3_128_hexdigest(memoryview(data.numpy()))
+    mv = (
+        data
+        if isinstance(data, memoryview)
+        else (memoryview(data.numpy()) if data.numel() else memoryview(b""))
+    )
+    chunks = [xxhash.xxh3_128_hexdigest(mv[a : a + chunk_size]) for a in range(0, len(mv), chunk_size)]
+    return "xxh3_128:" + xxhash.xxh3_128_hexdigest("".join(chunks).encode()), chunks
+
+
+def _verify(shard: Shard, buf: torch.Tensor, start: int, *, name: str, step: int) -> None:
+    """Check the chunks of ``shard`` that ``buf`` (its bytes from ``start``, chunk-aligned) holds."""
+    import xxhash
+
+    cs = shard.chunk_size
+    if not cs:
+        raise ManifestError(f"snapshot step {step}: tensor {name!r} has no chunk checksums")
+    mv = memoryview(buf.numpy()) if buf.numel() else memoryview(b"")
+    first = start // cs
+    for i, a in enumerate(range(0, len(mv), cs)):
+        if xxhash.xxh3_128_hexdigest(mv[a : a + cs]) != shard.chunks[first + i]:
+            raise ChecksumError(
+                f"snapshot step {step}: tensor {name!r} in {shard.file!r} does not match its checksum "
+                f"(chunk {first + i}, bytes {shard.begin + start + a}..{shard.begin + start + min(a + cs, len(mv))})"
+            )
 
 
 @dataclass
@@ -95,16 +129,19 @@ class SaveHandle:
 
 
 class Checkpointer:
-    """Async, incremental, crash-safe snapshots of training state under ``root``.
+    """Async, incremental, crash-safe, sharded snapshots of training state under ``root``.
 
     Parameters:
         root: a directory or fsspec URL (``s3://bucket/run1``, ``file://``, ``memory://``).
         storage_options: passed to fsspec untouched (credentials, endpoint).
         keep_last: keep only the newest N committed snapshots (bytes that a kept snapshot
             references are never deleted).
+        process_group: the ranks that save together; default: the default group when
+            ``torch.distributed`` is initialized, else this process alone.  Every rank writes
+            its own shard file; rank 0 commits the manifest once all ranks have reported.
         incremental: reference unchanged tensors in earlier snapshots instead of rewriting.
-        compression, policy, process_group: reserved for the codec, multi-level policy and
-            distributed saving; only their defaults (None) are supported so far.
+        compression, policy: reserved for the codec and the multi-level policy; only their
+            defaults (None) are supported so far.
     """
 
     def __init__(
@@ -118,12 +155,9 @@ class Checkpointer:
         process_group: Any = None,
         incremental: bool = True,
         io_threads: int = 8,
+        timeout: float = 1800.0,
     ) -> None:
-        for arg, value in (
-            ("compression", compression),
-            ("policy", policy),
-            ("process_group", process_group),
-        ):
+        for arg, value in (("compression", compression), ("policy", policy)):
             if value is not None:
                 raise NotImplementedError(f"Checkpointer({arg}=...) is not supported yet; leave it None")
         if keep_last is not None and keep_last < 1:
@@ -131,11 +165,12 @@ class Checkpointer:
         self.storage = SnapshotStorage(root, storage_options, io_threads=io_threads)
         self.keep_last = keep_last
         self.incremental = incremental
+        self.timeout = timeout
+        self.rank, self.world_size = _rank_and_world(process_group)
         self._stager = Stager()
         self._persist = ThreadPoolExecutor(1, thread_name_prefix="fmstore-persist")
         self._last: SaveHandle | None = None
         self._last_manifest: Manifest | None = None
-        self._lock = threading.Lock()
         self._closed = False
 
     # ------------------------------------------------------------------ listing
@@ -172,7 +207,8 @@ class Checkpointer:
     ) -> SaveHandle:
         """Snapshot ``state`` as ``step``: returns once its tensors are staged in host memory.
 
-        With ``block=False`` it returns as soon as the device-to-host copies are queued; call
+        Call it on every rank of the process group with the same ``step``.  With
+        ``block=False`` it returns as soon as the device-to-host copies are queued; call
         ``handle.wait_staged()`` before changing the tensors (e.g. before the next optimizer
         step).  Errors of the background persist surface on ``handle.wait()`` and on the next
         ``save``.
@@ -182,6 +218,7 @@ class Checkpointer:
         rel_dir = step_dir(step)
         t0 = time.perf_counter()
         tensors, tree = flatten(state)
+        pieces = pieces_to_save(tensors, self.rank, self.world_size)
         prev = self._last
         if prev is not None:
             self._last = None  # its error is raised once, here (or on its own wait())
@@ -190,11 +227,12 @@ class Checkpointer:
             raise FmstoreError(
                 f"step {step} is already committed under {self.storage.url!r}; it is never overwritten"
             )
-        staged = self._stager.stage(tensors)
+        staged = self._stager.stage({p.name: p.local for p in pieces})
         if block:
             staged.wait()
         stall = time.perf_counter() - t0
-        future = self._persist.submit(self._persist_job, step, staged, tree, dict(meta or {}))
+        job = _SaveJob(step, staged, pieces, sorted(tensors), tree, dict(meta or {}))
+        future = self._persist.submit(self._persist_job, job)
         handle = SaveHandle(step, future, staged, stall)
         future.add_done_callback(
             lambda f: setattr(handle, "persist_seconds", time.perf_counter() - t0 - stall)
@@ -202,63 +240,161 @@ class Checkpointer:
         self._last = handle
         return handle
 
-    def _persist_job(
-        self, step: int, staged: Staged, tree: dict[str, Any], meta: dict[str, Any]
-    ) -> SnapshotInfo:
+    def _persist_job(self, job: _SaveJob) -> SnapshotInfo:
+        rel_dir = step_dir(job.step)
         try:
-            staged.wait()
-            rel_dir = step_dir(step)
+            job.staged.wait()
             base = self._base_manifest()
             entries: dict[str, TensorEntry] = {}
             to_write = []
-            for st in staged.tensors:
-                digest = checksum(st.data)
-                shape = list(st.shape)
-                old = base.tensors.get(st.name) if base is not None else None
-                if (
-                    old is not None
-                    and old.dtype == dtype_name(st.dtype)
-                    and old.shape == shape
-                    and len(old.shards) == 1
-                    and old.shards[0].checksum == digest
-                    and not old.shards[0].codec
-                ):
-                    entries[st.name] = old  # unchanged: point at the bytes already stored
-                    continue
-                to_write.append((st, digest))
+            for st, piece in zip(job.staged.tensors, job.pieces):
+                check, chunks = digest(st.data)
+                shard = Shard(list(piece.offsets), list(st.shape), "", 0, 0, check, [], CHUNK_SIZE, chunks)
+                old = _same_shard(base, piece, st.dtype, shard) if base is not None else None
+                if old is not None:  # unchanged: point at the bytes already stored
+                    entries[piece.name] = TensorEntry(dtype_name(st.dtype), list(piece.global_shape), [old])
+                else:
+                    to_write.append((st, piece, shard))
             files: dict[str, int] = {}
             written = 0
             if to_write:
-                rel = f"{rel_dir}/shard-r00000.safetensors"
-                header, offsets = _shard_header(to_write)
+                rel = f"{rel_dir}/shard-r{self.rank:05d}.safetensors"
+                header, spans = _shard_header([st for st, _, _ in to_write])
                 segments: list[memoryview | bytes] = [header]
-                segments += [memoryview(st.data.numpy()) for st, _ in to_write if st.nbytes]
+                segments += [memoryview(st.data.numpy()) for st, _, _ in to_write if st.nbytes]
                 size = self.storage.write(rel, segments)
                 files[rel] = size
                 written += size
-                for (st, digest), (begin, end) in zip(to_write, offsets):
-                    entries[st.name] = TensorEntry(
-                        dtype_name(st.dtype),
-                        list(st.shape),
-                        [Shard([0] * len(st.shape), list(st.shape), rel, begin, end, digest)],
-                    )
-            manifest = Manifest(step=step, world_size=1, tensors=entries, tree=tree, files=files, meta=meta)
-            raw = manifest.to_json()
-            self.storage.write(f"{rel_dir}/{MANIFEST}", [raw])  # the commit
-            written += len(raw)
-            self._last_manifest = manifest
-            if self.keep_last is not None:
-                self._apply_retention()
-            return SnapshotInfo(
-                step=step,
-                path=f"{self.storage.url.rstrip('/')}/{rel_dir}",
-                nbytes=staged.nbytes,
-                bytes_written=written,
-                tensors=len(entries),
-                tensors_written=len(to_write),
+                for (st, piece, shard), (begin, end) in zip(to_write, spans):
+                    shard.file, shard.begin, shard.end = rel, begin, end
+                    entries[piece.name] = TensorEntry(dtype_name(st.dtype), list(piece.global_shape), [shard])
+        except BaseException as e:
+            if self.world_size > 1:  # tell the coordinator instead of leaving it waiting
+                self._report(rel_dir, {"error": f"rank {self.rank}: {type(e).__name__}: {e}"})
+            job.staged.release()
+            raise
+        job.staged.release()
+        if self.world_size > 1:
+            self._report(
+                rel_dir,
+                {
+                    "error": None,
+                    "names": job.names,
+                    "files": files,
+                    "entries": {n: asdict(e) for n, e in entries.items()},
+                },
             )
-        finally:
-            staged.release()
+            if self.rank != 0:
+                self._wait_for_commit(rel_dir)
+                self._last_manifest = None
+                return self._info(job, rel_dir, written, len(entries), len(to_write))
+            entries, files = self._merge_reports(rel_dir, job.step)
+        manifest = Manifest(
+            step=job.step,
+            world_size=self.world_size,
+            tensors=entries,
+            tree=job.tree,
+            files=files,
+            meta=job.meta,
+        )
+        raw = manifest.to_json()
+        self.storage.write(f"{rel_dir}/{MANIFEST}", [raw])  # the commit
+        written += len(raw)
+        self._last_manifest = manifest
+        if self.world_size > 1:
+            for r in range(self.world_size):
+                self.storage.delete(f"{rel_dir}/rank-{r:05d}.json")
+        if self.keep_last is not None:
+            self._apply_retention()
+        return self._info(job, rel_dir, written, len(entries), len(to_write))
+
+    def _info(
+        self, job: _SaveJob, rel_dir: str, written: int, tensors: int, tensors_written: int
+    ) -> SnapshotInfo:
+        return SnapshotInfo(
+            step=job.step,
+            path=f"{self.storage.url.rstrip('/')}/{rel_dir}",
+            nbytes=job.staged.nbytes,
+            bytes_written=written,
+            tensors=tensors,
+            tensors_written=tensors_written,
+        )
+
+    # ------------------------------------------------------------------ coordination (no collectives:
+    # the persist runs in a background thread, where a collective could deadlock the training
+    # thread's own; ranks meet through small files in the snapshot directory instead)
+
+    def _report(self, rel_dir: str, body: dict[str, Any]) -> None:
+        self.storage.write(f"{rel_dir}/rank-{self.rank:05d}.json", [json.dumps(body).encode()])
+
+    def _poll(self, what: str, ready: Any) -> Any:
+        deadline = time.monotonic() + self.timeout
+        delay = 0.01
+        while True:
+            out = ready()
+            if out is not None:
+                return out
+            if time.monotonic() > deadline:
+                raise FmstoreError(f"timed out after {self.timeout:.0f} s waiting for {what}")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+
+    def _merge_reports(self, rel_dir: str, step: int) -> tuple[dict[str, TensorEntry], dict[str, int]]:
+        """Coordinator: wait for every rank's report, then merge them into one tensor table."""
+        reports: dict[int, dict[str, Any]] = {}
+
+        def all_in() -> dict[int, dict[str, Any]] | None:
+            for r in range(self.world_size):
+                if r not in reports and self.storage.exists(f"{rel_dir}/rank-{r:05d}.json"):
+                    reports[r] = json.loads(self.storage.read_bytes(f"{rel_dir}/rank-{r:05d}.json"))
+            return reports if len(reports) == self.world_size else None
+
+        self._poll(f"all {self.world_size} ranks to report step {step}", all_in)
+        failed = [rep["error"] for rep in reports.values() if rep.get("error")]
+        if failed:
+            self.storage.write(f"{rel_dir}/aborted.json", [json.dumps({"errors": failed}).encode()])
+            raise FmstoreError(f"step {step} not committed: {'; '.join(failed)}")
+        entries: dict[str, TensorEntry] = {}
+        files: dict[str, int] = {}
+        names: set[str] = set()
+        for r in sorted(reports):
+            rep = reports[r]
+            names |= set(rep["names"])
+            files.update(rep["files"])
+            for name, e in rep["entries"].items():
+                shards = [Shard(**sh) for sh in e["shards"]]
+                have = entries.get(name)
+                if have is None:
+                    entries[name] = TensorEntry(e["dtype"], e["shape"], shards)
+                elif have.dtype != e["dtype"] or have.shape != e["shape"]:
+                    raise FmstoreError(
+                        f"step {step}: ranks disagree on tensor {name!r}: {have.dtype} {have.shape} "
+                        f"vs {e['dtype']} {e['shape']} (rank {r})"
+                    )
+                else:
+                    boxes = {(tuple(s.offsets), tuple(s.lengths)) for s in have.shards}
+                    have.shards += [s for s in shards if (tuple(s.offsets), tuple(s.lengths)) not in boxes]
+        for name in sorted(names):
+            entry = entries.get(name)
+            covered = sum(_numel(s.lengths) for s in entry.shards) if entry else 0
+            if entry is None or covered != _numel(entry.shape):
+                raise FmstoreError(
+                    f"step {step} not committed: tensor {name!r} is not fully saved "
+                    f"({covered} of {_numel(entry.shape) if entry else '?'} elements); a plain tensor must "
+                    "exist on every rank (it is taken to be replicated), a sharded one must be a DTensor"
+                )
+        return entries, files
+
+    def _wait_for_commit(self, rel_dir: str) -> None:
+        def committed() -> bool | None:
+            if self.storage.exists(f"{rel_dir}/{MANIFEST}"):
+                return True
+            if self.storage.exists(f"{rel_dir}/aborted.json"):
+                body = json.loads(self.storage.read_bytes(f"{rel_dir}/aborted.json"))
+                raise FmstoreError(f"{rel_dir} not committed: {'; '.join(body['errors'])}")
+            return None
+
+        self._poll(f"rank 0 to commit {rel_dir}", committed)
 
     def _base_manifest(self) -> Manifest | None:
         """The snapshot an incremental save references: the newest committed one."""
@@ -311,45 +447,81 @@ class Checkpointer:
     def load(
         self, state: Any = None, step: int | None = None, *, device: str | torch.device | None = None
     ) -> Any:
-        """Restore a committed snapshot (default: the latest).
+        """Restore a committed snapshot (default: the latest), on any number of ranks.
 
-        With ``state`` given, its tensors are filled in place (dtype and shape must match)
-        and the restored state is returned (plain values such as step counters come from the
-        snapshot); without, a new state is built on ``device`` (default CPU).
+        With ``state`` given, its tensors are filled in place (dtype and global shape must
+        match); a DTensor target gets exactly its local shard, read from whichever saved
+        shards overlap it, so a snapshot saved on 4 ranks loads on 1, 2 or 3.  The restored
+        state is returned (plain values such as step counters come from the snapshot).
+        Without ``state`` a new state of whole tensors is built on ``device`` (default CPU).
         """
         self._wait_last(raise_error=False)  # a failed save is its handle's (and the next save's) to report
         manifest = self.manifest(step)
         targets: dict[str, torch.Tensor] = flatten(state)[0] if state is not None else {}
         out: dict[str, torch.Tensor] = {}
         reads: dict[str, list[tuple[int, memoryview]]] = {}
-        pending = []
+        checks: list[tuple[str, Shard, torch.Tensor, int]] = []  # (name, shard, buffer, start)
+        copies: list[tuple[torch.Tensor, torch.Tensor, Any]] = []  # (dest view, buffer, plan)
+        finals: list[tuple[torch.Tensor, torch.Tensor]] = []  # (host, device target)
         for name, entry in manifest.tensors.items():
             dtype = dtype_from_name(entry.dtype)
-            shape = tuple(entry.shape)
+            gshape = tuple(entry.shape)
+            itemsize = torch.empty(0, dtype=dtype).element_size()
             target = targets.get(name)
-            if target is not None and (target.dtype != dtype or tuple(target.shape) != shape):
+            if target is not None and (target.dtype != dtype or tuple(target.shape) != gshape):
                 raise LoadMismatchError(
-                    f"tensor {name!r}: snapshot step {manifest.step} has {entry.dtype} {list(shape)}, "
+                    f"tensor {name!r}: snapshot step {manifest.step} has {entry.dtype} {list(gshape)}, "
                     f"the target is {dtype_name(target.dtype)} {list(target.shape)}"
                 )
-            if len(entry.shards) != 1 or entry.shards[0].codec:
-                raise FmstoreError(f"tensor {name!r}: sharded or encoded tensors load in a later version")
-            shard = entry.shards[0]
-            nbytes = shard.end - shard.begin
-            numel = 1
-            for s in shape:
-                numel *= s
-            if nbytes != numel * torch.empty(0, dtype=dtype).element_size():
-                raise ManifestError(
-                    f"tensor {name!r}: {nbytes} bytes recorded for {entry.dtype} {list(shape)}"
-                )
-            direct = target is not None and target.device.type == "cpu" and target.is_contiguous()
-            buf = (
-                torch.empty(nbytes, dtype=torch.uint8) if not direct else target.reshape(-1).view(torch.uint8)
+            if target is not None and is_dtensor(target):
+                dest, region_off, _ = dtensor_region(target, name)
+                out[name] = target
+            else:
+                dest = target if target is not None else torch.empty(gshape, dtype=dtype)
+                region_off = (0,) * len(gshape)
+                out[name] = dest
+            region_len = tuple(dest.shape)
+            host = (
+                dest
+                if dest.device.type == "cpu" and dest.is_contiguous()
+                else torch.empty(region_len, dtype=dtype)
             )
-            if nbytes:
-                reads.setdefault(shard.file, []).append((shard.begin, memoryview(buf.numpy())))
-            pending.append((name, shard, buf, dtype, shape, target))
+            if host is not dest:
+                finals.append((host, dest))
+            covered = 0
+            for shard in entry.shards:
+                if shard.codec:
+                    raise FmstoreError(f"tensor {name!r}: encoded shards load in a later version")
+                ov = intersect(region_off, region_len, tuple(shard.offsets), tuple(shard.lengths))
+                if ov is None:
+                    continue
+                covered += _numel(ov[1])
+                if shard.end - shard.begin != _numel(shard.lengths) * itemsize:
+                    raise ManifestError(
+                        f"tensor {name!r}: {shard.end - shard.begin} bytes recorded in {shard.file!r}"
+                    )
+                whole = tuple(shard.offsets) == region_off and tuple(shard.lengths) == region_len
+                if whole:  # the common case: straight into the destination's memory
+                    buf = host.reshape(-1).view(torch.uint8)
+                    if buf.numel():
+                        reads.setdefault(shard.file, []).append((shard.begin, memoryview(buf.numpy())))
+                    checks.append((name, shard, buf, 0))
+                    continue
+                plan = plan_read(tuple(shard.offsets), tuple(shard.lengths), ov[0], ov[1], itemsize)
+                cs = shard.chunk_size or (shard.end - shard.begin)
+                a0 = plan.start // cs * cs
+                a1 = min(shard.end - shard.begin, -(-plan.end // cs) * cs)
+                buf = torch.empty(a1 - a0, dtype=torch.uint8)
+                reads.setdefault(shard.file, []).append((shard.begin + a0, memoryview(buf.numpy())))
+                checks.append((name, shard, buf, a0))
+                block = buf[plan.start - a0 : plan.end - a0].view(dtype).view(plan.view_shape)[plan.slices]
+                dslices = tuple(slice(o - r, o - r + n) for o, r, n in zip(ov[0], region_off, ov[1]))
+                copies.append((host[dslices] if dslices else host, block, None))
+            if covered != _numel(region_len):
+                raise FmstoreError(
+                    f"snapshot step {manifest.step}: tensor {name!r}: saved shards cover {covered} of the "
+                    f"{_numel(region_len)} elements needed here"
+                )
         for file, ranges in reads.items():
             try:
                 self.storage.read_ranges(file, ranges)
@@ -358,23 +530,15 @@ class Checkpointer:
                     f"snapshot step {manifest.step}: shard file {file!r} is missing"
                 ) from None
             except CorruptBlobError as e:
-                names = [n for n, s, *_ in pending if s.file == file]
-                raise CorruptBlobError(
-                    f"snapshot step {manifest.step}: shard file {file!r} (tensors {names[:3]}...): {e}"
-                ) from None
-        for name, shard, buf, dtype, shape, target in pending:
-            if checksum(buf) != shard.checksum:
-                raise ChecksumError(
-                    f"snapshot step {manifest.step}: tensor {name!r} in {shard.file!r} "
-                    f"(bytes {shard.begin}..{shard.end}) does not match its checksum"
-                )
-            if target is not None:
-                if buf.data_ptr() != target.data_ptr():
-                    target.copy_(buf.view(dtype).reshape(shape))
-                out[name] = target
-            else:
-                t = buf.view(dtype).reshape(shape)
-                out[name] = t.to(device) if device is not None else t
+                raise CorruptBlobError(f"snapshot step {manifest.step}: shard file {file!r}: {e}") from None
+        for name, shard, buf, start in checks:
+            _verify(shard, buf, start, name=name, step=manifest.step)
+        for dest, block, _ in copies:
+            dest.copy_(block)
+        for host, dest in finals:
+            dest.copy_(host)
+        if state is None and device is not None:
+            out = {n: t.to(device) for n, t in out.items()}
         return unflatten(manifest.tree, out)
 
     # ------------------------------------------------------------------ lifecycle
@@ -412,15 +576,56 @@ class Checkpointer:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Checkpointer({self.storage.url!r})"
+        return f"Checkpointer({self.storage.url!r}, rank={self.rank}/{self.world_size})"
 
 
-def _shard_header(items: list) -> tuple[bytes, list[tuple[int, int]]]:
+@dataclass
+class _SaveJob:
+    step: int
+    staged: Staged
+    pieces: list[Piece]
+    names: list[str]
+    tree: dict[str, Any]
+    meta: dict[str, Any]
+
+
+def _rank_and_world(process_group: Any) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if process_group is None and not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(process_group), dist.get_world_size(process_group)
+
+
+def _numel(shape: Any) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _same_shard(base: Manifest, piece: Piece, dtype: torch.dtype, new: Shard) -> Shard | None:
+    """The stored shard of the base snapshot holding exactly these bytes, if there is one."""
+    old = base.tensors.get(piece.name)
+    if old is None or old.dtype != dtype_name(dtype) or tuple(old.shape) != tuple(piece.global_shape):
+        return None
+    for s in old.shards:
+        if (
+            s.offsets == new.offsets
+            and s.lengths == new.lengths
+            and s.checksum == new.checksum
+            and not s.codec
+        ):
+            return s
+    return None
+
+
+def _shard_header(items: list[Any]) -> tuple[bytes, list[tuple[int, int]]]:
     """A safetensors header for the tensors to write, and each one's byte range in the file."""
     body: dict[str, Any] = {"__metadata__": {"format": "fmstore.shard", "fmstore": "1"}}
     pos = 0
     spans = []
-    for st, _ in items:
+    for st in items:
         code = SAFETENSORS_CODES.get(st.dtype)  # others are stored as U8; the manifest has the dtype
         shape = list(st.shape) if code else [st.nbytes]
         body[st.name] = {"dtype": code or "U8", "shape": shape, "data_offsets": [pos, pos + st.nbytes]}

@@ -23,6 +23,8 @@ from typing import Any
 from ..errors import FmstoreError
 
 FORMAT = "fmstore.snapshot"
+#: Checksum chunk: a partial read (resharding) verifies just the chunks it touches.
+CHUNK_SIZE = 16 << 20
 VERSION = 1
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d{10})$")
@@ -53,8 +55,10 @@ class Shard:
     file: str  # relative to the checkpoint root: "step-XXXXXXXXXX/<name>.safetensors"
     begin: int  # byte range in the file
     end: int
-    checksum: str  # "xxh3_128:<hex>" of the original (decoded) bytes
+    checksum: str  # "xxh3_128:<hex>" over the chunk digests: equal iff every chunk is
     codec: list[str] = field(default_factory=list)  # empty: stored raw
+    chunk_size: int = 0  # the original bytes are checked in chunks of this many bytes...
+    chunks: list[str] = field(default_factory=list)  # ...each with its xxh3_128 hex digest
 
 
 @dataclass
@@ -123,6 +127,8 @@ class Manifest:
                     raise ManifestError(f"{where}: tensor {name!r} has a bad byte range {s.begin}..{s.end}")
                 if len(s.offsets) != len(entry.shape) or len(s.lengths) != len(entry.shape):
                     raise ManifestError(f"{where}: tensor {name!r}: shard rank does not match shape")
+                if any(o < 0 or n < 0 or o + n > g for o, n, g in zip(s.offsets, s.lengths, entry.shape)):
+                    raise ManifestError(f"{where}: tensor {name!r}: a shard lies outside shape {entry.shape}")
 
     def referenced_files(self) -> set[str]:
         return {s.file for e in self.tensors.values() for s in e.shards}

@@ -1,0 +1,115 @@
+"""Which piece of each tensor a rank saves, and which saved bytes a rank needs on load.
+
+A DTensor (FSDP2, tensor parallel) contributes its local shard, placed in the global tensor
+by its offsets; of replicas (mesh dimensions with a ``Replicate`` placement) only the one at
+coordinate 0 writes, so replicated bytes are stored once.  A plain tensor is taken to be the
+same on every rank (like torch DCP does) and is written by one rank, chosen by its name.
+
+On load, a target region (a DTensor's local shard, or the whole tensor) is intersected with
+every saved shard; where the overlap is a run of whole rows (the common dim-0 sharding) only
+those bytes are read, rounded out to the checksum chunks that cover them.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from math import prod
+
+import torch
+
+from ..errors import FmstoreError
+
+
+@dataclass
+class Piece:
+    """The part of one tensor this rank writes."""
+
+    name: str
+    local: torch.Tensor  # a plain tensor holding the piece
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def dtensor_region(t: torch.Tensor, name: str) -> tuple[torch.Tensor, tuple[int, ...], bool]:
+    """(local tensor, global offsets, whether this rank is the replica that writes it)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if any(p.is_partial() for p in t.placements):
+        raise FmstoreError(f"tensor {name!r} has a Partial placement; reduce it before saving")
+    local = t.to_local()
+    _, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    coord = t.device_mesh.get_coordinate()
+    primary = coord is not None and all(coord[d] == 0 for d, p in enumerate(t.placements) if not p.is_shard())
+    return local, tuple(int(o) for o in offsets), primary
+
+
+def owner_of(name: str, world: int) -> int:
+    """The rank that writes a replicated plain tensor: stable across runs and ranks."""
+    return zlib.crc32(name.encode()) % world
+
+
+def pieces_to_save(tensors: dict[str, torch.Tensor], rank: int, world: int) -> list[Piece]:
+    out = []
+    for name, t in tensors.items():
+        if is_dtensor(t):
+            local, offsets, primary = dtensor_region(t, name)
+            if primary:
+                out.append(Piece(name, local, tuple(t.shape), offsets))
+        elif owner_of(name, world) == rank:
+            out.append(Piece(name, t, tuple(t.shape), (0,) * t.dim()))
+    return out
+
+
+def intersect(
+    a_off: tuple[int, ...], a_len: tuple[int, ...], b_off: tuple[int, ...], b_len: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The overlap of two boxes (offsets, lengths), or None if they do not meet."""
+    off, ln = [], []
+    for ao, al, bo, bl in zip(a_off, a_len, b_off, b_len):
+        lo, hi = max(ao, bo), min(ao + al, bo + bl)
+        if hi <= lo:
+            return None
+        off.append(lo)
+        ln.append(hi - lo)
+    return tuple(off), tuple(ln)
+
+
+@dataclass
+class ReadPlan:
+    """Bytes ``[start, end)`` of a saved shard (relative to its start) hold the overlap; once
+    read into a buffer, ``view_shape`` rows of which ``slices`` select the overlap."""
+
+    start: int
+    end: int
+    view_shape: tuple[int, ...]
+    slices: tuple[slice, ...]
+
+
+def plan_read(
+    shard_off: tuple[int, ...],
+    shard_len: tuple[int, ...],
+    over_off: tuple[int, ...],
+    over_len: tuple[int, ...],
+    itemsize: int,
+) -> ReadPlan:
+    if not shard_len:  # 0-d
+        return ReadPlan(0, itemsize, (), ())
+    inner = prod(shard_len[1:]) * itemsize
+    rel = [o - s for o, s in zip(over_off, shard_off)]
+    rows_only = all(over_len[d] == shard_len[d] for d in range(1, len(shard_len)))
+    if rows_only:  # whole rows: read just them
+        r0, r1 = rel[0], rel[0] + over_len[0]
+        return ReadPlan(
+            r0 * inner, r1 * inner, (over_len[0], *shard_len[1:]), tuple(slice(None) for _ in shard_len)
+        )
+    slices = tuple(slice(r, r + n) for r, n in zip(rel, over_len))
+    return ReadPlan(0, shard_len[0] * inner, tuple(shard_len), slices)
