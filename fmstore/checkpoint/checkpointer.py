@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -51,37 +51,58 @@ class LoadMismatchError(FmstoreError, ValueError):
     """A snapshot tensor does not fit the target tensor it is loaded into (dtype or shape)."""
 
 
-def digest(data: torch.Tensor | memoryview, chunk_size: int = CHUNK_SIZE) -> tuple[str, list[str]]:
-    """(checksum, per-chunk xxh3_128 digests) of a flat uint8 CPU tensor's bytes.
+def _view(data: torch.Tensor) -> memoryview:
+    return memoryview(data.numpy()) if data.numel() else memoryview(b"")
 
-    xxHash's xxh3 runs at >10 GB/s a core.  The checksum hashes the chunk digests, so two
+
+def digest_all(
+    buffers: list[torch.Tensor], pool: Executor | None = None, chunk_size: int = CHUNK_SIZE
+) -> list[tuple[str, list[str]]]:
+    """(checksum, per-chunk xxh3_128 digests) for each flat uint8 CPU tensor.
+
+    xxHash's xxh3 runs at ~7 GB/s a core and releases the GIL, so the chunks of all
+    tensors are hashed in parallel on ``pool``.  A checksum hashes the chunk digests: two
     byte strings have equal checksums exactly when all their chunks match.
     """
     import xxhash
 
-    mv = (
-        data
-        if isinstance(data, memoryview)
-        else (memoryview(data.numpy()) if data.numel() else memoryview(b""))
+    views = [_view(b) for b in buffers]
+    jobs = [(i, v[a : a + chunk_size]) for i, v in enumerate(views) for a in range(0, len(v), chunk_size)]
+    pieces = [m for _, m in jobs]
+    hashes = (
+        list(pool.map(xxhash.xxh3_128_hexdigest, pieces))
+        if pool
+        else [xxhash.xxh3_128_hexdigest(m) for m in pieces]
     )
-    chunks = [xxhash.xxh3_128_hexdigest(mv[a : a + chunk_size]) for a in range(0, len(mv), chunk_size)]
-    return "xxh3_128:" + xxhash.xxh3_128_hexdigest("".join(chunks).encode()), chunks
+    chunks: list[list[str]] = [[] for _ in buffers]
+    for (i, _), h in zip(jobs, hashes):
+        chunks[i].append(h)
+    return [("xxh3_128:" + xxhash.xxh3_128_hexdigest("".join(c).encode()), c) for c in chunks]
 
 
-def _verify(shard: Shard, buf: torch.Tensor, start: int, *, name: str, step: int) -> None:
-    """Check the chunks of ``shard`` that ``buf`` (its bytes from ``start``, chunk-aligned) holds."""
+def _verify_all(checks: list[tuple[str, Shard, torch.Tensor, int]], step: int, pool: Executor | None) -> None:
+    """Check every chunk read back (in parallel); a mismatch names the tensor, file and chunk."""
     import xxhash
 
-    cs = shard.chunk_size
-    if not cs:
-        raise ManifestError(f"snapshot step {step}: tensor {name!r} has no chunk checksums")
-    mv = memoryview(buf.numpy()) if buf.numel() else memoryview(b"")
-    first = start // cs
-    for i, a in enumerate(range(0, len(mv), cs)):
-        if xxhash.xxh3_128_hexdigest(mv[a : a + cs]) != shard.chunks[first + i]:
+    jobs = []
+    for name, shard, buf, start in checks:
+        cs = shard.chunk_size
+        if not cs:
+            raise ManifestError(f"snapshot step {step}: tensor {name!r} has no chunk checksums")
+        mv = _view(buf)
+        for i, a in enumerate(range(0, len(mv), cs)):
+            jobs.append((name, shard, start // cs + i, start + a, mv[a : a + cs]))
+    pieces = [j[4] for j in jobs]
+    hashes = (
+        list(pool.map(xxhash.xxh3_128_hexdigest, pieces))
+        if pool
+        else [xxhash.xxh3_128_hexdigest(m) for m in pieces]
+    )
+    for (name, shard, index, offset, mv), h in zip(jobs, hashes):
+        if index >= len(shard.chunks) or h != shard.chunks[index]:
             raise ChecksumError(
                 f"snapshot step {step}: tensor {name!r} in {shard.file!r} does not match its checksum "
-                f"(chunk {first + i}, bytes {shard.begin + start + a}..{shard.begin + start + min(a + cs, len(mv))})"
+                f"(chunk {index}, bytes {shard.begin + offset}..{shard.begin + offset + len(mv)})"
             )
 
 
@@ -247,8 +268,8 @@ class Checkpointer:
             base = self._base_manifest()
             entries: dict[str, TensorEntry] = {}
             to_write = []
-            for st, piece in zip(job.staged.tensors, job.pieces):
-                check, chunks = digest(st.data)
+            digests = digest_all([st.data for st in job.staged.tensors], self.storage.pool)
+            for st, piece, (check, chunks) in zip(job.staged.tensors, job.pieces, digests):
                 shard = Shard(list(piece.offsets), list(st.shape), "", 0, 0, check, [], CHUNK_SIZE, chunks)
                 old = _same_shard(base, piece, st.dtype, shard) if base is not None else None
                 if old is not None:  # unchanged: point at the bytes already stored
@@ -458,11 +479,18 @@ class Checkpointer:
         self._wait_last(raise_error=False)  # a failed save is its handle's (and the next save's) to report
         manifest = self.manifest(step)
         targets: dict[str, torch.Tensor] = flatten(state)[0] if state is not None else {}
-        out: dict[str, torch.Tensor] = {}
-        reads: dict[str, list[tuple[int, memoryview]]] = {}
-        checks: list[tuple[str, Shard, torch.Tensor, int]] = []  # (name, shard, buffer, start)
-        copies: list[tuple[torch.Tensor, torch.Tensor, Any]] = []  # (dest view, buffer, plan)
-        finals: list[tuple[torch.Tensor, torch.Tensor]] = []  # (host, device target)
+        plan = _LoadPlan()
+        try:
+            self._plan_and_read(manifest, targets, plan, device)
+        finally:
+            for release in plan.releases:
+                release()
+        return unflatten(manifest.tree, plan.out)
+
+    def _plan_and_read(
+        self, manifest: Manifest, targets: dict[str, torch.Tensor], plan: _LoadPlan, device: Any
+    ) -> None:
+        """Plan which saved bytes each target needs, read them, verify them, place them."""
         for name, entry in manifest.tensors.items():
             dtype = dtype_from_name(entry.dtype)
             gshape = tuple(entry.shape)
@@ -475,19 +503,22 @@ class Checkpointer:
                 )
             if target is not None and is_dtensor(target):
                 dest, region_off, _ = dtensor_region(target, name)
-                out[name] = target
+                plan.out[name] = target
             else:
-                dest = target if target is not None else torch.empty(gshape, dtype=dtype)
+                dest = (
+                    target if target is not None else torch.empty(gshape, dtype=dtype, device=device or "cpu")
+                )
                 region_off = (0,) * len(gshape)
-                out[name] = dest
+                plan.out[name] = dest
             region_len = tuple(dest.shape)
-            host = (
-                dest
-                if dest.device.type == "cpu" and dest.is_contiguous()
-                else torch.empty(region_len, dtype=dtype)
-            )
-            if host is not dest:
-                finals.append((host, dest))
+            if dest.device.type == "cpu" and dest.is_contiguous():
+                host = dest
+            else:  # read into a pooled (pinned, with CUDA) buffer, then one copy to the device
+                nbytes = _numel(region_len) * itemsize
+                raw, release = self._stager.pool.acquire(nbytes)
+                plan.releases.append(release)
+                host = raw[:nbytes].view(dtype).view(region_len)
+                plan.finals.append((host, dest))
             covered = 0
             for shard in entry.shards:
                 if shard.codec:
@@ -504,25 +535,25 @@ class Checkpointer:
                 if whole:  # the common case: straight into the destination's memory
                     buf = host.reshape(-1).view(torch.uint8)
                     if buf.numel():
-                        reads.setdefault(shard.file, []).append((shard.begin, memoryview(buf.numpy())))
-                    checks.append((name, shard, buf, 0))
+                        plan.reads.setdefault(shard.file, []).append((shard.begin, memoryview(buf.numpy())))
+                    plan.checks.append((name, shard, buf, 0))
                     continue
-                plan = plan_read(tuple(shard.offsets), tuple(shard.lengths), ov[0], ov[1], itemsize)
+                rp = plan_read(tuple(shard.offsets), tuple(shard.lengths), ov[0], ov[1], itemsize)
                 cs = shard.chunk_size or (shard.end - shard.begin)
-                a0 = plan.start // cs * cs
-                a1 = min(shard.end - shard.begin, -(-plan.end // cs) * cs)
+                a0 = rp.start // cs * cs
+                a1 = min(shard.end - shard.begin, -(-rp.end // cs) * cs)
                 buf = torch.empty(a1 - a0, dtype=torch.uint8)
-                reads.setdefault(shard.file, []).append((shard.begin + a0, memoryview(buf.numpy())))
-                checks.append((name, shard, buf, a0))
-                block = buf[plan.start - a0 : plan.end - a0].view(dtype).view(plan.view_shape)[plan.slices]
+                plan.reads.setdefault(shard.file, []).append((shard.begin + a0, memoryview(buf.numpy())))
+                plan.checks.append((name, shard, buf, a0))
+                block = buf[rp.start - a0 : rp.end - a0].view(dtype).view(rp.view_shape)[rp.slices]
                 dslices = tuple(slice(o - r, o - r + n) for o, r, n in zip(ov[0], region_off, ov[1]))
-                copies.append((host[dslices] if dslices else host, block, None))
+                plan.copies.append((host[dslices] if dslices else host, block))
             if covered != _numel(region_len):
                 raise FmstoreError(
                     f"snapshot step {manifest.step}: tensor {name!r}: saved shards cover {covered} of the "
                     f"{_numel(region_len)} elements needed here"
                 )
-        for file, ranges in reads.items():
+        for file, ranges in plan.reads.items():
             try:
                 self.storage.read_ranges(file, ranges)
             except FileNotFoundError:
@@ -531,15 +562,13 @@ class Checkpointer:
                 ) from None
             except CorruptBlobError as e:
                 raise CorruptBlobError(f"snapshot step {manifest.step}: shard file {file!r}: {e}") from None
-        for name, shard, buf, start in checks:
-            _verify(shard, buf, start, name=name, step=manifest.step)
-        for dest, block, _ in copies:
+        _verify_all(plan.checks, manifest.step, self.storage.pool)
+        for dest, block in plan.copies:
             dest.copy_(block)
-        for host, dest in finals:
-            dest.copy_(host)
-        if state is None and device is not None:
-            out = {n: t.to(device) for n, t in out.items()}
-        return unflatten(manifest.tree, out)
+        for host, dest in plan.finals:
+            dest.copy_(host, non_blocking=True)
+        if plan.finals and torch.cuda.is_available():
+            torch.cuda.synchronize()  # before the pooled buffers go back to the pool
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -577,6 +606,16 @@ class Checkpointer:
 
     def __repr__(self) -> str:
         return f"Checkpointer({self.storage.url!r}, rank={self.rank}/{self.world_size})"
+
+
+@dataclass
+class _LoadPlan:
+    out: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> tensor to return
+    reads: dict[str, list[tuple[int, memoryview]]] = field(default_factory=dict)  # file -> ranges
+    checks: list[tuple[str, Shard, torch.Tensor, int]] = field(default_factory=list)  # chunks to verify
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (dest view, block)
+    finals: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (host, device dest)
+    releases: list[Any] = field(default_factory=list)  # pooled buffers to give back
 
 
 @dataclass

@@ -38,7 +38,7 @@ class SnapshotStorage:
         self.local = "://" not in root or root.startswith("file://")
         self.part_size = part_size
         self.concurrency = concurrency
-        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="fmstore-ckpt-io")
+        self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="fmstore-ckpt-io")
         if self.local:
             self.root = os.path.abspath(root.removeprefix("file://"))
             os.makedirs(self.root, exist_ok=True)
@@ -57,7 +57,7 @@ class SnapshotStorage:
         """Write ``rel`` as the concatenation of ``segments``; visible only once complete."""
         path = self.path(rel)
         if self.local:
-            return write_atomic(path, segments, pool=self._pool)
+            return write_atomic(path, segments, pool=self.pool)
         views = [memoryview(s).cast("B") if len(s) else memoryview(b"") for s in segments]
         total = sum(len(v) for v in views)
         if self._s3:
@@ -79,7 +79,7 @@ class SnapshotStorage:
         """Fill each ``(offset, dest)`` with the file's bytes there; short data is an error."""
         path = self.path(rel)
         if self.local:
-            read_ranges_into(path, ranges, pool=self._pool)
+            read_ranges_into(path, ranges, pool=self.pool)
             return
         pieces = [
             (off + a, dest[a:b]) for off, dest in ranges for a, b in chunks(0, len(dest), self.part_size)
@@ -161,7 +161,7 @@ class SnapshotStorage:
         return sync(self.fs.loop, lambda: coro)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        self.pool.shutdown(wait=True)
 
     def __repr__(self) -> str:  # the URL only: storage_options may hold credentials
         return f"SnapshotStorage({self.url!r})"
