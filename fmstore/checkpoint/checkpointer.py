@@ -190,6 +190,7 @@ class Checkpointer:
         self.rank, self.world_size = _rank_and_world(process_group)
         self._stager = Stager()
         self._persist = ThreadPoolExecutor(1, thread_name_prefix="fmstore-persist")
+        self._hash_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="fmstore-hash")
         self._last: SaveHandle | None = None
         self._last_manifest: Manifest | None = None
         self._closed = False
@@ -268,25 +269,32 @@ class Checkpointer:
             base = self._base_manifest()
             entries: dict[str, TensorEntry] = {}
             to_write = []
-            digests = digest_all([st.data for st in job.staged.tensors], self.storage.pool)
-            for st, piece, (check, chunks) in zip(job.staged.tensors, job.pieces, digests):
-                shard = Shard(list(piece.offsets), list(st.shape), "", 0, 0, check, [], CHUNK_SIZE, chunks)
-                old = _same_shard(base, piece, st.dtype, shard) if base is not None else None
-                if old is not None:  # unchanged: point at the bytes already stored
-                    entries[piece.name] = TensorEntry(dtype_name(st.dtype), list(piece.global_shape), [old])
-                else:
-                    to_write.append((st, piece, shard))
+            # Hash on its own threads while the file is written: only a tensor the base
+            # snapshot might already hold has to wait for its digest before the write.
+            digests = [self._hash_pool.submit(digest_all, [st.data]) for st in job.staged.tensors]
+            for st, piece, fut in zip(job.staged.tensors, job.pieces, digests):
+                shard = Shard(list(piece.offsets), list(st.shape), "", 0, 0, "", [], CHUNK_SIZE, [])
+                if base is not None and _may_match(base, piece, st.dtype):
+                    shard.checksum, shard.chunks = fut.result()[0]
+                    old = _same_shard(base, piece, st.dtype, shard)
+                    if old is not None:  # unchanged: point at the bytes already stored
+                        entries[piece.name] = TensorEntry(
+                            dtype_name(st.dtype), list(piece.global_shape), [old]
+                        )
+                        continue
+                to_write.append((st, piece, shard, fut))
             files: dict[str, int] = {}
             written = 0
             if to_write:
                 rel = f"{rel_dir}/shard-r{self.rank:05d}.safetensors"
-                header, spans = _shard_header([st for st, _, _ in to_write])
+                header, spans = _shard_header([st for st, *_ in to_write])
                 segments: list[memoryview | bytes] = [header]
-                segments += [memoryview(st.data.numpy()) for st, _, _ in to_write if st.nbytes]
+                segments += [memoryview(st.data.numpy()) for st, *_ in to_write if st.nbytes]
                 size = self.storage.write(rel, segments)
                 files[rel] = size
                 written += size
-                for (st, piece, shard), (begin, end) in zip(to_write, spans):
+                for (st, piece, shard, fut), (begin, end) in zip(to_write, spans):
+                    shard.checksum, shard.chunks = fut.result()[0]
                     shard.file, shard.begin, shard.end = rel, begin, end
                     entries[piece.name] = TensorEntry(dtype_name(st.dtype), list(piece.global_shape), [shard])
         except BaseException as e:
@@ -595,6 +603,7 @@ class Checkpointer:
         finally:
             self._closed = True
             self._persist.shutdown(wait=True)
+            self._hash_pool.shutdown(wait=True)
             self._stager.pool.clear()
             self.storage.close()
 
@@ -641,6 +650,17 @@ def _numel(shape: Any) -> int:
     for s in shape:
         n *= int(s)
     return n
+
+
+def _may_match(base: Manifest, piece: Piece, dtype: torch.dtype) -> bool:
+    """Whether the base snapshot has a shard that could hold this piece unchanged."""
+    old = base.tensors.get(piece.name)
+    return (
+        old is not None
+        and old.dtype == dtype_name(dtype)
+        and tuple(old.shape) == tuple(piece.global_shape)
+        and any(s.offsets == list(piece.offsets) and not s.codec for s in old.shards)
+    )
 
 
 def _same_shard(base: Manifest, piece: Piece, dtype: torch.dtype, new: Shard) -> Shard | None:
