@@ -24,12 +24,9 @@ rotated each round, outputs deleted between rounds.  Medians; GB/s = 10**9 bytes
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from common import evict, loadavg, machine_info  # bench/common.py (the script's own folder)
 from torch.distributed.checkpoint.staging import BlockingAsyncStager
 
 from fmstore.checkpoint import Checkpointer
@@ -62,17 +60,6 @@ class Variant:  # a way to save and load the state
     prepare_load: Callable[[], Any] = lambda: None  # untimed
     times: list[tuple[float, float, float]] = field(default_factory=list)  # (stall, total, load)
     written: int = 0
-
-
-def evict(path: str, drop: bool = True) -> None:
-    """fsync ``path`` and (``drop``) evict it from the page cache: the next read hits the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        if drop:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def files_under(root: str) -> list[str]:
@@ -257,25 +244,6 @@ def run_round(r: int, variants: list[Variant], host: dict[str, torch.Tensor], wa
         shutil.rmtree(v.dir)
         times = f"stall {stall:7.3f}s  total {total:7.3f}s  load {t_load:7.3f}s"
         print(f"  {label}: {v.name:<32} {times}", flush=True)
-
-
-def loadavg() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def sh(cmd: list[str]) -> str:
-    return subprocess.run(cmd, capture_output=True, text=True).stdout.strip() if shutil.which(cmd[0]) else "?"
-
-
-def machine_info(root: str, device: str) -> None:
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    print(f"date:    {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
-    print(f"host:    nproc={os.cpu_count()} ram={format_size(mem)} {platform.platform()}")
-    fs = sh(["findmnt", "-no", "FSTYPE", "-T", root])
-    print(f"disk:    {sh(['df', '-h', root]).splitlines()[-1]}  ({fs})")
-    gpu = f" ({torch.cuda.get_device_name()})" if device.startswith("cuda") else ""
-    print(f"python:  {sys.version.split()[0]}  torch {torch.__version__}  device {device}{gpu}")
-    print(f"load:    {loadavg()} (1/5/15 min; other work skews results)", flush=True)
 
 
 def report(variants: list[Variant], nbytes: int, cuda: bool, host: dict[str, torch.Tensor]) -> bool:

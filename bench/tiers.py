@@ -23,12 +23,9 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from common import evict, loadavg, machine_info  # bench/common.py (the script's own folder)
 
 from fmstore.testing.seaweedfs import start_seaweedfs
 from fmstore.tiers import LocalTier, ObjectTier
@@ -60,16 +58,6 @@ class Variant:
     before_read: Callable[[], None] = lambda: None  # untimed: evict caches, allocate buffers
     writes: list[float] = field(default_factory=list)
     reads: list[float] = field(default_factory=list)
-
-
-def evict(path: str) -> None:
-    """Drop ``path`` from the page cache so the next read comes from the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def as_tensor(value: Any) -> torch.Tensor:
@@ -161,27 +149,6 @@ def s3_pair(server: Any, data: torch.Tensor, args: argparse.Namespace) -> tuple[
     return fm, raw
 
 
-def sh(cmd: list[str]) -> str:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError) as e:
-        return f"({e})"
-
-
-def machine_info(root: str) -> None:
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    print(f"date:    {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
-    print(
-        f"host:    nproc={sh(['nproc'])} arch={sh(['uname', '-m'])} ram={format_size(mem)} {platform.platform()}"
-    )
-    print(f"disk:    {sh(['df', '-h', root]).splitlines()[-1]}")
-    print(f"python:  {sys.version.split()[0]}  torch {torch.__version__}")
-    print(
-        f"load:    {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1/5/15 min; other work skews results)",
-        flush=True,
-    )
-
-
 def report(pairs: list[tuple[Variant, Variant, float]], nbytes: int) -> bool:
     def gbs(times: list[float]) -> list[float]:
         return [nbytes / t / 1e9 for t in times]
@@ -203,7 +170,7 @@ def report(pairs: list[tuple[Variant, Variant, float]], nbytes: int) -> bool:
         ok &= passed
         verdict = "PASS" if passed else "FAIL"
         print(f"{fm.name} / {raw.name}: write {w:.2f}x  read {r:.2f}x  (target >= {target:.1f}x)  {verdict}")
-    print(f"RESULT: {'PASS' if ok else 'FAIL'}   (load at end: {os.getloadavg()[0]:.2f})", flush=True)
+    print(f"RESULT: {'PASS' if ok else 'FAIL'}   (load at end: {loadavg()})", flush=True)
     return ok
 
 
