@@ -107,6 +107,11 @@ def as_bytes_tensor(value: Value) -> torch.Tensor:
         return torch.frombuffer(mv, dtype=torch.uint8)
 
 
+def byte_view(data: bytes | bytearray | memoryview) -> memoryview:
+    """A flat byte view of a buffer (``cast`` refuses empty multi-dimensional views)."""
+    return memoryview(data).cast("B") if len(data) else memoryview(b"")
+
+
 def as_memoryview(value: Value) -> memoryview:
     """A flat byte view of a value's data in host memory (device tensors are copied to host)."""
     if isinstance(value, torch.Tensor):
@@ -114,7 +119,7 @@ def as_memoryview(value: Value) -> memoryview:
         if t.device.type != "cpu":
             t = t.cpu()
         return memoryview(t.numpy()) if t.numel() else memoryview(b"")
-    return memoryview(value).cast("B")
+    return byte_view(value)
 
 
 def from_bytes_tensor(buf: torch.Tensor, info: BlobInfo) -> Value:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..blob import SAFETENSORS_CODES, dtype_from_name, dtype_name
+from ..blob import SAFETENSORS_CODES, as_memoryview, dtype_from_name, dtype_name
 from ..errors import CorruptBlobError, FmstoreError
 from .manifest import (
     CHUNK_SIZE,
@@ -51,10 +51,6 @@ class LoadMismatchError(FmstoreError, ValueError):
     """A snapshot tensor does not fit the target tensor it is loaded into (dtype or shape)."""
 
 
-def _view(data: torch.Tensor) -> memoryview:
-    return memoryview(data.numpy()) if data.numel() else memoryview(b"")
-
-
 def digest_all(
     buffers: list[torch.Tensor], pool: Executor | None = None, chunk_size: int = CHUNK_SIZE
 ) -> list[tuple[str, list[str]]]:
@@ -66,7 +62,7 @@ def digest_all(
     """
     import xxhash
 
-    views = [_view(b) for b in buffers]
+    views = [as_memoryview(b) for b in buffers]
     jobs = [(i, v[a : a + chunk_size]) for i, v in enumerate(views) for a in range(0, len(v), chunk_size)]
     pieces = [m for _, m in jobs]
     hashes = (
@@ -89,7 +85,7 @@ def _verify_all(checks: list[tuple[str, Shard, torch.Tensor, int]], step: int, p
         cs = shard.chunk_size
         if not cs:
             raise ManifestError(f"snapshot step {step}: tensor {name!r} has no chunk checksums")
-        mv = _view(buf)
+        mv = as_memoryview(buf)
         for i, a in enumerate(range(0, len(mv), cs)):
             jobs.append((name, shard, start // cs + i, start + a, mv[a : a + cs]))
     pieces = [j[4] for j in jobs]

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ..blob import byte_view
 from ..errors import CorruptBlobError
 from ..keys import TMP_MARKER
 from ..tiers.files import chunks, read_ranges_into, write_atomic
@@ -58,7 +59,7 @@ class SnapshotStorage:
         path = self.path(rel)
         if self.local:
             return write_atomic(path, segments, pool=self.pool)
-        views = [memoryview(s).cast("B") if len(s) else memoryview(b"") for s in segments]
+        views = [byte_view(s) for s in segments]
         total = sum(len(v) for v in views)
         if self._s3:
             self._sync(s3_put(self.fs, path, views, self.part_size, self.concurrency))

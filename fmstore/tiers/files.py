@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..blob import BlobInfo, Value, decode_header, from_bytes_tensor, header_length
+from ..blob import BlobInfo, Value, byte_view, decode_header, from_bytes_tensor, header_length
 from ..errors import BlobNotFoundError, CorruptBlobError
 from ..keys import TMP_MARKER
 
@@ -147,7 +147,7 @@ def write_atomic(
         try:
             pieces = []
             for seg in segments:
-                mv = memoryview(seg).cast("B") if len(seg) else memoryview(b"")
+                mv = byte_view(seg)
                 pieces += [(fd, mv[a:b], total + a, fsync) for a, b in chunks(0, len(mv), chunk)]
                 total += len(mv)
             _run_chunked(pool, _pwrite_all, pieces)
@@ -177,12 +177,18 @@ def read_ranges_into(
     """Fill each ``(offset, dest)`` from ``path`` (parallel, chunked); a short file is an error."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        pieces = []
-        for offset, dest in ranges:
-            pieces += [(fd, dest[a:b], offset + a, path) for a, b in chunks(0, len(dest), chunk)]
-        _run_chunked(pool, _pread_into, pieces)
+        _read_ranges_fd(fd, ranges, path, pool, chunk)
     finally:
         os.close(fd)
+
+
+def _read_ranges_fd(
+    fd: int, ranges: Sequence[tuple[int, memoryview]], name: str, pool: Executor | None, chunk: int
+) -> None:
+    pieces = []
+    for offset, dest in ranges:
+        pieces += [(fd, dest[a:b], offset + a, name) for a, b in chunks(0, len(dest), chunk)]
+    _run_chunked(pool, _pread_into, pieces)
 
 
 def read_header(fd: int, name: str) -> tuple[BlobInfo, int, bytes]:
@@ -229,8 +235,7 @@ def read_blob(
             mv = memoryview(buf.numpy())
             have = min(len(head) - hlen, info.nbytes)
             mv[:have] = head[hlen : hlen + have]
-            pieces = [(fd, mv[a:b], hlen + a, name) for a, b in chunks(have, info.nbytes, chunk)]
-            _run_chunked(pool, _pread_into, pieces)
+            _read_ranges_fd(fd, [(hlen + have, mv[have:])], name, pool, chunk)
         return from_bytes_tensor(buf, info), info
     finally:
         os.close(fd)

@@ -19,6 +19,7 @@ from ..blob import (
     BlobInfo,
     Value,
     as_memoryview,
+    byte_view,
     decode_header,
     encode_header,
     from_bytes_tensor,
@@ -279,7 +280,7 @@ async def s3_put(
     commit, and a failed upload is aborted.
     """
     bucket, key, _ = fs.split_path(path)
-    views = [memoryview(seg).cast("B") if len(seg) else memoryview(b"") for seg in segments]
+    views = [byte_view(seg) for seg in segments]
     total = sum(len(v) for v in views)
     try:
         if total <= part_size:
