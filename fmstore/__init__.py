@@ -5,7 +5,7 @@ Tensors move between GPU memory, pinned host memory, local NVMe and object stora
 """
 
 from .blob import BlobInfo
-from .checkpoint import Checkpointer, SaveHandle, SnapshotInfo
+from .checkpoint import Checkpointer, Level, Policy, SaveHandle, SnapshotInfo
 from .errors import (
     BlobNotFoundError,
     CapacityError,
@@ -22,6 +22,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Checkpointer",
+    "Policy",
+    "Level",
     "SaveHandle",
     "SnapshotInfo",
     "TieredStore",

@@ -1,4 +1,6 @@
-"""``make demo``: tensors written through a TieredStore, demoted, read back, placement shown.
+"""``make demo``: tensors written through a TieredStore, demoted, read back, placement shown;
+then a small model trained with async checkpoints, killed, resumed and inspected
+(:mod:`fmstore.demo_training`).
 
 Tiers: host memory (small, so it overflows), a local directory under ``./fmstore-data/local``
 and an object tier (default ``file://./fmstore-data/object``; any fsspec URL works, e.g.
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--object-url", default=None, help="object tier URL (default file://DATA/object)")
     ap.add_argument("--host-capacity", default="8MiB")
     ap.add_argument("--local-capacity", default="8MiB")
+    ap.add_argument("--no-training", action="store_true", help="skip the train / crash / resume part")
     args = ap.parse_args(argv)
 
     data = os.path.abspath(args.data)
@@ -117,7 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         print_tiers(store)
     print(f"\nall {len(values)} blobs read back bit-exact; files are under {data}")
-    return 0
+    if args.no_training:
+        return 0
+    from .demo_training import demo as training_demo
+
+    return training_demo(data)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ from .errors import InvalidKeyError
 #: Marker in the names of files being written; keys may not contain it and listings skip it.
 TMP_MARKER = ".fmstore-tmp-"
 MAX_KEY_LEN = 1024
+#: A directory in a tier's root that is not part of its key space (a checkpointer backed by
+#: a TieredStore keeps its snapshots there); keys may not start with it and scans skip it.
+RESERVED_DIR = ".fmstore"
 
 
 def check_key(key: object) -> str:
@@ -23,6 +26,8 @@ def check_key(key: object) -> str:
         raise InvalidKeyError(f"blob key {key!r} contains a backslash or NUL character")
     if TMP_MARKER in key:
         raise InvalidKeyError(f"blob key {key!r} contains the reserved marker {TMP_MARKER!r}")
+    if key.split("/", 1)[0] == RESERVED_DIR:
+        raise InvalidKeyError(f"blob key {key!r} starts with the reserved directory {RESERVED_DIR!r}")
     for part in key.split("/"):
         if part in ("", ".", ".."):
             raise InvalidKeyError(

@@ -9,10 +9,13 @@ from .checkpointer import (
     SnapshotNotFoundError,
 )
 from .manifest import Manifest, ManifestError
+from .policy import Level, Policy
 from .tree import UnsupportedValueError
 
 __all__ = [
     "Checkpointer",
+    "Policy",
+    "Level",
     "SaveHandle",
     "SnapshotInfo",
     "Manifest",

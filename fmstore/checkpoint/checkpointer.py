@@ -1,46 +1,47 @@
 """Checkpointer: async snapshots of training state, committed atomically by one manifest.
 
 ``save`` stages the state's tensors into pooled host memory (all training waits for) and
-returns a :class:`SaveHandle`; a background thread checksums the staged bytes, writes the
-tensors that changed since the previous snapshot into one safetensors shard file, then
-writes ``manifest.json`` (the commit), then applies retention.  Unchanged tensors are
-referenced in the previous snapshot's files, not written again.  ``load`` restores the
-latest (or a given) committed snapshot, verifying every checksum.
+returns a :class:`SaveHandle`; a background thread checksums the staged bytes and writes
+the snapshot to each durable level the policy picks for its step (in parallel, from the
+staged copy), each committed by its own ``manifest.json``; with ``Policy(host_memory=N)``
+the staged copy itself is kept as the newest snapshot.  Unchanged tensors are referenced in
+a level's previous snapshot, not written again.  ``load`` restores the latest (or a given)
+committed snapshot from the fastest level holding it, verifying every checksum read.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
+import warnings
+from collections.abc import Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..blob import SAFETENSORS_CODES, as_memoryview, dtype_from_name, dtype_name
-from ..errors import CorruptBlobError, FmstoreError
-from .manifest import (
-    CHUNK_SIZE,
-    MANIFEST,
-    Manifest,
-    ManifestError,
-    Shard,
-    TensorEntry,
-    parse_step_dir,
-    step_dir,
-)
+from ..blob import as_memoryview, dtype_from_name, dtype_name
+from ..errors import ConfigError, CorruptBlobError, FmstoreError
+from ..store import TieredStore
+from .level import SnapshotLevel, SnapshotNotFoundError, WriteItem, Written, numel
+from .manifest import CHUNK_SIZE, Manifest, ManifestError, Shard, step_dir
+from .memory import MemoryItem, MemoryLevel, MemorySnapshot, restore
+from .policy import Policy, resolve
 from .sharding import Piece, dtensor_region, intersect, is_dtensor, pieces_to_save, plan_read
 from .staging import Staged, Stager
 from .storage import SnapshotStorage
 from .tree import flatten, unflatten
 
-
-class SnapshotNotFoundError(FmstoreError, KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
+__all__ = [
+    "Checkpointer",
+    "SaveHandle",
+    "SnapshotInfo",
+    "SnapshotNotFoundError",
+    "ChecksumError",
+    "LoadMismatchError",
+]
 
 
 class ChecksumError(CorruptBlobError):
@@ -104,14 +105,15 @@ def _verify_all(checks: list[tuple[str, Shard, torch.Tensor, int]], step: int, p
 
 @dataclass
 class SnapshotInfo:
-    """A committed snapshot, as ``SaveHandle.wait`` and ``Checkpointer.snapshots`` give it."""
+    """A committed snapshot, as ``SaveHandle.wait`` gives it."""
 
     step: int
-    path: str
-    nbytes: int  # bytes of tensor data in the snapshot
-    bytes_written: int  # bytes this save wrote (shard files + manifest); less when incremental
+    path: str  # in the fastest durable level that took it ("host" if none did)
+    nbytes: int  # bytes of tensor data this rank staged
+    bytes_written: int  # bytes this save wrote, all levels (shard files + manifest); less when incremental
     tensors: int
-    tensors_written: int
+    tensors_written: int  # in the first durable level
+    levels: list[str] = field(default_factory=list)  # where it is committed, fastest first
 
 
 class SaveHandle:
@@ -149,107 +151,168 @@ class Checkpointer:
     """Async, incremental, crash-safe, sharded snapshots of training state under ``root``.
 
     Parameters:
-        root: a directory or fsspec URL (``s3://bucket/run1``, ``file://``, ``memory://``).
+        root: a directory or fsspec URL (``s3://bucket/run1``, ``file://``, ``memory://``), or
+            a :class:`TieredStore`: snapshots then live in its durable tiers (fastest is the
+            root level, the others further levels) and, if it has a memory tier, the newest
+            one is kept in host memory.
         storage_options: passed to fsspec untouched (credentials, endpoint).
-        keep_last: keep only the newest N committed snapshots (bytes that a kept snapshot
-            references are never deleted).
+        keep_last: keep only the newest N committed snapshots in the root level (bytes that
+            a kept snapshot references are never deleted).
+        policy: a :class:`Policy`: snapshots kept in host memory, how often the root takes
+            one, and further levels (e.g. object storage every 1000 steps).  Default: every
+            snapshot to ``root``.
         process_group: the ranks that save together; default: the default group when
             ``torch.distributed`` is initialized, else this process alone.  Every rank writes
             its own shard file; rank 0 commits the manifest once all ranks have reported.
         incremental: reference unchanged tensors in earlier snapshots instead of rewriting.
-        compression, policy: reserved for the codec and the multi-level policy; only their
-            defaults (None) are supported so far.
+        compression: reserved for the codec; only the default (None) is supported so far.
     """
 
     def __init__(
         self,
-        root: str | os.PathLike[str],
+        root: str | os.PathLike[str] | TieredStore,
         *,
         storage_options: dict[str, Any] | None = None,
         compression: Any = None,
         keep_last: int | None = None,
-        policy: Any = None,
+        policy: Policy | None = None,
         process_group: Any = None,
         incremental: bool = True,
         io_threads: int = 8,
         timeout: float = 1800.0,
     ) -> None:
-        for arg, value in (("compression", compression), ("policy", policy)):
-            if value is not None:
-                raise NotImplementedError(f"Checkpointer({arg}=...) is not supported yet; leave it None")
-        if keep_last is not None and keep_last < 1:
-            raise FmstoreError(f"keep_last must be >= 1 or None, got {keep_last}")
-        self.storage = SnapshotStorage(root, storage_options, io_threads=io_threads)
+        if compression is not None:
+            raise NotImplementedError("Checkpointer(compression=...) is not supported yet; leave it None")
+        if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
+            raise ConfigError(f"keep_last must be an int >= 1 or None, got {keep_last!r}")
+        host_memory, specs = resolve(root, storage_options, keep_last, policy)
+        self.rank, self.world_size = _rank_and_world(process_group)
+        self.levels = [
+            SnapshotLevel(
+                spec.name,
+                SnapshotStorage(spec.url, spec.storage_options, io_threads=io_threads, fs=spec.fs),
+                every=spec.every,
+                keep_last=spec.keep_last,
+                rank=self.rank,
+                world_size=self.world_size,
+                incremental=incremental,
+                timeout=timeout,
+            )
+            for spec in specs
+        ]
+        self.memory = MemoryLevel(host_memory) if host_memory else None
+        self.storage = self.levels[0].storage  # the root level's files
         self.keep_last = keep_last
         self.incremental = incremental
         self.timeout = timeout
-        self.rank, self.world_size = _rank_and_world(process_group)
         self._stager = Stager()
         self._persist = ThreadPoolExecutor(1, thread_name_prefix="fmstore-persist")
         self._hash_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="fmstore-hash")
+        self._level_pool = (
+            ThreadPoolExecutor(len(self.levels), thread_name_prefix="fmstore-level")
+            if len(self.levels) > 1
+            else None
+        )
         self._last: SaveHandle | None = None
-        self._last_manifest: Manifest | None = None
         self._closed = False
 
     # ------------------------------------------------------------------ listing
 
-    def steps(self) -> list[int]:
-        """Committed steps, oldest first (a snapshot without its manifest does not exist)."""
-        out = []
-        for name in self.storage.list_dir():
-            step = parse_step_dir(name)
-            if step is not None and self.storage.exists(f"{name}/{MANIFEST}"):
-                out.append(step)
+    def level_names(self) -> list[str]:
+        """Where snapshots can live, fastest first ("host", host memory, first when kept there)."""
+        return (["host"] if self.memory is not None else []) + [lvl.name for lvl in self.levels]
+
+    def _levels(self, level: str | None) -> list[SnapshotLevel]:
+        if level is None:
+            return self.levels
+        found = [lvl for lvl in self.levels if lvl.name == level]
+        if not found and level != "host":
+            raise ConfigError(f"no checkpoint level {level!r}; have {self.level_names()}")
+        return found
+
+    def steps(self, level: str | None = None) -> list[int]:
+        """Committed steps, oldest first, in ``level`` or in any level (a snapshot without its
+        manifest does not exist; one kept only in host memory exists for this process)."""
+        out: set[int] = set()
+        if self.memory is not None and level in (None, "host"):
+            out.update(self.memory.steps())
+        for lvl in self._levels(level):
+            out.update(lvl.steps())
         return sorted(out)
 
-    def manifest(self, step: int | None = None) -> Manifest:
-        """The manifest of ``step`` (default: the latest committed one)."""
+    def where(self, step: int) -> list[str]:
+        """The levels holding a committed copy of ``step``, fastest first."""
+        out = ["host"] if self.memory is not None and self.memory.get(step) is not None else []
+        return out + [lvl.name for lvl in self.levels if lvl.committed(step)]
+
+    def manifest(self, step: int | None = None, *, level: str | None = None) -> Manifest:
+        """The manifest of ``step`` (default: the latest) from the fastest durable level holding it."""
+        levels = self._levels(level)
         if step is None:
-            steps = self.steps()
+            steps = sorted({s for lvl in levels for s in lvl.steps()})
             if not steps:
-                raise SnapshotNotFoundError(f"no committed snapshot under {self.storage.url!r}")
+                raise SnapshotNotFoundError(f"no committed snapshot under {self._where_text(levels)}")
             step = steps[-1]
-        rel = f"{step_dir(step)}/{MANIFEST}"
-        try:
-            raw = self.storage.read_bytes(rel)
-        except FileNotFoundError:
-            raise SnapshotNotFoundError(
-                f"no committed snapshot for step {step} under {self.storage.url!r} (have {self.steps()})"
-            ) from None
-        return Manifest.from_json(raw, where=f"{self.storage.url}/{rel}")
+        for lvl in levels:
+            if lvl.committed(step):
+                return lvl.manifest(step)
+        raise SnapshotNotFoundError(
+            f"no committed snapshot for step {step} under {self._where_text(levels)} (have {self.steps(level)})"
+        )
+
+    @staticmethod
+    def _where_text(levels: list[SnapshotLevel]) -> str:
+        return " or ".join(repr(lvl.url) for lvl in levels) or "no durable level"
 
     # ------------------------------------------------------------------ save
 
     def save(
-        self, step: int, state: Any, *, block: bool = True, meta: dict[str, Any] | None = None
+        self,
+        step: int,
+        state: Any,
+        *,
+        block: bool = True,
+        meta: dict[str, Any] | None = None,
+        levels: Sequence[str] | str | None = None,
     ) -> SaveHandle:
         """Snapshot ``state`` as ``step``: returns once its tensors are staged in host memory.
 
         Call it on every rank of the process group with the same ``step``.  With
         ``block=False`` it returns as soon as the device-to-host copies are queued; call
         ``handle.wait_staged()`` before changing the tensors (e.g. before the next optimizer
-        step).  Errors of the background persist surface on ``handle.wait()`` and on the next
-        ``save``.
+        step).  ``levels`` ("all" or level names) writes to those durable levels whatever
+        their ``every`` (e.g. the last snapshot of a run).  Errors of the background persist
+        surface on ``handle.wait()`` and on the next ``save``.
         """
         if self._closed:
             raise FmstoreError("the checkpointer is closed")
-        rel_dir = step_dir(step)
+        step_dir(step)  # checks the step
         t0 = time.perf_counter()
         tensors, tree = flatten(state)
-        pieces = pieces_to_save(tensors, self.rank, self.world_size)
+        pieces = pieces_to_save(tensors, self.rank, self.world_size, replicas=self.memory is not None)
+        targets = self._targets(step, levels)
         prev = self._last
         if prev is not None:
             self._last = None  # its error is raised once, here (or on its own wait())
             prev.wait()  # one persist at a time keeps memory bounded
-        if self.storage.exists(f"{rel_dir}/{MANIFEST}"):
-            raise FmstoreError(
-                f"step {step} is already committed under {self.storage.url!r}; it is never overwritten"
-            )
+        for lvl in targets:
+            if lvl.committed(step):
+                raise FmstoreError(
+                    f"step {step} is already committed under {lvl.url!r}; it is never overwritten"
+                )
+        if self.memory is not None and self.memory.get(step) is not None:
+            raise FmstoreError(f"step {step} is already committed in host memory; it is never overwritten")
         staged = self._stager.stage({p.name: p.local for p in pieces})
+        kept = None
+        if self.memory is not None:
+            items = {p.name: MemoryItem(p.global_shape, p.offsets) for p in pieces}
+            kept = MemorySnapshot(step, staged, items, tree)
         if block:
             staged.wait()
+            if kept is not None:
+                self.memory.add(kept)  # committed in memory: restorable from here on
         stall = time.perf_counter() - t0
-        job = _SaveJob(step, staged, pieces, sorted(tensors), tree, dict(meta or {}))
+        job = _SaveJob(step, staged, pieces, sorted(tensors), tree, dict(meta or {}), targets, kept, block)
         future = self._persist.submit(self._persist_job, job)
         handle = SaveHandle(step, future, staged, stall)
         future.add_done_callback(
@@ -258,241 +321,150 @@ class Checkpointer:
         self._last = handle
         return handle
 
+    def _targets(self, step: int, levels: Sequence[str] | str | None) -> list[SnapshotLevel]:
+        if levels == "all":
+            return list(self.levels)
+        if levels is None:
+            return [lvl for lvl in self.levels if lvl.takes(step)]
+        names = [levels] if isinstance(levels, str) else list(levels)
+        wanted = set(names)
+        for name in names:
+            self._levels(name)  # unknown names are an error
+        return [lvl for lvl in self.levels if lvl.takes(step) or lvl.name in wanted]
+
     def _persist_job(self, job: _SaveJob) -> SnapshotInfo:
-        rel_dir = step_dir(job.step)
+        in_memory = False
         try:
             job.staged.wait()
-            base = self._base_manifest()
-            entries: dict[str, TensorEntry] = {}
-            to_write = []
-            # Hash on its own threads while the file is written: only a tensor the base
-            # snapshot might already hold has to wait for its digest before the write.
-            digests = [self._hash_pool.submit(digest_all, [st.data]) for st in job.staged.tensors]
-            for st, piece, fut in zip(job.staged.tensors, job.pieces, digests):
-                shard = Shard(list(piece.offsets), list(st.shape), "", 0, 0, "", [], CHUNK_SIZE, [])
-                if base is not None and _may_match(base, piece, st.dtype):
-                    shard.checksum, shard.chunks = fut.result()[0]
-                    old = _same_shard(base, piece, st.dtype, shard)
-                    if old is not None:  # unchanged: point at the bytes already stored
-                        entries[piece.name] = TensorEntry(
-                            dtype_name(st.dtype), list(piece.global_shape), [old]
-                        )
-                        continue
-                to_write.append((st, piece, shard, fut))
-            files: dict[str, int] = {}
-            written = 0
-            if to_write:
-                rel = f"{rel_dir}/shard-r{self.rank:05d}.safetensors"
-                header, spans = _shard_header([st for st, *_ in to_write])
-                segments: list[memoryview | bytes] = [header]
-                segments += [memoryview(st.data.numpy()) for st, *_ in to_write if st.nbytes]
-                size = self.storage.write(rel, segments)
-                files[rel] = size
-                written += size
-                for (st, piece, shard, fut), (begin, end) in zip(to_write, spans):
-                    shard.checksum, shard.chunks = fut.result()[0]
-                    shard.file, shard.begin, shard.end = rel, begin, end
-                    entries[piece.name] = TensorEntry(dtype_name(st.dtype), list(piece.global_shape), [shard])
-        except BaseException as e:
-            if self.world_size > 1:  # tell the coordinator instead of leaving it waiting
-                self._report(rel_dir, {"error": f"rank {self.rank}: {type(e).__name__}: {e}"})
-            job.staged.release()
-            raise
-        job.staged.release()
-        if self.world_size > 1:
-            self._report(
-                rel_dir,
-                {
-                    "error": None,
-                    "names": job.names,
-                    "files": files,
-                    "entries": {n: asdict(e) for n, e in entries.items()},
-                },
-            )
-            if self.rank != 0:
-                self._wait_for_commit(rel_dir)
-                self._last_manifest = None
-                return self._info(job, rel_dir, written, len(entries), len(to_write))
-            entries, files = self._merge_reports(rel_dir, job.step)
-        manifest = Manifest(
-            step=job.step,
-            world_size=self.world_size,
-            tensors=entries,
-            tree=job.tree,
-            files=files,
-            meta=job.meta,
-        )
-        raw = manifest.to_json()
-        self.storage.write(f"{rel_dir}/{MANIFEST}", [raw])  # the commit
-        written += len(raw)
-        self._last_manifest = manifest
-        if self.world_size > 1:
-            for r in range(self.world_size):
-                self.storage.delete(f"{rel_dir}/rank-{r:05d}.json")
-        if self.keep_last is not None:
-            self._apply_retention()
-        return self._info(job, rel_dir, written, len(entries), len(to_write))
-
-    def _info(
-        self, job: _SaveJob, rel_dir: str, written: int, tensors: int, tensors_written: int
-    ) -> SnapshotInfo:
+            if job.kept is not None:
+                if not job.kept_added:
+                    self.memory.add(job.kept)
+                in_memory = True
+            results: list[tuple[SnapshotLevel, Written | BaseException]] = []
+            if job.levels:
+                writes = [(st, p) for st, p in zip(job.staged.tensors, job.pieces) if p.writes]
+                digests = [self._hash_pool.submit(digest_all, [st.data]) for st, _ in writes]
+                items = [WriteItem(st, p, d) for (st, p), d in zip(writes, digests)]
+                args = (job.step, items, job.names, job.tree, job.meta)
+                if self._level_pool is None or len(job.levels) == 1:
+                    runs = [_run(job.levels[0].write, *args)]
+                else:  # each level from the staged copy, concurrently: S3 does not wait for NVMe
+                    runs = [
+                        f.result()
+                        for f in [self._level_pool.submit(_run, lvl.write, *args) for lvl in job.levels]
+                    ]
+                results = list(zip(job.levels, runs))
+        finally:
+            if not in_memory:
+                job.staged.release()
+        ok = [(lvl, r) for lvl, r in results if isinstance(r, Written)]
+        failed = [(lvl, r) for lvl, r in results if isinstance(r, BaseException)]
+        if failed:
+            if len(results) == 1:
+                raise failed[0][1]
+            done = ", ".join(repr(lvl.name) for lvl, _ in ok) or "no durable level"
+            why = "; ".join(f"{lvl.name!r}: {type(e).__name__}: {e}" for lvl, e in failed)
+            raise FmstoreError(f"step {job.step} committed to {done} but not to: {why}") from failed[0][1]
+        first = ok[0][1] if ok else None
         return SnapshotInfo(
             step=job.step,
-            path=f"{self.storage.url.rstrip('/')}/{rel_dir}",
+            path=ok[0][0].path_of(job.step) if ok else "host",
             nbytes=job.staged.nbytes,
-            bytes_written=written,
-            tensors=tensors,
-            tensors_written=tensors_written,
+            bytes_written=sum(r.bytes_written for _, r in ok),
+            tensors=first.tensors if first else len(job.pieces),
+            tensors_written=first.tensors_written if first else 0,
+            levels=(["host"] if in_memory else []) + [lvl.name for lvl, _ in ok],
         )
-
-    # ------------------------------------------------------------------ coordination (no collectives:
-    # the persist runs in a background thread, where a collective could deadlock the training
-    # thread's own; ranks meet through small files in the snapshot directory instead)
-
-    def _report(self, rel_dir: str, body: dict[str, Any]) -> None:
-        self.storage.write(f"{rel_dir}/rank-{self.rank:05d}.json", [json.dumps(body).encode()])
-
-    def _poll(self, what: str, ready: Any) -> Any:
-        deadline = time.monotonic() + self.timeout
-        delay = 0.01
-        while True:
-            out = ready()
-            if out is not None:
-                return out
-            if time.monotonic() > deadline:
-                raise FmstoreError(f"timed out after {self.timeout:.0f} s waiting for {what}")
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.5)
-
-    def _merge_reports(self, rel_dir: str, step: int) -> tuple[dict[str, TensorEntry], dict[str, int]]:
-        """Coordinator: wait for every rank's report, then merge them into one tensor table."""
-        reports: dict[int, dict[str, Any]] = {}
-
-        def all_in() -> dict[int, dict[str, Any]] | None:
-            for r in range(self.world_size):
-                if r not in reports and self.storage.exists(f"{rel_dir}/rank-{r:05d}.json"):
-                    reports[r] = json.loads(self.storage.read_bytes(f"{rel_dir}/rank-{r:05d}.json"))
-            return reports if len(reports) == self.world_size else None
-
-        self._poll(f"all {self.world_size} ranks to report step {step}", all_in)
-        failed = [rep["error"] for rep in reports.values() if rep.get("error")]
-        if failed:
-            self.storage.write(f"{rel_dir}/aborted.json", [json.dumps({"errors": failed}).encode()])
-            raise FmstoreError(f"step {step} not committed: {'; '.join(failed)}")
-        entries: dict[str, TensorEntry] = {}
-        files: dict[str, int] = {}
-        names: set[str] = set()
-        for r in sorted(reports):
-            rep = reports[r]
-            names |= set(rep["names"])
-            files.update(rep["files"])
-            for name, e in rep["entries"].items():
-                shards = [Shard(**sh) for sh in e["shards"]]
-                have = entries.get(name)
-                if have is None:
-                    entries[name] = TensorEntry(e["dtype"], e["shape"], shards)
-                elif have.dtype != e["dtype"] or have.shape != e["shape"]:
-                    raise FmstoreError(
-                        f"step {step}: ranks disagree on tensor {name!r}: {have.dtype} {have.shape} "
-                        f"vs {e['dtype']} {e['shape']} (rank {r})"
-                    )
-                else:
-                    boxes = {(tuple(s.offsets), tuple(s.lengths)) for s in have.shards}
-                    have.shards += [s for s in shards if (tuple(s.offsets), tuple(s.lengths)) not in boxes]
-        for name in sorted(names):
-            entry = entries.get(name)
-            covered = sum(_numel(s.lengths) for s in entry.shards) if entry else 0
-            if entry is None or covered != _numel(entry.shape):
-                raise FmstoreError(
-                    f"step {step} not committed: tensor {name!r} is not fully saved "
-                    f"({covered} of {_numel(entry.shape) if entry else '?'} elements); a plain tensor must "
-                    "exist on every rank (it is taken to be replicated), a sharded one must be a DTensor"
-                )
-        return entries, files
-
-    def _wait_for_commit(self, rel_dir: str) -> None:
-        def committed() -> bool | None:
-            if self.storage.exists(f"{rel_dir}/{MANIFEST}"):
-                return True
-            if self.storage.exists(f"{rel_dir}/aborted.json"):
-                body = json.loads(self.storage.read_bytes(f"{rel_dir}/aborted.json"))
-                raise FmstoreError(f"{rel_dir} not committed: {'; '.join(body['errors'])}")
-            return None
-
-        self._poll(f"rank 0 to commit {rel_dir}", committed)
-
-    def _base_manifest(self) -> Manifest | None:
-        """The snapshot an incremental save references: the newest committed one."""
-        if not self.incremental:
-            return None
-        if self._last_manifest is not None:
-            return self._last_manifest
-        try:
-            return self.manifest()
-        except SnapshotNotFoundError:
-            return None
 
     # ------------------------------------------------------------------ retention
 
-    def _apply_retention(self) -> None:
-        steps = self.steps()
-        assert self.keep_last is not None
-        drop, keep = steps[: -self.keep_last], steps[-self.keep_last :]
-        for step in drop:  # uncommit first: from here on the snapshot does not exist
-            self.storage.delete(f"{step_dir(step)}/{MANIFEST}")
-        self.gc(keep_steps=keep)
-
-    def gc(self, *, keep_steps: list[int] | None = None) -> list[str]:
-        """Delete files that no committed snapshot references, in directories older than
-        the newest committed snapshot (newer ones may still be being written).  Returns
-        what was deleted."""
-        keep = self.steps() if keep_steps is None else keep_steps
-        if not keep:
-            return []
-        referenced: set[str] = set()
-        for step in keep:
-            referenced |= self.manifest(step).referenced_files()
+    def gc(self, *, keep_steps: list[int] | None = None, level: str | None = None) -> list[str]:
+        """Delete files that no committed snapshot references, in every durable level (or
+        ``level``), in directories older than its newest committed snapshot (newer ones may
+        still be being written).  Returns what was deleted."""
+        self._wait_last(raise_error=False)
         deleted = []
-        for name in self.storage.list_dir():
-            step = parse_step_dir(name)
-            if step is None or step in keep or step >= keep[-1]:
-                continue
-            files = [f"{name}/{f}" for f in self.storage.list_dir(name)]
-            doomed = [f for f in files if f not in referenced]
-            if len(doomed) == len(files):
-                self.storage.delete_dir(name)
-            else:
-                for f in doomed:
-                    self.storage.delete(f)
-            deleted += doomed
+        for lvl in self._levels(level):
+            deleted += lvl.gc(keep_steps=keep_steps)
         return deleted
 
     # ------------------------------------------------------------------ load
 
     def load(
-        self, state: Any = None, step: int | None = None, *, device: str | torch.device | None = None
+        self,
+        state: Any = None,
+        step: int | None = None,
+        *,
+        device: str | torch.device | None = None,
+        level: str | None = None,
     ) -> Any:
-        """Restore a committed snapshot (default: the latest), on any number of ranks.
+        """Restore a committed snapshot (default: the latest) from the fastest level holding it.
 
         With ``state`` given, its tensors are filled in place (dtype and global shape must
         match); a DTensor target gets exactly its local shard, read from whichever saved
         shards overlap it, so a snapshot saved on 4 ranks loads on 1, 2 or 3.  The restored
         state is returned (plain values such as step counters come from the snapshot).
         Without ``state`` a new state of whole tensors is built on ``device`` (default CPU).
+        A copy in host memory serves only the sharding it was saved with; a damaged copy on
+        one durable level is skipped (with a warning) for the next level holding the step.
         """
-        self._wait_last(raise_error=False)  # a failed save is its handle's (and the next save's) to report
-        manifest = self.manifest(step)
         targets: dict[str, torch.Tensor] = flatten(state)[0] if state is not None else {}
+        levels = self._levels(level)
+        if self.memory is not None and level in (None, "host"):
+            mem_steps = self.memory.steps()
+            want = step if step is not None else (mem_steps[-1] if mem_steps else None)
+            snap = self.memory.get(want) if want is not None else None
+            if snap is not None:
+                out = restore(snap, targets, device, LoadMismatchError)
+                if out is not None:
+                    return unflatten(snap.tree, out)
+                if level == "host":
+                    raise LoadMismatchError(
+                        f"step {want} in host memory was saved with another sharding than the targets'"
+                    )
+                step = want  # the same step from a durable level
+            elif level == "host":
+                raise SnapshotNotFoundError(f"step {step} is not in host memory (have {mem_steps})")
+        self._wait_last(raise_error=False)  # a failed save is its handle's (and the next save's) to report
+        if step is None:
+            have = sorted({s for lvl in levels for s in lvl.steps()})
+            if not have:
+                raise SnapshotNotFoundError(f"no committed snapshot under {self._where_text(levels)}")
+            step = have[-1]
+        holders = [lvl for lvl in levels if lvl.committed(step)]
+        if not holders:
+            raise SnapshotNotFoundError(
+                f"no committed snapshot for step {step} under {self._where_text(levels)} (have {self.steps(level)})"
+            )
+        for i, lvl in enumerate(holders):
+            try:
+                return self._load_from(lvl, step, targets, device)
+            except CorruptBlobError as e:
+                if i + 1 == len(holders):
+                    raise
+                warnings.warn(
+                    f"step {step} on level {lvl.name!r} is damaged ({e}); restoring it from {holders[i + 1].name!r}",
+                    stacklevel=2,
+                )
+        raise AssertionError("unreachable")
+
+    def _load_from(self, lvl: SnapshotLevel, step: int, targets: dict[str, torch.Tensor], device: Any) -> Any:
+        manifest = lvl.manifest(step)
         plan = _LoadPlan()
         try:
-            self._plan_and_read(manifest, targets, plan, device)
+            self._plan_and_read(lvl.storage, manifest, targets, plan, device)
         finally:
             for release in plan.releases:
                 release()
         return unflatten(manifest.tree, plan.out)
 
     def _plan_and_read(
-        self, manifest: Manifest, targets: dict[str, torch.Tensor], plan: _LoadPlan, device: Any
+        self,
+        storage: SnapshotStorage,
+        manifest: Manifest,
+        targets: dict[str, torch.Tensor],
+        plan: _LoadPlan,
+        device: Any,
     ) -> None:
         """Plan which saved bytes each target needs, read them, verify them, place them."""
         for name, entry in manifest.tensors.items():
@@ -518,7 +490,7 @@ class Checkpointer:
             if dest.device.type == "cpu" and dest.is_contiguous():
                 host = dest
             else:  # read into a pooled (pinned, with CUDA) buffer, then one copy to the device
-                nbytes = _numel(region_len) * itemsize
+                nbytes = numel(region_len) * itemsize
                 raw, release = self._stager.pool.acquire(nbytes)
                 plan.releases.append(release)
                 host = raw[:nbytes].view(dtype).view(region_len)
@@ -530,8 +502,8 @@ class Checkpointer:
                 ov = intersect(region_off, region_len, tuple(shard.offsets), tuple(shard.lengths))
                 if ov is None:
                     continue
-                covered += _numel(ov[1])
-                if shard.end - shard.begin != _numel(shard.lengths) * itemsize:
+                covered += numel(ov[1])
+                if shard.end - shard.begin != numel(shard.lengths) * itemsize:
                     raise ManifestError(
                         f"tensor {name!r}: {shard.end - shard.begin} bytes recorded in {shard.file!r}"
                     )
@@ -552,21 +524,21 @@ class Checkpointer:
                 block = buf[rp.start - a0 : rp.end - a0].view(dtype).view(rp.view_shape)[rp.slices]
                 dslices = tuple(slice(o - r, o - r + n) for o, r, n in zip(ov[0], region_off, ov[1]))
                 plan.copies.append((host[dslices] if dslices else host, block))
-            if covered != _numel(region_len):
+            if covered != numel(region_len):
                 raise FmstoreError(
                     f"snapshot step {manifest.step}: tensor {name!r}: saved shards cover {covered} of the "
-                    f"{_numel(region_len)} elements needed here"
+                    f"{numel(region_len)} elements needed here"
                 )
         for file, ranges in plan.reads.items():
             try:
-                self.storage.read_ranges(file, ranges)
+                storage.read_ranges(file, ranges)
             except FileNotFoundError:
                 raise CorruptBlobError(
                     f"snapshot step {manifest.step}: shard file {file!r} is missing"
                 ) from None
             except CorruptBlobError as e:
                 raise CorruptBlobError(f"snapshot step {manifest.step}: shard file {file!r}: {e}") from None
-        _verify_all(plan.checks, manifest.step, self.storage.pool)
+        _verify_all(plan.checks, manifest.step, storage.pool)
         for dest, block in plan.copies:
             dest.copy_(block)
         for host, dest in plan.finals:
@@ -591,7 +563,7 @@ class Checkpointer:
         return last.wait() if last is not None else None
 
     def close(self) -> None:
-        """Wait for the save in flight, then free the pinned pool and threads."""
+        """Wait for the save in flight, then free the pinned pool, snapshots in memory, threads."""
         if self._closed:
             return
         try:
@@ -600,8 +572,13 @@ class Checkpointer:
             self._closed = True
             self._persist.shutdown(wait=True)
             self._hash_pool.shutdown(wait=True)
+            if self._level_pool is not None:
+                self._level_pool.shutdown(wait=True)
+            if self.memory is not None:
+                self.memory.clear()
             self._stager.pool.clear()
-            self.storage.close()
+            for lvl in self.levels:
+                lvl.close()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -610,7 +587,7 @@ class Checkpointer:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Checkpointer({self.storage.url!r}, rank={self.rank}/{self.world_size})"
+        return f"Checkpointer({self.storage.url!r}, levels={self.level_names()}, rank={self.rank}/{self.world_size})"
 
 
 @dataclass
@@ -631,6 +608,17 @@ class _SaveJob:
     names: list[str]
     tree: dict[str, Any]
     meta: dict[str, Any]
+    levels: list[SnapshotLevel]  # durable levels that take this step
+    kept: MemorySnapshot | None  # the host-memory copy, when the policy keeps one
+    kept_added: bool  # already committed to memory by save()
+
+
+def _run(fn: Any, *args: Any) -> Any:
+    """``fn(*args)``, or the exception it raised (one level failing must not hide the others)."""
+    try:
+        return fn(*args)
+    except BaseException as e:  # noqa: BLE001 - handed back to the caller, who re-raises
+        return e
 
 
 def _rank_and_world(process_group: Any) -> tuple[int, int]:
@@ -639,54 +627,3 @@ def _rank_and_world(process_group: Any) -> tuple[int, int]:
     if process_group is None and not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(process_group), dist.get_world_size(process_group)
-
-
-def _numel(shape: Any) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def _may_match(base: Manifest, piece: Piece, dtype: torch.dtype) -> bool:
-    """Whether the base snapshot has a shard that could hold this piece unchanged."""
-    old = base.tensors.get(piece.name)
-    return (
-        old is not None
-        and old.dtype == dtype_name(dtype)
-        and tuple(old.shape) == tuple(piece.global_shape)
-        and any(s.offsets == list(piece.offsets) and not s.codec for s in old.shards)
-    )
-
-
-def _same_shard(base: Manifest, piece: Piece, dtype: torch.dtype, new: Shard) -> Shard | None:
-    """The stored shard of the base snapshot holding exactly these bytes, if there is one."""
-    old = base.tensors.get(piece.name)
-    if old is None or old.dtype != dtype_name(dtype) or tuple(old.shape) != tuple(piece.global_shape):
-        return None
-    for s in old.shards:
-        if (
-            s.offsets == new.offsets
-            and s.lengths == new.lengths
-            and s.checksum == new.checksum
-            and not s.codec
-        ):
-            return s
-    return None
-
-
-def _shard_header(items: list[Any]) -> tuple[bytes, list[tuple[int, int]]]:
-    """A safetensors header for the tensors to write, and each one's byte range in the file."""
-    body: dict[str, Any] = {"__metadata__": {"format": "fmstore.shard", "fmstore": "1"}}
-    pos = 0
-    spans = []
-    for st in items:
-        code = SAFETENSORS_CODES.get(st.dtype)  # others are stored as U8; the manifest has the dtype
-        shape = list(st.shape) if code else [st.nbytes]
-        body[st.name] = {"dtype": code or "U8", "shape": shape, "data_offsets": [pos, pos + st.nbytes]}
-        spans.append((pos, pos + st.nbytes))
-        pos += st.nbytes
-    raw = json.dumps(body, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % 8)
-    hlen = 8 + len(raw)
-    return len(raw).to_bytes(8, "little") + raw, [(a + hlen, b + hlen) for a, b in spans]

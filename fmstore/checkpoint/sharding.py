@@ -29,6 +29,7 @@ class Piece:
     local: torch.Tensor  # a plain tensor holding the piece
     global_shape: tuple[int, ...]
     offsets: tuple[int, ...]
+    writes: bool = True  # False: another rank writes these bytes (a replica)
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
@@ -57,15 +58,21 @@ def owner_of(name: str, world: int) -> int:
     return zlib.crc32(name.encode()) % world
 
 
-def pieces_to_save(tensors: dict[str, torch.Tensor], rank: int, world: int) -> list[Piece]:
+def pieces_to_save(
+    tensors: dict[str, torch.Tensor], rank: int, world: int, *, replicas: bool = False
+) -> list[Piece]:
+    """The pieces this rank writes; with ``replicas``, also those another rank writes
+    (marked ``writes=False``: a host-memory snapshot keeps all of a rank's local state)."""
     out = []
     for name, t in tensors.items():
         if is_dtensor(t):
             local, offsets, primary = dtensor_region(t, name)
-            if primary:
-                out.append(Piece(name, local, tuple(t.shape), offsets))
-        elif owner_of(name, world) == rank:
-            out.append(Piece(name, t, tuple(t.shape), (0,) * t.dim()))
+            if primary or replicas:
+                out.append(Piece(name, local, tuple(t.shape), offsets, primary))
+        else:
+            mine = owner_of(name, world) == rank
+            if mine or replicas:
+                out.append(Piece(name, t, tuple(t.shape), (0,) * t.dim(), mine))
     return out
 
 

@@ -33,10 +33,12 @@ class SnapshotStorage:
         io_threads: int = 8,
         part_size: int = 32 << 20,
         concurrency: int = 8,
+        fs: tuple[Any, str] | None = None,
     ) -> None:
+        """``fs``: an already open (filesystem, path) to use for ``root`` (an ObjectTier's)."""
         root = os.fspath(root)
         self.url = root
-        self.local = "://" not in root or root.startswith("file://")
+        self.local = fs is None and ("://" not in root or root.startswith("file://"))
         self.part_size = part_size
         self.concurrency = concurrency
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="fmstore-ckpt-io")
@@ -45,7 +47,7 @@ class SnapshotStorage:
             os.makedirs(self.root, exist_ok=True)
             self.fs = None
         else:
-            self.fs, self.root = open_fs(root, storage_options)
+            self.fs, self.root = fs if fs is not None else open_fs(root, storage_options)
             protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
             self._s3 = "s3" in protocols or "s3a" in protocols
 

@@ -134,13 +134,15 @@ def write_atomic(
     """
     directory = os.path.dirname(path)
     tmp = tmp_name(path)
-    for attempt in range(3):
-        os.makedirs(directory, exist_ok=True)
+    for attempt in range(5):
         try:
+            os.makedirs(directory, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             break
-        except FileNotFoundError:  # a concurrent delete pruned the empty directory
-            if attempt == 2:
+        except (FileNotFoundError, FileExistsError):
+            # A concurrent delete pruned the empty directory between makedirs' own check and
+            # its mkdir (FileExistsError), or between makedirs and open: make it again.
+            if attempt == 4:
                 raise
     total = 0
     try:

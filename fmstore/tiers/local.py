@@ -10,7 +10,7 @@ import torch
 
 from ..blob import BlobInfo, Value, as_memoryview, encode_header
 from ..errors import BlobNotFoundError
-from ..keys import TMP_MARKER
+from ..keys import RESERVED_DIR, TMP_MARKER
 from ..units import parse_size
 from .base import Tier
 from .files import pid_alive, read_blob, stat_blob, tmp_owner_pid, write_atomic
@@ -95,7 +95,9 @@ class LocalTier(Tier):
             return None
 
     def _scan(self) -> Iterator[tuple[str, int]]:
-        for dirpath, _dirs, files in os.walk(self.root):
+        for dirpath, dirs, files in os.walk(self.root):
+            if dirpath == self.root and RESERVED_DIR in dirs:
+                dirs.remove(RESERVED_DIR)  # not blobs (checkpoints of a store-backed Checkpointer)
             for fname in files:
                 full = os.path.join(dirpath, fname)
                 if TMP_MARKER in fname:

@@ -26,7 +26,7 @@ from ..blob import (
     header_length,
 )
 from ..errors import BlobNotFoundError, ConfigError, CorruptBlobError, FmstoreError
-from ..keys import TMP_MARKER
+from ..keys import RESERVED_DIR, TMP_MARKER
 from ..units import parse_size
 from .base import Tier
 from .files import chunks
@@ -257,6 +257,8 @@ class ObjectTier(Tier):
         prefix = self.root + "/"
         for path, meta in found.items():
             if not path.startswith(prefix) or not path.endswith(SUFFIX) or TMP_MARKER in path:
+                continue
+            if path[len(prefix) :].startswith(RESERVED_DIR + "/"):
                 continue
             yield path[len(prefix) : -len(SUFFIX)], int(meta.get("size") or 0)
 

@@ -1,0 +1,364 @@
+"""One durable place holding snapshots (a local directory, an S3 prefix): write, commit, list,
+retain and collect garbage there.
+
+Each rank writes its own shard file; with several ranks, each reports its tensor table in a
+small JSON file and rank 0 merges the reports and writes ``manifest.json``, the commit.
+Ranks meet through files, not collectives: the persist runs in a background thread, where a
+collective could deadlock against the training thread's own.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from ..blob import SAFETENSORS_CODES, dtype_name
+from ..errors import FmstoreError
+from .manifest import CHUNK_SIZE, MANIFEST, Manifest, Shard, TensorEntry, parse_step_dir, step_dir
+from .sharding import Piece
+from .staging import StagedTensor
+from .storage import SnapshotStorage
+
+
+class SnapshotNotFoundError(FmstoreError, KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass
+class WriteItem:
+    """A staged tensor piece this rank writes, with its (pending) checksum."""
+
+    staged: StagedTensor
+    piece: Piece
+    digest: Future[list[tuple[str, list[str]]]]
+
+
+@dataclass
+class Written:
+    """What one level's part of a save did."""
+
+    bytes_written: int
+    tensors: int
+    tensors_written: int
+
+
+class SnapshotLevel:
+    """Snapshots under one root; takes the steps that are multiples of ``every``."""
+
+    def __init__(
+        self,
+        name: str,
+        storage: SnapshotStorage,
+        *,
+        every: int = 1,
+        keep_last: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        incremental: bool = True,
+        timeout: float = 1800.0,
+    ) -> None:
+        self.name = name
+        self.storage = storage
+        self.every = every
+        self.keep_last = keep_last
+        self.rank = rank
+        self.world_size = world_size
+        self.incremental = incremental
+        self.timeout = timeout
+        self._last_manifest: Manifest | None = None
+
+    @property
+    def url(self) -> str:
+        return self.storage.url
+
+    def takes(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def path_of(self, step: int) -> str:
+        return f"{self.url.rstrip('/')}/{step_dir(step)}"
+
+    # ------------------------------------------------------------------ listing
+
+    def steps(self) -> list[int]:
+        """Committed steps, oldest first (a snapshot without its manifest does not exist)."""
+        out = []
+        for name in self.storage.list_dir():
+            step = parse_step_dir(name)
+            if step is not None and self.storage.exists(f"{name}/{MANIFEST}"):
+                out.append(step)
+        return sorted(out)
+
+    def committed(self, step: int) -> bool:
+        return self.storage.exists(f"{step_dir(step)}/{MANIFEST}")
+
+    def manifest(self, step: int | None = None) -> Manifest:
+        """The manifest of ``step`` (default: the latest committed one)."""
+        if step is None:
+            steps = self.steps()
+            if not steps:
+                raise SnapshotNotFoundError(f"no committed snapshot under {self.url!r}")
+            step = steps[-1]
+        rel = f"{step_dir(step)}/{MANIFEST}"
+        try:
+            raw = self.storage.read_bytes(rel)
+        except FileNotFoundError:
+            raise SnapshotNotFoundError(
+                f"no committed snapshot for step {step} under {self.url!r} (have {self.steps()})"
+            ) from None
+        return Manifest.from_json(raw, where=f"{self.url}/{rel}")
+
+    def _base_manifest(self) -> Manifest | None:
+        """The snapshot an incremental save references: the newest committed one here."""
+        if not self.incremental:
+            return None
+        if self._last_manifest is not None:
+            return self._last_manifest
+        try:
+            return self.manifest()
+        except SnapshotNotFoundError:
+            return None
+
+    # ------------------------------------------------------------------ save
+
+    def write(
+        self, step: int, items: list[WriteItem], names: list[str], tree: dict[str, Any], meta: dict[str, Any]
+    ) -> Written:
+        """Write this rank's changed tensors, report, and (rank 0) commit the manifest."""
+        rel_dir = step_dir(step)
+        try:
+            base = self._base_manifest()
+            entries: dict[str, TensorEntry] = {}
+            to_write = []
+            for item in items:
+                st, piece = item.staged, item.piece
+                shard = Shard(list(piece.offsets), list(st.shape), "", 0, 0, "", [], CHUNK_SIZE, [])
+                # Only a tensor the base snapshot might already hold waits for its digest
+                # before the write; the others are hashed while the file is being written.
+                if base is not None and _may_match(base, piece, st.dtype):
+                    shard.checksum, shard.chunks = item.digest.result()[0]
+                    old = _same_shard(base, piece, st.dtype, shard)
+                    if old is not None:  # unchanged: point at the bytes already stored
+                        entries[piece.name] = TensorEntry(
+                            dtype_name(st.dtype), list(piece.global_shape), [old]
+                        )
+                        continue
+                to_write.append((item, shard))
+            files: dict[str, int] = {}
+            written = 0
+            if to_write:
+                rel = f"{rel_dir}/shard-r{self.rank:05d}.safetensors"
+                header, spans = _shard_header([item.staged for item, _ in to_write])
+                segments: list[memoryview | bytes] = [header]
+                segments += [memoryview(it.staged.data.numpy()) for it, _ in to_write if it.staged.nbytes]
+                size = self.storage.write(rel, segments)
+                files[rel] = size
+                written += size
+                for (item, shard), (begin, end) in zip(to_write, spans):
+                    shard.checksum, shard.chunks = item.digest.result()[0]
+                    shard.file, shard.begin, shard.end = rel, begin, end
+                    entries[item.piece.name] = TensorEntry(
+                        dtype_name(item.staged.dtype), list(item.piece.global_shape), [shard]
+                    )
+        except BaseException as e:
+            if self.world_size > 1:  # tell the coordinator instead of leaving it waiting
+                self._report(rel_dir, {"error": f"rank {self.rank}: {type(e).__name__}: {e}"})
+            raise
+        if self.world_size > 1:
+            self._report(
+                rel_dir,
+                {
+                    "error": None,
+                    "names": names,
+                    "files": files,
+                    "entries": {n: asdict(e) for n, e in entries.items()},
+                },
+            )
+            if self.rank != 0:
+                self._wait_for_commit(rel_dir)
+                self._last_manifest = None  # only rank 0 holds it; read it back when needed
+                return Written(written, len(entries), len(to_write))
+            entries, files = self._merge_reports(rel_dir, step)
+        manifest = Manifest(
+            step=step, world_size=self.world_size, tensors=entries, tree=tree, files=files, meta=meta
+        )
+        raw = manifest.to_json()
+        self.storage.write(f"{rel_dir}/{MANIFEST}", [raw])  # the commit
+        written += len(raw)
+        self._last_manifest = manifest
+        if self.world_size > 1:
+            for r in range(self.world_size):
+                self.storage.delete(f"{rel_dir}/rank-{r:05d}.json")
+        if self.keep_last is not None and self.rank == 0:
+            self.apply_retention()
+        return Written(written, len(entries), len(to_write))
+
+    # ------------------------------------------------------------------ coordination
+
+    def _report(self, rel_dir: str, body: dict[str, Any]) -> None:
+        self.storage.write(f"{rel_dir}/rank-{self.rank:05d}.json", [json.dumps(body).encode()])
+
+    def _poll(self, what: str, ready: Any) -> Any:
+        deadline = time.monotonic() + self.timeout
+        delay = 0.01
+        while True:
+            out = ready()
+            if out is not None:
+                return out
+            if time.monotonic() > deadline:
+                raise FmstoreError(f"timed out after {self.timeout:.0f} s waiting for {what}")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+
+    def _merge_reports(self, rel_dir: str, step: int) -> tuple[dict[str, TensorEntry], dict[str, int]]:
+        """Coordinator: wait for every rank's report, then merge them into one tensor table."""
+        reports: dict[int, dict[str, Any]] = {}
+
+        def all_in() -> dict[int, dict[str, Any]] | None:
+            for r in range(self.world_size):
+                if r not in reports and self.storage.exists(f"{rel_dir}/rank-{r:05d}.json"):
+                    reports[r] = json.loads(self.storage.read_bytes(f"{rel_dir}/rank-{r:05d}.json"))
+            return reports if len(reports) == self.world_size else None
+
+        self._poll(f"all {self.world_size} ranks to report step {step} to {self.name!r}", all_in)
+        failed = [rep["error"] for rep in reports.values() if rep.get("error")]
+        if failed:
+            self.storage.write(f"{rel_dir}/aborted.json", [json.dumps({"errors": failed}).encode()])
+            raise FmstoreError(f"step {step} not committed to {self.name!r}: {'; '.join(failed)}")
+        entries: dict[str, TensorEntry] = {}
+        files: dict[str, int] = {}
+        names: set[str] = set()
+        for r in sorted(reports):
+            rep = reports[r]
+            names |= set(rep["names"])
+            files.update(rep["files"])
+            for name, e in rep["entries"].items():
+                shards = [Shard(**sh) for sh in e["shards"]]
+                have = entries.get(name)
+                if have is None:
+                    entries[name] = TensorEntry(e["dtype"], e["shape"], shards)
+                elif have.dtype != e["dtype"] or have.shape != e["shape"]:
+                    raise FmstoreError(
+                        f"step {step}: ranks disagree on tensor {name!r}: {have.dtype} {have.shape} "
+                        f"vs {e['dtype']} {e['shape']} (rank {r})"
+                    )
+                else:
+                    boxes = {(tuple(s.offsets), tuple(s.lengths)) for s in have.shards}
+                    have.shards += [s for s in shards if (tuple(s.offsets), tuple(s.lengths)) not in boxes]
+        for name in sorted(names):
+            entry = entries.get(name)
+            covered = sum(numel(s.lengths) for s in entry.shards) if entry else 0
+            if entry is None or covered != numel(entry.shape):
+                raise FmstoreError(
+                    f"step {step} not committed: tensor {name!r} is not fully saved "
+                    f"({covered} of {numel(entry.shape) if entry else '?'} elements); a plain tensor must "
+                    "exist on every rank (it is taken to be replicated), a sharded one must be a DTensor"
+                )
+        return entries, files
+
+    def _wait_for_commit(self, rel_dir: str) -> None:
+        def committed() -> bool | None:
+            if self.storage.exists(f"{rel_dir}/{MANIFEST}"):
+                return True
+            if self.storage.exists(f"{rel_dir}/aborted.json"):
+                body = json.loads(self.storage.read_bytes(f"{rel_dir}/aborted.json"))
+                raise FmstoreError(f"{rel_dir} not committed to {self.name!r}: {'; '.join(body['errors'])}")
+            return None
+
+        self._poll(f"rank 0 to commit {rel_dir} to {self.name!r}", committed)
+
+    # ------------------------------------------------------------------ retention
+
+    def apply_retention(self) -> None:
+        steps = self.steps()
+        assert self.keep_last is not None
+        drop, keep = steps[: -self.keep_last], steps[-self.keep_last :]
+        for step in drop:  # uncommit first: from here on the snapshot does not exist
+            self.storage.delete(f"{step_dir(step)}/{MANIFEST}")
+        self.gc(keep_steps=keep)
+
+    def gc(self, *, keep_steps: list[int] | None = None) -> list[str]:
+        """Delete files that no committed snapshot references, in directories older than
+        the newest committed snapshot (newer ones may still be being written)."""
+        keep = self.steps() if keep_steps is None else keep_steps
+        if not keep:
+            return []
+        referenced: set[str] = set()
+        for step in keep:
+            referenced |= self.manifest(step).referenced_files()
+        deleted = []
+        for name in self.storage.list_dir():
+            step = parse_step_dir(name)
+            if step is None or step in keep or step >= keep[-1]:
+                continue
+            files = [f"{name}/{f}" for f in self.storage.list_dir(name)]
+            doomed = [f for f in files if f not in referenced]
+            if len(doomed) == len(files):
+                self.storage.delete_dir(name)
+            else:
+                for f in doomed:
+                    self.storage.delete(f)
+            deleted += doomed
+        return deleted
+
+    def close(self) -> None:
+        self.storage.close()
+
+    def __repr__(self) -> str:
+        return f"SnapshotLevel({self.name!r}, {self.url!r}, every={self.every}, keep_last={self.keep_last})"
+
+
+def numel(shape: Any) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _may_match(base: Manifest, piece: Piece, dtype: torch.dtype) -> bool:
+    """Whether the base snapshot has a shard that could hold this piece unchanged."""
+    old = base.tensors.get(piece.name)
+    return (
+        old is not None
+        and old.dtype == dtype_name(dtype)
+        and tuple(old.shape) == tuple(piece.global_shape)
+        and any(s.offsets == list(piece.offsets) and not s.codec for s in old.shards)
+    )
+
+
+def _same_shard(base: Manifest, piece: Piece, dtype: torch.dtype, new: Shard) -> Shard | None:
+    """The stored shard of the base snapshot holding exactly these bytes, if there is one."""
+    old = base.tensors.get(piece.name)
+    if old is None or old.dtype != dtype_name(dtype) or tuple(old.shape) != tuple(piece.global_shape):
+        return None
+    for s in old.shards:
+        if (
+            s.offsets == new.offsets
+            and s.lengths == new.lengths
+            and s.checksum == new.checksum
+            and not s.codec
+        ):
+            return s
+    return None
+
+
+def _shard_header(items: list[StagedTensor]) -> tuple[bytes, list[tuple[int, int]]]:
+    """A safetensors header for the tensors to write, and each one's byte range in the file."""
+    body: dict[str, Any] = {"__metadata__": {"format": "fmstore.shard", "fmstore": "1"}}
+    pos = 0
+    spans = []
+    for st in items:
+        code = SAFETENSORS_CODES.get(st.dtype)  # others are stored as U8; the manifest has the dtype
+        shape = list(st.shape) if code else [st.nbytes]
+        body[st.name] = {"dtype": code or "U8", "shape": shape, "data_offsets": [pos, pos + st.nbytes]}
+        spans.append((pos, pos + st.nbytes))
+        pos += st.nbytes
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)
+    hlen = 8 + len(raw)
+    return len(raw).to_bytes(8, "little") + raw, [(a + hlen, b + hlen) for a, b in spans]

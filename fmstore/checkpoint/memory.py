@@ -1,0 +1,120 @@
+"""The host-memory level of a multi-level policy: the newest snapshots, kept as staged.
+
+A save's staged buffers (pinned with CUDA) are the snapshot: keeping them instead of
+returning them to the pool makes a restore a memory copy, with no storage read and no
+checksum to verify.  Only this process, with the same sharding as at save, can restore from
+here; anything else falls back to a durable level.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..blob import dtype_name
+from .sharding import dtensor_region, is_dtensor
+from .staging import Staged
+
+
+@dataclass
+class MemoryItem:
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+
+@dataclass
+class MemorySnapshot:
+    step: int
+    staged: Staged  # every local tensor of this rank, including replicas it does not write
+    items: dict[str, MemoryItem]
+    tree: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        return self.staged.nbytes
+
+
+class MemoryLevel:
+    """The newest ``keep`` snapshots; older ones give their buffers back to the pool."""
+
+    name = "host"
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self._snaps: OrderedDict[int, MemorySnapshot] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def steps(self) -> list[int]:
+        with self._lock:
+            return sorted(self._snaps)
+
+    def get(self, step: int) -> MemorySnapshot | None:
+        with self._lock:
+            return self._snaps.get(step)
+
+    def add(self, snap: MemorySnapshot) -> None:
+        """Keep ``snap`` (its buffers now belong here) and drop the oldest beyond ``keep``.
+
+        Called only once the previous save's persist has finished, so no background write
+        still reads a buffer that is given back here.
+        """
+        with self._lock:
+            self._snaps[snap.step] = snap
+            doomed = []
+            while len(self._snaps) > self.keep:
+                doomed.append(self._snaps.popitem(last=False)[1])
+        for old in doomed:
+            old.staged.release()
+
+    def clear(self) -> None:
+        with self._lock:
+            doomed = list(self._snaps.values())
+            self._snaps.clear()
+        for old in doomed:
+            old.staged.release()
+
+
+def restore(
+    snap: MemorySnapshot, targets: dict[str, torch.Tensor], device: Any, mismatch: type[Exception]
+) -> dict[str, torch.Tensor] | None:
+    """Copy a memory snapshot into ``targets`` (or new tensors); None if its pieces do not
+    fit the targets' sharding (nothing is written then)."""
+    plan = []
+    out: dict[str, torch.Tensor] = {}
+    by_name = {st.name: st for st in snap.staged.tensors}
+    for name, item in snap.items.items():
+        st = by_name[name]
+        target = targets.get(name)
+        if target is not None and (target.dtype != st.dtype or tuple(target.shape) != item.global_shape):
+            raise mismatch(
+                f"tensor {name!r}: snapshot step {snap.step} has {dtype_name(st.dtype)} "
+                f"{list(item.global_shape)}, the target is {dtype_name(target.dtype)} {list(target.shape)}"
+            )
+        if target is not None and is_dtensor(target):
+            dest, offsets, _ = dtensor_region(target, name)
+            if offsets != item.offsets or tuple(dest.shape) != st.shape:
+                return None
+            out[name] = target
+        else:
+            if any(item.offsets) or st.shape != item.global_shape:
+                return None  # this rank holds a shard; the target wants the whole tensor
+            dest = (
+                target
+                if target is not None
+                else torch.empty(st.shape, dtype=st.dtype, device=device or "cpu")
+            )
+            out[name] = dest
+        plan.append((dest, st))
+    cuda = False
+    for dest, st in plan:
+        if st.nbytes:
+            src = st.data.view(st.dtype).view(st.shape)
+            dest.copy_(src, non_blocking=dest.device.type == "cuda")
+            cuda |= dest.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    return out
