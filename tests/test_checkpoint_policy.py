@@ -129,6 +129,10 @@ def test_host_memory_copy_is_independent_of_the_live_tensors(tmp_path: Path) -> 
             bad = empty_like_state(make_state(3))
             bad["model"]["w"] = torch.zeros(255, 64)
             ck.load(bad)
+        # block=False: the snapshot is restorable at once (the restore waits for the copies).
+        h4 = ck.save(4, make_state(4), block=False)
+        assert_equal_state(ck.load(), make_state(4))
+        assert h4.wait().levels == ["host"]
         reserved = ck._stager.pool.reserved
     assert ck._stager.pool.reserved == 0 and reserved > 0  # close() gives host memory back
 
@@ -259,3 +263,31 @@ def test_object_storage_level(s3, tmp_path: Path) -> None:
         assert ck.steps() == [4]
         assert_equal_state(ck.load(), states[4])
         assert ck.where(4) == ["s3"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_gpu_rollback_from_host_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Save GPU tensors with block=False, change them, restore in place from pinned host memory."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    state = {
+        "w": torch.randn(1024, 1024, device="cuda", generator=g),
+        "b": torch.randn(7, device="cuda", generator=g),
+    }
+    want = {k: v.clone() for k, v in state.items()}
+    with Checkpointer(tmp_path, policy=Policy(host_memory=1, every=1000)) as ck:
+        h = ck.save(1, state, block=False)
+        forbid_reads(monkeypatch, ck, "local")
+        early = {k: torch.empty_like(v) for k, v in state.items()}
+        ck.load(early)  # right away: the restore waits for the copies still in flight
+        for k, v in want.items():
+            assert torch.equal(early[k], v), k
+        h.wait_staged()  # then training may change the tensors
+        for t in state.values():
+            t.mul_(-3)
+        ck.load(state)  # back to the snapshot, in place on the GPU
+        for k, v in want.items():
+            assert state[k].device.type == "cuda" and torch.equal(state[k], v), k
+        assert ck._stager.pool.pinned
+        out = ck.load(device="cuda")
+        assert out["w"].device.type == "cuda" and torch.equal(out["w"], want["w"])

@@ -307,12 +307,13 @@ class Checkpointer:
         if self.memory is not None:
             items = {p.name: MemoryItem(p.global_shape, p.offsets) for p in pieces}
             kept = MemorySnapshot(step, staged, items, tree)
+            # Committed in memory: restorable from here on (a restore first waits for the
+            # copies that block=False leaves in flight).
+            self.memory.add(kept)
         if block:
             staged.wait()
-            if kept is not None:
-                self.memory.add(kept)  # committed in memory: restorable from here on
         stall = time.perf_counter() - t0
-        job = _SaveJob(step, staged, pieces, sorted(tensors), tree, dict(meta or {}), targets, kept, block)
+        job = _SaveJob(step, staged, pieces, sorted(tensors), tree, dict(meta or {}), targets, kept)
         future = self._persist.submit(self._persist_job, job)
         handle = SaveHandle(step, future, staged, stall)
         future.add_done_callback(
@@ -335,11 +336,8 @@ class Checkpointer:
     def _persist_job(self, job: _SaveJob) -> SnapshotInfo:
         in_memory = False
         try:
+            in_memory = job.kept is not None  # its buffers belong to the memory level now
             job.staged.wait()
-            if job.kept is not None:
-                if not job.kept_added:
-                    self.memory.add(job.kept)
-                in_memory = True
             results: list[tuple[SnapshotLevel, Written | BaseException]] = []
             if job.levels:
                 writes = [(st, p) for st, p in zip(job.staged.tensors, job.pieces) if p.writes]
@@ -610,7 +608,6 @@ class _SaveJob:
     meta: dict[str, Any]
     levels: list[SnapshotLevel]  # durable levels that take this step
     kept: MemorySnapshot | None  # the host-memory copy, when the policy keeps one
-    kept_added: bool  # already committed to memory by save()
 
 
 def _run(fn: Any, *args: Any) -> Any:

@@ -83,6 +83,7 @@ def restore(
 ) -> dict[str, torch.Tensor] | None:
     """Copy a memory snapshot into ``targets`` (or new tensors); None if its pieces do not
     fit the targets' sharding (nothing is written then)."""
+    snap.staged.wait()  # a save(block=False) may still be copying into it
     plan = []
     out: dict[str, torch.Tensor] = {}
     by_name = {st.name: st for st in snap.staged.tensors}
