@@ -108,33 +108,27 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 def make_variants(root: str, state: State) -> list[Variant]:
     out: list[Variant] = []
+
+    def fmstore_save(ck: Checkpointer) -> Callable[[int], tuple[float, float, int]]:
+        def save(r: int) -> tuple[float, float, int]:  # stall = until save() returns
+            sync()
+            t0 = time.perf_counter()
+            h = ck.save(r, state)
+            t1 = time.perf_counter()
+            info = h.wait()
+            return t1 - t0, time.perf_counter() - t0, info.bytes_written
+
+        return save
+
     d = os.path.join(root, "fmstore")
     ck = Checkpointer(d, incremental=False)
-
-    def fm_save(r: int) -> tuple[float, float, int]:
-        sync()
-        t0 = time.perf_counter()
-        h = ck.save(r, state)
-        t1 = time.perf_counter()
-        info = h.wait()
-        return t1 - t0, time.perf_counter() - t0, info.bytes_written
-
-    out.append(Variant("fmstore Checkpointer", d, fm_save, lambda r, _: ck.load(step=r)))
-
+    out.append(Variant("fmstore Checkpointer", d, fmstore_save(ck), lambda r, _: ck.load(step=r)))
     # The multi-level policy's fastest level: the newest snapshot also kept in host memory,
     # restored from there (same save path; the pool holds two copies of the state).
     d = os.path.join(root, "fmstore_host")
     ck_host = Checkpointer(d, incremental=False, policy=Policy(host_memory=1))
-
-    def fm_host_save(r: int) -> tuple[float, float, int]:
-        sync()
-        t0 = time.perf_counter()
-        h = ck_host.save(r, state)
-        t1 = time.perf_counter()
-        info = h.wait()
-        return t1 - t0, time.perf_counter() - t0, info.bytes_written
-
-    out.append(Variant(HOST_NAME, d, fm_host_save, lambda r, _: ck_host.load(step=r, level="host")))
+    load_host = lambda r, _: ck_host.load(step=r, level="host")  # noqa: E731
+    out.append(Variant(HOST_NAME, d, fmstore_save(ck_host), load_host))
 
     def blocking(path: str, fn: Callable[[], Any]) -> Callable[[int], tuple[float, float, int]]:
         def save(r: int) -> tuple[float, float, int]:  # stall = total: the call is the whole save
@@ -311,6 +305,15 @@ def report(variants: list[Variant], nbytes: int, cuda: bool, host: dict[str, tor
     return ok
 
 
+def start_run(args: argparse.Namespace) -> tuple[int, bool, str]:
+    """(state bytes, whether on CUDA, a fresh run directory under ``--dir``); prints the header."""
+    n = parse_size(args.state_size, what="--state-size") or 0
+    os.makedirs(args.dir, exist_ok=True)
+    root = tempfile.mkdtemp(prefix="run-", dir=os.path.abspath(args.dir))
+    machine_info(root, args.device)
+    return n, args.device.startswith("cuda"), root
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--state-size", default="1GiB", help="bytes of state (default 1GiB; use 8GiB on a GPU)")
@@ -325,11 +328,7 @@ def main() -> int:
     )
     p.add_argument("--dir", default=os.path.join("fmstore-data", "bench-ckpt"), help="on a disk, not tmpfs")
     args = p.parse_args()
-    n = parse_size(args.state_size, what="--state-size") or 0
-    cuda = args.device.startswith("cuda")
-    os.makedirs(args.dir, exist_ok=True)
-    root = tempfile.mkdtemp(prefix="run-", dir=os.path.abspath(args.dir))
-    machine_info(root, args.device)
+    n, cuda, root = start_run(args)
     state = make_state(n, parse_size(args.tensor_size, what="--tensor-size") or COLS, args.device)
     # the memcpy limit's target, and the reference the warm-up round checks read-backs against
     host = {k: torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda).copy_(t) for k, t in flat(state).items()}

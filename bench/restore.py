@@ -20,15 +20,14 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
-from checkpoint import flat, make_state, sync  # bench/checkpoint.py: the same state
-from common import evict, loadavg, machine_info
+from checkpoint import flat, make_state, start_run, sync  # bench/checkpoint.py: the same state
+from common import evict, loadavg
 
 from fmstore.checkpoint import Checkpointer, Policy
 from fmstore.units import format_size, parse_size
@@ -50,11 +49,7 @@ def main() -> int:
         "--dir", default=os.path.join("fmstore-data", "bench-restore"), help="on a disk, not tmpfs"
     )
     args = p.parse_args()
-    n = parse_size(args.state_size, what="--state-size") or 0
-    cuda = args.device.startswith("cuda")
-    os.makedirs(args.dir, exist_ok=True)
-    root = tempfile.mkdtemp(prefix="run-", dir=os.path.abspath(args.dir))
-    machine_info(root, args.device)
+    n, cuda, root = start_run(args)
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     state = make_state(n, parse_size(args.tensor_size, what="--tensor-size") or 1, args.device)
     live = flat(state)
