@@ -149,6 +149,8 @@ def test_levels_all_and_unknown_level(tmp_path: Path) -> None:
             ck.save(10, make_state(10), levels=["nope"])
         with pytest.raises(ConfigError, match="nope"):
             ck.load(level="nope")
+        with pytest.raises(ConfigError, match="no checkpoint level 'host'"):
+            ck.load(level="host")  # this policy keeps nothing in host memory
         with pytest.raises(FmstoreError, match="already committed"):
             ck.save(9, make_state(9), levels="all")
 
