@@ -1,6 +1,108 @@
 """CUDA kernels for the codec's GPU path, and the code that builds and loads them.
 
-Empty so far: the kernels (byte-plane split/merge, XOR delta, exponent histograms,
-blockwise int8 quantization) arrive with the compression work, each with a CPU reference
-in ``fmstore/codec/`` that produces identical bytes.
+``planes.cu`` holds byte-plane split/merge and XOR delta, ``quant.cu`` blockwise int8
+quantization, each with a plain C ABI.  On first use
+on a CUDA machine it is compiled with ``nvcc`` for the current GPU's architecture into a
+per-user cache (``$FMSTORE_KERNEL_CACHE``, default ``~/.cache/fmstore/kernels``), keyed by
+the source's hash, and loaded with ctypes.  Each kernel's CPU reference, with identical
+output, is in ``fmstore/codec/``.
 """
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SOURCES = {"planes": HERE / "planes.cu", "quant": HERE / "quant.cu"}
+#: Each library's C functions: name -> argument types (all return an int cudaError_t).
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+SIGNATURES = {
+    "planes": {
+        "fmstore_split": [_P, _P, _I64, ctypes.c_int, _P],
+        "fmstore_merge": [_P, _P, _I64, ctypes.c_int, _P],
+        "fmstore_xor": [_P, _P, _P, _I64, _P],
+    },
+    "quant": {"fmstore_quantize": [_P, _P, _P, _I64, _P], "fmstore_dequantize": [_P, _P, _P, _I64, _P]},
+}
+_lock = threading.Lock()
+_loaded: dict[str, ctypes.CDLL] = {}
+
+
+class KernelBuildError(RuntimeError):
+    """The CUDA toolchain is missing or a kernel does not compile."""
+
+
+def find_nvcc() -> str:
+    for cand in (
+        shutil.which("nvcc"),
+        os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"),
+    ):
+        if cand and os.path.isfile(cand):
+            return cand
+    raise KernelBuildError(
+        "fmstore's GPU codec builds its CUDA kernels with nvcc on first use, and nvcc was not found "
+        "(not on PATH, not in $CUDA_HOME/bin); install the CUDA toolkit or use the CPU codec"
+    )
+
+
+def nvcc_command(source: Path, output: Path, arch: str, *, shared: bool = True) -> list[str]:
+    cmd = [
+        find_nvcc(),
+        "-O3",
+        "-std=c++17",
+        f"-arch={arch}",
+        "-Xcompiler",
+        "-fPIC",
+        str(source),
+        "-o",
+        str(output),
+    ]
+    return cmd[:1] + (["-shared"] if shared else ["-c"]) + cmd[1:]
+
+
+def _arch() -> str:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}"
+
+
+def load(name: str = "planes") -> ctypes.CDLL:
+    """The compiled kernel library ``name``, building it first if needed."""
+    with _lock:
+        if name in _loaded:
+            return _loaded[name]
+        source = SOURCES[name]
+        arch = _arch()
+        digest = hashlib.sha256(source.read_bytes() + arch.encode()).hexdigest()[:16]
+        cache = Path(os.environ.get("FMSTORE_KERNEL_CACHE", Path.home() / ".cache" / "fmstore" / "kernels"))
+        lib = cache / f"{name}-{arch}-{digest}.so"
+        if not lib.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+            proc = subprocess.run(nvcc_command(source, tmp, arch), capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise KernelBuildError(
+                    f"nvcc could not build {source.name} for {arch}:\n{proc.stderr[-4000:]}"
+                )
+            os.replace(tmp, lib)  # atomic: a concurrent builder never loads half a library
+        handle = ctypes.CDLL(str(lib))
+        for fn in ("fmstore_split", "fmstore_merge"):
+            getattr(handle, fn).argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_void_p,
+                ctypes.c_int64,
+                ctypes.c_int,
+                ctypes.c_void_p,
+            ]
+            getattr(handle, fn).restype = ctypes.c_int
+        handle.fmstore_xor.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p]
+        handle.fmstore_xor.restype = ctypes.c_int
+        _loaded[name] = handle
+        return handle

@@ -117,3 +117,135 @@ def test_ratio_on_real_trained_weights() -> None:
         out, size = round_trip(data, t.element_size())
         assert torch.equal(out, data)
         assert data.numel() / size >= goal, (t.dtype, data.numel() / size)
+
+
+# ---------------------------------------------------------------------------- in the Checkpointer
+
+
+def test_checkpointer_lossless_round_trip_and_format(tmp_path) -> None:
+    from safetensors import safe_open
+    from test_checkpoint import DTYPES as ALL_DTYPES
+    from test_checkpoint import assert_equal_state, bits
+
+    from fmstore import Checkpointer
+
+    state = {
+        "weights": {str(d): bits(d, (33, 17), i) for i, d in enumerate(ALL_DTYPES)},
+        "trained": weights_like(torch.bfloat16, 300_000),
+        "empty": torch.zeros(0, 5),
+        "scalar": torch.tensor(3.5),
+        "step": 7,
+    }
+    with Checkpointer(tmp_path / "raw") as ck:
+        raw_info = ck.save(1, state).wait()
+    with Checkpointer(tmp_path / "z", compression="lossless") as ck:
+        info = ck.save(1, state).wait()
+        assert_equal_state(ck.load(), state)
+        m = ck.manifest()
+        assert m.tensors["trained"].shards[0].codec == ["planes2", "zstd"]
+        assert m.tensors["weights/torch.float32"].shards[0].codec == ["planes4", "zstd"]
+    assert info.bytes_written < raw_info.bytes_written - 100_000  # the bf16 weights shrank
+    shard = tmp_path / "z" / "step-0000000001" / "shard-r00000.safetensors"
+    with safe_open(str(shard), "pt") as f:  # still a valid safetensors file: U8 entries
+        assert f.get_slice("trained").get_dtype() == "U8"
+
+
+def test_checkpointer_lossless_incremental_and_mixed(tmp_path) -> None:
+    from fmstore import Checkpointer
+
+    frozen = weights_like(torch.bfloat16, 200_000)
+    with Checkpointer(tmp_path, compression="lossless") as ck:
+        ck.save(1, {"frozen": frozen, "w": weights_like(torch.float32, 1000, 1)}).wait()
+        second = ck.save(2, {"frozen": frozen, "w": weights_like(torch.float32, 1000, 2)}).wait()
+        assert second.tensors_written == 1  # the compressed, unchanged tensor is referenced
+    with Checkpointer(tmp_path) as ck:  # uncompressed saves reference compressed shards too
+        third = ck.save(3, {"frozen": frozen, "w": weights_like(torch.float32, 1000, 3)}).wait()
+        assert third.tensors_written == 1
+        out = ck.load()
+        assert torch.equal(out["frozen"], frozen) and torch.equal(
+            out["w"], weights_like(torch.float32, 1000, 3)
+        )
+        assert ck.manifest().tensors["frozen"].shards[0].file.startswith("step-0000000001")
+
+
+def test_checkpointer_damaged_compressed_shard(tmp_path) -> None:
+    from fmstore import Checkpointer, ConfigError, CorruptBlobError
+
+    with Checkpointer(tmp_path, compression="lossless") as ck:
+        ck.save(1, {"model": {"w": weights_like(torch.bfloat16, 400_000)}}).wait()
+        s = ck.manifest().tensors["model/w"].shards[0]
+    path = tmp_path / s.file
+    raw = bytearray(path.read_bytes())
+    raw[s.end - 1000] ^= 0x40  # inside the last payload (an exponent-plane zstd chunk)
+    path.write_bytes(bytes(raw))
+    with Checkpointer(tmp_path) as ck:
+        with pytest.raises(CorruptBlobError, match=r"shard-r00000.safetensors.*'model/w'.*chunk \d+"):
+            ck.load()
+    with pytest.raises(ConfigError, match="compression"):
+        Checkpointer(tmp_path, compression="gzip")
+
+
+# ---------------------------------------------------------------------------- int8 moments
+
+
+def test_quantize_round_trip_bounds() -> None:
+    from fmstore.codec.quant import BLOCK, dequantize, quantize
+
+    x = torch.randn(10 * BLOCK + 17) * 1e-3
+    x[BLOCK : 2 * BLOCK] = 0
+    codes, scales = quantize(x)
+    assert codes.dtype == torch.int8 and codes.numel() == x.numel() and scales.numel() == 11
+    y = dequantize(codes, scales)
+    err = (x - y).abs().view(-1)[: 10 * BLOCK].view(10, BLOCK).amax(dim=1)
+    assert (err <= scales[:10] / 2 * (1 + 1e-6)).all()  # within half a step of each block
+    assert torch.equal(y[BLOCK : 2 * BLOCK], torch.zeros(BLOCK))
+
+
+def test_resume_from_int8_moments_keeps_the_loss() -> None:
+    """Train 100 steps, then resume for 200 more from exact and from int8-quantized Adam
+    moments: the losses stay within 1% (the issue's bar)."""
+    import copy
+
+    from fmstore.codec.quant import dequantize, quantize
+
+    teacher = torch.randn(64, 64, generator=torch.Generator().manual_seed(1)) / 8
+
+    def make():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+        return m, torch.optim.Adam(m.parameters(), lr=1e-3)
+
+    def batch(i):
+        x = torch.randn(256, 64, generator=torch.Generator().manual_seed(10_000 + i))
+        return x, torch.tanh(x @ teacher)
+
+    def train(m, o, a, b):
+        for i in range(a, b):
+            x, y = batch(i)
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            o.step()
+            o.zero_grad()
+        with torch.no_grad():
+            return sum(
+                torch.nn.functional.mse_loss(m(batch(-j)[0]), batch(-j)[1]).item() for j in range(1, 11)
+            )
+
+    model, opt = make()
+    train(model, opt, 0, 100)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    quantized = copy.deepcopy(saved_opt)
+    changed = 0
+    for st in quantized["state"].values():
+        for k in ("exp_avg", "exp_avg_sq"):
+            codes, scales = quantize(st[k].reshape(-1))
+            back = dequantize(codes, scales).view(st[k].shape)
+            changed += int(not torch.equal(back, st[k]))
+            st[k] = back
+    assert changed  # the moments really went through int8
+    losses = []
+    for opt_state in (saved_opt, quantized):
+        m, o = make()
+        m.load_state_dict(copy.deepcopy(saved_model))
+        o.load_state_dict(copy.deepcopy(opt_state))
+        losses.append(train(m, o, 100, 300))
+    assert abs(losses[1] - losses[0]) <= 0.01 * losses[0], losses

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..blob import as_memoryview, dtype_from_name, dtype_name
+from ..codec import Encoded, decode, encode
 from ..errors import ConfigError, CorruptBlobError, FmstoreError
 from ..store import TieredStore
 from .level import SnapshotLevel, SnapshotNotFoundError, WriteItem, Written, numel
@@ -33,6 +34,9 @@ from .sharding import Piece, dtensor_region, intersect, is_dtensor, pieces_to_sa
 from .staging import Staged, Stager
 from .storage import SnapshotStorage
 from .tree import flatten, unflatten
+
+#: ``compression=`` values: None (raw) or the lossless chain.
+COMPRESSION: dict[str | None, str | None] = {None: None, "lossless": "lossless"}
 
 __all__ = [
     "Checkpointer",
@@ -165,7 +169,9 @@ class Checkpointer:
             ``torch.distributed`` is initialized, else this process alone.  Every rank writes
             its own shard file; rank 0 commits the manifest once all ranks have reported.
         incremental: reference unchanged tensors in earlier snapshots instead of rewriting.
-        compression: reserved for the codec; only the default (None) is supported so far.
+        compression: ``"lossless"`` encodes each written tensor with the codec chain (byte
+            planes, then per-chunk zstd or raw) on the CPU in the background persist; the
+            manifest records the chain and load decodes.  Default None: stored raw.
     """
 
     def __init__(
@@ -181,8 +187,11 @@ class Checkpointer:
         io_threads: int = 8,
         timeout: float = 1800.0,
     ) -> None:
-        if compression is not None:
-            raise NotImplementedError("Checkpointer(compression=...) is not supported yet; leave it None")
+        if compression not in COMPRESSION:
+            raise ConfigError(
+                f"compression must be one of {sorted(COMPRESSION, key=str)}, got {compression!r}"
+            )
+        self.compression = COMPRESSION[compression]
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             raise ConfigError(f"keep_last must be an int >= 1 or None, got {keep_last!r}")
         host_memory, specs = resolve(root, storage_options, keep_last, policy)
@@ -208,6 +217,8 @@ class Checkpointer:
         self._stager = Stager()
         self._persist = ThreadPoolExecutor(1, thread_name_prefix="fmstore-persist")
         self._hash_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="fmstore-hash")
+        # Its own threads: an encode is asked for from level threads and fans out chunks.
+        self._codec_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="fmstore-codec")
         self._level_pool = (
             ThreadPoolExecutor(len(self.levels), thread_name_prefix="fmstore-level")
             if len(self.levels) > 1
@@ -322,6 +333,10 @@ class Checkpointer:
         self._last = handle
         return handle
 
+    def _encoder(self, st: Any) -> Encoded:
+        """The codec chain for one staged tensor, its chunks spread over the hash pool."""
+        return encode(st.data, torch.empty(0, dtype=st.dtype).element_size(), pool=self._codec_pool)
+
     def _targets(self, step: int, levels: Sequence[str] | str | None) -> list[SnapshotLevel]:
         if levels == "all":
             return list(self.levels)
@@ -342,7 +357,8 @@ class Checkpointer:
             if job.levels:
                 writes = [(st, p) for st, p in zip(job.staged.tensors, job.pieces) if p.writes]
                 digests = [self._hash_pool.submit(digest_all, [st.data]) for st, _ in writes]
-                items = [WriteItem(st, p, d) for (st, p), d in zip(writes, digests)]
+                encoder = self._encoder if self.compression else None
+                items = [WriteItem(st, p, d, encoder) for (st, p), d in zip(writes, digests)]
                 args = (job.step, items, job.names, job.tree, job.meta)
                 if self._level_pool is None or len(job.levels) == 1:
                     runs = [_run(job.levels[0].write, *args)]
@@ -495,17 +511,18 @@ class Checkpointer:
                 plan.finals.append((host, dest))
             covered = 0
             for shard in entry.shards:
-                if shard.codec:
-                    raise FmstoreError(f"tensor {name!r}: encoded shards load in a later version")
                 ov = intersect(region_off, region_len, tuple(shard.offsets), tuple(shard.lengths))
                 if ov is None:
                     continue
                 covered += numel(ov[1])
+                whole = tuple(shard.offsets) == region_off and tuple(shard.lengths) == region_len
+                if shard.codec:
+                    self._plan_encoded(name, shard, host, whole, ov, region_off, dtype, itemsize, plan)
+                    continue
                 if shard.end - shard.begin != numel(shard.lengths) * itemsize:
                     raise ManifestError(
                         f"tensor {name!r}: {shard.end - shard.begin} bytes recorded in {shard.file!r}"
                     )
-                whole = tuple(shard.offsets) == region_off and tuple(shard.lengths) == region_len
                 if whole:  # the common case: straight into the destination's memory
                     buf = host.reshape(-1).view(torch.uint8)
                     if buf.numel():
@@ -536,6 +553,13 @@ class Checkpointer:
                 ) from None
             except CorruptBlobError as e:
                 raise CorruptBlobError(f"snapshot step {manifest.step}: shard file {file!r}: {e}") from None
+        for name, shard, blob, out in plan.decodes:
+            try:
+                decode(memoryview(blob.numpy()), out, pool=storage.pool, name=name)
+            except CorruptBlobError as e:
+                raise CorruptBlobError(
+                    f"snapshot step {manifest.step}: shard file {shard.file!r}: {e}"
+                ) from None
         _verify_all(plan.checks, manifest.step, storage.pool)
         for dest, block in plan.copies:
             dest.copy_(block)
@@ -543,6 +567,34 @@ class Checkpointer:
             dest.copy_(host, non_blocking=True)
         if plan.finals and torch.cuda.is_available():
             torch.cuda.synchronize()  # before the pooled buffers go back to the pool
+
+    @staticmethod
+    def _plan_encoded(
+        name: str,
+        shard: Shard,
+        host: torch.Tensor,
+        whole: bool,
+        ov: tuple[tuple[int, ...], tuple[int, ...]],
+        region_off: tuple[int, ...],
+        dtype: torch.dtype,
+        itemsize: int,
+        plan: _LoadPlan,
+    ) -> None:
+        """An encoded shard is read whole and decoded: into the destination when it is the
+        whole region, else into a buffer the overlap is copied from."""
+        if shard.codec != [f"planes{itemsize}", "zstd"]:
+            raise ManifestError(f"tensor {name!r} in {shard.file!r}: unknown codec chain {shard.codec}")
+        blob = torch.empty(shard.end - shard.begin, dtype=torch.uint8)
+        plan.reads.setdefault(shard.file, []).append((shard.begin, memoryview(blob.numpy())))
+        n = numel(shard.lengths) * itemsize
+        out = host.reshape(-1).view(torch.uint8) if whole else torch.empty(n, dtype=torch.uint8)
+        plan.decodes.append((name, shard, blob, out))
+        plan.checks.append((name, shard, out, 0))
+        if not whole:
+            rp = plan_read(tuple(shard.offsets), tuple(shard.lengths), ov[0], ov[1], itemsize)
+            block = out[rp.start : rp.end].view(dtype).view(rp.view_shape)[rp.slices]
+            dslices = tuple(slice(o - r, o - r + k) for o, r, k in zip(ov[0], region_off, ov[1]))
+            plan.copies.append((host[dslices] if dslices else host, block))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -570,6 +622,7 @@ class Checkpointer:
             self._closed = True
             self._persist.shutdown(wait=True)
             self._hash_pool.shutdown(wait=True)
+            self._codec_pool.shutdown(wait=True)
             if self._level_pool is not None:
                 self._level_pool.shutdown(wait=True)
             if self.memory is not None:
@@ -594,6 +647,9 @@ class _LoadPlan:
     reads: dict[str, list[tuple[int, memoryview]]] = field(default_factory=dict)  # file -> ranges
     checks: list[tuple[str, Shard, torch.Tensor, int]] = field(default_factory=list)  # chunks to verify
     copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (dest view, block)
+    decodes: list[tuple[str, Shard, torch.Tensor, torch.Tensor]] = field(
+        default_factory=list
+    )  # (.., blob, out)
     finals: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (host, device dest)
     releases: list[Any] = field(default_factory=list)  # pooled buffers to give back
 

@@ -10,14 +10,17 @@ collective could deadlock against the training thread's own.
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from ..blob import SAFETENSORS_CODES, dtype_name
+from ..codec import Encoded
 from ..errors import FmstoreError
 from .manifest import CHUNK_SIZE, MANIFEST, Manifest, Shard, TensorEntry, parse_step_dir, step_dir
 from .sharding import Piece
@@ -32,11 +35,23 @@ class SnapshotNotFoundError(FmstoreError, KeyError):
 
 @dataclass
 class WriteItem:
-    """A staged tensor piece this rank writes, with its (pending) checksum."""
+    """A staged tensor piece this rank writes, with its (pending) checksum and, when the
+    checkpointer compresses, how to encode it (once, whichever level asks first)."""
 
     staged: StagedTensor
     piece: Piece
     digest: Future[list[tuple[str, list[str]]]]
+    encoder: Callable[[StagedTensor], Encoded] | None = None
+    _encoded: Encoded | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def encoded(self) -> Encoded | None:
+        if self.encoder is None or self.staged.nbytes == 0:
+            return None
+        with self._lock:
+            if self._encoded is None:
+                self._encoded = self.encoder(self.staged)
+            return self._encoded
 
 
 @dataclass
@@ -153,15 +168,17 @@ class SnapshotLevel:
             written = 0
             if to_write:
                 rel = f"{rel_dir}/shard-r{self.rank:05d}.safetensors"
-                header, spans = _shard_header([item.staged for item, _ in to_write])
+                bodies = [_body(item) for item, _ in to_write]
+                header, spans = _shard_header([b for b, _ in bodies])
                 segments: list[memoryview | bytes] = [header]
-                segments += [memoryview(it.staged.data.numpy()) for it, _ in to_write if it.staged.nbytes]
+                segments += [seg for _, segs in bodies for seg in segs]
                 size = self.storage.write(rel, segments)
                 files[rel] = size
                 written += size
-                for (item, shard), (begin, end) in zip(to_write, spans):
+                for (item, shard), (begin, end), (entry, _) in zip(to_write, spans, bodies):
                     shard.checksum, shard.chunks = item.digest.result()[0]
                     shard.file, shard.begin, shard.end = rel, begin, end
+                    shard.codec = entry.codec
                     entries[item.piece.name] = TensorEntry(
                         dtype_name(item.staged.dtype), list(item.piece.global_shape), [shard]
                     )
@@ -327,7 +344,7 @@ def _may_match(base: Manifest, piece: Piece, dtype: torch.dtype) -> bool:
         old is not None
         and old.dtype == dtype_name(dtype)
         and tuple(old.shape) == tuple(piece.global_shape)
-        and any(s.offsets == list(piece.offsets) and not s.codec for s in old.shards)
+        and any(s.offsets == list(piece.offsets) for s in old.shards)
     )
 
 
@@ -337,27 +354,44 @@ def _same_shard(base: Manifest, piece: Piece, dtype: torch.dtype, new: Shard) ->
     if old is None or old.dtype != dtype_name(dtype) or tuple(old.shape) != tuple(piece.global_shape):
         return None
     for s in old.shards:
-        if (
-            s.offsets == new.offsets
-            and s.lengths == new.lengths
-            and s.checksum == new.checksum
-            and not s.codec
-        ):
+        # Checksums are of the original bytes, so a match holds whatever codec stored it.
+        if s.offsets == new.offsets and s.lengths == new.lengths and s.checksum == new.checksum:
             return s
     return None
 
 
-def _shard_header(items: list[StagedTensor]) -> tuple[bytes, list[tuple[int, int]]]:
-    """A safetensors header for the tensors to write, and each one's byte range in the file."""
+@dataclass
+class _Entry:
+    """One safetensors entry of a shard file."""
+
+    name: str
+    code: str
+    shape: list[int]
+    nbytes: int
+    codec: list[str]
+
+
+def _body(item: WriteItem) -> tuple[_Entry, list[memoryview | bytes]]:
+    """The shard-file entry for a tensor and the segments of its bytes: the raw tensor, or
+    its encoded blob as a U8 entry (the manifest records the codec)."""
+    st = item.staged
+    enc = item.encoded()
+    if enc is not None:
+        return _Entry(st.name, "U8", [enc.nbytes], enc.nbytes, enc.codec), list(enc.segments)
+    code = SAFETENSORS_CODES.get(st.dtype)  # others are stored as U8; the manifest has the dtype
+    entry = _Entry(st.name, code or "U8", list(st.shape) if code else [st.nbytes], st.nbytes, [])
+    return entry, [memoryview(st.data.numpy())] if st.nbytes else []
+
+
+def _shard_header(entries: list[_Entry]) -> tuple[bytes, list[tuple[int, int]]]:
+    """A safetensors header for the entries to write, and each one's byte range in the file."""
     body: dict[str, Any] = {"__metadata__": {"format": "fmstore.shard", "fmstore": "1"}}
     pos = 0
     spans = []
-    for st in items:
-        code = SAFETENSORS_CODES.get(st.dtype)  # others are stored as U8; the manifest has the dtype
-        shape = list(st.shape) if code else [st.nbytes]
-        body[st.name] = {"dtype": code or "U8", "shape": shape, "data_offsets": [pos, pos + st.nbytes]}
-        spans.append((pos, pos + st.nbytes))
-        pos += st.nbytes
+    for e in entries:
+        body[e.name] = {"dtype": e.code, "shape": e.shape, "data_offsets": [pos, pos + e.nbytes]}
+        spans.append((pos, pos + e.nbytes))
+        pos += e.nbytes
     raw = json.dumps(body, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % 8)
     hlen = 8 + len(raw)

@@ -1,0 +1,150 @@
+// Byte-plane split/merge and XOR delta on the GPU: the reversible transforms of fmstore's
+// codec chain.  Each must produce exactly the bytes of its CPU reference in
+// fmstore/codec/planes.py (tests/test_kernels.py compares them on a CUDA machine).
+//
+// Plain C ABI (no torch headers): the library is built with nvcc alone and called through
+// ctypes with raw device pointers and the caller's stream.
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace {
+
+// split, width 2 or 4: thread t handles elements 4t..4t+3 (one 8- or 16-byte load) and
+// writes one 32-bit word (4 bytes) to each plane, so loads and stores are both vectorized
+// and coalesced.
+template <int W>
+__global__ void split_vec(const uint8_t* __restrict__ in, uint8_t* __restrict__ out, int64_t n_elems) {
+  int64_t quad = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  int64_t n_quads = n_elems / 4;
+  for (; quad < n_quads; quad += (int64_t)gridDim.x * blockDim.x) {
+    uint8_t b[4 * W];
+    if (W == 2) {
+      *reinterpret_cast<uint2*>(b) = reinterpret_cast<const uint2*>(in)[quad];
+    } else {
+      *reinterpret_cast<uint4*>(b) = reinterpret_cast<const uint4*>(in)[quad];
+    }
+#pragma unroll
+    for (int p = 0; p < W; ++p) {
+      uint32_t word = (uint32_t)b[p] | ((uint32_t)b[W + p] << 8) | ((uint32_t)b[2 * W + p] << 16) |
+                      ((uint32_t)b[3 * W + p] << 24);
+      reinterpret_cast<uint32_t*>(out + (int64_t)p * n_elems)[quad] = word;
+    }
+  }
+}
+
+template <int W>
+__global__ void merge_vec(const uint8_t* __restrict__ in, uint8_t* __restrict__ out, int64_t n_elems) {
+  int64_t quad = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  int64_t n_quads = n_elems / 4;
+  for (; quad < n_quads; quad += (int64_t)gridDim.x * blockDim.x) {
+    uint8_t b[4 * W];
+#pragma unroll
+    for (int p = 0; p < W; ++p) {
+      uint32_t word = reinterpret_cast<const uint32_t*>(in + (int64_t)p * n_elems)[quad];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) b[k * W + p] = (uint8_t)(word >> (8 * k));
+    }
+    if (W == 2) {
+      reinterpret_cast<uint2*>(out)[quad] = *reinterpret_cast<uint2*>(b);
+    } else {
+      reinterpret_cast<uint4*>(out)[quad] = *reinterpret_cast<uint4*>(b);
+    }
+  }
+}
+
+// Any width, one byte per thread: the tail of the vector kernels, and widths 1, 8, 16.
+__global__ void split_bytes(const uint8_t* __restrict__ in, uint8_t* __restrict__ out, int64_t n_elems,
+                            int width, int64_t first_elem) {
+  int64_t total = (n_elems - first_elem) * width;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    int64_t e = first_elem + i / width;
+    int p = (int)(i % width);
+    out[(int64_t)p * n_elems + e] = in[e * width + p];
+  }
+}
+
+__global__ void merge_bytes(const uint8_t* __restrict__ in, uint8_t* __restrict__ out, int64_t n_elems,
+                            int width, int64_t first_elem) {
+  int64_t total = (n_elems - first_elem) * width;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    int64_t e = first_elem + i / width;
+    int p = (int)(i % width);
+    out[e * width + p] = in[(int64_t)p * n_elems + e];
+  }
+}
+
+__global__ void xor_vec(const uint4* __restrict__ a, const uint4* __restrict__ b, uint4* __restrict__ out,
+                        int64_t n16) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n16;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    uint4 x = a[i], y = b[i];
+    out[i] = make_uint4(x.x ^ y.x, x.y ^ y.y, x.z ^ y.z, x.w ^ y.w);
+  }
+}
+
+__global__ void xor_bytes(const uint8_t* __restrict__ a, const uint8_t* __restrict__ b, uint8_t* __restrict__ out,
+                          int64_t start, int64_t n) {
+  for (int64_t i = start + (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    out[i] = a[i] ^ b[i];
+  }
+}
+
+int grid_for(int64_t work, int threads) {
+  int64_t blocks = (work + threads - 1) / threads;
+  const int64_t cap = 65535 * 8;  // grid-stride loops cover the rest
+  return (int)(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));
+}
+
+bool aligned(const void* p, int64_t a) { return ((uintptr_t)p % a) == 0; }
+
+}  // namespace
+
+extern "C" {
+
+// Returns 0 on success, else a cudaError_t value.
+int fmstore_split(const uint8_t* in, uint8_t* out, int64_t n_elems, int width, cudaStream_t stream) {
+  const int T = 256;
+  int64_t done = 0;
+  if ((width == 2 || width == 4) && aligned(in, 4 * width) && aligned(out, 4) && n_elems % 4 == 0) {
+    int64_t quads = n_elems / 4;
+    if (quads) {
+      if (width == 2) split_vec<2><<<grid_for(quads, T), T, 0, stream>>>(in, out, n_elems);
+      else split_vec<4><<<grid_for(quads, T), T, 0, stream>>>(in, out, n_elems);
+    }
+    done = quads * 4;
+  }
+  if (done < n_elems) split_bytes<<<grid_for((n_elems - done) * width, T), T, 0, stream>>>(in, out, n_elems, width, done);
+  return (int)cudaGetLastError();
+}
+
+int fmstore_merge(const uint8_t* in, uint8_t* out, int64_t n_elems, int width, cudaStream_t stream) {
+  const int T = 256;
+  int64_t done = 0;
+  if ((width == 2 || width == 4) && aligned(in, 4) && aligned(out, 4 * width) && n_elems % 4 == 0) {
+    int64_t quads = n_elems / 4;
+    if (quads) {
+      if (width == 2) merge_vec<2><<<grid_for(quads, T), T, 0, stream>>>(in, out, n_elems);
+      else merge_vec<4><<<grid_for(quads, T), T, 0, stream>>>(in, out, n_elems);
+    }
+    done = quads * 4;
+  }
+  if (done < n_elems) merge_bytes<<<grid_for((n_elems - done) * width, T), T, 0, stream>>>(in, out, n_elems, width, done);
+  return (int)cudaGetLastError();
+}
+
+int fmstore_xor(const uint8_t* a, const uint8_t* b, uint8_t* out, int64_t n, cudaStream_t stream) {
+  const int T = 256;
+  int64_t n16 = 0;
+  if (aligned(a, 16) && aligned(b, 16) && aligned(out, 16)) {
+    n16 = n / 16;
+    if (n16) xor_vec<<<grid_for(n16, T), T, 0, stream>>>((const uint4*)a, (const uint4*)b, (uint4*)out, n16);
+  }
+  if (n16 * 16 < n) xor_bytes<<<grid_for(n - n16 * 16, T), T, 0, stream>>>(a, b, out, n16 * 16, n);
+  return (int)cudaGetLastError();
+}
+
+}  // extern "C"
