@@ -1,6 +1,7 @@
 """Async, incremental, crash-safe snapshots of training state (see :class:`Checkpointer`)."""
 
 from .checkpointer import (
+    MOMENTS,
     Checkpointer,
     ChecksumError,
     LoadMismatchError,
@@ -14,6 +15,7 @@ from .tree import UnsupportedValueError
 
 __all__ = [
     "Checkpointer",
+    "MOMENTS",
     "Policy",
     "Level",
     "SaveHandle",

@@ -18,12 +18,16 @@ from collections.abc import Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
 
-from ..blob import as_memoryview, dtype_from_name, dtype_name
+from ..blob import as_bytes_tensor, as_memoryview, dtype_from_name, dtype_name
 from ..codec import Encoded, decode, encode
+from ..codec.quant import BLOCK as QUANT_BLOCK
+from ..codec.quant import dequantize as dequantize_int8
+from ..codec.quant import quantize as quantize_int8
 from ..errors import ConfigError, CorruptBlobError, FmstoreError
 from ..store import TieredStore
 from .level import SnapshotLevel, SnapshotNotFoundError, WriteItem, Written, numel
@@ -35,6 +39,11 @@ from .staging import Staged, Stager
 from .storage import SnapshotStorage
 from .tree import flatten, unflatten
 
+#: ``quantize=`` patterns for Adam's (and AdamW's) moments in an optimizer's state_dict.
+MOMENTS = ("*/exp_avg", "*/exp_avg_sq")
+#: The manifest's codec for blockwise int8 (absmax per 256 values).
+QUANT_CODEC = "int8-absmax256"
+_QUANTIZABLE = (torch.float32, torch.bfloat16, torch.float16)
 #: ``compression=`` values: None (raw) or the lossless chain.
 COMPRESSION: dict[str | None, str | None] = {None: None, "lossless": "lossless"}
 
@@ -169,6 +178,10 @@ class Checkpointer:
             ``torch.distributed`` is initialized, else this process alone.  Every rank writes
             its own shard file; rank 0 commits the manifest once all ranks have reported.
         incremental: reference unchanged tensors in earlier snapshots instead of rewriting.
+        quantize: glob patterns of tensor names (as flattened: ``optim/state/0/exp_avg``) to
+            store lossily as blockwise int8 (absmax per 256 values; float tensors only), e.g.
+            :data:`MOMENTS` for Adam's moments.  Never applied unless asked; the manifest
+            records it (codec ``int8-absmax256``) and a load gives the dequantized values.
         compression: ``"lossless"`` encodes each written tensor with the codec chain (byte
             planes, then per-chunk zstd or raw) on the CPU in the background persist; the
             manifest records the chain and load decodes.  Default None: stored raw.
@@ -184,6 +197,7 @@ class Checkpointer:
         policy: Policy | None = None,
         process_group: Any = None,
         incremental: bool = True,
+        quantize: Sequence[str] | str = (),
         io_threads: int = 8,
         timeout: float = 1800.0,
     ) -> None:
@@ -192,6 +206,9 @@ class Checkpointer:
                 f"compression must be one of {sorted(COMPRESSION, key=str)}, got {compression!r}"
             )
         self.compression = COMPRESSION[compression]
+        if isinstance(quantize, str):
+            quantize = (quantize,)
+        self.quantize = tuple(quantize)
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             raise ConfigError(f"keep_last must be an int >= 1 or None, got {keep_last!r}")
         host_memory, specs = resolve(root, storage_options, keep_last, policy)
@@ -333,6 +350,13 @@ class Checkpointer:
         self._last = handle
         return handle
 
+    def _quantizes(self, name: str, dtype: torch.dtype) -> bool:
+        return (
+            bool(self.quantize)
+            and dtype in _QUANTIZABLE
+            and any(fnmatchcase(name, pat) for pat in self.quantize)
+        )
+
     def _encoder(self, st: Any) -> Encoded:
         """The codec chain for one staged tensor, its chunks spread over the hash pool."""
         return encode(st.data, torch.empty(0, dtype=st.dtype).element_size(), pool=self._codec_pool)
@@ -356,9 +380,15 @@ class Checkpointer:
             results: list[tuple[SnapshotLevel, Written | BaseException]] = []
             if job.levels:
                 writes = [(st, p) for st, p in zip(job.staged.tensors, job.pieces) if p.writes]
-                digests = [self._hash_pool.submit(digest_all, [st.data]) for st, _ in writes]
-                encoder = self._encoder if self.compression else None
-                items = [WriteItem(st, p, d, encoder) for (st, p), d in zip(writes, digests)]
+                items = []
+                for st, p in writes:
+                    if self._quantizes(p.name, st.dtype):
+                        # Lossy: the checksum is of the bytes a load will give back.
+                        enc, digest = _quantized(st, self._hash_pool)
+                        items.append(WriteItem(st, p, _done(digest), lambda _, e=enc: e))
+                        continue
+                    digest = self._hash_pool.submit(digest_all, [st.data])
+                    items.append(WriteItem(st, p, digest, self._encoder if self.compression else None))
                 args = (job.step, items, job.names, job.tree, job.meta)
                 if self._level_pool is None or len(job.levels) == 1:
                     runs = [_run(job.levels[0].write, *args)]
@@ -555,6 +585,9 @@ class Checkpointer:
                 raise CorruptBlobError(f"snapshot step {manifest.step}: shard file {file!r}: {e}") from None
         for name, shard, blob, out in plan.decodes:
             try:
+                if shard.codec == [QUANT_CODEC]:
+                    _dequantize_into(blob, out, manifest.tensors[name].dtype, name)
+                    continue
                 decode(memoryview(blob.numpy()), out, pool=storage.pool, name=name)
             except CorruptBlobError as e:
                 raise CorruptBlobError(
@@ -582,7 +615,7 @@ class Checkpointer:
     ) -> None:
         """An encoded shard is read whole and decoded: into the destination when it is the
         whole region, else into a buffer the overlap is copied from."""
-        if shard.codec != [f"planes{itemsize}", "zstd"]:
+        if shard.codec not in ([f"planes{itemsize}", "zstd"], [QUANT_CODEC]):
             raise ManifestError(f"tensor {name!r} in {shard.file!r}: unknown codec chain {shard.codec}")
         blob = torch.empty(shard.end - shard.begin, dtype=torch.uint8)
         plan.reads.setdefault(shard.file, []).append((shard.begin, memoryview(blob.numpy())))
@@ -664,6 +697,36 @@ class _SaveJob:
     meta: dict[str, Any]
     levels: list[SnapshotLevel]  # durable levels that take this step
     kept: MemorySnapshot | None  # the host-memory copy, when the policy keeps one
+
+
+def _done(value: Any) -> Future[Any]:
+    f: Future[Any] = Future()
+    f.set_result(value)
+    return f
+
+
+def _quantized(st: Any, pool: Executor) -> tuple[Encoded, list[tuple[str, list[str]]]]:
+    """The int8 blob (codes, then float32 scales) of a staged float tensor, and the digest of
+    the bytes its load will return."""
+    x = st.data.view(st.dtype).to(torch.float32)
+    codes, scales = quantize_int8(x)
+    back = dequantize_int8(codes, scales).to(st.dtype)
+    digest = digest_all([as_bytes_tensor(back)], pool)
+    blob = [memoryview(codes.numpy()).cast("B"), memoryview(scales.numpy()).cast("B")]
+    return Encoded(blob, [QUANT_CODEC]), digest
+
+
+def _dequantize_into(blob: torch.Tensor, out: torch.Tensor, dtype: str, name: str) -> None:
+    target = dtype_from_name(dtype)
+    n = out.numel() // torch.empty(0, dtype=target).element_size()
+    nblocks = -(-n // QUANT_BLOCK)
+    if blob.numel() != n + 4 * nblocks:
+        raise CorruptBlobError(
+            f"tensor {name!r}: int8 blob of {blob.numel()} bytes, expected {n + 4 * nblocks}"
+        )
+    codes = blob[:n].view(torch.int8)
+    scales = blob[n:].view(torch.float32)
+    out.copy_(as_bytes_tensor(dequantize_int8(codes, scales).to(target)))
 
 
 def _run(fn: Any, *args: Any) -> Any:
