@@ -93,16 +93,8 @@ def load(name: str = "planes") -> ctypes.CDLL:
                 )
             os.replace(tmp, lib)  # atomic: a concurrent builder never loads half a library
         handle = ctypes.CDLL(str(lib))
-        for fn in ("fmstore_split", "fmstore_merge"):
-            getattr(handle, fn).argtypes = [
-                ctypes.c_void_p,
-                ctypes.c_void_p,
-                ctypes.c_int64,
-                ctypes.c_int,
-                ctypes.c_void_p,
-            ]
+        for fn, argtypes in SIGNATURES[name].items():
+            getattr(handle, fn).argtypes = argtypes
             getattr(handle, fn).restype = ctypes.c_int
-        handle.fmstore_xor.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p]
-        handle.fmstore_xor.restype = ctypes.c_int
         _loaded[name] = handle
         return handle

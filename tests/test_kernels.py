@@ -65,3 +65,16 @@ def test_gpu_quantize_matches_cpu(n):
     gc, gs = g.quantize(x.cuda())
     assert torch.equal(gc.cpu(), codes) and torch.equal(gs.cpu(), scales)
     assert torch.equal(g.dequantize(gc, gs).cpu(), quant.dequantize(codes, scales))
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_libraries_build_and_export_their_functions(tmp_path, monkeypatch):
+    """What load() does on first use (nvcc into the cache, ctypes signatures), here for sm_90."""
+    monkeypatch.setenv("FMSTORE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_arch", lambda: "sm_90")
+    monkeypatch.setattr(kernels, "_loaded", {})
+    for name, functions in kernels.SIGNATURES.items():
+        lib = kernels.load(name)
+        for fn in functions:
+            assert getattr(lib, fn).argtypes == functions[fn]
+    assert len(list(tmp_path.glob("*.so"))) == len(kernels.SIGNATURES)
