@@ -74,7 +74,7 @@ def codecs(threads: int, pool: ThreadPoolExecutor) -> dict[str, Callable[[int], 
 
     def fm(width: int) -> Codec:
         def enc(d: torch.Tensor) -> object:
-            return b"".join(bytes(s) for s in encode(d, width, pool=pool).segments)
+            return b"".join(encode(d, width, pool=pool).segments)
 
         return enc, lambda blob, out: decode(blob, out, pool=pool)
 
@@ -148,7 +148,7 @@ def main() -> int:
             if cname == "fmstore chain" and base is not None:
 
                 def enc_fn(d: torch.Tensor, _b: torch.Tensor = base, _w: int = width) -> object:
-                    return b"".join(bytes(s) for s in encode(d, _w, base=_b, pool=pool).segments)
+                    return b"".join(encode(d, _w, base=_b, pool=pool).segments)
 
                 def dec_fn(blob: object, out: torch.Tensor, _b: torch.Tensor = base) -> torch.Tensor:
                     return decode(blob, out, base=_b, pool=pool)

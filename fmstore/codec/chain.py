@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import CorruptBlobError, FmstoreError
-from .planes import merge, split, xor
+from .planes import xor
 
 MAGIC = b"FMC1"
 #: Chunk of one plane coded on its own: big enough for zstd, small enough to parallelize.
@@ -119,30 +119,28 @@ def encode(
     if base is not None:
         data = xor(data, base)
         stages.append("xor")
-    planes = split(data, width)
     stages += [f"planes{width}", "zstd"]
-    per_plane = planes.numel() // width if width else 0
-    arr = planes.numpy()
-    jobs = [
-        (p, arr[p * per_plane + a : p * per_plane + min(a + chunk, per_plane)])
-        for p in range(width)
-        for a in range(0, per_plane, chunk)
-    ]
-    results = (
-        list(pool.map(_encode_chunk, [j[1] for j in jobs])) if pool else [_encode_chunk(j[1]) for j in jobs]
-    )
+    rows = data.numpy().reshape(-1, width) if width else data.numpy()[:0]
+    ranges = [(a, min(a + chunk, rows.shape[0])) for a in range(0, rows.shape[0], chunk)]
+
+    def one(r: tuple[int, int]) -> list[tuple[str, bytes | memoryview]]:
+        # Split and code one run of elements: each worker cuts its own planes out of the
+        # data, so the split runs in parallel and stays in cache.
+        return [_encode_chunk(np.ascontiguousarray(rows[r[0] : r[1], p])) for p in range(width)]
+
+    per_range = list(pool.map(one, ranges)) if pool else [one(r) for r in ranges]
+    jobs = [(p, per_range[j][p]) for p in range(width) for j in range(len(ranges))]  # plane-major
     header = {
         "v": 1,
         "stages": stages,
         "width": width,
         "nbytes": int(data.numel()),
         "chunk": chunk,
-        "chunks": [[p, len(payload), kind] for (p, _), (kind, payload) in zip(jobs, results)],
+        "chunks": [[p, len(payload), kind] for p, (kind, payload) in jobs],
     }
     raw = json.dumps(header, separators=(",", ":")).encode()
-    # The raw chunks are views of ``planes``: keep it alive with the segments.
     segments: list[bytes | memoryview] = [MAGIC + struct.pack("<I", len(raw)) + raw]
-    segments += [payload for _, payload in results]
+    segments += [payload for _, (_, payload) in jobs]
     return Encoded(segments, stages)
 
 
@@ -179,22 +177,28 @@ def decode(
         raise CodecError(f"{where}encoded {nbytes} bytes, the target holds {out.numel()}")
     if "xor" in header["stages"] and base is None:
         raise CodecError(f"{where}is an XOR delta; its base snapshot's bytes are needed")
-    planes = torch.empty(nbytes, dtype=torch.uint8)
-    arr = planes.numpy()
+    # Each chunk decodes straight into its column of the output's rows (no plane buffer);
+    # the chunks of one run of elements go to one worker.
+    rows = out.numpy().reshape(-1, width)
     per_plane = nbytes // width if width else 0
-    jobs = []
+    groups: dict[int, list[tuple[int, int, str, memoryview, np.ndarray]]] = {}
     offsets = {p: 0 for p in range(width)}
     for i, (p, stored, kind) in enumerate(header["chunks"]):
+        if p not in offsets:
+            raise CodecError(f"{where}chunk {i} names plane {p} of a {width}-byte element")
         a = offsets[p]
         n = min(chunk, per_plane - a)
         offsets[p] = a + n
-        jobs.append((i, p, kind, mv[pos : pos + stored], arr[p * per_plane + a : p * per_plane + a + n]))
+        groups.setdefault(a, []).append((i, p, kind, mv[pos : pos + stored], rows[a : a + n, p]))
         pos += stored
     if pos != len(mv) or any(offsets[p] != per_plane for p in offsets):
         raise CodecError(f"{where}codec blob is {len(mv)} bytes, its header describes {pos} (truncated?)")
 
-    def one(job: tuple[int, int, str, memoryview, np.ndarray]) -> None:
-        i, p, kind, payload, dest = job
+    def group(jobs: list[tuple[int, int, str, memoryview, np.ndarray]]) -> None:
+        for job in jobs:
+            one(*job)
+
+    def one(i: int, p: int, kind: str, payload: memoryview, dest: np.ndarray) -> None:
         try:
             if kind == "raw":
                 if len(payload) != dest.size:
@@ -211,11 +215,10 @@ def decode(
             raise CodecError(f"{where}chunk {i} (plane {p}) does not decode: {e}") from None
 
     if pool is not None:
-        list(pool.map(one, jobs))
+        list(pool.map(group, groups.values()))
     else:
-        for job in jobs:
-            one(job)
-    merge(planes, width, out=out)
+        for jobs in groups.values():
+            group(jobs)
     if base is not None and "xor" in header["stages"]:
         xor(out, base, out=out)
     return out
