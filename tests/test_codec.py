@@ -254,3 +254,18 @@ def test_resume_from_int8_moments_keeps_the_loss(tmp_path) -> None:
     assert not torch.equal(moments[0], moments[1])  # the moments really went through int8
     assert torch.allclose(moments[0], moments[1], rtol=0, atol=float(moments[0].abs().max()) / 127)
     assert abs(losses[1] - losses[0]) <= 0.01 * losses[0], losses
+
+
+def test_quantized_odd_sizes_and_dtypes(tmp_path) -> None:
+    from fmstore import Checkpointer
+    from fmstore.codec.quant import dequantize, quantize
+
+    state = {"m": {"odd": torch.randn(7), "bf": torch.randn(300).to(torch.bfloat16), "w": torch.randn(5)}}
+    with Checkpointer(tmp_path, quantize="m/[ob]*") as ck:
+        ck.save(1, state).wait()
+        out = ck.load()
+        codecs = {n: e.shards[0].codec for n, e in ck.manifest().tensors.items()}
+    assert codecs == {"m/odd": ["int8-absmax256"], "m/bf": ["int8-absmax256"], "m/w": []}
+    assert torch.equal(out["m"]["odd"], dequantize(*quantize(state["m"]["odd"])))
+    assert torch.equal(out["m"]["bf"], dequantize(*quantize(state["m"]["bf"].float())).to(torch.bfloat16))
+    assert torch.equal(out["m"]["w"], state["m"]["w"])

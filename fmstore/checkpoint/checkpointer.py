@@ -725,7 +725,7 @@ def _dequantize_into(blob: torch.Tensor, out: torch.Tensor, dtype: str, name: st
             f"tensor {name!r}: int8 blob of {blob.numel()} bytes, expected {n + 4 * nblocks}"
         )
     codes = blob[:n].view(torch.int8)
-    scales = blob[n:].view(torch.float32)
+    scales = blob[n:].clone().view(torch.float32)  # at an offset of n bytes: not 4-byte aligned
     out.copy_(as_bytes_tensor(dequantize_int8(codes, scales).to(target)))
 
 
