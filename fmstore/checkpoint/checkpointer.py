@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..blob import as_bytes_tensor, as_memoryview, dtype_from_name, dtype_name
+from ..blob import as_bytes_tensor, as_memoryview, dtype_from_name
 from ..codec import Encoded, decode, encode
 from ..codec.quant import BLOCK as QUANT_BLOCK
 from ..codec.quant import dequantize as dequantize_int8
@@ -32,9 +32,18 @@ from ..errors import ConfigError, CorruptBlobError, FmstoreError
 from ..store import TieredStore
 from .level import SnapshotLevel, SnapshotNotFoundError, WriteItem, Written, numel
 from .manifest import CHUNK_SIZE, Manifest, ManifestError, Shard, step_dir
-from .memory import MemoryItem, MemoryLevel, MemorySnapshot, restore
+from .memory import HOST, MemoryItem, MemoryLevel, MemorySnapshot, restore
 from .policy import Policy, resolve
-from .sharding import Piece, dtensor_region, intersect, is_dtensor, pieces_to_save, plan_read
+from .sharding import (
+    LoadMismatchError,
+    Piece,
+    check_target,
+    dtensor_region,
+    intersect,
+    is_dtensor,
+    pieces_to_save,
+    plan_read,
+)
 from .staging import Staged, Stager
 from .storage import SnapshotStorage
 from .tree import flatten, unflatten
@@ -59,10 +68,6 @@ __all__ = [
 
 class ChecksumError(CorruptBlobError):
     """Bytes read back do not match the checksum recorded when they were saved."""
-
-
-class LoadMismatchError(FmstoreError, ValueError):
-    """A snapshot tensor does not fit the target tensor it is loaded into (dtype or shape)."""
 
 
 def digest_all(
@@ -248,13 +253,13 @@ class Checkpointer:
 
     def level_names(self) -> list[str]:
         """Where snapshots can live, fastest first ("host", host memory, first when kept there)."""
-        return (["host"] if self.memory is not None else []) + [lvl.name for lvl in self.levels]
+        return ([HOST] if self.memory is not None else []) + [lvl.name for lvl in self.levels]
 
     def _levels(self, level: str | None) -> list[SnapshotLevel]:
         if level is None:
             return self.levels
         found = [lvl for lvl in self.levels if lvl.name == level]
-        if not found and (level != "host" or self.memory is None):
+        if not found and (level != HOST or self.memory is None):
             raise ConfigError(f"no checkpoint level {level!r}; have {self.level_names()}")
         return found
 
@@ -262,7 +267,7 @@ class Checkpointer:
         """Committed steps, oldest first, in ``level`` or in any level (a snapshot without its
         manifest does not exist; one kept only in host memory exists for this process)."""
         out: set[int] = set()
-        if self.memory is not None and level in (None, "host"):
+        if self.memory is not None and level in (None, HOST):
             out.update(self.memory.steps())
         for lvl in self._levels(level):
             out.update(lvl.steps())
@@ -270,7 +275,7 @@ class Checkpointer:
 
     def where(self, step: int) -> list[str]:
         """The levels holding a committed copy of ``step``, fastest first."""
-        out = ["host"] if self.memory is not None and self.memory.get(step) is not None else []
+        out = [HOST] if self.memory is not None and self.memory.get(step) is not None else []
         return out + [lvl.name for lvl in self.levels if lvl.committed(step)]
 
     def manifest(self, step: int | None = None, *, level: str | None = None) -> Manifest:
@@ -412,12 +417,12 @@ class Checkpointer:
         first = ok[0][1] if ok else None
         return SnapshotInfo(
             step=job.step,
-            path=ok[0][0].path_of(job.step) if ok else "host",
+            path=ok[0][0].path_of(job.step) if ok else HOST,
             nbytes=job.staged.nbytes,
             bytes_written=sum(r.bytes_written for _, r in ok),
             tensors=first.tensors if first else len(job.pieces),
             tensors_written=first.tensors_written if first else 0,
-            levels=(["host"] if in_memory else []) + [lvl.name for lvl, _ in ok],
+            levels=([HOST] if in_memory else []) + [lvl.name for lvl, _ in ok],
         )
 
     # ------------------------------------------------------------------ retention
@@ -454,20 +459,20 @@ class Checkpointer:
         """
         targets: dict[str, torch.Tensor] = flatten(state)[0] if state is not None else {}
         levels = self._levels(level)
-        if self.memory is not None and level in (None, "host"):
+        if self.memory is not None and level in (None, HOST):
             mem_steps = self.memory.steps()
             want = step if step is not None else (mem_steps[-1] if mem_steps else None)
             snap = self.memory.get(want) if want is not None else None
             if snap is not None:
-                out = restore(snap, targets, device, LoadMismatchError)
+                out = restore(snap, targets, device)
                 if out is not None:
                     return unflatten(snap.tree, out)
-                if level == "host":
+                if level == HOST:
                     raise LoadMismatchError(
                         f"step {want} in host memory was saved with another sharding than the targets'"
                     )
                 step = want  # the same step from a durable level
-            elif level == "host":
+            elif level == HOST:
                 raise SnapshotNotFoundError(f"step {step} is not in host memory (have {mem_steps})")
         self._wait_last(raise_error=False)  # a failed save is its handle's (and the next save's) to report
         if step is None:
@@ -516,11 +521,7 @@ class Checkpointer:
             gshape = tuple(entry.shape)
             itemsize = torch.empty(0, dtype=dtype).element_size()
             target = targets.get(name)
-            if target is not None and (target.dtype != dtype or tuple(target.shape) != gshape):
-                raise LoadMismatchError(
-                    f"tensor {name!r}: snapshot step {manifest.step} has {entry.dtype} {list(gshape)}, "
-                    f"the target is {dtype_name(target.dtype)} {list(target.shape)}"
-                )
+            check_target(name, manifest.step, dtype, gshape, target)
             if target is not None and is_dtensor(target):
                 dest, region_off, _ = dtensor_region(target, name)
                 plan.out[name] = target

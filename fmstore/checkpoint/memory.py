@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 
-from ..blob import dtype_name
-from .sharding import dtensor_region, is_dtensor
+from .sharding import check_target, dtensor_region, is_dtensor
 from .staging import Staged
 
 
@@ -33,15 +32,15 @@ class MemorySnapshot:
     items: dict[str, MemoryItem]
     tree: dict[str, Any]
 
-    @property
-    def nbytes(self) -> int:
-        return self.staged.nbytes
+
+#: The host-memory level's name in listings (``Checkpointer.where``, ``load(level=...)``).
+HOST = "host"
 
 
 class MemoryLevel:
     """The newest ``keep`` snapshots; older ones give their buffers back to the pool."""
 
-    name = "host"
+    name = HOST
 
     def __init__(self, keep: int) -> None:
         self.keep = keep
@@ -79,7 +78,7 @@ class MemoryLevel:
 
 
 def restore(
-    snap: MemorySnapshot, targets: dict[str, torch.Tensor], device: Any, mismatch: type[Exception]
+    snap: MemorySnapshot, targets: dict[str, torch.Tensor], device: Any
 ) -> dict[str, torch.Tensor] | None:
     """Copy a memory snapshot into ``targets`` (or new tensors); None if its pieces do not
     fit the targets' sharding (nothing is written then)."""
@@ -90,11 +89,7 @@ def restore(
     for name, item in snap.items.items():
         st = by_name[name]
         target = targets.get(name)
-        if target is not None and (target.dtype != st.dtype or tuple(target.shape) != item.global_shape):
-            raise mismatch(
-                f"tensor {name!r}: snapshot step {snap.step} has {dtype_name(st.dtype)} "
-                f"{list(item.global_shape)}, the target is {dtype_name(target.dtype)} {list(target.shape)}"
-            )
+        check_target(name, snap.step, st.dtype, item.global_shape, target)
         if target is not None and is_dtensor(target):
             dest, offsets, _ = dtensor_region(target, name)
             if offsets != item.offsets or tuple(dest.shape) != st.shape:

@@ -21,6 +21,7 @@ from ..store import TieredStore
 from ..tiers.base import Tier
 from ..tiers.local import LocalTier
 from ..tiers.object import ObjectTier
+from .memory import HOST
 
 #: Where a checkpointer backed by a TieredStore keeps snapshots inside each durable tier.
 STORE_PREFIX = f"{RESERVED_DIR}/checkpoints"
@@ -118,7 +119,7 @@ def resolve(
                 LevelSpec(lvl.name or _default_name(url), url, lvl.storage_options, lvl.every, lvl.keep_last)
             )
     names = [s.name for s in specs]
-    if len(set(names)) != len(names) or "host" in names:
+    if len(set(names)) != len(names) or HOST in names:
         raise ConfigError(
             f"checkpoint levels need distinct names other than 'host' (host memory), got {names}; pass name=..."
         )

@@ -18,6 +18,7 @@ from math import prod
 
 import torch
 
+from ..blob import dtype_name
 from ..errors import FmstoreError
 
 
@@ -30,6 +31,21 @@ class Piece:
     global_shape: tuple[int, ...]
     offsets: tuple[int, ...]
     writes: bool = True  # False: another rank writes these bytes (a replica)
+
+
+class LoadMismatchError(FmstoreError, ValueError):
+    """A snapshot tensor does not fit the target tensor it is loaded into (dtype or shape)."""
+
+
+def check_target(
+    name: str, step: int, dtype: torch.dtype, shape: tuple[int, ...], target: torch.Tensor | None
+) -> None:
+    """Raise :class:`LoadMismatchError` if ``target`` is not a ``dtype`` tensor of global ``shape``."""
+    if target is not None and (target.dtype != dtype or tuple(target.shape) != tuple(shape)):
+        raise LoadMismatchError(
+            f"tensor {name!r}: snapshot step {step} has {dtype_name(dtype)} {list(shape)}, "
+            f"the target is {dtype_name(target.dtype)} {list(target.shape)}"
+        )
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
