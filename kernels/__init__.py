@@ -1,7 +1,7 @@
 """CUDA kernels for the codec's GPU path, and the code that builds and loads them.
 
 ``planes.cu`` holds byte-plane split/merge and XOR delta, ``quant.cu`` blockwise int8
-quantization, each with a plain C ABI.  On first use
+quantization, ``huffman.cu`` the GPU codec chain (FMH1 blobs), each with a plain C ABI.  On first use
 on a CUDA machine it is compiled with ``nvcc`` for the current GPU's architecture into a
 per-user cache (``$FMSTORE_KERNEL_CACHE``, default ``~/.cache/fmstore/kernels``), keyed by
 the source's hash, and loaded with ctypes.  Each kernel's CPU reference, with identical
@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCES = {"planes": HERE / "planes.cu", "quant": HERE / "quant.cu"}
+SOURCES = {"planes": HERE / "planes.cu", "quant": HERE / "quant.cu", "huffman": HERE / "huffman.cu"}
 #: Each library's C functions: name -> argument types (all return an int cudaError_t).
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 SIGNATURES = {
@@ -29,7 +29,15 @@ SIGNATURES = {
         "fmstore_xor": [_P, _P, _P, _I64, _P],
     },
     "quant": {"fmstore_quantize": [_P, _P, _P, _I64, _P], "fmstore_dequantize": [_P, _P, _P, _I64, _P]},
+    "huffman": {
+        "fmstore_huff_encode": [_P, ctypes.c_int, ctypes.c_int, _P, _P, _I64, _P, _I64, _P, _P, _P, _P],
+        "fmstore_huff_decode": [_P, ctypes.c_int, _P, _P, _I64, _P, _I64, _P, _P, _P, _P],
+        "fmstore_huff_scratch_bytes": [_I64, _I64],
+        "fmstore_huff_max_bytes": [_I64, ctypes.c_int],
+    },
 }
+#: Functions that return a size (int64) rather than a cudaError_t.
+_SIZES = {"fmstore_huff_scratch_bytes", "fmstore_huff_max_bytes"}
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL] = {}
 
@@ -80,7 +88,9 @@ def load(name: str = "planes") -> ctypes.CDLL:
             return _loaded[name]
         source = SOURCES[name]
         arch = _arch()
-        digest = hashlib.sha256(source.read_bytes() + arch.encode()).hexdigest()[:16]
+        # Every source counts: a library may #include another's kernels.
+        text = b"".join(p.read_bytes() for p in sorted(HERE.glob("*.cu")))
+        digest = hashlib.sha256(text + arch.encode()).hexdigest()[:16]
         cache = Path(os.environ.get("FMSTORE_KERNEL_CACHE", Path.home() / ".cache" / "fmstore" / "kernels"))
         lib = cache / f"{name}-{arch}-{digest}.so"
         if not lib.exists():
@@ -95,6 +105,6 @@ def load(name: str = "planes") -> ctypes.CDLL:
         handle = ctypes.CDLL(str(lib))
         for fn, argtypes in SIGNATURES[name].items():
             getattr(handle, fn).argtypes = argtypes
-            getattr(handle, fn).restype = ctypes.c_int
+            getattr(handle, fn).restype = ctypes.c_int64 if fn in _SIZES else ctypes.c_int
         _loaded[name] = handle
         return handle

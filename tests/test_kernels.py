@@ -78,3 +78,128 @@ def test_libraries_build_and_export_their_functions(tmp_path, monkeypatch):
         for fn in functions:
             assert getattr(lib, fn).argtypes == functions[fn]
     assert len(list(tmp_path.glob("*.so"))) == len(kernels.SIGNATURES)
+
+
+def _huff_cases():
+    """(name, flat uint8 bytes, width): trained-like floats, skewed and flat bytes, one
+    repeated value, a distribution whose plain Huffman code is longer than MAX_LEN, sizes
+    around the chunk and sub-block edges."""
+    from fmstore.codec import huffman
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(300_001, generator=g) * 0.02
+    geo = torch.cat([torch.full((1 << k,), k, dtype=torch.uint8) for k in range(20)])  # 2**k of value k
+    return [
+        ("bf16", w.to(torch.bfloat16).view(torch.uint8), 2),
+        ("fp16", w.to(torch.float16).view(torch.uint8), 2),
+        ("fp32", w.view(torch.uint8), 4),
+        ("fp32-odd", w[:12_345].view(torch.uint8), 4),
+        ("bytes-random", torch.randint(0, 256, (huffman.CHUNK + 5,), generator=g, dtype=torch.uint8), 1),
+        ("bytes-skewed", (torch.randn(2 * huffman.CHUNK + 1000, generator=g).abs() * 3).to(torch.uint8), 1),
+        ("one-value", torch.full((5000,), 9, dtype=torch.uint8), 1),
+        ("long-codes", geo[torch.randperm(geo.numel(), generator=g)], 1),
+        ("empty", torch.empty(0, dtype=torch.uint8), 2),
+        ("tiny", torch.tensor([1, 2, 3, 4, 5, 6], dtype=torch.uint8), 2),
+        ("8-byte", torch.randn(5000, generator=g, dtype=torch.float64).view(torch.uint8), 8),
+    ]
+
+
+def test_huffman_cpu_round_trip_and_limits():
+    """CPU reference (what CI runs): exact round trips, code lengths within MAX_LEN."""
+    from fmstore.codec import huffman
+
+    for name, data, width in _huff_cases():
+        blob = huffman.encode(data, width)
+        out = torch.empty_like(data)
+        huffman.decode(blob, out, name=name)
+        assert torch.equal(out, data), name
+    counts = torch.tensor([1 << k for k in range(20)] + [0] * 236).numpy()
+    lens = huffman.code_lengths(counts)
+    # Plain Huffman gives these a 19-bit code; the limited one stays within MAX_LEN, complete.
+    assert (lens[:20] > 0).all() and lens.max() <= huffman.MAX_LEN
+    assert (2.0 ** -lens[lens > 0].astype(float)).sum() == 1
+
+
+def _delta_pair():
+    gen = torch.Generator().manual_seed(3)
+    a = (torch.randn(400_000, generator=gen) * 0.02).to(torch.bfloat16)
+    b = a + (torch.randn(400_000, generator=gen) * 1e-4).to(torch.bfloat16)
+    return a.view(torch.uint8), b.view(torch.uint8)
+
+
+def _damaged(clean: bytes, nbytes: int):
+    """(stream with one bit flipped mid-payload, the error it must raise) for every chunk."""
+    import numpy as np
+
+    from fmstore.codec import huffman
+
+    stream = np.frombuffer(clean, dtype=np.uint8)
+    for i, (lo, hi, at, size) in enumerate(huffman.read_directory(stream, nbytes)):
+        _, _, _, start, table = huffman.read_header(stream[at : at + size])
+        per_plane = -(-((hi - lo) // 2) // huffman.CHUNK)
+        for c in range(len(table)):
+            off, stored = int(table[c, 0]), int(table[c, 1])
+            bad = bytearray(clean)
+            bad[at + start + off + stored // 2] ^= 0x10
+            yield bad, rf"tensor 'w\.0': segment {i}, chunk {c} \(plane {c // per_plane}\)"
+
+
+def test_huffman_cpu_xor_and_damage():
+    """CPU reference: an XOR delta round trip, and a flipped bit in any chunk's payload is
+    reported with the tensor, segment, chunk and plane."""
+    from fmstore.codec import CodecError, huffman
+
+    ab, bb = _delta_pair()
+    clean = huffman.encode(bb, 2, base=ab)
+    out = torch.empty_like(bb)
+    assert torch.equal(huffman.decode(clean, out, base=ab), bb)
+    with pytest.raises(CodecError, match="XOR delta"):
+        huffman.decode(clean, out)
+    cases = list(_damaged(clean, bb.numel()))
+    assert len(cases) >= 6
+    for bad, want in cases:
+        with pytest.raises(CodecError, match=want):
+            huffman.decode(bytes(bad), torch.empty_like(bb), base=ab, name="w.0")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("offset", [0, 1])
+def test_gpu_huffman_matches_cpu(offset):
+    """The GPU chain writes exactly the CPU reference's FMHS bytes, device-resident and
+    through pinned memory; each side decodes the other's stream; a misaligned input
+    (offset 1) takes the byte-wise paths."""
+    from fmstore.codec import gpu as g
+    from fmstore.codec import huffman
+
+    big = (torch.randn(3_000_000, generator=torch.Generator().manual_seed(1)) * 0.02).to(torch.bfloat16)
+    for name, data, width in _huff_cases() + [("bf16-segments", big.view(torch.uint8), 2)]:
+        dev = torch.cat([torch.zeros(offset, dtype=torch.uint8), data]).cuda()[offset:]
+        want = huffman.encode(data, width)
+        assert g.huff_encode(dev, width).cpu().numpy().tobytes() == want, name
+        assert g.huff_encode_to_host(dev, width).numpy().tobytes() == want, name
+        back = torch.empty_like(dev)
+        g.huff_decode(torch.frombuffer(bytearray(want), dtype=torch.uint8).cuda(), back, width, name=name)
+        assert torch.equal(back.cpu(), data), name
+        host = torch.empty_like(data)
+        huffman.decode(want, host, name=name)
+        assert torch.equal(host, data), name
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_huffman_xor_and_damage():
+    """XOR delta on the GPU equals the CPU's; a flipped bit in any chunk's payload is
+    reported with the tensor, segment and chunk by the GPU decoder too."""
+    from fmstore.codec import CodecError, huffman
+    from fmstore.codec import gpu as g
+
+    ab, bb = _delta_pair()
+    clean = huffman.encode(bb, 2, base=ab)
+    assert g.huff_encode(bb.cuda(), 2, base=ab.cuda()).cpu().numpy().tobytes() == clean
+    out = torch.empty_like(bb).cuda()
+    up = torch.frombuffer(bytearray(clean), dtype=torch.uint8).cuda()
+    assert torch.equal(g.huff_decode(up, out, 2, base=ab.cuda()).cpu(), bb)
+    for bad, want in _damaged(clean, bb.numel()):
+        with pytest.raises(CodecError, match=want):
+            g.huff_decode(torch.frombuffer(bad, dtype=torch.uint8).cuda(), out, 2, base=ab.cuda(), name="w.0")

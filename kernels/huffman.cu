@@ -1,0 +1,670 @@
+// The GPU codec chain: byte planes, then per chunk a canonical Huffman code or the raw bytes,
+// written in the FMH1 layout that fmstore/codec/huffman.py documents and reproduces byte for
+// byte on the CPU (tests/test_kernels.py compares the two on a CUDA machine).
+//
+// Encode, all on the caller's stream, no host round trip:
+//   split      planes of the input (planes.cu's kernels)
+//   hist       per-chunk byte histograms and chunk checks (order-free sums)
+//   build      per chunk: length-limited Huffman lengths, canonical codes, exact sizes, mode
+//   layout     per segment: chunk offsets (one block scans them), header and chunk table
+//   emit       per chunk, one thread per 1024-symbol sub-block: bit counts, a block scan,
+//              then the bits; raw chunks are copied
+// Decode: one block per chunk; the payload staged and a 4096-entry table in shared memory,
+// one thread per sub-block, each checking it ends where its stored bit length says, then the
+// chunk check; then merge.  Errors (damaged or foreign blob) are recorded in a device int pair
+// (code, chunk) per segment.  Each kernel is launched once for all segments of a tensor.
+//
+// Plain C ABI, called through ctypes with raw device pointers.
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "planes.cu"
+
+namespace fmh {
+
+constexpr int CHUNK = 1 << 17;
+constexpr int SUB = 1024;
+constexpr int NSUB = CHUNK / SUB;  // threads of an emit/decode block
+constexpr int MAX_LEN = 12;
+constexpr int HEADER = 32;
+constexpr int ENTRY = 24;
+constexpr int RAW = 0, HUFF = 1;
+constexpr int HIST_SLICE = 1 << 15;  // symbols per histogram block
+
+__host__ __device__ inline int64_t align4(int64_t n) { return (n + 3) & ~int64_t(3); }
+
+__device__ inline uint64_t mix(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// Word j (4 symbols, zero padded past m) of a chunk starting at `src`.
+__device__ inline uint32_t load_word(const uint8_t* src, int64_t j, int64_t m, bool aligned) {
+  int64_t i = 4 * j;
+  if (aligned && i + 4 <= m) return reinterpret_cast<const uint32_t*>(src)[j];
+  uint32_t w = 0;
+  for (int k = 0; k < 4; ++k)
+    if (i + k < m) w |= (uint32_t)src[i + k] << (8 * k);
+  return w;
+}
+
+// Host-built descriptors (int64 rows), one launch covering every segment of a tensor.
+// Segment row: begin byte, bytes, first chunk, chunks, blob offset, blob length, chunks per plane, 0.
+// Chunk row:   symbols' offset in the planes buffer, symbols, segment, index in segment, plane, 0.
+constexpr int SEG_COLS = 8, CHUNK_COLS = 6;
+
+struct Chunk {
+  int64_t src, m, seg, local, plane;
+  __device__ explicit Chunk(const int64_t* chunks, int64_t c) {
+    const int64_t* r = chunks + c * CHUNK_COLS;
+    src = r[0];
+    m = r[1];
+    seg = r[2];
+    local = r[3];
+    plane = r[4];
+  }
+};
+
+// Calls f(j, word j) for words [0, nw) of a chunk whose bytes start at `src` (m bytes, zero
+// padded to a word).  Coalesced, with eight loads in flight per thread where `src` is
+// word-aligned: a block of few warps otherwise waits out one memory latency per word.
+template <typename F>
+__device__ inline void for_words(const uint8_t* src, int64_t m, int64_t j0, int64_t j1, F f) {
+  int64_t step = blockDim.x, j = j0 + threadIdx.x;
+  int64_t full = min(j1, m / 4);  // words wholly inside the chunk
+  if ((((uintptr_t)src) & 3) == 0) {
+    const uint32_t* w32 = reinterpret_cast<const uint32_t*>(src);
+    for (; j + 7 * step < full; j += 8 * step) {
+      uint32_t w[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) w[u] = __ldg(w32 + j + u * step);
+#pragma unroll
+      for (int u = 0; u < 8; ++u) f(j + u * step, w[u]);
+    }
+  }
+  for (; j < j1; j += step) f(j, load_word(src, j, m, (((uintptr_t)src) & 3) == 0));
+}
+
+// ---------------------------------------------------------------- hist
+
+__global__ void hist(const uint8_t* planes, const int64_t* chunks, uint32_t* counts, unsigned long long* checks) {
+  __shared__ uint32_t h[8][256];  // one histogram per warp: fewer collisions on hot bytes
+  int64_t c = blockIdx.x;
+  Chunk k(chunks, c);
+  int64_t m = k.m;
+  for (int i = threadIdx.x; i < 8 * 256; i += blockDim.x) (&h[0][0])[i] = 0;
+  __syncthreads();
+  const uint8_t* src = planes + k.src;
+  int warp = threadIdx.x >> 5;
+  int64_t words = (m + 3) / 4;
+  int64_t j0 = (int64_t)blockIdx.y * (HIST_SLICE / 4);
+  int64_t j1 = min(words, j0 + HIST_SLICE / 4);
+  uint64_t sum = 0;
+  for_words(src, m, j0, j1, [&](int64_t j, uint32_t w) {
+    sum += mix((uint64_t)w | ((uint64_t)j << 32));
+    int valid = (int)min((int64_t)4, m - 4 * j);
+    for (int q = 0; q < valid; ++q) atomicAdd(&h[warp][(w >> (8 * q)) & 255], 1u);
+  });
+  for (int off = 16; off; off >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, off);
+  if ((threadIdx.x & 31) == 0 && sum) atomicAdd(checks + c, (unsigned long long)sum);
+  __syncthreads();
+  for (int s = threadIdx.x; s < 256; s += blockDim.x) {
+    uint32_t t = 0;
+    for (int q = 0; q < 8; ++q) t += h[q][s];
+    if (t) atomicAdd(counts + c * 256 + s, t);
+  }
+}
+
+// ---------------------------------------------------------------- build
+
+// Per chunk (one block of 256 threads, thread = byte value): the same construction as
+// code_lengths()/canonical_codes() in huffman.py, then the exact stored sizes.
+__global__ void build(const int64_t* chunks, const uint32_t* counts, uint32_t* codes, uint8_t* nibbles,
+                      uint32_t* stored, uint32_t* mode) {
+  __shared__ uint32_t w[256];
+  __shared__ uint16_t order[256];
+  __shared__ uint32_t weight[511];
+  __shared__ uint16_t parent[511];
+  __shared__ uint8_t depth[511];
+  __shared__ uint8_t lens[256];
+  __shared__ int n_sh, ok_sh;
+  __shared__ uint32_t first[MAX_LEN + 2];
+  __shared__ unsigned long long bits_sh;
+  __shared__ uint32_t lo_sh, hi_sh;
+  int64_t c = blockIdx.x;
+  int s = threadIdx.x;
+  int64_t m = Chunk(chunks, c).m;
+  w[s] = counts[c * 256 + s];
+  lens[s] = 0;
+  if (s == 0) {
+    bits_sh = 0;
+    lo_sh = 0xffffffffu;
+    hi_sh = 0;
+  }
+  __syncthreads();
+  // Every value present and none more than twice as common as another: no code saves 2%
+  // (entropy >= 7.918 bits), so raw without building one; huffman.py applies the same rule.
+  atomicMin(&lo_sh, w[s]);
+  atomicMax(&hi_sh, w[s]);
+  __syncthreads();
+  if (lo_sh > 0 && hi_sh <= 2 * lo_sh) {
+    codes[c * 256 + s] = 0;
+    if (s == 0) {
+      stored[c] = (uint32_t)align4(m);
+      mode[c] = RAW;
+    }
+    return;
+  }
+  for (;;) {
+    // Rank among present values by (count, value): their sorted order.
+    uint32_t ws = w[s];
+    int rank = 0, n = 0;
+    for (int u = 0; u < 256; ++u) {
+      uint32_t wu = w[u];
+      n += wu != 0;
+      rank += wu != 0 && (wu < ws || (wu == ws && u < s));
+    }
+    if (ws) order[rank] = (uint16_t)s;
+    if (s == 0) n_sh = n;
+    __syncthreads();
+    n = n_sh;
+    if (n <= 1) {
+      if (n == 1 && s == order[0]) lens[s] = 1;
+      break;
+    }
+    if (n == 256 && w[order[255]] <= w[order[0]] + w[order[1]]) {
+      lens[s] = 8;  // balanced: see code_lengths() in huffman.py
+      break;
+    }
+    if (s == 0) {
+      for (int i = 0; i < n; ++i) weight[i] = w[order[i]];
+      int leaf = 0, inner = n, nxt = n;
+      for (int k = 0; k < n - 1; ++k) {
+        int pick[2];
+        for (int t = 0; t < 2; ++t) {
+          if (leaf < n && (inner >= nxt || weight[leaf] <= weight[inner])) pick[t] = leaf++;
+          else pick[t] = inner++;
+        }
+        weight[nxt] = weight[pick[0]] + weight[pick[1]];
+        parent[pick[0]] = parent[pick[1]] = (uint16_t)nxt;
+        ++nxt;
+      }
+      ok_sh = 1;
+    }
+    __syncthreads();
+    // Each leaf's depth: the steps up to the root (every thread walks its own).
+    int d = 0;
+    if (ws) {
+      for (int node = rank; node != 2 * n - 2; node = parent[node]) ++d;
+      if (d > MAX_LEN) ok_sh = 0;
+      depth[rank] = (uint8_t)min(d, 255);
+    }
+    __syncthreads();
+    if (ok_sh) {
+      if (ws) lens[s] = depth[rank];
+      break;
+    }
+    if (ws) w[s] = (ws >> 1) | 1;
+    __syncthreads();
+  }
+  __syncthreads();
+  // Canonical codes: first code of each length, then rank among values of the same length.
+  if (s == 0) {
+    uint32_t count[MAX_LEN + 1] = {0};
+    for (int u = 0; u < 256; ++u) count[lens[u]]++;
+    uint32_t code = 0;
+    count[0] = 0;
+    for (int l = 1; l <= MAX_LEN; ++l) {
+      first[l] = code;
+      code = (code + count[l]) << 1;
+    }
+  }
+  __syncthreads();
+  int l = lens[s];
+  uint32_t out = 0;
+  if (l) {
+    uint32_t code = first[l];
+    for (int u = 0; u < s; ++u) code += lens[u] == l;
+    uint32_t rev = __brev(code) >> (32 - l);
+    out = rev | ((uint32_t)l << 16);
+    atomicAdd(&bits_sh, (unsigned long long)counts[c * 256 + s] * l);
+  }
+  codes[c * 256 + s] = out;
+  if ((s & 1) == 0) nibbles[c * 128 + s / 2] = (uint8_t)(lens[s] | (lens[s + 1] << 4));
+  __syncthreads();
+  if (s == 0) {
+    int64_t nsub = (m + SUB - 1) / SUB;
+    int64_t huff = 128 + align4(2 * nsub) + 4 * (int64_t)((bits_sh + 31) / 32);
+    bool use = huff * 50 < m * 49;
+    stored[c] = (uint32_t)(use ? huff : align4(m));
+    mode[c] = use ? HUFF : RAW;
+  }
+}
+
+// ---------------------------------------------------------------- layout
+
+// One block per segment: its chunk offsets by a scan, its header and chunk table, its length.
+__global__ void layout(const int64_t* segs, const int64_t* chunks, int width, int flags, const uint32_t* stored,
+                       const uint32_t* mode, const unsigned long long* checks, uint64_t* offsets,
+                       uint8_t* arena, int64_t* sizes) {
+  __shared__ uint64_t carry;
+  __shared__ uint64_t part[1024];
+  const int64_t* sg = segs + blockIdx.x * SEG_COLS;
+  int64_t nbytes = sg[1], first = sg[2], nchunks = sg[3];
+  uint8_t* blob = arena + sg[4];
+  if (threadIdx.x == 0) carry = 0;
+  __syncthreads();
+  for (int64_t base = 0; base < nchunks; base += blockDim.x) {
+    int64_t l = base + threadIdx.x;
+    int64_t c = first + l;
+    uint64_t v = l < nchunks ? stored[c] : 0;
+    part[threadIdx.x] = v;
+    __syncthreads();
+    for (int off = 1; off < (int)blockDim.x; off <<= 1) {
+      uint64_t t = threadIdx.x >= (unsigned)off ? part[threadIdx.x - off] : 0;
+      __syncthreads();
+      part[threadIdx.x] += t;
+      __syncthreads();
+    }
+    uint64_t excl = carry + part[threadIdx.x] - v;
+    if (l < nchunks) {
+      offsets[c] = excl;
+      uint32_t* e = reinterpret_cast<uint32_t*>(blob + HEADER + l * ENTRY);
+      e[0] = (uint32_t)excl;
+      e[1] = (uint32_t)(excl >> 32);
+      e[2] = stored[c];
+      e[3] = mode[c];
+      e[4] = (uint32_t)checks[c];
+      e[5] = (uint32_t)(checks[c] >> 32);
+    }
+    __syncthreads();
+    if (threadIdx.x == blockDim.x - 1) carry += part[threadIdx.x];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    uint32_t* h = reinterpret_cast<uint32_t*>(blob);
+    h[0] = 0x31484D46u;  // "FMH1"
+    h[1] = 1;
+    h[2] = (uint32_t)nbytes;
+    h[3] = (uint32_t)((uint64_t)nbytes >> 32);
+    h[4] = (uint32_t)width;
+    h[5] = (uint32_t)nchunks;
+    h[6] = (uint32_t)flags;
+    h[7] = CHUNK;
+    sizes[blockIdx.x] = HEADER + ENTRY * nchunks + (int64_t)carry;
+  }
+}
+
+// ---------------------------------------------------------------- emit
+
+constexpr int STAGE_STRIDE = SUB + 16;  // a sub-block's bytes in shared memory, skewed by 16
+constexpr int EMIT_SMEM = NSUB * STAGE_STRIDE;
+
+__global__ void __launch_bounds__(NSUB) emit(const uint8_t* planes, const int64_t* segs, const int64_t* chunks,
+                                             const uint32_t* codes, const uint8_t* nibbles, const uint32_t* mode,
+                                             const uint64_t* offsets, uint8_t* arena) {
+  extern __shared__ __align__(16) uint8_t stage[];
+  __shared__ uint32_t tab[256];
+  __shared__ uint32_t scan[NSUB];
+  int64_t c = blockIdx.x;
+  Chunk k(chunks, c);
+  int64_t m = k.m;
+  const int64_t* sg = segs + k.seg * SEG_COLS;
+  const uint8_t* src = planes + k.src;
+  uint8_t* dst = arena + sg[4] + HEADER + ENTRY * sg[3] + offsets[c];
+  int t = threadIdx.x;
+  if (mode[c] == RAW) {
+    uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+    for_words(src, m, 0, (m + 3) / 4, [&](int64_t j, uint32_t w) { d[j] = w; });
+    return;
+  }
+  // Stage the chunk in shared memory with coalesced loads: each thread then reads its own
+  // sub-block from there instead of waiting on global memory symbol by symbol.
+  for_words(src, m, 0, (m + 3) / 4, [&](int64_t j, uint32_t w) {
+    int64_t sb = j / (SUB / 4), i = j % (SUB / 4);
+    *reinterpret_cast<uint32_t*>(stage + sb * STAGE_STRIDE + 4 * i) = w;
+  });
+  for (int s = t; s < 256; s += blockDim.x) tab[s] = codes[c * 256 + s];
+  if (t < 32) reinterpret_cast<uint32_t*>(dst)[t] = reinterpret_cast<const uint32_t*>(nibbles + c * 128)[t];
+  __syncthreads();
+  int64_t nsub = (m + SUB - 1) / SUB;
+  int64_t s0 = (int64_t)t * SUB;
+  int count = (int)max((int64_t)0, min((int64_t)SUB, m - s0));
+  const uint8_t* mine = stage + t * STAGE_STRIDE;
+  // Pass 1: this sub-block's bit length (bytes past `count` in the stage are never read).
+  uint32_t bits = 0;
+  for (int q = 0; q < count / 16; ++q) {
+    uint4 v = reinterpret_cast<const uint4*>(mine)[q];
+    uint32_t ws[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int u = 0; u < 16; ++u) bits += tab[(ws[u >> 2] >> (8 * (u & 3))) & 255] >> 16;
+  }
+  for (int i = count & ~15; i < count; ++i) bits += tab[mine[i]] >> 16;
+  scan[t] = bits;
+  __syncthreads();
+  for (int off = 1; off < NSUB; off <<= 1) {
+    uint32_t v = t >= off ? scan[t - off] : 0;
+    __syncthreads();
+    scan[t] += v;
+    __syncthreads();
+  }
+  uint64_t start = scan[t] - bits;
+  uint16_t* sub_bits = reinterpret_cast<uint16_t*>(dst + 128);
+  if (t < nsub) sub_bits[t] = (uint16_t)bits;
+  if (t == nsub && (nsub & 1)) sub_bits[t] = 0;  // zero pad to 4 bytes
+  uint32_t* stream = reinterpret_cast<uint32_t*>(dst + 128 + align4(2 * nsub));
+  int64_t first_w = start >> 5, last_w = (start + bits + 31) / 32 - 1;
+  // Boundary words are shared with the neighbours and OR-ed in: zero them first.
+  if (count) {
+    stream[first_w] = 0;
+    stream[last_w] = 0;
+  }
+  __syncthreads();
+  if (!count) return;
+  uint64_t acc = 0;
+  int nb = (int)(start & 31);
+  int64_t wi = first_w;
+  auto put = [&](uint32_t word) {
+    if (wi == first_w || wi == last_w) atomicOr(stream + wi, word);
+    else stream[wi] = word;
+    ++wi;
+  };
+  auto one = [&](uint32_t sym) {
+    uint32_t e = tab[sym];
+    acc |= (uint64_t)(e & 0xffffu) << nb;
+    nb += e >> 16;
+    if (nb >= 32) {
+      put((uint32_t)acc);
+      acc >>= 32;
+      nb -= 32;
+    }
+  };
+  for (int q = 0; q < count / 16; ++q) {
+    uint4 v = reinterpret_cast<const uint4*>(mine)[q];
+    uint32_t ws[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int u = 0; u < 16; ++u) one((ws[u >> 2] >> (8 * (u & 3))) & 255);
+  }
+  for (int i = count & ~15; i < count; ++i) one(mine[i]);
+  if (nb > 0) put((uint32_t)acc);
+}
+
+// ---------------------------------------------------------------- decode
+
+__device__ inline void fail(int* err, int code, int64_t c) {
+  if (atomicCAS(err, 0, code) == 0) err[1] = (int)c;
+}
+
+constexpr int TABLE_BYTES = (1 << MAX_LEN) * 2;
+constexpr int UNPACK_SMEM = TABLE_BYTES + CHUNK + 16;  // table, then the payload staged
+
+// One block per chunk of every segment.  `stream` holds the segments' blobs at the offsets in
+// the segment rows; errors go to err[2 * segment].
+__global__ void __launch_bounds__(NSUB) unpack(const uint8_t* stream, const int64_t* segs, const int64_t* chunks,
+                                               int width, uint8_t* planes, int* errs) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint16_t* table = reinterpret_cast<uint16_t*>(smem);
+  uint32_t* staged = reinterpret_cast<uint32_t*>(smem + TABLE_BYTES);
+  __shared__ uint8_t lens[256];
+  __shared__ uint32_t first[MAX_LEN + 2];
+  __shared__ uint32_t scan[NSUB];
+  __shared__ unsigned long long check_sh;
+  __shared__ int bad_sh;
+  Chunk k(chunks, blockIdx.x);
+  int64_t m = k.m, c = k.local;
+  const int64_t* sg = segs + k.seg * SEG_COLS;
+  int64_t nchunks = sg[3];
+  int* err = errs + 2 * k.seg;
+  const uint8_t* blob = stream + sg[4];
+  int64_t blob_bytes = sg[5];
+  int t = threadIdx.x;
+  int64_t start_payload = HEADER + ENTRY * nchunks;
+  if (blob_bytes < start_payload) {
+    if (t == 0) fail(err, 8, c);
+    return;
+  }
+  if (c == 0 && t == 0) {
+    const uint32_t* h = reinterpret_cast<const uint32_t*>(blob);
+    uint64_t nb = h[2] | ((uint64_t)h[3] << 32);
+    if (h[0] != 0x31484D46u || h[1] != 1 || nb != (uint64_t)sg[1] || h[4] != (uint32_t)width ||
+        h[5] != (uint32_t)nchunks || h[7] != CHUNK)
+      fail(err, 8, -1);
+  }
+  const uint32_t* e = reinterpret_cast<const uint32_t*>(blob + HEADER + c * ENTRY);
+  uint64_t off = e[0] | ((uint64_t)e[1] << 32);
+  uint32_t stored = e[2], md = e[3];
+  uint64_t want = e[4] | ((uint64_t)e[5] << 32);
+  if (start_payload + off + stored > (uint64_t)blob_bytes || (stored & 3) || (off & 3)) {
+    if (t == 0) fail(err, 1, c);
+    return;
+  }
+  const uint32_t* body = reinterpret_cast<const uint32_t*>(blob + start_payload + off);
+  uint8_t* out = planes + k.src;
+  bool aligned = (((uintptr_t)out) & 3) == 0;
+  if (t == 0) {
+    check_sh = 0;
+    bad_sh = 0;
+  }
+  __syncthreads();
+  uint64_t sum = 0;
+  if (md == RAW) {
+    if (stored != align4(m)) {
+      if (t == 0) fail(err, 2, c);
+      return;
+    }
+    const uint8_t* src = reinterpret_cast<const uint8_t*>(body);
+    for_words(src, align4(m), 0, (m + 3) / 4, [&](int64_t j, uint32_t w) {
+      sum += mix((uint64_t)w | ((uint64_t)j << 32));
+      if (aligned && 4 * j + 4 <= m) reinterpret_cast<uint32_t*>(out)[j] = w;
+      else
+        for (int q = 0; q < 4 && 4 * j + q < m; ++q) out[4 * j + q] = (uint8_t)(w >> (8 * q));
+    });
+  } else if (md == HUFF) {
+    if (stored > CHUNK) {  // a huff chunk is always smaller than its raw form
+      if (t == 0) fail(err, 4, c);
+      return;
+    }
+    int64_t nsub = (m + SUB - 1) / SUB;
+    // Stage the payload with coalesced loads: the decoders' reads then hit shared memory.
+    for_words(reinterpret_cast<const uint8_t*>(body), stored, 0, stored / 4, [&](int64_t j, uint32_t w) { staged[j] = w; });
+    for (int i = t; i < (1 << MAX_LEN); i += blockDim.x) table[i] = 0;
+    __syncthreads();
+    const uint8_t* sb = reinterpret_cast<const uint8_t*>(staged);
+    for (int s = t; s < 256; s += blockDim.x) {
+      uint8_t nib = sb[s >> 1];
+      lens[s] = (s & 1) ? nib >> 4 : nib & 15;
+    }
+    __syncthreads();
+    if (t == 0) {
+      uint32_t count[16] = {0};
+      for (int u = 0; u < 256; ++u) count[lens[u]]++;
+      uint32_t code = 0, kraft = 0;
+      for (int l = 1; l <= MAX_LEN; ++l) {
+        first[l] = code;
+        code = (code + count[l]) << 1;
+        kraft += count[l] << (MAX_LEN - l);
+      }
+      for (int l = MAX_LEN + 1; l < 16; ++l) kraft += count[l] ? (1u << 30) : 0;
+      if (kraft > (1u << MAX_LEN)) bad_sh = 1;
+    }
+    __syncthreads();
+    if (bad_sh) {
+      if (t == 0) fail(err, 3, c);
+      return;
+    }
+    for (int s = t; s < 256; s += blockDim.x) {
+      int l = lens[s];
+      if (!l) continue;
+      uint32_t code = first[l];
+      for (int u = 0; u < s; ++u) code += lens[u] == l;
+      uint32_t rev = __brev(code) >> (32 - l);
+      for (uint32_t q = 0; q < (1u << (MAX_LEN - l)); ++q) table[rev | (q << l)] = (uint16_t)(s | (l << 8));
+    }
+    const uint16_t* sub_bits = reinterpret_cast<const uint16_t*>(sb + 128);
+    uint32_t bits = t < nsub ? sub_bits[t] : 0;
+    scan[t] = bits;
+    __syncthreads();
+    for (int o = 1; o < NSUB; o <<= 1) {
+      uint32_t v = t >= o ? scan[t - o] : 0;
+      __syncthreads();
+      scan[t] += v;
+      __syncthreads();
+    }
+    int64_t stream_at = 128 + align4(2 * nsub);
+    int64_t total = scan[NSUB - 1];
+    if (stream_at + 4 * ((total + 31) / 32) != stored) {
+      if (t == 0) fail(err, 4, c);
+      return;
+    }
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(sb + stream_at);
+    int64_t nwords = (total + 31) / 32;
+    uint64_t pos = scan[t] - bits;
+    int64_t s0 = (int64_t)t * SUB;
+    int count = (int)max((int64_t)0, min((int64_t)SUB, m - s0));
+    int64_t wi = pos >> 5;
+    auto word = [&](int64_t i) -> uint64_t { return i < nwords ? words[i] : 0u; };
+    uint64_t buf = (word(wi) | (word(wi + 1) << 32)) >> (pos & 31);
+    int avail = 64 - (int)(pos & 31);
+    wi += 2;
+    uint32_t used = 0;
+    bool bad = false;
+    uint32_t pack = 0;
+    for (int i = 0; i < count; ++i) {
+      if (avail < 32) {
+        buf |= word(wi++) << avail;
+        avail += 32;
+      }
+      uint32_t en = table[buf & ((1u << MAX_LEN) - 1)];
+      uint32_t l = en >> 8;
+      bad |= l == 0;
+      l = l ? l : 1;
+      buf >>= l;
+      avail -= l;
+      used += l;
+      pack |= (en & 255u) << (8 * (i & 3));
+      if ((i & 3) == 3) {
+        int64_t j = (s0 >> 2) + (i >> 2);
+        sum += mix((uint64_t)pack | ((uint64_t)j << 32));
+        if (aligned) reinterpret_cast<uint32_t*>(out)[j] = pack;
+        else
+          for (int q = 0; q < 4; ++q) out[4 * j + q] = (uint8_t)(pack >> (8 * q));
+        pack = 0;
+      }
+    }
+    if (count & 3) {
+      int64_t j = (s0 + count) >> 2;
+      sum += mix((uint64_t)pack | ((uint64_t)j << 32));
+      for (int q = 0; q < (count & 3); ++q) out[4 * j + q] = (uint8_t)(pack >> (8 * q));
+    }
+    if (bad || (count && used != bits)) fail(err, 5, c);
+  } else {
+    if (t == 0) fail(err, 6, c);
+    return;
+  }
+  for (int o = 16; o; o >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, o);
+  if ((t & 31) == 0) atomicAdd(&check_sh, (unsigned long long)sum);
+  __syncthreads();
+  if (t == 0 && check_sh != want) fail(err, 7, c);
+}
+
+int set_smem() {
+  static int done = 0;
+  if (done) return 0;
+  cudaError_t rc = cudaFuncSetAttribute(emit, cudaFuncAttributeMaxDynamicSharedMemorySize, EMIT_SMEM);
+  if (!rc) rc = cudaFuncSetAttribute(unpack, cudaFuncAttributeMaxDynamicSharedMemorySize, UNPACK_SMEM);
+  if (!rc) done = 1;
+  return (int)rc;
+}
+
+}  // namespace fmh
+
+extern "C" {
+
+// The most bytes one segment's FMH1 blob can take (every chunk raw).
+int64_t fmstore_huff_max_bytes(int64_t nbytes, int width) {
+  int64_t per_plane = (nbytes / width + fmh::CHUNK - 1) / fmh::CHUNK;
+  int64_t nchunks = per_plane * width;
+  return fmh::HEADER + fmh::ENTRY * nchunks + nchunks * 4 + nbytes;
+}
+
+// Device scratch the encoder needs for `nbytes` in `nchunks` chunks.
+int64_t fmstore_huff_scratch_bytes(int64_t nbytes, int64_t nchunks) {
+  return ((fmh::align4(nbytes) + 15) & ~int64_t(15)) + nchunks * (256 * 4 + 8 + 256 * 4 + 8 + 4 + 4 + 128) + 64;
+}
+
+// Encode every segment of flat `data` (rows in segs/chunks, built by fmstore/codec/gpu.py) into
+// `arena` at the segments' blob offsets; segment i's blob length goes to device sizes[i].
+// `segs_host` is the host copy of the segment rows (for the per-segment plane splits).
+int fmstore_huff_encode(const uint8_t* data, int width, int flags, const int64_t* segs, const int64_t* segs_host,
+                        int64_t nseg, const int64_t* chunks, int64_t nchunks, uint8_t* arena, int64_t* sizes,
+                        uint8_t* scratch, cudaStream_t stream) {
+  using namespace fmh;
+  if (nseg == 0) return 0;
+  int rc = set_smem();
+  if (rc) return rc;
+  int64_t nbytes = segs_host[(nseg - 1) * SEG_COLS] + segs_host[(nseg - 1) * SEG_COLS + 1];
+  uint8_t* planes_buf = scratch;
+  int64_t at = (align4(nbytes) + 15) & ~int64_t(15);
+  uint32_t* counts = reinterpret_cast<uint32_t*>(scratch + at);
+  at += nchunks * 256 * 4;
+  unsigned long long* checks = reinterpret_cast<unsigned long long*>(scratch + at);
+  at += nchunks * 8;
+  int64_t zero_bytes = nchunks * (256 * 4 + 8);
+  uint32_t* codes = reinterpret_cast<uint32_t*>(scratch + at);
+  at += nchunks * 256 * 4;
+  uint64_t* offsets = reinterpret_cast<uint64_t*>(scratch + at);
+  at += nchunks * 8;
+  uint32_t* stored = reinterpret_cast<uint32_t*>(scratch + at);
+  at += nchunks * 4;
+  uint32_t* mode = reinterpret_cast<uint32_t*>(scratch + at);
+  at += nchunks * 4;
+  uint8_t* nibbles = scratch + at;
+  cudaError_t e = cudaMemsetAsync(counts, 0, zero_bytes, stream);
+  if (e) return (int)e;
+  const uint8_t* planes = data;
+  if (width > 1) {
+    for (int64_t s = 0; s < nseg; ++s) {
+      int64_t begin = segs_host[s * SEG_COLS], len = segs_host[s * SEG_COLS + 1];
+      rc = fmstore_split(data + begin, planes_buf + begin, len / width, width, stream);
+      if (rc) return rc;
+    }
+    planes = planes_buf;
+  }
+  if (nchunks) {
+    hist<<<dim3((unsigned)nchunks, CHUNK / HIST_SLICE), 256, 0, stream>>>(planes, chunks, counts, checks);
+    build<<<(unsigned)nchunks, 256, 0, stream>>>(chunks, counts, codes, nibbles, stored, mode);
+  }
+  layout<<<(unsigned)nseg, 1024, 0, stream>>>(segs, chunks, width, flags, stored, mode, checks, offsets, arena, sizes);
+  if (nchunks)
+    emit<<<(unsigned)nchunks, NSUB, EMIT_SMEM, stream>>>(planes, segs, chunks, codes, nibbles, mode, offsets, arena);
+  return (int)cudaGetLastError();
+}
+
+// Decode the segments' blobs in `stream` (segment rows give each blob's offset and length)
+// into `out`, through `planes_buf` (the same size) when width > 1.  errs (2 device ints per
+// segment, zeroed by the caller) get (code, chunk) of a segment's first damaged chunk.
+int fmstore_huff_decode(const uint8_t* stream, int width, const int64_t* segs, const int64_t* segs_host,
+                        int64_t nseg, const int64_t* chunks, int64_t nchunks, uint8_t* out, uint8_t* planes_buf,
+                        int* errs, cudaStream_t stream_) {
+  using namespace fmh;
+  if (nchunks == 0) return 0;
+  int rc = set_smem();
+  if (rc) return rc;
+  uint8_t* planes = width > 1 ? planes_buf : out;
+  unpack<<<(unsigned)nchunks, NSUB, UNPACK_SMEM, stream_>>>(stream, segs, chunks, width, planes, errs);
+  cudaError_t e = cudaGetLastError();
+  if (e) return (int)e;
+  if (width > 1) {
+    for (int64_t s = 0; s < nseg; ++s) {
+      int64_t begin = segs_host[s * SEG_COLS], len = segs_host[s * SEG_COLS + 1];
+      rc = fmstore_merge(planes + begin, out + begin, len / width, width, stream_);
+      if (rc) return rc;
+    }
+  }
+  return 0;
+}
+
+}  // extern "C"
