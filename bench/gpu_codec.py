@@ -109,7 +109,7 @@ def bench_one(label: str, t: torch.Tensor, repeats: int, rows: list[dict[str, An
         rows.append(r)
         enc = f"{r['enc_GBps']:8.1f}" if enc_s else "       -"
         dec = f"{r['dec_GBps']:8.1f}" if dec_s else "       -"
-        print(f"{label:<14} {codec:<22} {ratio:7.4f} {enc} {dec}  {note}", flush=True)
+        print(f"{label:<20} {codec:<22} {ratio:7.4f} {enc} {dec}  {note}", flush=True)
 
     pinned = torch.empty(n, dtype=torch.uint8, pin_memory=True)
     raw_s, _ = timed(lambda: pinned.copy_(b, non_blocking=True), repeats)
@@ -174,20 +174,24 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--weights", help="folder with minilm_encoder.fmc1 and .json")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--tile", type=int, default=12, help="also time the weights repeated this many times (fp32)")
     args = ap.parse_args()
     machine_info("/tmp", "cuda")
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     w = encoder_layers(args.weights)
     data = {"minilm-enc bf16": w.to(torch.bfloat16), "minilm-enc fp32": w}
+    if args.tile > 1:  # the same real bytes repeated: throughput at checkpoint scale
+        data[f"minilm-enc bf16 x{2 * args.tile}"] = w.to(torch.bfloat16).repeat(2 * args.tile)
+        data[f"minilm-enc fp32 x{args.tile}"] = w.repeat(args.tile)
     data.update({f"adam {k}": v for k, v in moments(args.steps).items()})
-    print(f"{'data':<14} {'codec':<22} {'ratio':>7} {'enc GB/s':>8} {'dec GB/s':>8}")
+    print(f"{'data':<20} {'codec':<22} {'ratio':>7} {'enc GB/s':>8} {'dec GB/s':>8}")
     rows: list[dict[str, Any]] = []
     summary = {label: bench_one(label, t, args.repeats, rows) for label, t in data.items()}
     print("\nsummary (fmstore vs cuZipNN, GPU tensor -> pinned host blob):")
     for label, r in summary.items():
         if "cz_to_host" in r:
             print(
-                f"  {label:<16} throughput {r['to_host'] / r['cz_to_host']:.2f}x, ratio "
+                f"  {label:<20} throughput {r['to_host'] / r['cz_to_host']:.2f}x, ratio "
                 f"{r['ratio'] / r['cz_ratio']:.4f}x; back {r['back'] / r['cz_back']:.2f}x; device-resident "
                 f"encode {r['dev_enc']:.0f} GB/s, decode {r['dev_dec']:.0f} GB/s; to host "
                 f"{r['to_host'] / r['raw_GBps']:.2f}x the raw copy; GPU==CPU bytes {bool(r['same'])}"

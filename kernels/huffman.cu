@@ -132,7 +132,7 @@ __global__ void build(const int64_t* chunks, const uint32_t* counts, uint32_t* c
   __shared__ uint8_t lens[256];
   __shared__ int n_sh, ok_sh;
   __shared__ uint32_t first[MAX_LEN + 2];
-  __shared__ unsigned long long bits_sh;
+  __shared__ unsigned long long part_sh[8];
   __shared__ uint32_t lo_sh, hi_sh;
   int64_t c = blockIdx.x;
   int s = threadIdx.x;
@@ -140,7 +140,6 @@ __global__ void build(const int64_t* chunks, const uint32_t* counts, uint32_t* c
   w[s] = counts[c * 256 + s];
   lens[s] = 0;
   if (s == 0) {
-    bits_sh = 0;
     lo_sh = 0xffffffffu;
     hi_sh = 0;
   }
@@ -225,42 +224,75 @@ __global__ void build(const int64_t* chunks, const uint32_t* counts, uint32_t* c
   __syncthreads();
   int l = lens[s];
   uint32_t out = 0;
+  unsigned long long mine = 0;
   if (l) {
     uint32_t code = first[l];
     for (int u = 0; u < s; ++u) code += lens[u] == l;
     uint32_t rev = __brev(code) >> (32 - l);
     out = rev | ((uint32_t)l << 16);
-    atomicAdd(&bits_sh, (unsigned long long)counts[c * 256 + s] * l);
+    mine = (unsigned long long)counts[c * 256 + s] * l;
   }
+  // The chunk's bits: a block reduction (a shared 64-bit atomic would serialize 256 threads).
+  for (int o = 16; o; o >>= 1) mine += __shfl_down_sync(0xffffffffu, mine, o);
+  if ((s & 31) == 0) part_sh[s >> 5] = mine;
   codes[c * 256 + s] = out;
   if ((s & 1) == 0) nibbles[c * 128 + s / 2] = (uint8_t)(lens[s] | (lens[s + 1] << 4));
   __syncthreads();
   if (s == 0) {
+    unsigned long long bits = 0;
+    for (int q = 0; q < 8; ++q) bits += part_sh[q];
     int64_t nsub = (m + SUB - 1) / SUB;
-    int64_t huff = 128 + align4(2 * nsub) + 4 * (int64_t)((bits_sh + 31) / 32);
+    int64_t huff = 128 + align4(2 * nsub) + 4 * (int64_t)((bits + 31) / 32);
     bool use = huff * 50 < m * 49;
     stored[c] = (uint32_t)(use ? huff : align4(m));
     mode[c] = use ? HUFF : RAW;
   }
 }
 
+// ---------------------------------------------------------------- bits
+
+// Each huff chunk's sub-block bit lengths, with coalesced reads: a warp's 32 words lie in one
+// sub-block, so one atomic per warp.
+__global__ void bits(const uint8_t* planes, const int64_t* chunks, const uint32_t* codes, const uint32_t* mode,
+                     uint32_t* sub_bits) {
+  __shared__ uint8_t len[256];
+  int64_t c = blockIdx.x;
+  if (mode[c] != HUFF) return;
+  Chunk k(chunks, c);
+  for (int s = threadIdx.x; s < 256; s += blockDim.x) len[s] = (uint8_t)(codes[c * 256 + s] >> 16);
+  __syncthreads();
+  int64_t m = k.m, words = (m + 3) / 4;
+  int64_t j0 = (int64_t)blockIdx.y * (HIST_SLICE / 4);
+  int64_t j1 = min(words, j0 + HIST_SLICE / 4);
+  const uint8_t* src = planes + k.src;
+  // Whole warps walk whole sub-blocks (256 words): lanes of a warp share j / 256.
+  for (int64_t base = j0; base < j1; base += blockDim.x) {
+    int64_t j = base + threadIdx.x;
+    uint32_t b = 0;
+    if (j < j1) {
+      uint32_t w = load_word(src, j, m, (((uintptr_t)src) & 3) == 0);
+      int valid = (int)min((int64_t)4, m - 4 * j);
+      for (int q = 0; q < valid; ++q) b += len[(w >> (8 * q)) & 255];
+    }
+    for (int o = 16; o; o >>= 1) b += __shfl_down_sync(0xffffffffu, b, o);
+    int64_t first = base + (threadIdx.x & ~31);
+    if ((threadIdx.x & 31) == 0 && first < j1 && b) atomicAdd(sub_bits + c * NSUB + first / (SUB / 4), b);
+  }
+}
+
 // ---------------------------------------------------------------- layout
 
-// One block per segment: its chunk offsets by a scan, its header and chunk table, its length.
-__global__ void layout(const int64_t* segs, const int64_t* chunks, int width, int flags, const uint32_t* stored,
-                       const uint32_t* mode, const unsigned long long* checks, uint64_t* offsets,
-                       uint8_t* arena, int64_t* sizes) {
+// Per segment (one block): chunk offsets inside its payload, and the blob's length.
+__global__ void seg_layout(const int64_t* segs, const uint32_t* stored, uint64_t* offsets, int64_t* seg_len) {
   __shared__ uint64_t carry;
   __shared__ uint64_t part[1024];
   const int64_t* sg = segs + blockIdx.x * SEG_COLS;
-  int64_t nbytes = sg[1], first = sg[2], nchunks = sg[3];
-  uint8_t* blob = arena + sg[4];
+  int64_t first = sg[2], nchunks = sg[3];
   if (threadIdx.x == 0) carry = 0;
   __syncthreads();
   for (int64_t base = 0; base < nchunks; base += blockDim.x) {
     int64_t l = base + threadIdx.x;
-    int64_t c = first + l;
-    uint64_t v = l < nchunks ? stored[c] : 0;
+    uint64_t v = l < nchunks ? stored[first + l] : 0;
     part[threadIdx.x] = v;
     __syncthreads();
     for (int off = 1; off < (int)blockDim.x; off <<= 1) {
@@ -269,20 +301,65 @@ __global__ void layout(const int64_t* segs, const int64_t* chunks, int width, in
       part[threadIdx.x] += t;
       __syncthreads();
     }
-    uint64_t excl = carry + part[threadIdx.x] - v;
-    if (l < nchunks) {
-      offsets[c] = excl;
-      uint32_t* e = reinterpret_cast<uint32_t*>(blob + HEADER + l * ENTRY);
-      e[0] = (uint32_t)excl;
-      e[1] = (uint32_t)(excl >> 32);
-      e[2] = stored[c];
-      e[3] = mode[c];
-      e[4] = (uint32_t)checks[c];
-      e[5] = (uint32_t)(checks[c] >> 32);
+    if (l < nchunks) offsets[first + l] = carry + part[threadIdx.x] - v;
+    __syncthreads();
+    if (threadIdx.x == blockDim.x - 1) carry += part[threadIdx.x];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) seg_len[blockIdx.x] = HEADER + ENTRY * nchunks + (int64_t)carry;
+}
+
+// One block: where each segment's blob starts in the stream, the FMHS directory, the total.
+__global__ void stream_layout(int64_t nseg, const int64_t* seg_len, int64_t* seg_at, uint8_t* out, int64_t* total) {
+  __shared__ int64_t carry;
+  __shared__ int64_t part[1024];
+  int64_t head = 8 + 8 * nseg;
+  if (threadIdx.x == 0) {
+    carry = head;
+    reinterpret_cast<uint32_t*>(out)[0] = 0x53484D46u;  // "FMHS"
+    reinterpret_cast<uint32_t*>(out)[1] = (uint32_t)nseg;
+  }
+  __syncthreads();
+  for (int64_t base = 0; base < nseg; base += blockDim.x) {
+    int64_t s = base + threadIdx.x;
+    int64_t v = s < nseg ? seg_len[s] : 0;
+    part[threadIdx.x] = v;
+    __syncthreads();
+    for (int off = 1; off < (int)blockDim.x; off <<= 1) {
+      int64_t t = threadIdx.x >= (unsigned)off ? part[threadIdx.x - off] : 0;
+      __syncthreads();
+      part[threadIdx.x] += t;
+      __syncthreads();
+    }
+    if (s < nseg) {
+      seg_at[s] = carry + part[threadIdx.x] - v;
+      uint32_t* d = reinterpret_cast<uint32_t*>(out + 8 + 8 * s);  // 4-aligned
+      d[0] = (uint32_t)v;
+      d[1] = (uint32_t)((uint64_t)v >> 32);
     }
     __syncthreads();
     if (threadIdx.x == blockDim.x - 1) carry += part[threadIdx.x];
     __syncthreads();
+  }
+  if (threadIdx.x == 0) *total = carry;
+}
+
+// Per segment: its FMH1 header and chunk table, at its place in the stream.
+__global__ void tables(const int64_t* segs, int width, int flags, const uint32_t* stored, const uint32_t* mode,
+                       const unsigned long long* checks, const uint64_t* offsets, const int64_t* seg_at,
+                       uint8_t* out) {
+  const int64_t* sg = segs + blockIdx.x * SEG_COLS;
+  int64_t nbytes = sg[1], first = sg[2], nchunks = sg[3];
+  uint8_t* blob = out + seg_at[blockIdx.x];
+  for (int64_t l = threadIdx.x; l < nchunks; l += blockDim.x) {
+    int64_t c = first + l;
+    uint32_t* e = reinterpret_cast<uint32_t*>(blob + HEADER + l * ENTRY);
+    e[0] = (uint32_t)offsets[c];
+    e[1] = (uint32_t)(offsets[c] >> 32);
+    e[2] = stored[c];
+    e[3] = mode[c];
+    e[4] = (uint32_t)checks[c];
+    e[5] = (uint32_t)(checks[c] >> 32);
   }
   if (threadIdx.x == 0) {
     uint32_t* h = reinterpret_cast<uint32_t*>(blob);
@@ -294,19 +371,17 @@ __global__ void layout(const int64_t* segs, const int64_t* chunks, int width, in
     h[5] = (uint32_t)nchunks;
     h[6] = (uint32_t)flags;
     h[7] = CHUNK;
-    sizes[blockIdx.x] = HEADER + ENTRY * nchunks + (int64_t)carry;
   }
 }
 
 // ---------------------------------------------------------------- emit
 
-constexpr int STAGE_STRIDE = SUB + 16;  // a sub-block's bytes in shared memory, skewed by 16
-constexpr int EMIT_SMEM = NSUB * STAGE_STRIDE;
+__device__ inline uint4 ld16(const uint4* p) { return __ldg(p); }
 
 __global__ void __launch_bounds__(NSUB) emit(const uint8_t* planes, const int64_t* segs, const int64_t* chunks,
                                              const uint32_t* codes, const uint8_t* nibbles, const uint32_t* mode,
-                                             const uint64_t* offsets, uint8_t* arena) {
-  extern __shared__ __align__(16) uint8_t stage[];
+                                             const uint64_t* offsets, const uint32_t* sub_bits_all,
+                                             const int64_t* seg_at, uint8_t* out) {
   __shared__ uint32_t tab[256];
   __shared__ uint32_t scan[NSUB];
   int64_t c = blockIdx.x;
@@ -314,36 +389,18 @@ __global__ void __launch_bounds__(NSUB) emit(const uint8_t* planes, const int64_
   int64_t m = k.m;
   const int64_t* sg = segs + k.seg * SEG_COLS;
   const uint8_t* src = planes + k.src;
-  uint8_t* dst = arena + sg[4] + HEADER + ENTRY * sg[3] + offsets[c];
+  uint8_t* dst = out + seg_at[k.seg] + HEADER + ENTRY * sg[3] + offsets[c];
   int t = threadIdx.x;
   if (mode[c] == RAW) {
     uint32_t* d = reinterpret_cast<uint32_t*>(dst);
     for_words(src, m, 0, (m + 3) / 4, [&](int64_t j, uint32_t w) { d[j] = w; });
     return;
   }
-  // Stage the chunk in shared memory with coalesced loads: each thread then reads its own
-  // sub-block from there instead of waiting on global memory symbol by symbol.
-  for_words(src, m, 0, (m + 3) / 4, [&](int64_t j, uint32_t w) {
-    int64_t sb = j / (SUB / 4), i = j % (SUB / 4);
-    *reinterpret_cast<uint32_t*>(stage + sb * STAGE_STRIDE + 4 * i) = w;
-  });
   for (int s = t; s < 256; s += blockDim.x) tab[s] = codes[c * 256 + s];
   if (t < 32) reinterpret_cast<uint32_t*>(dst)[t] = reinterpret_cast<const uint32_t*>(nibbles + c * 128)[t];
-  __syncthreads();
   int64_t nsub = (m + SUB - 1) / SUB;
-  int64_t s0 = (int64_t)t * SUB;
-  int count = (int)max((int64_t)0, min((int64_t)SUB, m - s0));
-  const uint8_t* mine = stage + t * STAGE_STRIDE;
-  // Pass 1: this sub-block's bit length (bytes past `count` in the stage are never read).
-  uint32_t bits = 0;
-  for (int q = 0; q < count / 16; ++q) {
-    uint4 v = reinterpret_cast<const uint4*>(mine)[q];
-    uint32_t ws[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int u = 0; u < 16; ++u) bits += tab[(ws[u >> 2] >> (8 * (u & 3))) & 255] >> 16;
-  }
-  for (int i = count & ~15; i < count; ++i) bits += tab[mine[i]] >> 16;
-  scan[t] = bits;
+  uint32_t nbits = sub_bits_all[c * NSUB + t];
+  scan[t] = nbits;
   __syncthreads();
   for (int off = 1; off < NSUB; off <<= 1) {
     uint32_t v = t >= off ? scan[t - off] : 0;
@@ -351,12 +408,14 @@ __global__ void __launch_bounds__(NSUB) emit(const uint8_t* planes, const int64_
     scan[t] += v;
     __syncthreads();
   }
-  uint64_t start = scan[t] - bits;
+  uint64_t start = scan[t] - nbits;
   uint16_t* sub_bits = reinterpret_cast<uint16_t*>(dst + 128);
-  if (t < nsub) sub_bits[t] = (uint16_t)bits;
+  if (t < nsub) sub_bits[t] = (uint16_t)nbits;
   if (t == nsub && (nsub & 1)) sub_bits[t] = 0;  // zero pad to 4 bytes
   uint32_t* stream = reinterpret_cast<uint32_t*>(dst + 128 + align4(2 * nsub));
-  int64_t first_w = start >> 5, last_w = (start + bits + 31) / 32 - 1;
+  int64_t s0 = (int64_t)t * SUB;
+  int count = (int)max((int64_t)0, min((int64_t)SUB, m - s0));
+  int64_t first_w = start >> 5, last_w = (start + nbits + 31) / 32 - 1;
   // Boundary words are shared with the neighbours and OR-ed in: zero them first.
   if (count) {
     stream[first_w] = 0;
@@ -382,13 +441,36 @@ __global__ void __launch_bounds__(NSUB) emit(const uint8_t* planes, const int64_
       nb -= 32;
     }
   };
-  for (int q = 0; q < count / 16; ++q) {
-    uint4 v = reinterpret_cast<const uint4*>(mine)[q];
+  auto sixteen = [&](uint4 v) {
     uint32_t ws[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int u = 0; u < 16; ++u) one((ws[u >> 2] >> (8 * (u & 3))) & 255);
+  };
+  const uint8_t* mine = src + s0;
+  int done = 0;
+  if ((((uintptr_t)mine) & 15) == 0) {
+    // The next 64 symbols load while these 64 are coded: one memory latency per 64 symbols
+    // is hidden behind the work instead of paid per word.
+    const uint4* v = reinterpret_cast<const uint4*>(mine);
+    int n64 = count / 64;
+    uint4 c0, c1, c2, c3;
+    if (n64) {
+      c0 = ld16(v), c1 = ld16(v + 1), c2 = ld16(v + 2), c3 = ld16(v + 3);
+    }
+    for (int q = 0; q < n64; ++q) {
+      uint4 n0 = c0, n1 = c1, n2 = c2, n3 = c3;
+      if (q + 1 < n64) {
+        n0 = ld16(v + 4 * q + 4), n1 = ld16(v + 4 * q + 5), n2 = ld16(v + 4 * q + 6), n3 = ld16(v + 4 * q + 7);
+      }
+      sixteen(c0);
+      sixteen(c1);
+      sixteen(c2);
+      sixteen(c3);
+      c0 = n0, c1 = n1, c2 = n2, c3 = n3;
+    }
+    done = n64 * 64;
   }
-  for (int i = count & ~15; i < count; ++i) one(mine[i]);
+  for (int i = done; i < count; ++i) one(mine[i]);
   if (nb > 0) put((uint32_t)acc);
 }
 
@@ -398,16 +480,37 @@ __device__ inline void fail(int* err, int code, int64_t c) {
   if (atomicCAS(err, 0, code) == 0) err[1] = (int)c;
 }
 
-constexpr int TABLE_BYTES = (1 << MAX_LEN) * 2;
-constexpr int UNPACK_SMEM = TABLE_BYTES + CHUNK + 16;  // table, then the payload staged
+// One block: the FMHS directory read back into each segment's blob offset and length, checked
+// against the stream's length (error slot: errs[2 * nseg]).
+__global__ void directory(const uint8_t* stream, int64_t stream_bytes, int64_t nseg, int64_t* seg_at,
+                          int64_t* seg_len, int* errs) {
+  if (threadIdx.x != 0) return;
+  int64_t head = 8 + 8 * nseg;
+  const uint32_t* h = reinterpret_cast<const uint32_t*>(stream);
+  if (stream_bytes < head || h[0] != 0x53484D46u || h[1] != (uint32_t)nseg) {
+    fail(errs + 2 * nseg, 9, -1);
+    for (int64_t s = 0; s < nseg; ++s) seg_at[s] = seg_len[s] = 0;
+    return;
+  }
+  int64_t at = head;
+  for (int64_t s = 0; s < nseg; ++s) {
+    int64_t len = (int64_t)(h[2 + 2 * s] | ((uint64_t)h[3 + 2 * s] << 32));
+    bool ok = len >= 0 && at + len <= stream_bytes;
+    seg_at[s] = ok ? at : 0;
+    seg_len[s] = ok ? len : 0;
+    at += ok ? len : 0;
+    if (!ok) fail(errs + 2 * nseg, 9, s);
+  }
+  if (at != stream_bytes) fail(errs + 2 * nseg, 9, -1);
+}
 
-// One block per chunk of every segment.  `stream` holds the segments' blobs at the offsets in
-// the segment rows; errors go to err[2 * segment].
+constexpr int TABLE_SIZE = 1 << MAX_LEN;
+
+// One block per chunk of every segment; errors go to errs[2 * segment].
 __global__ void __launch_bounds__(NSUB) unpack(const uint8_t* stream, const int64_t* segs, const int64_t* chunks,
-                                               int width, uint8_t* planes, int* errs) {
-  extern __shared__ __align__(16) uint8_t smem[];
-  uint16_t* table = reinterpret_cast<uint16_t*>(smem);
-  uint32_t* staged = reinterpret_cast<uint32_t*>(smem + TABLE_BYTES);
+                                               const int64_t* seg_at, const int64_t* seg_len, int width,
+                                               uint8_t* planes, int* errs) {
+  __shared__ uint16_t table[TABLE_SIZE];
   __shared__ uint8_t lens[256];
   __shared__ uint32_t first[MAX_LEN + 2];
   __shared__ uint32_t scan[NSUB];
@@ -418,8 +521,8 @@ __global__ void __launch_bounds__(NSUB) unpack(const uint8_t* stream, const int6
   const int64_t* sg = segs + k.seg * SEG_COLS;
   int64_t nchunks = sg[3];
   int* err = errs + 2 * k.seg;
-  const uint8_t* blob = stream + sg[4];
-  int64_t blob_bytes = sg[5];
+  const uint8_t* blob = stream + seg_at[k.seg];
+  int64_t blob_bytes = seg_len[k.seg];
   int t = threadIdx.x;
   int64_t start_payload = HEADER + ENTRY * nchunks;
   if (blob_bytes < start_payload) {
@@ -441,7 +544,7 @@ __global__ void __launch_bounds__(NSUB) unpack(const uint8_t* stream, const int6
     if (t == 0) fail(err, 1, c);
     return;
   }
-  const uint32_t* body = reinterpret_cast<const uint32_t*>(blob + start_payload + off);
+  const uint8_t* body = blob + start_payload + off;
   uint8_t* out = planes + k.src;
   bool aligned = (((uintptr_t)out) & 3) == 0;
   if (t == 0) {
@@ -455,26 +558,21 @@ __global__ void __launch_bounds__(NSUB) unpack(const uint8_t* stream, const int6
       if (t == 0) fail(err, 2, c);
       return;
     }
-    const uint8_t* src = reinterpret_cast<const uint8_t*>(body);
-    for_words(src, align4(m), 0, (m + 3) / 4, [&](int64_t j, uint32_t w) {
+    for_words(body, align4(m), 0, (m + 3) / 4, [&](int64_t j, uint32_t w) {
       sum += mix((uint64_t)w | ((uint64_t)j << 32));
       if (aligned && 4 * j + 4 <= m) reinterpret_cast<uint32_t*>(out)[j] = w;
       else
         for (int q = 0; q < 4 && 4 * j + q < m; ++q) out[4 * j + q] = (uint8_t)(w >> (8 * q));
     });
   } else if (md == HUFF) {
-    if (stored > CHUNK) {  // a huff chunk is always smaller than its raw form
+    int64_t nsub = (m + SUB - 1) / SUB;
+    if (stored < 128 + align4(2 * nsub)) {
       if (t == 0) fail(err, 4, c);
       return;
     }
-    int64_t nsub = (m + SUB - 1) / SUB;
-    // Stage the payload with coalesced loads: the decoders' reads then hit shared memory.
-    for_words(reinterpret_cast<const uint8_t*>(body), stored, 0, stored / 4, [&](int64_t j, uint32_t w) { staged[j] = w; });
-    for (int i = t; i < (1 << MAX_LEN); i += blockDim.x) table[i] = 0;
-    __syncthreads();
-    const uint8_t* sb = reinterpret_cast<const uint8_t*>(staged);
+    for (int i = t; i < TABLE_SIZE; i += blockDim.x) table[i] = 0;
     for (int s = t; s < 256; s += blockDim.x) {
-      uint8_t nib = sb[s >> 1];
+      uint8_t nib = body[s >> 1];
       lens[s] = (s & 1) ? nib >> 4 : nib & 15;
     }
     __syncthreads();
@@ -503,9 +601,9 @@ __global__ void __launch_bounds__(NSUB) unpack(const uint8_t* stream, const int6
       uint32_t rev = __brev(code) >> (32 - l);
       for (uint32_t q = 0; q < (1u << (MAX_LEN - l)); ++q) table[rev | (q << l)] = (uint16_t)(s | (l << 8));
     }
-    const uint16_t* sub_bits = reinterpret_cast<const uint16_t*>(sb + 128);
-    uint32_t bits = t < nsub ? sub_bits[t] : 0;
-    scan[t] = bits;
+    const uint16_t* sub_bits = reinterpret_cast<const uint16_t*>(body + 128);
+    uint32_t nbits = t < nsub ? sub_bits[t] : 0;
+    scan[t] = nbits;
     __syncthreads();
     for (int o = 1; o < NSUB; o <<= 1) {
       uint32_t v = t >= o ? scan[t - o] : 0;
@@ -519,25 +617,28 @@ __global__ void __launch_bounds__(NSUB) unpack(const uint8_t* stream, const int6
       if (t == 0) fail(err, 4, c);
       return;
     }
-    const uint32_t* words = reinterpret_cast<const uint32_t*>(sb + stream_at);
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(body + stream_at);
     int64_t nwords = (total + 31) / 32;
-    uint64_t pos = scan[t] - bits;
+    uint64_t pos = scan[t] - nbits;
     int64_t s0 = (int64_t)t * SUB;
     int count = (int)max((int64_t)0, min((int64_t)SUB, m - s0));
     int64_t wi = pos >> 5;
-    auto word = [&](int64_t i) -> uint64_t { return i < nwords ? words[i] : 0u; };
+    auto word = [&](int64_t i) -> uint64_t { return i < nwords ? __ldg(words + i) : 0u; };
     uint64_t buf = (word(wi) | (word(wi + 1) << 32)) >> (pos & 31);
     int avail = 64 - (int)(pos & 31);
-    wi += 2;
+    // The next word is always one refill ahead: its load overlaps a dozen symbols of work.
+    uint64_t next = word(wi + 2);
+    wi += 3;
     uint32_t used = 0;
     bool bad = false;
     uint32_t pack = 0;
     for (int i = 0; i < count; ++i) {
       if (avail < 32) {
-        buf |= word(wi++) << avail;
+        buf |= next << avail;
         avail += 32;
+        next = word(wi++);
       }
-      uint32_t en = table[buf & ((1u << MAX_LEN) - 1)];
+      uint32_t en = table[buf & (TABLE_SIZE - 1)];
       uint32_t l = en >> 8;
       bad |= l == 0;
       l = l ? l : 1;
@@ -559,7 +660,7 @@ __global__ void __launch_bounds__(NSUB) unpack(const uint8_t* stream, const int6
       sum += mix((uint64_t)pack | ((uint64_t)j << 32));
       for (int q = 0; q < (count & 3); ++q) out[4 * j + q] = (uint8_t)(pack >> (8 * q));
     }
-    if (bad || (count && used != bits)) fail(err, 5, c);
+    if (bad || (count && used != nbits)) fail(err, 5, c);
   } else {
     if (t == 0) fail(err, 6, c);
     return;
@@ -568,15 +669,6 @@ __global__ void __launch_bounds__(NSUB) unpack(const uint8_t* stream, const int6
   if ((t & 31) == 0) atomicAdd(&check_sh, (unsigned long long)sum);
   __syncthreads();
   if (t == 0 && check_sh != want) fail(err, 7, c);
-}
-
-int set_smem() {
-  static int done = 0;
-  if (done) return 0;
-  cudaError_t rc = cudaFuncSetAttribute(emit, cudaFuncAttributeMaxDynamicSharedMemorySize, EMIT_SMEM);
-  if (!rc) rc = cudaFuncSetAttribute(unpack, cudaFuncAttributeMaxDynamicSharedMemorySize, UNPACK_SMEM);
-  if (!rc) done = 1;
-  return (int)rc;
 }
 
 }  // namespace fmh
@@ -590,21 +682,23 @@ int64_t fmstore_huff_max_bytes(int64_t nbytes, int width) {
   return fmh::HEADER + fmh::ENTRY * nchunks + nchunks * 4 + nbytes;
 }
 
-// Device scratch the encoder needs for `nbytes` in `nchunks` chunks.
-int64_t fmstore_huff_scratch_bytes(int64_t nbytes, int64_t nchunks) {
-  return ((fmh::align4(nbytes) + 15) & ~int64_t(15)) + nchunks * (256 * 4 + 8 + 256 * 4 + 8 + 4 + 4 + 128) + 64;
+// Device scratch the encoder (and, for its segment arrays, the decoder) needs.
+int64_t fmstore_huff_scratch_bytes(int64_t nbytes, int64_t nchunks, int64_t nseg) {
+  int64_t per_chunk = 256 * 4 + 8 + fmh::NSUB * 4 + 256 * 4 + 8 + 4 + 4 + 128;
+  return ((fmh::align4(nbytes) + 15) & ~int64_t(15)) + nchunks * per_chunk + nseg * 24 + 64;
 }
 
-// Encode every segment of flat `data` (rows in segs/chunks, built by fmstore/codec/gpu.py) into
-// `arena` at the segments' blob offsets; segment i's blob length goes to device sizes[i].
-// `segs_host` is the host copy of the segment rows (for the per-segment plane splits).
+// Encode flat `data` (segment and chunk rows built by fmstore/codec/gpu.py, on the device;
+// `segs_host` their host copy) into `out` as a whole FMHS stream; its length goes to device
+// `total`.  `out` holds at least the directory plus fmstore_huff_max_bytes of every segment.
 int fmstore_huff_encode(const uint8_t* data, int width, int flags, const int64_t* segs, const int64_t* segs_host,
-                        int64_t nseg, const int64_t* chunks, int64_t nchunks, uint8_t* arena, int64_t* sizes,
+                        int64_t nseg, const int64_t* chunks, int64_t nchunks, uint8_t* out, int64_t* total,
                         uint8_t* scratch, cudaStream_t stream) {
   using namespace fmh;
-  if (nseg == 0) return 0;
-  int rc = set_smem();
-  if (rc) return rc;
+  if (nseg == 0) {
+    stream_layout<<<1, 32, 0, stream>>>(0, nullptr, nullptr, out, total);
+    return (int)cudaGetLastError();
+  }
   int64_t nbytes = segs_host[(nseg - 1) * SEG_COLS] + segs_host[(nseg - 1) * SEG_COLS + 1];
   uint8_t* planes_buf = scratch;
   int64_t at = (align4(nbytes) + 15) & ~int64_t(15);
@@ -612,11 +706,17 @@ int fmstore_huff_encode(const uint8_t* data, int width, int flags, const int64_t
   at += nchunks * 256 * 4;
   unsigned long long* checks = reinterpret_cast<unsigned long long*>(scratch + at);
   at += nchunks * 8;
-  int64_t zero_bytes = nchunks * (256 * 4 + 8);
+  uint32_t* sub_bits = reinterpret_cast<uint32_t*>(scratch + at);
+  at += nchunks * NSUB * 4;
+  int64_t zero_bytes = nchunks * (256 * 4 + 8 + NSUB * 4);
   uint32_t* codes = reinterpret_cast<uint32_t*>(scratch + at);
   at += nchunks * 256 * 4;
   uint64_t* offsets = reinterpret_cast<uint64_t*>(scratch + at);
   at += nchunks * 8;
+  int64_t* seg_len = reinterpret_cast<int64_t*>(scratch + at);
+  at += nseg * 8;
+  int64_t* seg_at = reinterpret_cast<int64_t*>(scratch + at);
+  at += nseg * 8;
   uint32_t* stored = reinterpret_cast<uint32_t*>(scratch + at);
   at += nchunks * 4;
   uint32_t* mode = reinterpret_cast<uint32_t*>(scratch + at);
@@ -628,39 +728,43 @@ int fmstore_huff_encode(const uint8_t* data, int width, int flags, const int64_t
   if (width > 1) {
     for (int64_t s = 0; s < nseg; ++s) {
       int64_t begin = segs_host[s * SEG_COLS], len = segs_host[s * SEG_COLS + 1];
-      rc = fmstore_split(data + begin, planes_buf + begin, len / width, width, stream);
+      int rc = fmstore_split(data + begin, planes_buf + begin, len / width, width, stream);
       if (rc) return rc;
     }
     planes = planes_buf;
   }
-  if (nchunks) {
-    hist<<<dim3((unsigned)nchunks, CHUNK / HIST_SLICE), 256, 0, stream>>>(planes, chunks, counts, checks);
-    build<<<(unsigned)nchunks, 256, 0, stream>>>(chunks, counts, codes, nibbles, stored, mode);
-  }
-  layout<<<(unsigned)nseg, 1024, 0, stream>>>(segs, chunks, width, flags, stored, mode, checks, offsets, arena, sizes);
-  if (nchunks)
-    emit<<<(unsigned)nchunks, NSUB, EMIT_SMEM, stream>>>(planes, segs, chunks, codes, nibbles, mode, offsets, arena);
+  dim3 sliced((unsigned)nchunks, CHUNK / HIST_SLICE);
+  hist<<<sliced, 256, 0, stream>>>(planes, chunks, counts, checks);
+  build<<<(unsigned)nchunks, 256, 0, stream>>>(chunks, counts, codes, nibbles, stored, mode);
+  bits<<<sliced, 256, 0, stream>>>(planes, chunks, codes, mode, sub_bits);
+  seg_layout<<<(unsigned)nseg, 1024, 0, stream>>>(segs, stored, offsets, seg_len);
+  stream_layout<<<1, 1024, 0, stream>>>(nseg, seg_len, seg_at, out, total);
+  tables<<<(unsigned)nseg, 256, 0, stream>>>(segs, width, flags, stored, mode, checks, offsets, seg_at, out);
+  emit<<<(unsigned)nchunks, NSUB, 0, stream>>>(planes, segs, chunks, codes, nibbles, mode, offsets, sub_bits, seg_at,
+                                             out);
   return (int)cudaGetLastError();
 }
 
-// Decode the segments' blobs in `stream` (segment rows give each blob's offset and length)
-// into `out`, through `planes_buf` (the same size) when width > 1.  errs (2 device ints per
-// segment, zeroed by the caller) get (code, chunk) of a segment's first damaged chunk.
-int fmstore_huff_decode(const uint8_t* stream, int width, const int64_t* segs, const int64_t* segs_host,
-                        int64_t nseg, const int64_t* chunks, int64_t nchunks, uint8_t* out, uint8_t* planes_buf,
-                        int* errs, cudaStream_t stream_) {
+// Decode the FMHS `stream` (stream_bytes long) into `out`, through `planes_buf` (the same size)
+// when width > 1.  errs (2 device ints per segment, then 2 for the directory; zeroed here)
+// get (code, chunk) of the first damage found; the caller reads them after the stream ran.
+int fmstore_huff_decode(const uint8_t* stream, int64_t stream_bytes, int width, const int64_t* segs,
+                        const int64_t* segs_host, int64_t nseg, const int64_t* chunks, int64_t nchunks, uint8_t* out,
+                        uint8_t* planes_buf, int* errs, int64_t* seg_arrays, cudaStream_t stream_) {
   using namespace fmh;
-  if (nchunks == 0) return 0;
-  int rc = set_smem();
-  if (rc) return rc;
+  cudaError_t e = cudaMemsetAsync(errs, 0, (2 * nseg + 2) * sizeof(int), stream_);
+  if (e || nseg == 0) return (int)e;
+  int64_t* seg_at = seg_arrays;
+  int64_t* seg_len = seg_arrays + nseg;
+  directory<<<1, 32, 0, stream_>>>(stream, stream_bytes, nseg, seg_at, seg_len, errs);
   uint8_t* planes = width > 1 ? planes_buf : out;
-  unpack<<<(unsigned)nchunks, NSUB, UNPACK_SMEM, stream_>>>(stream, segs, chunks, width, planes, errs);
-  cudaError_t e = cudaGetLastError();
+  if (nchunks) unpack<<<(unsigned)nchunks, NSUB, 0, stream_>>>(stream, segs, chunks, seg_at, seg_len, width, planes, errs);
+  e = cudaGetLastError();
   if (e) return (int)e;
   if (width > 1) {
     for (int64_t s = 0; s < nseg; ++s) {
       int64_t begin = segs_host[s * SEG_COLS], len = segs_host[s * SEG_COLS + 1];
-      rc = fmstore_merge(planes + begin, out + begin, len / width, width, stream_);
+      int rc = fmstore_merge(planes + begin, out + begin, len / width, width, stream_);
       if (rc) return rc;
     }
   }

@@ -3,8 +3,6 @@ output bytes as the CPU references in :mod:`fmstore.codec.planes` and :mod:`fmst
 
 from __future__ import annotations
 
-import struct
-
 import numpy as np
 import torch
 
@@ -119,25 +117,46 @@ _HUFF_ERRORS = {
 }
 
 
-def _rows(nbytes: int, width: int, blobs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+_ROWS: dict[tuple[int, int, int], tuple[np.ndarray, torch.Tensor, int]] = {}
+
+
+def _rows(nbytes: int, width: int, device: torch.device) -> tuple[np.ndarray, torch.Tensor, int]:
     """The kernels' segment and chunk rows (see kernels/huffman.cu) for ``nbytes`` of
-    ``width``-byte elements; ``blobs`` gives each segment's (blob offset, blob length)."""
+    ``width``-byte elements: (segment rows on the host, both on the device, chunk count).
+    Cached: a checkpoint encodes tensors of the same sizes at every save."""
     from . import huffman
 
+    index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
+    key = (nbytes, width, -1 if index is None else index)
+    hit = _ROWS.get(key)
+    if hit is not None:
+        return hit
     segs, chunks = [], []
-    for s, ((a, b), (off, length)) in enumerate(zip(huffman.segments(nbytes), blobs)):
+    total = 0
+    for s, (a, b) in enumerate(huffman.segments(nbytes)):
         n = (b - a) // width
         per_plane = -(-n // huffman.CHUNK)
-        segs.append([a, b - a, len(chunks), per_plane * width, off, length, per_plane, 0])
-        for local, (p, c0, m) in enumerate(huffman._chunks(n, width)):
-            chunks.append([a + p * n + c0, m, s, local, p, 0])
-    return np.array(segs, dtype=np.int64).reshape(-1, 8), np.array(chunks, dtype=np.int64).reshape(-1, 6)
+        segs.append([a, b - a, total, per_plane * width, 0, 0, per_plane, 0])
+        local = np.arange(per_plane * width, dtype=np.int64)
+        plane, first = local // per_plane, (local % per_plane) * huffman.CHUNK
+        rows = np.zeros((len(local), 6), dtype=np.int64)
+        rows[:, 0] = a + plane * n + first
+        rows[:, 1] = np.minimum(huffman.CHUNK, n - first)
+        rows[:, 2], rows[:, 3], rows[:, 4] = s, local, plane
+        chunks.append(rows)
+        total += len(local)
+    seg_rows = np.array(segs, dtype=np.int64).reshape(-1, 8)
+    chunk_rows = np.concatenate(chunks) if chunks else np.zeros((0, 6), dtype=np.int64)
+    both = torch.from_numpy(np.concatenate([seg_rows.reshape(-1), chunk_rows.reshape(-1)])).to(device)
+    if len(_ROWS) > 256:
+        _ROWS.clear()
+    _ROWS[key] = (seg_rows, both, total)
+    return _ROWS[key]
 
 
 class _Encoder:
     """Encodes every segment of a tensor (huffman.segments) in one launch of each kernel,
-    each segment's blob at its own worst-case offset in a device arena, its length into a
-    device array."""
+    straight into a device buffer laid out as the whole FMHS stream."""
 
     def __init__(self, data: torch.Tensor, width: int, base: torch.Tensor | None) -> None:
         from . import huffman
@@ -149,54 +168,34 @@ class _Encoder:
         self.data = xor(data, base) if base is not None else data
         self.width, self.flags = width, 1 if base is not None else 0
         n = data.numel()
-        self.segs = huffman.segments(n)
-        self.caps = [int(lib.fmstore_huff_max_bytes(b - a, width)) for a, b in self.segs]
-        self.at = [sum(self.caps[:i]) for i in range(len(self.caps))]
-        self.seg_rows, chunk_rows = _rows(n, width, list(zip(self.at, self.caps)))
+        self.seg_rows, self.rows, self.nchunks = _rows(n, width, data.device)
+        self.capacity = huff_host_bytes(n, width)
         dev = data.device
-        rows = torch.from_numpy(np.concatenate([self.seg_rows.reshape(-1), chunk_rows.reshape(-1)]))
-        self.rows = rows.to(dev, non_blocking=False)
-        self.nchunks = len(chunk_rows)
-        self.arena = torch.empty(sum(self.caps), dtype=torch.uint8, device=dev)
-        need = int(lib.fmstore_huff_scratch_bytes(n, self.nchunks))
+        self.out = torch.empty(self.capacity, dtype=torch.uint8, device=dev)
+        need = int(lib.fmstore_huff_scratch_bytes(n, self.nchunks, len(self.seg_rows)))
         self.scratch = torch.empty(need, dtype=torch.uint8, device=dev)
-        self.sizes = torch.empty(len(self.segs), dtype=torch.int64, device=dev)
+        self.total = torch.empty(1, dtype=torch.int64, device=dev)
         self.stream = torch.cuda.current_stream(dev)
 
     def launch(self) -> None:
-        nseg = len(self.segs)
+        nseg = len(self.seg_rows)
         _run(
             self.lib.fmstore_huff_encode(
                 self.data.data_ptr(), self.width, self.flags, self.rows.data_ptr(), self.seg_rows.ctypes.data,
-                nseg, self.rows.data_ptr() + 8 * self.seg_rows.size, self.nchunks, self.arena.data_ptr(),
-                self.sizes.data_ptr(), self.scratch.data_ptr(), self.stream.cuda_stream,
+                nseg, self.rows.data_ptr() + 8 * self.seg_rows.size, self.nchunks, self.out.data_ptr(),
+                self.total.data_ptr(), self.scratch.data_ptr(), self.stream.cuda_stream,
             ),
             "huffman encode",
         )  # fmt: skip
 
-    @staticmethod
-    def directory(sizes: list[int]) -> torch.Tensor:
-        from . import huffman
-
-        head = huffman.STREAM_MAGIC + struct.pack(f"<I{len(sizes)}Q", len(sizes), *sizes)
-        return torch.frombuffer(bytearray(head), dtype=torch.uint8)
-
 
 def huff_encode(data: torch.Tensor, width: int, *, base: torch.Tensor | None = None) -> torch.Tensor:
     """The FMHS stream of flat uint8 CUDA ``data`` as a CUDA tensor, encoded on the GPU
-    without a host round trip of the data (one small read of the segment lengths).  Its
-    bytes equal :func:`fmstore.codec.huffman.encode`'s on the same input."""
+    without a host round trip of the data (one 8-byte read of its length).  Its bytes equal
+    :func:`fmstore.codec.huffman.encode`'s on the same input."""
     enc = _Encoder(data, width, base)
     enc.launch()
-    sizes = enc.sizes.tolist()  # waits for the encode
-    head = enc.directory(sizes)
-    out = torch.empty(head.numel() + sum(sizes), dtype=torch.uint8, device=data.device)
-    out[: head.numel()].copy_(head)
-    at = head.numel()
-    for i, size in enumerate(sizes):
-        out[at : at + size].copy_(enc.arena[enc.at[i] : enc.at[i] + size])
-        at += size
-    return out
+    return enc.out[: int(enc.total.item())]
 
 
 def huff_encode_to_host(
@@ -206,19 +205,13 @@ def huff_encode_to_host(
     least :func:`huff_host_bytes`, else one is allocated); returns the view of ``out`` that
     holds the FMHS stream, once its bytes have landed.  Only the encoded bytes cross PCIe."""
     enc = _Encoder(data, width, base)
-    n = len(enc.segs)
-    head_bytes = 8 + 8 * n
     if out is None:
-        out = torch.empty(head_bytes + sum(enc.caps), dtype=torch.uint8, pin_memory=True)
+        out = torch.empty(enc.capacity, dtype=torch.uint8, pin_memory=True)
     enc.launch()
-    sizes = enc.sizes.tolist()  # waits for the encode (tens of microseconds for MBs)
-    at = head_bytes
-    for i, size in enumerate(sizes):
-        out[at : at + size].copy_(enc.arena[enc.at[i] : enc.at[i] + size], non_blocking=True)
-        at += size
-    out[:head_bytes].copy_(enc.directory(sizes))
+    total = int(enc.total.item())  # waits for the encode
+    out[:total].copy_(enc.out[:total], non_blocking=True)
     enc.stream.synchronize()
-    return out[:at]
+    return out[:total]
 
 
 def huff_host_bytes(nbytes: int, width: int) -> int:
@@ -245,30 +238,33 @@ def huff_decode(
 
     _check(stream, "huffman decode")
     _check(out, "huffman decode")
+    if width not in huffman.WIDTHS or out.numel() % width:
+        raise ValueError(f"{out.numel()} bytes are not a whole number of {width}-byte elements")
     where = f"tensor {name!r}: " if name else ""
     nbytes = out.numel()
-    head = huffman.directory_bytes(nbytes)
-    directory = huffman.read_directory(
-        stream[:head].cpu().numpy(), nbytes, name, total=stream.numel()
-    )  # one small read: where each segment's blob starts
+    seg_rows, rows, nchunks = _rows(nbytes, width, out.device)
+    nseg = len(seg_rows)
     lib = _lib("huffman")
-    seg_rows, chunk_rows = _rows(nbytes, width, [(at, size) for _, _, at, size in directory])
-    rows = torch.from_numpy(np.concatenate([seg_rows.reshape(-1), chunk_rows.reshape(-1)])).to(out.device)
     planes = torch.empty(nbytes if width > 1 else 0, dtype=torch.uint8, device=out.device)
-    err = torch.zeros(2 * len(directory), dtype=torch.int32, device=out.device)
+    err = torch.empty(2 * nseg + 2, dtype=torch.int32, device=out.device)
+    seg_arrays = torch.empty(2 * nseg, dtype=torch.int64, device=out.device)
+    if nseg == 0:
+        huffman.read_directory(stream.cpu().numpy(), 0, name)
+        return out
     _run(
         lib.fmstore_huff_decode(
-            stream.data_ptr(), width, rows.data_ptr(), seg_rows.ctypes.data, len(seg_rows),
-            rows.data_ptr() + 8 * seg_rows.size, len(chunk_rows), out.data_ptr(), planes.data_ptr(),
-            err.data_ptr(), torch.cuda.current_stream(out.device).cuda_stream,
+            stream.data_ptr(), stream.numel(), width, rows.data_ptr(), seg_rows.ctypes.data, nseg,
+            rows.data_ptr() + 8 * seg_rows.size, nchunks, out.data_ptr(), planes.data_ptr(), err.data_ptr(),
+            seg_arrays.data_ptr(), torch.cuda.current_stream(out.device).cuda_stream,
         ),
         "huffman decode",
     )  # fmt: skip
-    codes = err.view(-1, 2).tolist()
-    for i, (code, chunk) in enumerate(codes):
+    codes = err.view(-1, 2).tolist()  # waits for the decode
+    if codes[-1][0]:
+        raise CodecError(f"{where}the FMHS stream's directory is damaged or the stream is truncated")
+    for i, (code, chunk) in enumerate(codes[:-1]):
         if code:
-            a, b = directory[i][:2]
-            per_plane = -(-((b - a) // width) // huffman.CHUNK)
+            per_plane = int(seg_rows[i, 6])
             plane = f" (plane {chunk // per_plane})" if chunk >= 0 else ""
             raise CodecError(
                 f"{where}segment {i}, chunk {chunk}{plane} does not decode: {_HUFF_ERRORS.get(code, code)}"
