@@ -30,7 +30,7 @@ SIGNATURES = {
     },
     "quant": {"fmstore_quantize": [_P, _P, _P, _I64, _P], "fmstore_dequantize": [_P, _P, _P, _I64, _P]},
     "huffman": {
-        "fmstore_huff_encode": [_P, ctypes.c_int, ctypes.c_int, _P, _P, _I64, _P, _I64, _P, _P, _P, _P],
+        "fmstore_huff_encode": [_P, ctypes.c_int, ctypes.c_int, _P, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _P],
         "fmstore_huff_decode": [_P, _I64, ctypes.c_int, _P, _P, _I64, _P, _I64, _P, _P, _P, _P, _P],
         "fmstore_huff_scratch_bytes": [_I64, _I64, _I64],
         "fmstore_huff_max_bytes": [_I64, ctypes.c_int],

@@ -90,9 +90,10 @@ __device__ inline void for_words(const uint8_t* src, int64_t m, int64_t j0, int6
 
 // ---------------------------------------------------------------- hist
 
-__global__ void hist(const uint8_t* planes, const int64_t* chunks, uint32_t* counts, unsigned long long* checks) {
+__global__ void hist(const uint8_t* planes, const int64_t* chunks, int64_t c_base, uint32_t* counts,
+                     unsigned long long* checks) {
   __shared__ uint32_t h[8][256];  // one histogram per warp: fewer collisions on hot bytes
-  int64_t c = blockIdx.x;
+  int64_t c = c_base + blockIdx.x;
   Chunk k(chunks, c);
   int64_t m = k.m;
   for (int i = threadIdx.x; i < 8 * 256; i += blockDim.x) (&h[0][0])[i] = 0;
@@ -122,8 +123,8 @@ __global__ void hist(const uint8_t* planes, const int64_t* chunks, uint32_t* cou
 
 // Per chunk (one block of 256 threads, thread = byte value): the same construction as
 // code_lengths()/canonical_codes() in huffman.py, then the exact stored sizes.
-__global__ void build(const int64_t* chunks, const uint32_t* counts, uint32_t* codes, uint8_t* nibbles,
-                      uint32_t* stored, uint32_t* mode) {
+__global__ void build(const int64_t* chunks, int64_t c_base, const uint32_t* counts, uint32_t* codes,
+                      uint8_t* nibbles, uint32_t* stored, uint32_t* mode) {
   __shared__ uint32_t w[256];
   __shared__ uint16_t order[256];
   __shared__ uint32_t weight[511];
@@ -134,7 +135,7 @@ __global__ void build(const int64_t* chunks, const uint32_t* counts, uint32_t* c
   __shared__ uint32_t first[MAX_LEN + 2];
   __shared__ unsigned long long part_sh[8];
   __shared__ uint32_t lo_sh, hi_sh;
-  int64_t c = blockIdx.x;
+  int64_t c = c_base + blockIdx.x;
   int s = threadIdx.x;
   int64_t m = Chunk(chunks, c).m;
   w[s] = counts[c * 256 + s];
@@ -253,10 +254,10 @@ __global__ void build(const int64_t* chunks, const uint32_t* counts, uint32_t* c
 
 // Each huff chunk's sub-block bit lengths, with coalesced reads: a warp's 32 words lie in one
 // sub-block, so one atomic per warp.
-__global__ void bits(const uint8_t* planes, const int64_t* chunks, const uint32_t* codes, const uint32_t* mode,
-                     uint32_t* sub_bits) {
+__global__ void bits(const uint8_t* planes, const int64_t* chunks, int64_t c_base, const uint32_t* codes,
+                     const uint32_t* mode, uint32_t* sub_bits) {
   __shared__ uint8_t len[256];
-  int64_t c = blockIdx.x;
+  int64_t c = c_base + blockIdx.x;
   if (mode[c] != HUFF) return;
   Chunk k(chunks, c);
   for (int s = threadIdx.x; s < 256; s += blockDim.x) len[s] = (uint8_t)(codes[c * 256 + s] >> 16);
@@ -283,10 +284,12 @@ __global__ void bits(const uint8_t* planes, const int64_t* chunks, const uint32_
 // ---------------------------------------------------------------- layout
 
 // Per segment (one block): chunk offsets inside its payload, and the blob's length.
-__global__ void seg_layout(const int64_t* segs, const uint32_t* stored, uint64_t* offsets, int64_t* seg_len) {
+__global__ void seg_layout(const int64_t* segs, int64_t s_base, const uint32_t* stored, uint64_t* offsets,
+                           int64_t* seg_len) {
   __shared__ uint64_t carry;
   __shared__ uint64_t part[1024];
-  const int64_t* sg = segs + blockIdx.x * SEG_COLS;
+  int64_t sid = s_base + blockIdx.x;
+  const int64_t* sg = segs + sid * SEG_COLS;
   int64_t first = sg[2], nchunks = sg[3];
   if (threadIdx.x == 0) carry = 0;
   __syncthreads();
@@ -306,23 +309,27 @@ __global__ void seg_layout(const int64_t* segs, const uint32_t* stored, uint64_t
     if (threadIdx.x == blockDim.x - 1) carry += part[threadIdx.x];
     __syncthreads();
   }
-  if (threadIdx.x == 0) seg_len[blockIdx.x] = HEADER + ENTRY * nchunks + (int64_t)carry;
+  if (threadIdx.x == 0) seg_len[sid] = HEADER + ENTRY * nchunks + (int64_t)carry;
 }
 
-// One block: where each segment's blob starts in the stream, the FMHS directory, the total.
-__global__ void stream_layout(int64_t nseg, const int64_t* seg_len, int64_t* seg_at, uint8_t* out, int64_t* total) {
+// One block, for segments [s0, s1): where each one's blob starts in the stream (after those
+// before s0, laid out by an earlier launch), their directory entries, and the end of s1 - 1.
+__global__ void stream_layout(int64_t nseg, int64_t s0, int64_t s1, const int64_t* seg_len, int64_t* seg_at,
+                              uint8_t* out, int64_t* total) {
   __shared__ int64_t carry;
   __shared__ int64_t part[1024];
   int64_t head = 8 + 8 * nseg;
   if (threadIdx.x == 0) {
-    carry = head;
-    reinterpret_cast<uint32_t*>(out)[0] = 0x53484D46u;  // "FMHS"
-    reinterpret_cast<uint32_t*>(out)[1] = (uint32_t)nseg;
+    carry = s0 == 0 ? head : seg_at[s0 - 1] + seg_len[s0 - 1];
+    if (s0 == 0) {
+      reinterpret_cast<uint32_t*>(out)[0] = 0x53484D46u;  // "FMHS"
+      reinterpret_cast<uint32_t*>(out)[1] = (uint32_t)nseg;
+    }
   }
   __syncthreads();
-  for (int64_t base = 0; base < nseg; base += blockDim.x) {
+  for (int64_t base = s0; base < s1; base += blockDim.x) {
     int64_t s = base + threadIdx.x;
-    int64_t v = s < nseg ? seg_len[s] : 0;
+    int64_t v = s < s1 ? seg_len[s] : 0;
     part[threadIdx.x] = v;
     __syncthreads();
     for (int off = 1; off < (int)blockDim.x; off <<= 1) {
@@ -331,7 +338,7 @@ __global__ void stream_layout(int64_t nseg, const int64_t* seg_len, int64_t* seg
       part[threadIdx.x] += t;
       __syncthreads();
     }
-    if (s < nseg) {
+    if (s < s1) {
       seg_at[s] = carry + part[threadIdx.x] - v;
       uint32_t* d = reinterpret_cast<uint32_t*>(out + 8 + 8 * s);  // 4-aligned
       d[0] = (uint32_t)v;
@@ -345,12 +352,12 @@ __global__ void stream_layout(int64_t nseg, const int64_t* seg_len, int64_t* seg
 }
 
 // Per segment: its FMH1 header and chunk table, at its place in the stream.
-__global__ void tables(const int64_t* segs, int width, int flags, const uint32_t* stored, const uint32_t* mode,
-                       const unsigned long long* checks, const uint64_t* offsets, const int64_t* seg_at,
-                       uint8_t* out) {
-  const int64_t* sg = segs + blockIdx.x * SEG_COLS;
+__global__ void tables(const int64_t* segs, int64_t s_base, int width, int flags, const uint32_t* stored,
+                       const uint32_t* mode, const unsigned long long* checks, const uint64_t* offsets,
+                       const int64_t* seg_at, uint8_t* out) {
+  const int64_t* sg = segs + (s_base + blockIdx.x) * SEG_COLS;
   int64_t nbytes = sg[1], first = sg[2], nchunks = sg[3];
-  uint8_t* blob = out + seg_at[blockIdx.x];
+  uint8_t* blob = out + seg_at[s_base + blockIdx.x];
   for (int64_t l = threadIdx.x; l < nchunks; l += blockDim.x) {
     int64_t c = first + l;
     uint32_t* e = reinterpret_cast<uint32_t*>(blob + HEADER + l * ENTRY);
@@ -379,12 +386,12 @@ __global__ void tables(const int64_t* segs, int width, int flags, const uint32_t
 __device__ inline uint4 ld16(const uint4* p) { return __ldg(p); }
 
 __global__ void __launch_bounds__(NSUB) emit(const uint8_t* planes, const int64_t* segs, const int64_t* chunks,
-                                             const uint32_t* codes, const uint8_t* nibbles, const uint32_t* mode,
-                                             const uint64_t* offsets, const uint32_t* sub_bits_all,
-                                             const int64_t* seg_at, uint8_t* out) {
+                                             int64_t c_base, const uint32_t* codes, const uint8_t* nibbles,
+                                             const uint32_t* mode, const uint64_t* offsets,
+                                             const uint32_t* sub_bits_all, const int64_t* seg_at, uint8_t* out) {
   __shared__ uint32_t tab[256];
   __shared__ uint32_t scan[NSUB];
-  int64_t c = blockIdx.x;
+  int64_t c = c_base + blockIdx.x;
   Chunk k(chunks, c);
   int64_t m = k.m;
   const int64_t* sg = segs + k.seg * SEG_COLS;
@@ -688,15 +695,17 @@ int64_t fmstore_huff_scratch_bytes(int64_t nbytes, int64_t nchunks, int64_t nseg
   return ((fmh::align4(nbytes) + 15) & ~int64_t(15)) + nchunks * per_chunk + nseg * 24 + 64;
 }
 
-// Encode flat `data` (segment and chunk rows built by fmstore/codec/gpu.py, on the device;
-// `segs_host` their host copy) into `out` as a whole FMHS stream; its length goes to device
-// `total`.  `out` holds at least the directory plus fmstore_huff_max_bytes of every segment.
+// Encode segments [s0, s1) of flat `data` (segment and chunk rows built by
+// fmstore/codec/gpu.py, on the device; `segs_host` their host copy) into `out`, laid out as the
+// whole FMHS stream; the end of segment s1 - 1 in it goes to device `total`.  Launches for
+// consecutive ranges on one stream build one stream (the caller copies each range out as it
+// lands); the directory is complete after the last.  `scratch` is shared by the ranges.
 int fmstore_huff_encode(const uint8_t* data, int width, int flags, const int64_t* segs, const int64_t* segs_host,
-                        int64_t nseg, const int64_t* chunks, int64_t nchunks, uint8_t* out, int64_t* total,
-                        uint8_t* scratch, cudaStream_t stream) {
+                        int64_t nseg, int64_t s0, int64_t s1, const int64_t* chunks, int64_t nchunks, uint8_t* out,
+                        int64_t* total, uint8_t* scratch, cudaStream_t stream) {
   using namespace fmh;
   if (nseg == 0) {
-    stream_layout<<<1, 32, 0, stream>>>(0, nullptr, nullptr, out, total);
+    stream_layout<<<1, 32, 0, stream>>>(0, 0, 0, nullptr, nullptr, out, total);
     return (int)cudaGetLastError();
   }
   int64_t nbytes = segs_host[(nseg - 1) * SEG_COLS] + segs_host[(nseg - 1) * SEG_COLS + 1];
@@ -708,7 +717,6 @@ int fmstore_huff_encode(const uint8_t* data, int width, int flags, const int64_t
   at += nchunks * 8;
   uint32_t* sub_bits = reinterpret_cast<uint32_t*>(scratch + at);
   at += nchunks * NSUB * 4;
-  int64_t zero_bytes = nchunks * (256 * 4 + 8 + NSUB * 4);
   uint32_t* codes = reinterpret_cast<uint32_t*>(scratch + at);
   at += nchunks * 256 * 4;
   uint64_t* offsets = reinterpret_cast<uint64_t*>(scratch + at);
@@ -722,26 +730,31 @@ int fmstore_huff_encode(const uint8_t* data, int width, int flags, const int64_t
   uint32_t* mode = reinterpret_cast<uint32_t*>(scratch + at);
   at += nchunks * 4;
   uint8_t* nibbles = scratch + at;
-  cudaError_t e = cudaMemsetAsync(counts, 0, zero_bytes, stream);
+  int64_t c0 = segs_host[s0 * SEG_COLS + 2];
+  int64_t c1 = segs_host[(s1 - 1) * SEG_COLS + 2] + segs_host[(s1 - 1) * SEG_COLS + 3];
+  int64_t nc = c1 - c0;
+  cudaError_t e = cudaMemsetAsync(counts + c0 * 256, 0, nc * 256 * 4, stream);
+  if (!e) e = cudaMemsetAsync(checks + c0, 0, nc * 8, stream);
+  if (!e) e = cudaMemsetAsync(sub_bits + c0 * NSUB, 0, nc * NSUB * 4, stream);
   if (e) return (int)e;
   const uint8_t* planes = data;
   if (width > 1) {
-    for (int64_t s = 0; s < nseg; ++s) {
+    for (int64_t s = s0; s < s1; ++s) {
       int64_t begin = segs_host[s * SEG_COLS], len = segs_host[s * SEG_COLS + 1];
       int rc = fmstore_split(data + begin, planes_buf + begin, len / width, width, stream);
       if (rc) return rc;
     }
     planes = planes_buf;
   }
-  dim3 sliced((unsigned)nchunks, CHUNK / HIST_SLICE);
-  hist<<<sliced, 256, 0, stream>>>(planes, chunks, counts, checks);
-  build<<<(unsigned)nchunks, 256, 0, stream>>>(chunks, counts, codes, nibbles, stored, mode);
-  bits<<<sliced, 256, 0, stream>>>(planes, chunks, codes, mode, sub_bits);
-  seg_layout<<<(unsigned)nseg, 1024, 0, stream>>>(segs, stored, offsets, seg_len);
-  stream_layout<<<1, 1024, 0, stream>>>(nseg, seg_len, seg_at, out, total);
-  tables<<<(unsigned)nseg, 256, 0, stream>>>(segs, width, flags, stored, mode, checks, offsets, seg_at, out);
-  emit<<<(unsigned)nchunks, NSUB, 0, stream>>>(planes, segs, chunks, codes, nibbles, mode, offsets, sub_bits, seg_at,
-                                             out);
+  dim3 sliced((unsigned)nc, CHUNK / HIST_SLICE);
+  hist<<<sliced, 256, 0, stream>>>(planes, chunks, c0, counts, checks);
+  build<<<(unsigned)nc, 256, 0, stream>>>(chunks, c0, counts, codes, nibbles, stored, mode);
+  bits<<<sliced, 256, 0, stream>>>(planes, chunks, c0, codes, mode, sub_bits);
+  seg_layout<<<(unsigned)(s1 - s0), 1024, 0, stream>>>(segs, s0, stored, offsets, seg_len);
+  stream_layout<<<1, 1024, 0, stream>>>(nseg, s0, s1, seg_len, seg_at, out, total);
+  tables<<<(unsigned)(s1 - s0), 256, 0, stream>>>(segs, s0, width, flags, stored, mode, checks, offsets, seg_at, out);
+  emit<<<(unsigned)nc, NSUB, 0, stream>>>(planes, segs, chunks, c0, codes, nibbles, mode, offsets, sub_bits, seg_at,
+                                        out);
   return (int)cudaGetLastError();
 }
 

@@ -269,3 +269,72 @@ def test_quantized_odd_sizes_and_dtypes(tmp_path) -> None:
     assert torch.equal(out["m"]["odd"], dequantize(*quantize(state["m"]["odd"])))
     assert torch.equal(out["m"]["bf"], dequantize(*quantize(state["m"]["bf"].float())).to(torch.bfloat16))
     assert torch.equal(out["m"]["w"], state["m"]["w"])
+
+
+def test_checkpointer_fmhs_chain_on_cpu(tmp_path) -> None:
+    """codec="huffman" writes the GPU chain's FMHS streams (here from the CPU reference, the
+    bytes the GPU writes): exact round trip, recorded chain, unchanged tensors referenced,
+    and a flipped bit reported with the tensor, segment and chunk."""
+    from fmstore import Checkpointer, CorruptBlobError
+
+    frozen = weights_like(torch.bfloat16, 300_000)
+    state = {"frozen": frozen, "w": weights_like(torch.float32, 5000, 1), "ids": torch.arange(10), "n": 3}
+    with Checkpointer(tmp_path, compression="lossless", codec="huffman") as ck:
+        first = ck.save(1, state).wait()
+        out = ck.load()
+        assert torch.equal(out["frozen"], frozen) and torch.equal(out["w"], state["w"]) and out["n"] == 3
+        assert torch.equal(out["ids"], state["ids"])
+        m = ck.manifest()
+        assert m.tensors["frozen"].shards[0].codec == ["planes2", "huff"]
+        assert m.tensors["w"].shards[0].codec == ["planes4", "huff"]
+        assert m.tensors["frozen"].shards[0].checksum.startswith("fmh1:")
+        second = ck.save(2, {**state, "w": weights_like(torch.float32, 5000, 2)}).wait()
+        assert second.tensors_written == 1 < first.tensors_written  # frozen: referenced
+        s = m.tensors["frozen"].shards[0]
+    assert first.bytes_written < 600_000 + 40_000 + 12_000  # bf16 weights shrank (600 kB raw)
+    path = tmp_path / s.file
+    raw = bytearray(path.read_bytes())
+    raw[s.end - 2000] ^= 0x08  # inside the last segment's exponent-plane payload
+    path.write_bytes(bytes(raw))
+    with Checkpointer(tmp_path) as ck:
+        with pytest.raises(CorruptBlobError, match=r"'frozen'.*segment \d+, chunk \d+"):
+            ck.load(step=1)
+    raw[s.end - 2000] ^= 0x08
+    raw[s.begin + 12] ^= 0x01  # in the directory: a segment length
+    path.write_bytes(bytes(raw))
+    with Checkpointer(tmp_path) as ck:
+        with pytest.raises(CorruptBlobError, match="'frozen'"):
+            ck.load(step=1)
+
+
+def test_checkpointer_codec_choice(tmp_path) -> None:
+    from fmstore import Checkpointer, ConfigError
+
+    with Checkpointer(tmp_path, compression="lossless") as ck:  # auto: CPU tensors get zstd
+        ck.save(1, {"w": weights_like(torch.bfloat16, 1000)}).wait()
+        assert ck.manifest().tensors["w"].shards[0].codec == ["planes2", "zstd"]
+    with pytest.raises(ConfigError, match="codec"):
+        Checkpointer(tmp_path, compression="lossless", codec="lz4")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_checkpointer_encodes_on_the_gpu(tmp_path) -> None:
+    """CUDA tensors are encoded before the copy to host memory; the stored bytes are the CPU
+    reference's, and a load (GPU decode) gives the tensors back exactly."""
+    from fmstore import Checkpointer
+    from fmstore.codec import huffman
+
+    w = weights_like(torch.bfloat16, 3_000_000).cuda()
+    state = {"w": w, "b": weights_like(torch.float32, 70_001, 1).cuda(), "i": torch.arange(5).cuda()}
+    with Checkpointer(tmp_path, compression="lossless") as ck:
+        info = ck.save(1, state).wait()
+        m = ck.manifest()
+        assert m.tensors["w"].shards[0].codec == ["planes2", "huff"]
+        assert m.tensors["b"].shards[0].codec == ["planes4", "huff"]
+        out = ck.load(device="cuda")
+        assert all(torch.equal(out[k], state[k]) for k in state)
+        s = m.tensors["w"].shards[0]
+    stored = (tmp_path / s.file).read_bytes()[s.begin : s.end]
+    assert stored == huffman.encode(w.cpu().view(torch.uint8).reshape(-1), 2)
+    assert info.nbytes < 6_000_000 + 280_004 + 40  # what crossed PCIe was coded

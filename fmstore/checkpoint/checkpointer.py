@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..blob import as_bytes_tensor, as_memoryview, dtype_from_name
-from ..codec import Encoded, decode, encode
+from ..codec import Encoded, decode, encode, huffman
 from ..codec.quant import BLOCK as QUANT_BLOCK
 from ..codec.quant import dequantize as dequantize_int8
 from ..codec.quant import quantize as quantize_int8
@@ -55,6 +56,8 @@ QUANT_CODEC = "int8-absmax256"
 _QUANTIZABLE = (torch.float32, torch.bfloat16, torch.float16)
 #: ``compression=`` values: None (raw) or the lossless chain.
 COMPRESSION: dict[str | None, str | None] = {None: None, "lossless": "lossless"}
+#: ``codec=`` values: which lossless chain (see ``Checkpointer``).
+CODECS = ("auto", "zstd", "huffman")
 
 __all__ = [
     "Checkpointer",
@@ -187,9 +190,16 @@ class Checkpointer:
             store lossily as blockwise int8 (absmax per 256 values; float tensors only), e.g.
             :data:`MOMENTS` for Adam's moments.  Never applied unless asked; the manifest
             records it (codec ``int8-absmax256``) and a load gives the dequantized values.
-        compression: ``"lossless"`` encodes each written tensor with the codec chain (byte
-            planes, then per-chunk zstd or raw) on the CPU in the background persist; the
+        compression: ``"lossless"`` encodes each written tensor with a codec chain; the
             manifest records the chain and load decodes.  Default None: stored raw.
+        codec: which lossless chain.  ``"auto"`` (default): a CUDA tensor is encoded on its
+            GPU before the device-to-host copy (byte planes + per-chunk Huffman, the FMHS
+            stream of ``kernels/huffman.cu``), so fewer bytes cross PCIe; a CPU tensor, or a
+            GPU one when the kernels cannot be built, gets the CPU chain (byte planes + per-chunk
+            zstd) in the background persist.  ``"zstd"``: always the CPU chain.
+            ``"huffman"``: always FMHS (on the CPU reference for CPU tensors: slow, for
+            checks).  With a host-memory level the raw copy is staged (a restore needs it),
+            and the CPU chain runs in the background.
     """
 
     def __init__(
@@ -205,7 +215,12 @@ class Checkpointer:
         quantize: Sequence[str] | str = (),
         io_threads: int = 8,
         timeout: float = 1800.0,
+        codec: str = "auto",
     ) -> None:
+        if codec not in CODECS:
+            raise ConfigError(f"codec must be one of {list(CODECS)}, got {codec!r}")
+        self.codec = codec
+        self._gpu_codec: bool | None = None  # whether the GPU kernels load; found on first use
         if compression not in COMPRESSION:
             raise ConfigError(
                 f"compression must be one of {sorted(COMPRESSION, key=str)}, got {compression!r}"
@@ -335,7 +350,10 @@ class Checkpointer:
                 )
         if self.memory is not None and self.memory.get(step) is not None:
             raise FmstoreError(f"step {step} is already committed in host memory; it is never overwritten")
-        staged = self._stager.stage({p.name: p.local for p in pieces})
+        gpu_encode = (
+            self._gpu_encode if self.compression and self.memory is None and self.codec != "zstd" else None
+        )
+        staged = self._stager.stage({p.name: p.local for p in pieces}, gpu_encode)
         kept = None
         if self.memory is not None:
             items = {p.name: MemoryItem(p.global_shape, p.offsets) for p in pieces}
@@ -366,6 +384,24 @@ class Checkpointer:
         """The codec chain for one staged tensor, its chunks spread over the hash pool."""
         return encode(st.data, torch.empty(0, dtype=st.dtype).element_size(), pool=self._codec_pool)
 
+    def _gpu_encode(self, name: str, t: torch.Tensor) -> int | None:
+        """The element width to encode ``t`` with on its GPU before staging, or None."""
+        width = t.element_size()
+        if t.numel() == 0 or width not in huffman.WIDTHS or self._quantizes(name, t.dtype):
+            return None
+        if self._gpu_codec is None:
+            try:
+                from kernels import load
+
+                load("huffman")
+                self._gpu_codec = True
+            except Exception as e:  # no nvcc, or a build failure: the CPU chain still works
+                warnings.warn(
+                    f"fmstore: GPU compression unavailable, compressing on the CPU: {e}", stacklevel=3
+                )
+                self._gpu_codec = False
+        return width if self._gpu_codec else None
+
     def _targets(self, step: int, levels: Sequence[str] | str | None) -> list[SnapshotLevel]:
         if levels == "all":
             return list(self.levels)
@@ -387,6 +423,16 @@ class Checkpointer:
                 writes = [(st, p) for st, p in zip(job.staged.tensors, job.pieces) if p.writes]
                 items = []
                 for st, p in writes:
+                    if st.codec:  # encoded on the GPU while staging
+                        enc = Encoded([memoryview(st.data.numpy())], list(st.codec))
+                        digest = self._hash_pool.submit(_fmhs_digest, st.data, st.raw_nbytes, p.name)
+                        items.append(WriteItem(st, p, digest, lambda _, e=enc: e))
+                        continue
+                    if self.compression and self.codec == "huffman" and st.nbytes:
+                        enc = _huffman_cpu(st, self._codec_pool)
+                        digest = _done(_fmhs_digest(enc.segments[0], st.nbytes, p.name))
+                        items.append(WriteItem(st, p, digest, lambda _, e=enc: e))
+                        continue
                     if self._quantizes(p.name, st.dtype):
                         # Lossy: the checksum is of the bytes a load will give back.
                         enc, digest = _quantized(st, self._hash_pool)
@@ -589,6 +635,9 @@ class Checkpointer:
                 if shard.codec == [QUANT_CODEC]:
                     _dequantize_into(blob, out, manifest.tensors[name].dtype, name)
                     continue
+                if shard.codec[-1] == "huff":
+                    _decode_fmhs(blob, out, shard, name, manifest.step, storage.pool)
+                    continue
                 decode(memoryview(blob.numpy()), out, pool=storage.pool, name=name)
             except CorruptBlobError as e:
                 raise CorruptBlobError(
@@ -616,14 +665,15 @@ class Checkpointer:
     ) -> None:
         """An encoded shard is read whole and decoded: into the destination when it is the
         whole region, else into a buffer the overlap is copied from."""
-        if shard.codec not in ([f"planes{itemsize}", "zstd"], [QUANT_CODEC]):
+        if shard.codec not in ([f"planes{itemsize}", "zstd"], [f"planes{itemsize}", "huff"], [QUANT_CODEC]):
             raise ManifestError(f"tensor {name!r} in {shard.file!r}: unknown codec chain {shard.codec}")
         blob = torch.empty(shard.end - shard.begin, dtype=torch.uint8)
         plan.reads.setdefault(shard.file, []).append((shard.begin, memoryview(blob.numpy())))
         n = numel(shard.lengths) * itemsize
         out = host.reshape(-1).view(torch.uint8) if whole else torch.empty(n, dtype=torch.uint8)
         plan.decodes.append((name, shard, blob, out))
-        plan.checks.append((name, shard, out, 0))
+        if shard.codec[-1] != "huff":  # an FMHS decode checks every chunk itself
+            plan.checks.append((name, shard, out, 0))
         if not whole:
             rp = plan_read(tuple(shard.offsets), tuple(shard.lengths), ov[0], ov[1], itemsize)
             block = out[rp.start : rp.end].view(dtype).view(rp.view_shape)[rp.slices]
@@ -706,6 +756,17 @@ def _done(value: Any) -> Future[Any]:
     return f
 
 
+def _fmhs_digest(stream: Any, nbytes: int, name: str) -> list[tuple[str, list[str]]]:
+    """The manifest checksum of an FMHS-coded tensor (its chunk checks; no chunk digests)."""
+    view = stream.numpy() if isinstance(stream, torch.Tensor) else np.frombuffer(stream, dtype=np.uint8)
+    return [(huffman.stream_digest(view, nbytes, name), [])]
+
+
+def _huffman_cpu(st: Any, pool: Executor) -> Encoded:
+    width = torch.empty(0, dtype=st.dtype).element_size()
+    return Encoded([huffman.encode(st.data, width, pool=pool)], [f"planes{width}", "huff"])
+
+
 def _quantized(st: Any, pool: Executor) -> tuple[Encoded, list[tuple[str, list[str]]]]:
     """The int8 blob (codes, then float32 scales) of a staged float tensor, and the digest of
     the bytes its load will return."""
@@ -715,6 +776,33 @@ def _quantized(st: Any, pool: Executor) -> tuple[Encoded, list[tuple[str, list[s
     digest = digest_all([as_bytes_tensor(back)], pool)
     blob = [memoryview(codes.numpy()).cast("B"), memoryview(scales.numpy()).cast("B")]
     return Encoded(blob, [QUANT_CODEC]), digest
+
+
+def _decode_fmhs(
+    blob: torch.Tensor, out: torch.Tensor, shard: Shard, name: str, step: int, pool: Executor
+) -> None:
+    """Decode an FMHS-coded shard into host ``out``: on the GPU where the kernels load (the CPU
+    reference otherwise); every chunk is checked, and the checks against the manifest."""
+    width = int(shard.codec[0][len("planes") :])
+    raw = blob.numpy()
+    if huffman.stream_digest(raw, out.numel(), name) != shard.checksum:
+        raise ChecksumError(
+            f"snapshot step {step}: tensor {name!r} in {shard.file!r} does not match its checksum "
+            "(its chunk checks differ from the manifest's)"
+        )
+    if torch.cuda.is_available():
+        try:
+            from ..codec import gpu as gpu_codec
+
+            dev = torch.empty(out.numel(), dtype=torch.uint8, device="cuda")
+            gpu_codec.huff_decode(blob.to("cuda", non_blocking=False), dev, width, name=name)
+            out.copy_(dev)
+            return
+        except CorruptBlobError:
+            raise
+        except Exception:  # noqa: BLE001 - no kernels here: the CPU reference decodes the same bytes
+            pass
+    huffman.decode(raw, out, name=name)
 
 
 def _dequantize_into(blob: torch.Tensor, out: torch.Tensor, dtype: str, name: str) -> None:

@@ -9,6 +9,7 @@ between saves: after the first save no memory is allocated or pinned again.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,10 +25,16 @@ class StagedTensor:
     dtype: torch.dtype
     shape: tuple[int, ...]
     data: torch.Tensor  # flat uint8 view of a pooled host buffer, exactly nbytes long
+    codec: list[str] = field(default_factory=list)  # empty: the raw bytes; else how data is coded
 
     @property
     def nbytes(self) -> int:
         return self.data.numel()
+
+    @property
+    def raw_nbytes(self) -> int:
+        """The tensor's own size (``nbytes`` is the coded size when ``codec`` is set)."""
+        return math.prod(self.shape) * torch.empty(0, dtype=self.dtype).element_size()
 
 
 @dataclass
@@ -60,7 +67,15 @@ class Stager:
         self.pool = BufferPool(pinned=self.pinned)
         self._stream = torch.cuda.Stream() if cuda else None
 
-    def stage(self, tensors: dict[str, torch.Tensor]) -> Staged:
+    def stage(
+        self,
+        tensors: dict[str, torch.Tensor],
+        gpu_encode: Callable[[str, torch.Tensor], int | None] | None = None,
+    ) -> Staged:
+        """Copy ``tensors`` to pooled host memory.  Where ``gpu_encode(name, tensor)`` gives an
+        element width, the tensor is encoded on its GPU first (FMHS stream, see
+        :mod:`fmstore.codec.huffman`) and only the encoded bytes cross PCIe; that copy has
+        landed when this returns."""
         staged = Staged([], None)
         on_device = [t for t in tensors.values() if t.device.type == "cuda"]
         try:
@@ -69,6 +84,16 @@ class Stager:
                 self._stream.wait_stream(torch.cuda.current_stream(on_device[0].device))
             for name, t in tensors.items():
                 src = as_bytes_tensor(t)
+                width = gpu_encode(name, t) if gpu_encode is not None and src.device.type == "cuda" else None
+                if width:
+                    from ..codec import gpu as gpu_codec
+
+                    buf, release = self.pool.acquire(gpu_codec.huff_host_bytes(src.numel(), width))
+                    staged.releases.append(release)
+                    data = gpu_codec.huff_encode_to_host(src, width, out=buf)
+                    codec = [f"planes{width}", "huff"]
+                    staged.tensors.append(StagedTensor(name, t.dtype, tuple(t.shape), data, codec))
+                    continue
                 buf, release = self.pool.acquire(src.numel())
                 staged.releases.append(release)
                 dst = buf[: src.numel()]

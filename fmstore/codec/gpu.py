@@ -177,13 +177,15 @@ class _Encoder:
         self.total = torch.empty(1, dtype=torch.int64, device=dev)
         self.stream = torch.cuda.current_stream(dev)
 
-    def launch(self) -> None:
+    def launch(self, first: int = 0, end: int | None = None) -> None:
+        """Encode segments [first, end); ``total`` then holds where the last one ends."""
         nseg = len(self.seg_rows)
         _run(
             self.lib.fmstore_huff_encode(
                 self.data.data_ptr(), self.width, self.flags, self.rows.data_ptr(), self.seg_rows.ctypes.data,
-                nseg, self.rows.data_ptr() + 8 * self.seg_rows.size, self.nchunks, self.out.data_ptr(),
-                self.total.data_ptr(), self.scratch.data_ptr(), self.stream.cuda_stream,
+                nseg, first, nseg if end is None else end, self.rows.data_ptr() + 8 * self.seg_rows.size,
+                self.nchunks, self.out.data_ptr(), self.total.data_ptr(), self.scratch.data_ptr(),
+                self.stream.cuda_stream,
             ),
             "huffman encode",
         )  # fmt: skip
@@ -198,20 +200,62 @@ def huff_encode(data: torch.Tensor, width: int, *, base: torch.Tensor | None = N
     return enc.out[: int(enc.total.item())]
 
 
+_copy_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _copy_streams:
+        _copy_streams[index] = torch.cuda.Stream(device=index)
+    return _copy_streams[index]
+
+
 def huff_encode_to_host(
     data: torch.Tensor, width: int, *, base: torch.Tensor | None = None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Encode CUDA ``data`` on the GPU into host memory (``out``: a pinned uint8 buffer of at
     least :func:`huff_host_bytes`, else one is allocated); returns the view of ``out`` that
-    holds the FMHS stream, once its bytes have landed.  Only the encoded bytes cross PCIe."""
+    holds the FMHS stream, once its bytes have landed.  Only the encoded bytes cross PCIe.
+
+    Segment by segment: while one segment's blob is copied to the host on a side stream, the
+    next one encodes, so the copy engine runs from the first (small) segment to the end."""
     enc = _Encoder(data, width, base)
+    nseg = len(enc.seg_rows)
     if out is None:
         out = torch.empty(enc.capacity, dtype=torch.uint8, pin_memory=True)
-    enc.launch()
-    total = int(enc.total.item())  # waits for the encode
-    out[:total].copy_(enc.out[:total], non_blocking=True)
-    enc.stream.synchronize()
-    return out[:total]
+    if nseg == 0:
+        enc.launch()
+        out[:8].copy_(enc.out[:8])
+        return out[:8]
+    head = 8 + 8 * nseg
+    ends = torch.empty(nseg, dtype=torch.int64, pin_memory=True)
+    copy = _copy_stream(data.device)
+    copy.wait_stream(enc.stream)  # `out` may still be read by the caller's earlier copies
+    events: list[torch.cuda.Event] = []
+
+    def launch(i: int) -> None:
+        enc.launch(i, i + 1)
+        ends[i : i + 1].copy_(enc.total, non_blocking=True)
+        events.append(torch.cuda.Event())
+        events[-1].record(enc.stream)
+
+    for i in range(min(2, nseg)):
+        launch(i)
+    at = head
+    for i in range(nseg):
+        events[i].synchronize()  # segment i is encoded and where it ends is known here
+        end = int(ends[i])
+        copy.wait_event(events[i])
+        with torch.cuda.stream(copy):
+            out[at:end].copy_(enc.out[at:end], non_blocking=True)
+        at = end
+        if i + 2 < nseg:
+            launch(i + 2)
+    # The directory last: each launch filled in its own segment's entry.
+    with torch.cuda.stream(copy):
+        out[:head].copy_(enc.out[:head], non_blocking=True)
+    copy.synchronize()
+    return out[:at]
 
 
 def huff_host_bytes(nbytes: int, width: int) -> int:

@@ -301,6 +301,21 @@ def read_directory(
     return out
 
 
+def stream_digest(stream: np.ndarray | bytes | memoryview, nbytes: int, name: str = "") -> str:
+    """The checksum a manifest records for an FMHS-coded tensor: xxh3-128 over every chunk's
+    check (a function of the original bytes alone), in order.  A decode proves each chunk
+    against its check; this ties the checks to the manifest."""
+    import xxhash
+
+    raw = stream if isinstance(stream, np.ndarray) else np.frombuffer(stream, dtype=np.uint8)
+    h = xxhash.xxh3_128()
+    h.update(struct.pack("<Q", nbytes))
+    for _, _, at, size in read_directory(raw, nbytes, name):
+        _, _, _, _, table = read_header(raw[at : at + size], name)
+        h.update(table[:, 3].astype("<i8").tobytes())
+    return "fmh1:" + h.hexdigest()
+
+
 def decode(
     blob: memoryview | bytes | np.ndarray,
     out: torch.Tensor,
