@@ -77,6 +77,7 @@ class Stager:
         :mod:`fmstore.codec.huffman`) and only the encoded bytes cross PCIe; that copy has
         landed when this returns."""
         staged = Staged([], None)
+        encode_jobs: list[tuple[int, tuple]] = []  # GPU encodes, run together as one pipeline
         on_device = [t for t in tensors.values() if t.device.type == "cuda"]
         try:
             if on_device and self._stream is not None:
@@ -90,9 +91,9 @@ class Stager:
 
                     buf, release = self.pool.acquire(gpu_codec.huff_host_bytes(src.numel(), width))
                     staged.releases.append(release)
-                    data = gpu_codec.huff_encode_to_host(src, width, out=buf)
+                    encode_jobs.append((len(staged.tensors), (src, width, buf, None)))
                     codec = [f"planes{width}", "huff"]
-                    staged.tensors.append(StagedTensor(name, t.dtype, tuple(t.shape), data, codec))
+                    staged.tensors.append(StagedTensor(name, t.dtype, tuple(t.shape), buf[:0], codec))
                     continue
                 buf, release = self.pool.acquire(src.numel())
                 staged.releases.append(release)
@@ -106,6 +107,12 @@ class Stager:
                 else:
                     dst.copy_(src.cpu())
                 staged.tensors.append(StagedTensor(name, t.dtype, tuple(t.shape), dst))
+            if encode_jobs:
+                from ..codec import gpu as gpu_codec
+
+                streams = gpu_codec.huff_encode_many_to_host([job for _, job in encode_jobs])
+                for (i, _), data in zip(encode_jobs, streams):
+                    staged.tensors[i].data = data
             if on_device and self._stream is not None:
                 staged.event = torch.cuda.Event()
                 staged.event.record(self._stream)

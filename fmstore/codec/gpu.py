@@ -158,13 +158,15 @@ class _Encoder:
     """Encodes every segment of a tensor (huffman.segments) in one launch of each kernel,
     straight into a device buffer laid out as the whole FMHS stream."""
 
-    def __init__(self, data: torch.Tensor, width: int, base: torch.Tensor | None) -> None:
+    def __init__(
+        self, data: torch.Tensor, width: int, base: torch.Tensor | None, scratch: torch.Tensor | None = None
+    ) -> None:
         from . import huffman
 
         _check(data, "huffman encode")
         if width not in huffman.WIDTHS or data.numel() % width:
             raise ValueError(f"{data.numel()} bytes are not a whole number of {width}-byte elements")
-        self.lib = lib = _lib("huffman")
+        self.lib = _lib("huffman")
         self.data = xor(data, base) if base is not None else data
         self.width, self.flags = width, 1 if base is not None else 0
         n = data.numel()
@@ -172,8 +174,13 @@ class _Encoder:
         self.capacity = huff_host_bytes(n, width)
         dev = data.device
         self.out = torch.empty(self.capacity, dtype=torch.uint8, device=dev)
-        need = int(lib.fmstore_huff_scratch_bytes(n, self.nchunks, len(self.seg_rows)))
-        self.scratch = torch.empty(need, dtype=torch.uint8, device=dev)
+        need = scratch_bytes(n, width)
+        # Encodes on one stream run one after another, so they can share one scratch buffer.
+        self.scratch = (
+            scratch
+            if scratch is not None and scratch.numel() >= need
+            else torch.empty(need, dtype=torch.uint8, device=dev)
+        )
         self.total = torch.empty(1, dtype=torch.int64, device=dev)
         self.stream = torch.cuda.current_stream(dev)
 
@@ -210,52 +217,110 @@ def _copy_stream(device: torch.device) -> torch.cuda.Stream:
     return _copy_streams[index]
 
 
+def scratch_bytes(nbytes: int, width: int) -> int:
+    """Device scratch an encode of ``nbytes`` needs (planes, histograms, tables)."""
+    from . import huffman
+
+    segs = huffman.segments(nbytes)
+    nchunks = sum(width * -(-((b - a) // width) // huffman.CHUNK) for a, b in segs)
+    return int(_lib("huffman").fmstore_huff_scratch_bytes(nbytes, nchunks, len(segs)))
+
+
+#: Input bytes per unit of the encode/copy pipeline: big enough to fill the GPU, small
+#: enough that the copy engine starts early and the encode hides behind copies.
+GROUP_BYTES = 64 << 20
+
+
+def huff_encode_many_to_host(
+    jobs: list[tuple[torch.Tensor, int, torch.Tensor | None, torch.Tensor | None]],
+    *,
+    group_bytes: int = GROUP_BYTES,
+) -> list[torch.Tensor]:
+    """Encode several CUDA tensors (``(flat uint8 data, element width, pinned out or None,
+    XOR base or None)``) into host memory; returns each one's FMHS stream (a view of its
+    ``out``), all landed.
+
+    A pipeline over groups of segments (about ``group_bytes`` of input each, a tensor's
+    segments never mixed with another's): while one group's blobs are copied to the host on
+    a side stream, the next group encodes, so only the first group's encode is not hidden
+    behind the copy engine, the bottleneck.  Encodes share one scratch buffer."""
+    if not jobs:
+        return []
+    dev = jobs[0][0].device
+    compute = torch.cuda.current_stream(dev)
+    copy = _copy_stream(dev)
+    copy.wait_stream(compute)  # outputs may still be read by the caller's earlier copies
+    scratch = torch.empty(
+        max(scratch_bytes(d.numel(), w) for d, w, _, _ in jobs), dtype=torch.uint8, device=dev
+    )
+    units: list[tuple[int, int, int]] = []  # (job, first segment, end segment)
+    for j, (data, _, _, _) in enumerate(jobs):
+        from . import huffman
+
+        segs = huffman.segments(data.numel())
+        first, acc = 0, 0
+        for i, (a, b) in enumerate(segs):
+            acc += b - a
+            if acc >= group_bytes or i == len(segs) - 1:
+                units.append((j, first, i + 1))
+                first, acc = i + 1, 0
+        if not segs:
+            units.append((j, 0, 0))
+    ends = torch.empty(len(units), dtype=torch.int64, pin_memory=True)
+    encoders: dict[int, _Encoder] = {}
+    outs: list[torch.Tensor | None] = [None] * len(jobs)
+    results: list[torch.Tensor | None] = [None] * len(jobs)
+    events: list[torch.cuda.Event] = []
+
+    def launch(k: int) -> None:
+        j, s0, s1 = units[k]
+        if s0 == 0:
+            data, width, out, base = jobs[j]
+            enc = encoders[j] = _Encoder(data, width, base, scratch)
+            outs[j] = (
+                out if out is not None else torch.empty(enc.capacity, dtype=torch.uint8, pin_memory=True)
+            )
+        encoders[j].launch(s0, s1)
+        ends[k : k + 1].copy_(encoders[j].total, non_blocking=True)
+        events.append(torch.cuda.Event())
+        events[-1].record(compute)
+
+    for k in range(min(2, len(units))):
+        launch(k)
+    start = 0
+    for k, (j, s0, s1) in enumerate(units):
+        events[k].synchronize()  # this group is encoded; where it ends is known
+        enc, out = encoders[j], outs[j]
+        assert out is not None
+        nseg = len(enc.seg_rows)
+        head = 8 + 8 * nseg
+        if s0 == 0:
+            start = head
+        end = int(ends[k])
+        copy.wait_event(events[k])
+        with torch.cuda.stream(copy):
+            out[start:end].copy_(enc.out[start:end], non_blocking=True)
+            if s1 == nseg:  # the directory last: each group filled in its own entries
+                out[:head].copy_(enc.out[:head], non_blocking=True)
+                enc.out.record_stream(copy)  # freed only after these copies ran
+                results[j] = out[: max(end, head)]
+                del encoders[j]
+        start = end
+        if k + 2 < len(units):
+            launch(k + 2)
+    copy.synchronize()
+    return [r for r in results if r is not None]
+
+
 def huff_encode_to_host(
     data: torch.Tensor, width: int, *, base: torch.Tensor | None = None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Encode CUDA ``data`` on the GPU into host memory (``out``: a pinned uint8 buffer of at
     least :func:`huff_host_bytes`, else one is allocated); returns the view of ``out`` that
-    holds the FMHS stream, once its bytes have landed.  Only the encoded bytes cross PCIe.
-
-    Segment by segment: while one segment's blob is copied to the host on a side stream, the
-    next one encodes, so the copy engine runs from the first (small) segment to the end."""
-    enc = _Encoder(data, width, base)
-    nseg = len(enc.seg_rows)
-    if out is None:
-        out = torch.empty(enc.capacity, dtype=torch.uint8, pin_memory=True)
-    if nseg == 0:
-        enc.launch()
-        out[:8].copy_(enc.out[:8])
-        return out[:8]
-    head = 8 + 8 * nseg
-    ends = torch.empty(nseg, dtype=torch.int64, pin_memory=True)
-    copy = _copy_stream(data.device)
-    copy.wait_stream(enc.stream)  # `out` may still be read by the caller's earlier copies
-    events: list[torch.cuda.Event] = []
-
-    def launch(i: int) -> None:
-        enc.launch(i, i + 1)
-        ends[i : i + 1].copy_(enc.total, non_blocking=True)
-        events.append(torch.cuda.Event())
-        events[-1].record(enc.stream)
-
-    for i in range(min(2, nseg)):
-        launch(i)
-    at = head
-    for i in range(nseg):
-        events[i].synchronize()  # segment i is encoded and where it ends is known here
-        end = int(ends[i])
-        copy.wait_event(events[i])
-        with torch.cuda.stream(copy):
-            out[at:end].copy_(enc.out[at:end], non_blocking=True)
-        at = end
-        if i + 2 < nseg:
-            launch(i + 2)
-    # The directory last: each launch filled in its own segment's entry.
-    with torch.cuda.stream(copy):
-        out[:head].copy_(enc.out[:head], non_blocking=True)
-    copy.synchronize()
-    return out[:at]
+    holds the FMHS stream, once its bytes have landed.  Only the encoded bytes cross PCIe;
+    copies overlap the encode (see :func:`huff_encode_many_to_host`)."""
+    (stream,) = huff_encode_many_to_host([(data, width, out, base)])
+    return stream
 
 
 def huff_host_bytes(nbytes: int, width: int) -> int:
