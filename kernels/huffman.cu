@@ -131,7 +131,7 @@ __global__ void build(const int64_t* chunks, int64_t c_base, const uint32_t* cou
   __shared__ uint16_t parent[511];
   __shared__ uint8_t depth[511];
   __shared__ uint8_t lens[256];
-  __shared__ int n_sh, ok_sh;
+  __shared__ int n_sh, deepest_sh;
   __shared__ uint32_t first[MAX_LEN + 2];
   __shared__ unsigned long long part_sh[8];
   __shared__ uint32_t lo_sh, hi_sh;
@@ -192,22 +192,23 @@ __global__ void build(const int64_t* chunks, int64_t c_base, const uint32_t* cou
         parent[pick[0]] = parent[pick[1]] = (uint16_t)nxt;
         ++nxt;
       }
-      ok_sh = 1;
+      deepest_sh = 0;
     }
     __syncthreads();
     // Each leaf's depth: the steps up to the root (every thread walks its own).
     int d = 0;
     if (ws) {
       for (int node = rank; node != 2 * n - 2; node = parent[node]) ++d;
-      if (d > MAX_LEN) ok_sh = 0;
+      atomicMax(&deepest_sh, d);
       depth[rank] = (uint8_t)min(d, 255);
     }
     __syncthreads();
-    if (ok_sh) {
+    if (deepest_sh <= MAX_LEN) {
       if (ws) lens[s] = depth[rank];
       break;
     }
-    if (ws) w[s] = (ws >> 1) | 1;
+    // Too deep by k bits: counts c >> k | 1, and build again (huffman.py does the same).
+    if (ws) w[s] = (ws >> (deepest_sh - MAX_LEN)) | 1;
     __syncthreads();
   }
   __syncthreads();

@@ -27,8 +27,8 @@ low nibble), the bit length of each sub-block (u16, zero padded to 4 bytes), the
 stream, LSB first, zero padded to whole u32 words.  Huff is chosen only when it saves at
 least 2% over raw, from the exact sizes.  Codes are canonical (ordered by length, then
 symbol) and at most ``MAX_LEN`` bits; the lengths come from a two-queue Huffman construction
-over the symbols sorted by (count, symbol), with counts halved (``c >> 1 | 1``) and the
-construction redone until no code is longer than ``MAX_LEN``; a chunk holding every byte value,
+over the symbols sorted by (count, symbol); while the longest code has ``MAX_LEN + k`` bits,
+the counts become ``c >> k | 1`` and the construction is redone; a chunk holding every byte value,
 none more than twice as common as another, is raw without a code being built.  Every step is integer and
 deterministic, so both implementations give the same bytes.
 
@@ -110,11 +110,14 @@ def code_lengths(counts: np.ndarray) -> np.ndarray:
         depth = [0] * (2 * n - 1)
         for node in range(2 * n - 3, -1, -1):  # parents come after their children
             depth[node] = depth[parent[node]] + 1
-        if max(depth[:n]) <= MAX_LEN:
+        deepest = max(depth[:n])
+        if deepest <= MAX_LEN:
             for i, s in enumerate(syms):
                 lens[s] = depth[i]
             return lens
-        w = [(x >> 1) | 1 if x else 0 for x in w]
+        # Flatten the counts by as many bits as the code is too deep, and build again.
+        shift = deepest - MAX_LEN
+        w = [(x >> shift) | 1 if x else 0 for x in w]
 
 
 def canonical_codes(lens: np.ndarray) -> np.ndarray:
