@@ -519,6 +519,7 @@ __global__ void __launch_bounds__(NSUB) unpack(const uint8_t* stream, const int6
                                                const int64_t* seg_at, const int64_t* seg_len, int width,
                                                uint8_t* planes, int* errs) {
   __shared__ uint16_t table[TABLE_SIZE];
+  __shared__ uint32_t pairs[TABLE_SIZE];  // up to two symbols per lookup (see below)
   __shared__ uint8_t lens[256];
   __shared__ uint32_t first[MAX_LEN + 2];
   __shared__ uint32_t scan[NSUB];
@@ -609,6 +610,18 @@ __global__ void __launch_bounds__(NSUB) unpack(const uint8_t* stream, const int6
       uint32_t rev = __brev(code) >> (32 - l);
       for (uint32_t q = 0; q < (1u << (MAX_LEN - l)); ++q) table[rev | (q << l)] = (uint16_t)(s | (l << 8));
     }
+    __syncthreads();
+    // Two symbols per lookup where both codes fit the 12-bit window (exponent codes average
+    // under 3 bits): entry = s1 | s2 << 8 | bits << 16 | symbols << 24; 0 where no code starts.
+    for (int i = t; i < TABLE_SIZE; i += blockDim.x) {
+      uint32_t e1 = table[i], l1 = e1 >> 8, e = 0;
+      if (l1) {
+        uint32_t e2 = table[i >> l1], l2 = e2 >> 8;
+        if (l2 && l1 + l2 <= MAX_LEN) e = (e1 & 255u) | ((e2 & 255u) << 8) | ((l1 + l2) << 16) | (2u << 24);
+        else e = (e1 & 255u) | (l1 << 16) | (1u << 24);
+      }
+      pairs[i] = e;
+    }
     const uint16_t* sub_bits = reinterpret_cast<const uint16_t*>(body + 128);
     uint32_t nbits = t < nsub ? sub_bits[t] : 0;
     scan[t] = nbits;
@@ -639,34 +652,48 @@ __global__ void __launch_bounds__(NSUB) unpack(const uint8_t* stream, const int6
     wi += 3;
     uint32_t used = 0;
     bool bad = false;
-    uint32_t pack = 0;
-    for (int i = 0; i < count; ++i) {
+    uint64_t pk = 0;  // decoded bytes not yet stored, np of them
+    int np = 0, done = 0;
+    uint32_t* out32 = reinterpret_cast<uint32_t*>(out) + (s0 >> 2);
+    int64_t j = s0 >> 2;  // word index of the next store within the chunk
+    while (done < count) {
       if (avail < 32) {
         buf |= next << avail;
         avail += 32;
         next = word(wi++);
       }
-      uint32_t en = table[buf & (TABLE_SIZE - 1)];
-      uint32_t l = en >> 8;
-      bad |= l == 0;
+      uint32_t e = pairs[buf & (TABLE_SIZE - 1)];
+      uint32_t n = e >> 24;
+      if (n == 2 && done + 1 == count) {  // the sub-block's last symbol: take one only
+        uint32_t e1 = table[buf & (TABLE_SIZE - 1)];
+        e = (e1 & 255u) | ((e1 >> 8) << 16) | (1u << 24);
+        n = 1;
+      }
+      uint32_t l = (e >> 16) & 255u;
+      bad |= n == 0;
+      n = n ? n : 1;
       l = l ? l : 1;
       buf >>= l;
       avail -= l;
       used += l;
-      pack |= (en & 255u) << (8 * (i & 3));
-      if ((i & 3) == 3) {
-        int64_t j = (s0 >> 2) + (i >> 2);
-        sum += mix((uint64_t)pack | ((uint64_t)j << 32));
-        if (aligned) reinterpret_cast<uint32_t*>(out)[j] = pack;
+      pk |= (uint64_t)(e & 0xffffu) << (8 * np);
+      np += n;
+      done += n;
+      if (np >= 4) {
+        uint32_t w = (uint32_t)pk;
+        sum += mix((uint64_t)w | ((uint64_t)j << 32));
+        if (aligned) *out32 = w;
         else
-          for (int q = 0; q < 4; ++q) out[4 * j + q] = (uint8_t)(pack >> (8 * q));
-        pack = 0;
+          for (int q = 0; q < 4; ++q) out[4 * j + q] = (uint8_t)(w >> (8 * q));
+        ++out32;
+        ++j;
+        pk >>= 32;
+        np -= 4;
       }
     }
-    if (count & 3) {
-      int64_t j = (s0 + count) >> 2;
-      sum += mix((uint64_t)pack | ((uint64_t)j << 32));
-      for (int q = 0; q < (count & 3); ++q) out[4 * j + q] = (uint8_t)(pack >> (8 * q));
+    if (np) {
+      sum += mix((pk & 0xffffffffull) | ((uint64_t)j << 32));
+      for (int q = 0; q < np; ++q) out[4 * j + q] = (uint8_t)(pk >> (8 * q));
     }
     if (bad || (count && used != nbits)) fail(err, 5, c);
   } else {
