@@ -71,7 +71,8 @@ def nvcc_command(source: Path, output: Path, arch: str, *, shared: bool = True) 
         "-o",
         str(output),
     ]
-    return cmd[:1] + (["-shared"] if shared else ["-c"]) + cmd[1:]
+    extra = os.environ.get("FMSTORE_NVCC_FLAGS", "").split()  # e.g. -lineinfo for a profiler
+    return cmd[:1] + (["-shared"] if shared else ["-c"]) + extra + cmd[1:]
 
 
 def _arch() -> str:
@@ -90,6 +91,7 @@ def load(name: str = "planes") -> ctypes.CDLL:
         arch = _arch()
         # Every source counts: a library may #include another's kernels.
         text = b"".join(p.read_bytes() for p in sorted(HERE.glob("*.cu")))
+        text += os.environ.get("FMSTORE_NVCC_FLAGS", "").encode()
         digest = hashlib.sha256(text + arch.encode()).hexdigest()[:16]
         cache = Path(os.environ.get("FMSTORE_KERNEL_CACHE", Path.home() / ".cache" / "fmstore" / "kernels"))
         lib = cache / f"{name}-{arch}-{digest}.so"

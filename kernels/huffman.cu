@@ -647,9 +647,10 @@ __global__ void __launch_bounds__(NSUB) unpack(const uint8_t* stream, const int6
     auto word = [&](int64_t i) -> uint64_t { return i < nwords ? __ldg(words + i) : 0u; };
     uint64_t buf = (word(wi) | (word(wi + 1) << 32)) >> (pos & 31);
     int avail = 64 - (int)(pos & 31);
-    // The next word is always one refill ahead: its load overlaps a dozen symbols of work.
-    uint64_t next = word(wi + 2);
-    wi += 3;
+    // Three words are always in flight ahead of the refills: a global load takes longer than
+    // the couple of dozen symbols one word holds.
+    uint64_t next0 = word(wi + 2), next1 = word(wi + 3), next2 = word(wi + 4);
+    wi += 5;
     uint32_t used = 0;
     bool bad = false;
     uint64_t pk = 0;  // decoded bytes not yet stored, np of them
@@ -658,9 +659,11 @@ __global__ void __launch_bounds__(NSUB) unpack(const uint8_t* stream, const int6
     int64_t j = s0 >> 2;  // word index of the next store within the chunk
     while (done < count) {
       if (avail < 32) {
-        buf |= next << avail;
+        buf |= next0 << avail;
         avail += 32;
-        next = word(wi++);
+        next0 = next1;
+        next1 = next2;
+        next2 = word(wi++);
       }
       uint32_t e = pairs[buf & (TABLE_SIZE - 1)];
       uint32_t n = e >> 24;

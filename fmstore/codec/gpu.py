@@ -228,7 +228,7 @@ def scratch_bytes(nbytes: int, width: int) -> int:
 
 #: Input bytes per unit of the encode/copy pipeline: big enough to fill the GPU, small
 #: enough that the copy engine starts early and the encode hides behind copies.
-GROUP_BYTES = 32 << 20
+GROUP_BYTES = 64 << 20
 
 
 def huff_encode_many_to_host(
@@ -240,7 +240,7 @@ def huff_encode_many_to_host(
     XOR base or None)``) into host memory; returns each one's FMHS stream (a view of its
     ``out``), all landed.
 
-    A pipeline over groups of segments (the first segment alone, then about ``group_bytes`` of input each, a tensor's
+    A pipeline over groups of segments (about ``group_bytes`` of input each, a tensor's
     segments never mixed with another's): while one group's blobs are copied to the host on
     a side stream, the next group encodes, so only the first group's encode is not hidden
     behind the copy engine, the bottleneck.  Encodes share one scratch buffer."""
@@ -261,8 +261,7 @@ def huff_encode_many_to_host(
         first, acc = 0, 0
         for i, (a, b) in enumerate(segs):
             acc += b - a
-            # The first segment (256 KiB) alone: the copy engine starts after one tiny encode.
-            if acc >= group_bytes or i == 0 or i == len(segs) - 1:
+            if acc >= group_bytes or i == len(segs) - 1:
                 units.append((j, first, i + 1))
                 first, acc = i + 1, 0
         if not segs:
