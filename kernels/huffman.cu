@@ -513,6 +513,8 @@ __global__ void directory(const uint8_t* stream, int64_t stream_bytes, int64_t n
 }
 
 constexpr int TABLE_SIZE = 1 << MAX_LEN;
+constexpr int ROUND = 64;                   // symbols each thread decodes between output flushes
+constexpr int STAGE_WORDS = ROUND / 4 + 1;  // odd stride: a warp's slots fall in distinct banks
 
 // One block per chunk of every segment; errors go to errs[2 * segment].
 __global__ void __launch_bounds__(NSUB) unpack(const uint8_t* stream, const int64_t* segs, const int64_t* chunks,
@@ -520,6 +522,7 @@ __global__ void __launch_bounds__(NSUB) unpack(const uint8_t* stream, const int6
                                                uint8_t* planes, int* errs) {
   __shared__ uint16_t table[TABLE_SIZE];
   __shared__ uint32_t pairs[TABLE_SIZE];  // up to two symbols per lookup (see below)
+  __shared__ uint32_t ostage[NSUB * STAGE_WORDS];
   __shared__ uint8_t lens[256];
   __shared__ uint32_t first[MAX_LEN + 2];
   __shared__ uint32_t scan[NSUB];
@@ -653,50 +656,65 @@ __global__ void __launch_bounds__(NSUB) unpack(const uint8_t* stream, const int6
     wi += 5;
     uint32_t used = 0;
     bool bad = false;
-    uint64_t pk = 0;  // decoded bytes not yet stored, np of them
+    uint64_t pk = 0;  // decoded bytes not yet staged, np of them
     int np = 0, done = 0;
-    uint32_t* out32 = reinterpret_cast<uint32_t*>(out) + (s0 >> 2);
-    int64_t j = s0 >> 2;  // word index of the next store within the chunk
-    while (done < count) {
-      if (avail < 32) {
-        buf |= next0 << avail;
-        avail += 32;
-        next0 = next1;
-        next1 = next2;
-        next2 = word(wi++);
+    // Output goes through shared memory, ROUND symbols per thread at a time, then out with
+    // coalesced stores: each thread storing its own sub-block's words would scatter them.
+    uint32_t* mine = ostage + t * STAGE_WORDS;
+    for (int r = 0; r < SUB / ROUND; ++r) {
+      int limit = min(count, (r + 1) * ROUND);
+      int staged_words = 0;
+#ifdef FMH_ABLATE_NOLOOP
+      done = limit;
+#endif
+      while (done < limit) {
+        if (avail < 32) {
+          buf |= next0 << avail;
+          avail += 32;
+          next0 = next1;
+          next1 = next2;
+          next2 = word(wi++);
+        }
+        uint32_t e = pairs[buf & (TABLE_SIZE - 1)];
+        uint32_t n = e >> 24;
+        if (n == 2 && done + 1 == limit) {  // a round's last symbol: take one only
+          uint32_t e1 = table[buf & (TABLE_SIZE - 1)];
+          e = (e1 & 255u) | ((e1 >> 8) << 16) | (1u << 24);
+          n = 1;
+        }
+        uint32_t l = (e >> 16) & 255u;
+        bad |= n == 0;
+        n = n ? n : 1;
+        l = l ? l : 1;
+        buf >>= l;
+        avail -= l;
+        used += l;
+        pk |= (uint64_t)(e & 0xffffu) << (8 * np);
+        np += n;
+        done += n;
+        if (np >= 4) {
+          mine[staged_words++] = (uint32_t)pk;
+          pk >>= 32;
+          np -= 4;
+        }
       }
-      uint32_t e = pairs[buf & (TABLE_SIZE - 1)];
-      uint32_t n = e >> 24;
-      if (n == 2 && done + 1 == count) {  // the sub-block's last symbol: take one only
-        uint32_t e1 = table[buf & (TABLE_SIZE - 1)];
-        e = (e1 & 255u) | ((e1 >> 8) << 16) | (1u << 24);
-        n = 1;
+      if (np && done == count) {  // the sub-block's last, partial word (zero padded)
+        mine[staged_words++] = (uint32_t)(pk & 0xffffffffull);
+        np = 0;
       }
-      uint32_t l = (e >> 16) & 255u;
-      bad |= n == 0;
-      n = n ? n : 1;
-      l = l ? l : 1;
-      buf >>= l;
-      avail -= l;
-      used += l;
-      pk |= (uint64_t)(e & 0xffffu) << (8 * np);
-      np += n;
-      done += n;
-      if (np >= 4) {
-        uint32_t w = (uint32_t)pk;
+      __syncthreads();
+      // Thread slot q's words of this round go to words q * SUB/4 + r * ROUND/4 + i.
+      for (int idx = t; idx < NSUB * (ROUND / 4); idx += blockDim.x) {
+        int q = idx / (ROUND / 4), i = idx % (ROUND / 4);
+        int64_t j = (int64_t)q * (SUB / 4) + r * (ROUND / 4) + i;
+        if (4 * j >= m) continue;
+        uint32_t w = ostage[q * STAGE_WORDS + i];
         sum += mix((uint64_t)w | ((uint64_t)j << 32));
-        if (aligned) *out32 = w;
+        if (aligned && 4 * j + 4 <= m) reinterpret_cast<uint32_t*>(out)[j] = w;
         else
-          for (int q = 0; q < 4; ++q) out[4 * j + q] = (uint8_t)(w >> (8 * q));
-        ++out32;
-        ++j;
-        pk >>= 32;
-        np -= 4;
+          for (int b = 0; b < 4 && 4 * j + b < m; ++b) out[4 * j + b] = (uint8_t)(w >> (8 * b));
       }
-    }
-    if (np) {
-      sum += mix((pk & 0xffffffffull) | ((uint64_t)j << 32));
-      for (int q = 0; q < np; ++q) out[4 * j + q] = (uint8_t)(pk >> (8 * q));
+      __syncthreads();
     }
     if (bad || (count && used != nbits)) fail(err, 5, c);
   } else {
