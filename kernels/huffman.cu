@@ -284,6 +284,20 @@ __global__ void bits(const uint8_t* planes, const int64_t* chunks, int64_t c_bas
 
 // ---------------------------------------------------------------- layout
 
+// Inclusive prefix sum of v over the block (Hillis-Steele in `part`, one slot per thread).
+template <typename T>
+__device__ inline T block_scan(T* part, T v) {
+  part[threadIdx.x] = v;
+  __syncthreads();
+  for (int off = 1; off < (int)blockDim.x; off <<= 1) {
+    T t = threadIdx.x >= (unsigned)off ? part[threadIdx.x - off] : 0;
+    __syncthreads();
+    part[threadIdx.x] += t;
+    __syncthreads();
+  }
+  return part[threadIdx.x];
+}
+
 // Per segment (one block): chunk offsets inside its payload, and the blob's length.
 __global__ void seg_layout(const int64_t* segs, int64_t s_base, const uint32_t* stored, uint64_t* offsets,
                            int64_t* seg_len) {
@@ -297,15 +311,8 @@ __global__ void seg_layout(const int64_t* segs, int64_t s_base, const uint32_t* 
   for (int64_t base = 0; base < nchunks; base += blockDim.x) {
     int64_t l = base + threadIdx.x;
     uint64_t v = l < nchunks ? stored[first + l] : 0;
-    part[threadIdx.x] = v;
-    __syncthreads();
-    for (int off = 1; off < (int)blockDim.x; off <<= 1) {
-      uint64_t t = threadIdx.x >= (unsigned)off ? part[threadIdx.x - off] : 0;
-      __syncthreads();
-      part[threadIdx.x] += t;
-      __syncthreads();
-    }
-    if (l < nchunks) offsets[first + l] = carry + part[threadIdx.x] - v;
+    uint64_t incl = block_scan(part, v);
+    if (l < nchunks) offsets[first + l] = carry + incl - v;
     __syncthreads();
     if (threadIdx.x == blockDim.x - 1) carry += part[threadIdx.x];
     __syncthreads();
@@ -331,16 +338,9 @@ __global__ void stream_layout(int64_t nseg, int64_t s0, int64_t s1, const int64_
   for (int64_t base = s0; base < s1; base += blockDim.x) {
     int64_t s = base + threadIdx.x;
     int64_t v = s < s1 ? seg_len[s] : 0;
-    part[threadIdx.x] = v;
-    __syncthreads();
-    for (int off = 1; off < (int)blockDim.x; off <<= 1) {
-      int64_t t = threadIdx.x >= (unsigned)off ? part[threadIdx.x - off] : 0;
-      __syncthreads();
-      part[threadIdx.x] += t;
-      __syncthreads();
-    }
+    int64_t incl = block_scan(part, v);
     if (s < s1) {
-      seg_at[s] = carry + part[threadIdx.x] - v;
+      seg_at[s] = carry + incl - v;
       uint32_t* d = reinterpret_cast<uint32_t*>(out + 8 + 8 * s);  // 4-aligned
       d[0] = (uint32_t)v;
       d[1] = (uint32_t)((uint64_t)v >> 32);
@@ -408,15 +408,7 @@ __global__ void __launch_bounds__(NSUB) emit(const uint8_t* planes, const int64_
   if (t < 32) reinterpret_cast<uint32_t*>(dst)[t] = reinterpret_cast<const uint32_t*>(nibbles + c * 128)[t];
   int64_t nsub = (m + SUB - 1) / SUB;
   uint32_t nbits = sub_bits_all[c * NSUB + t];
-  scan[t] = nbits;
-  __syncthreads();
-  for (int off = 1; off < NSUB; off <<= 1) {
-    uint32_t v = t >= off ? scan[t - off] : 0;
-    __syncthreads();
-    scan[t] += v;
-    __syncthreads();
-  }
-  uint64_t start = scan[t] - nbits;
+  uint64_t start = block_scan(scan, nbits) - nbits;
   uint16_t* sub_bits = reinterpret_cast<uint16_t*>(dst + 128);
   if (t < nsub) sub_bits[t] = (uint16_t)nbits;
   if (t == nsub && (nsub & 1)) sub_bits[t] = 0;  // zero pad to 4 bytes
@@ -627,14 +619,7 @@ __global__ void __launch_bounds__(NSUB) unpack(const uint8_t* stream, const int6
     }
     const uint16_t* sub_bits = reinterpret_cast<const uint16_t*>(body + 128);
     uint32_t nbits = t < nsub ? sub_bits[t] : 0;
-    scan[t] = nbits;
-    __syncthreads();
-    for (int o = 1; o < NSUB; o <<= 1) {
-      uint32_t v = t >= o ? scan[t - o] : 0;
-      __syncthreads();
-      scan[t] += v;
-      __syncthreads();
-    }
+    uint64_t pos = block_scan(scan, nbits) - nbits;
     int64_t stream_at = 128 + align4(2 * nsub);
     int64_t total = scan[NSUB - 1];
     if (stream_at + 4 * ((total + 31) / 32) != stored) {
@@ -643,7 +628,6 @@ __global__ void __launch_bounds__(NSUB) unpack(const uint8_t* stream, const int6
     }
     const uint32_t* words = reinterpret_cast<const uint32_t*>(body + stream_at);
     int64_t nwords = (total + 31) / 32;
-    uint64_t pos = scan[t] - nbits;
     int64_t s0 = (int64_t)t * SUB;
     int count = (int)max((int64_t)0, min((int64_t)SUB, m - s0));
     int64_t wi = pos >> 5;
