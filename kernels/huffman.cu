@@ -426,9 +426,31 @@ __global__ void __launch_bounds__(NSUB) emit(const uint8_t* planes, const int64_
   uint64_t acc = 0;
   int nb = (int)(start & 31);
   int64_t wi = first_w;
+  // Words go out four at a time as one 16-byte store where the stream is 16-byte aligned:
+  // each thread writes its own run, so narrow stores would scatter across the warp.
+  uint32_t q0 = 0, q1 = 0, q2 = 0, q3 = 0;
+  int nq = 0;
+  int64_t qstart = 0;
   auto put = [&](uint32_t word) {
-    if (wi == first_w || wi == last_w) atomicOr(stream + wi, word);
-    else stream[wi] = word;
+    if (wi == first_w || wi == last_w) {
+      atomicOr(stream + wi, word);
+    } else if (nq == 0 && (((uintptr_t)(stream + wi)) & 15) != 0) {
+#ifndef FMH_ABLATE_EMIT_NOSTORE
+      stream[wi] = word;
+#endif
+    } else {
+      if (nq == 0) qstart = wi;
+      q0 = nq == 0 ? word : q0;
+      q1 = nq == 1 ? word : q1;
+      q2 = nq == 2 ? word : q2;
+      q3 = nq == 3 ? word : q3;
+      if (++nq == 4) {
+#ifndef FMH_ABLATE_EMIT_NOSTORE
+        *reinterpret_cast<uint4*>(stream + qstart) = make_uint4(q0, q1, q2, q3);
+#endif
+        nq = 0;
+      }
+    }
     ++wi;
   };
   auto one = [&](uint32_t sym) {
@@ -448,6 +470,9 @@ __global__ void __launch_bounds__(NSUB) emit(const uint8_t* planes, const int64_
   };
   const uint8_t* mine = src + s0;
   int done = 0;
+#ifdef FMH_ABLATE_EMIT_NOLOOP
+  count = 0;
+#endif
   if ((((uintptr_t)mine) & 15) == 0) {
     // The next 64 symbols load while these 64 are coded: one memory latency per 64 symbols
     // is hidden behind the work instead of paid per word.
@@ -472,6 +497,10 @@ __global__ void __launch_bounds__(NSUB) emit(const uint8_t* planes, const int64_
   }
   for (int i = done; i < count; ++i) one(mine[i]);
   if (nb > 0) put((uint32_t)acc);
+  // Words still pending (fewer than four; never a shared boundary word) go out one by one.
+  if (nq > 0) stream[qstart] = q0;
+  if (nq > 1) stream[qstart + 1] = q1;
+  if (nq > 2) stream[qstart + 2] = q2;
 }
 
 // ---------------------------------------------------------------- decode
