@@ -28,7 +28,7 @@ import torch
 from common import loadavg, machine_info
 
 from fmstore.blob import as_bytes_tensor
-from fmstore.codec import decode, encode, xor
+from fmstore.codec import decode, encode, huffman, xor
 
 Codec = tuple[Callable[[torch.Tensor], object], Callable[[object, torch.Tensor], torch.Tensor]]
 
@@ -93,7 +93,20 @@ def codecs(threads: int, pool: ThreadPoolExecutor) -> dict[str, Callable[[int], 
             lambda blob, out: out.copy_(torch.frombuffer(bytearray(dc.decompress(blob)), dtype=torch.uint8)),
         )
 
-    out: dict[str, Callable[[int], Codec]] = {"fmstore chain": fm, "lz4": lz4c, "zstd-3": zstd3}
+    def fmhs(width: int) -> Codec:
+        # The GPU chain's format on the CPU: the numpy reference encodes (slow, for checks),
+        # the compiled helper decodes (a CPU-only restore of a GPU-compressed snapshot).
+        return (
+            lambda d: huffman.encode(d, width, pool=pool),
+            lambda blob, out: huffman.decode(blob, out, pool=pool),
+        )
+
+    out: dict[str, Callable[[int], Codec]] = {
+        "fmstore chain": fm,
+        "fmstore FMHS": fmhs,
+        "lz4": lz4c,
+        "zstd-3": zstd3,
+    }
     try:
         import zipnn
     except ImportError:

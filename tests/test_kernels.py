@@ -144,6 +144,26 @@ def _damaged(clean: bytes, nbytes: int):
             yield bad, rf"tensor 'w\.0': segment {i}, chunk {c} \(plane {c // per_plane}\)"
 
 
+@pytest.mark.parametrize("path", ["native", "numpy"])
+def test_huffman_cpu_decoders_agree(path, monkeypatch):
+    """The compiled CPU decoder (fmhs_cpu.c) and the numpy reference decode every case to the
+    original bytes, and both name the chunk of a flipped bit."""
+    from fmstore.codec import CodecError, huffman, native
+
+    if path == "numpy":
+        monkeypatch.setenv("FMSTORE_NO_NATIVE", "1")
+    elif native.load() is None:
+        pytest.skip("no C compiler here")
+    for name, data, width in _huff_cases():
+        out = torch.empty_like(data)
+        huffman.decode(huffman.encode(data, width), out, name=name)
+        assert torch.equal(out, data), name
+    ab, bb = _delta_pair()
+    for bad, want in list(_damaged(huffman.encode(bb, 2, base=ab), bb.numel()))[:4]:
+        with pytest.raises(CodecError, match=want):
+            huffman.decode(bytes(bad), torch.empty_like(bb), base=ab, name="w.0")
+
+
 def test_huffman_cpu_xor_and_damage():
     """CPU reference: an XOR delta round trip, and a flipped bit in any chunk's payload is
     reported with the tensor, segment, chunk and plane."""

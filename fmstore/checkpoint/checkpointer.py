@@ -802,7 +802,7 @@ def _decode_fmhs(
             raise
         except Exception:  # noqa: BLE001 - no kernels here: the CPU reference decodes the same bytes
             pass
-    huffman.decode(raw, out, name=name)
+    huffman.decode(raw, out, name=name, pool=pool)
 
 
 def _dequantize_into(blob: torch.Tensor, out: torch.Tensor, dtype: str, name: str) -> None:

@@ -325,17 +325,26 @@ def decode(
     *,
     base: torch.Tensor | None = None,
     name: str = "",
+    pool: Executor | None = None,
 ) -> torch.Tensor:
-    """Decode an ``FMHS`` stream into flat uint8 CPU ``out``; a damaged chunk is named."""
+    """Decode an ``FMHS`` stream into flat uint8 CPU ``out``; a damaged chunk is named.
+    Huffman chunks go to the compiled decoder (``native.py``) where it builds, spread over
+    ``pool``; otherwise to the numpy one, the reference."""
     stream = blob if isinstance(blob, np.ndarray) else np.frombuffer(blob, dtype=np.uint8)
     for i, (a, b, at, size) in enumerate(read_directory(stream, out.numel(), name)):
-        _decode_blob(stream[at : at + size], out[a:b], name, i, base is not None)
+        _decode_blob(stream[at : at + size], out[a:b], name, i, base is not None, pool)
     if base is not None:
         xor(out, base, out=out)
     return out
 
 
-def _decode_blob(raw: np.ndarray, out: torch.Tensor, name: str, seg: int, have_base: bool) -> None:
+def _decode_blob(
+    raw: np.ndarray, out: torch.Tensor, name: str, seg: int, have_base: bool, pool: Executor | None
+) -> None:
+    from . import native
+
+    lib = native.load()  # the compiled decoder; None: the numpy one below
+    native_jobs: list[tuple[int, int, int, int, np.ndarray]] = []
     nbytes, width, flags, start, table = read_header(raw, name)
     where = (f"tensor {name!r}: " if name else "") + f"segment {seg}, "
     if nbytes != out.numel():
@@ -360,6 +369,9 @@ def _decode_blob(raw: np.ndarray, out: torch.Tensor, name: str, seg: int, have_b
             continue
         if mode != HUFF:
             raise CodecError(f"{where}chunk {c} (plane {p}) has unknown mode {mode}")
+        if lib is not None:
+            native_jobs.append((c, p, a, m, body))
+            continue
         nsub = -(-m // SUB)
         lens = _unpack_lengths(body[:128])
         if lens.max() > MAX_LEN or (2.0 ** -lens[lens > 0].astype(np.float64)).sum() > 1:
@@ -377,6 +389,18 @@ def _decode_blob(raw: np.ndarray, out: torch.Tensor, name: str, seg: int, have_b
             )
     if subs:
         _decode_subs(payload, subs, np.concatenate(tables), rows, n, where)
+
+    def run(job: tuple[int, int, int, int, np.ndarray]) -> None:
+        c, p, a, m, body = job
+        sym = np.empty(m, dtype=np.uint8)
+        rc = lib.fmhs_decode_huff(body.ctypes.data, body.size, m, sym.ctypes.data)
+        if rc:
+            why = {3: "bad code table", 4: "sizes disagree"}.get(rc, "a sub-block is damaged")
+            raise CodecError(f"{where}chunk {c} (plane {p}) does not decode: {why}")
+        rows[a : a + m, p] = sym
+
+    if native_jobs:  # ctypes lets go of the GIL: chunks decode in parallel
+        list(pool.map(run, native_jobs)) if pool is not None else [run(j) for j in native_jobs]
     for c, ((p, a, m), entry) in enumerate(zip(jobs, table)):
         if chunk_check(np.ascontiguousarray(rows[a : a + m, p])) != int(entry[3]) & ((1 << 64) - 1):
             raise CodecError(f"{where}chunk {c} (plane {p}) does not decode: check mismatch (damaged)")
