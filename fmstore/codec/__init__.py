@@ -1,6 +1,12 @@
-"""The codec chain that shrinks checkpoint bytes: XOR delta, byte-plane split, per-chunk
-zstd (or raw where a chunk does not compress).  This is the CPU reference; the GPU path
-(``kernels/``) must produce identical bytes."""
+"""The codec chains that shrink checkpoint bytes.
+
+- ``chain`` (``encode``/``decode``): the CPU chain, XOR delta, byte-plane split, per-chunk
+  zstd or raw (FMC1 blobs), encoded in the background persist.
+- ``huffman``: the GPU chain's FMHS format (byte planes, per-chunk canonical Huffman or raw)
+  and its CPU reference, byte for byte what ``kernels/huffman.cu`` writes; ``gpu`` wraps the
+  kernels, ``native`` builds the compiled CPU decoder.
+- ``planes`` and ``quant``: the CPU references of the split/merge/XOR and int8 kernels.
+"""
 
 from .chain import CodecError, Encoded, decode, encode, estimated_ratio, read_header
 from .planes import merge, split, xor
