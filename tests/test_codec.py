@@ -338,3 +338,23 @@ def test_checkpointer_encodes_on_the_gpu(tmp_path) -> None:
     stored = (tmp_path / s.file).read_bytes()[s.begin : s.end]
     assert stored == huffman.encode(w.cpu().view(torch.uint8).reshape(-1), 2)
     assert info.nbytes < 6_000_000 + 280_004 + 40  # what crossed PCIe was coded
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_gpu_encode_failure_stages_raw(tmp_path, monkeypatch) -> None:
+    """A GPU encode that fails (here: made to) leaves the save intact: the tensors are staged
+    raw and the CPU chain compresses them, with a warning."""
+    from fmstore import Checkpointer
+    from fmstore.codec import gpu as gpu_codec
+
+    def boom(jobs):  # noqa: ANN001, ANN202
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(gpu_codec, "huff_encode_many_to_host", boom)
+    state = {"w": weights_like(torch.bfloat16, 100_000).cuda()}
+    with Checkpointer(tmp_path, compression="lossless") as ck:
+        with pytest.warns(UserWarning, match="GPU compression failed"):
+            ck.save(1, state).wait()
+        assert ck.manifest().tensors["w"].shards[0].codec == ["planes2", "zstd"]
+        assert torch.equal(ck.load(device="cuda")["w"], state["w"])

@@ -199,7 +199,9 @@ class Checkpointer:
             zstd) in the background persist.  ``"zstd"``: always the CPU chain.
             ``"huffman"``: always FMHS (on the CPU reference for CPU tensors: slow, for
             checks).  With a host-memory level the raw copy is staged (a restore needs it),
-            and the CPU chain runs in the background.
+            and the CPU chain runs in the background.  The GPU encode needs transient GPU
+            memory of about twice the largest tensor; if it fails (out of memory, say), those
+            tensors are staged raw, with a warning.
     """
 
     def __init__(

@@ -10,6 +10,7 @@ between saves: after the first save no memory is allocated or pinned again.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -110,7 +111,18 @@ class Stager:
             if encode_jobs:
                 from ..codec import gpu as gpu_codec
 
-                streams = gpu_codec.huff_encode_many_to_host([job for _, job in encode_jobs])
+                try:
+                    streams = gpu_codec.huff_encode_many_to_host([job for _, job in encode_jobs])
+                except Exception as e:  # e.g. no GPU memory left for the encode's buffers
+                    warnings.warn(
+                        f"fmstore: GPU compression failed ({type(e).__name__}: {e}); staging those "
+                        "tensors raw (the CPU chain compresses them in the background)",
+                        stacklevel=3,
+                    )
+                    streams = []
+                    for i, (src, _, buf, _) in encode_jobs:
+                        streams.append(buf[: src.numel()].copy_(src))  # the buffer holds the raw bytes
+                        staged.tensors[i].codec = []
                 for (i, _), data in zip(encode_jobs, streams):
                     staged.tensors[i].data = data
             if on_device and self._stream is not None:
