@@ -103,37 +103,41 @@ bool aligned(const void* p, int64_t a) { return ((uintptr_t)p % a) == 0; }
 
 }  // namespace
 
-extern "C" {
-
-// Returns 0 on success, else a cudaError_t value.
-int fmstore_split(const uint8_t* in, uint8_t* out, int64_t n_elems, int width, cudaStream_t stream) {
+// Split (merge): the vector kernel for widths 2 and 4 where the strides allow, the byte
+// kernel for the rest.  Returns 0 on success, else a cudaError_t value.
+template <bool SPLIT>
+static int planes_launch(const uint8_t* in, uint8_t* out, int64_t n_elems, int width, cudaStream_t stream) {
   const int T = 256;
   int64_t done = 0;
-  if ((width == 2 || width == 4) && aligned(in, 4 * width) && aligned(out, 4) && n_elems % 4 == 0) {
+  // The interleaved side is read (split) or written (merge) 4 elements at a time.
+  const uint8_t* wide = SPLIT ? in : out;
+  const uint8_t* narrow = SPLIT ? out : in;
+  if ((width == 2 || width == 4) && aligned(wide, 4 * width) && aligned(narrow, 4) && n_elems % 4 == 0) {
     int64_t quads = n_elems / 4;
     if (quads) {
-      if (width == 2) split_vec<2><<<grid_for(quads, T), T, 0, stream>>>(in, out, n_elems);
-      else split_vec<4><<<grid_for(quads, T), T, 0, stream>>>(in, out, n_elems);
+      if (SPLIT && width == 2) split_vec<2><<<grid_for(quads, T), T, 0, stream>>>(in, out, n_elems);
+      if (SPLIT && width == 4) split_vec<4><<<grid_for(quads, T), T, 0, stream>>>(in, out, n_elems);
+      if (!SPLIT && width == 2) merge_vec<2><<<grid_for(quads, T), T, 0, stream>>>(in, out, n_elems);
+      if (!SPLIT && width == 4) merge_vec<4><<<grid_for(quads, T), T, 0, stream>>>(in, out, n_elems);
     }
     done = quads * 4;
   }
-  if (done < n_elems) split_bytes<<<grid_for((n_elems - done) * width, T), T, 0, stream>>>(in, out, n_elems, width, done);
+  if (done < n_elems) {
+    int64_t blocks = grid_for((n_elems - done) * width, T);
+    if (SPLIT) split_bytes<<<blocks, T, 0, stream>>>(in, out, n_elems, width, done);
+    else merge_bytes<<<blocks, T, 0, stream>>>(in, out, n_elems, width, done);
+  }
   return (int)cudaGetLastError();
 }
 
+extern "C" {
+
+int fmstore_split(const uint8_t* in, uint8_t* out, int64_t n_elems, int width, cudaStream_t stream) {
+  return planes_launch<true>(in, out, n_elems, width, stream);
+}
+
 int fmstore_merge(const uint8_t* in, uint8_t* out, int64_t n_elems, int width, cudaStream_t stream) {
-  const int T = 256;
-  int64_t done = 0;
-  if ((width == 2 || width == 4) && aligned(in, 4) && aligned(out, 4 * width) && n_elems % 4 == 0) {
-    int64_t quads = n_elems / 4;
-    if (quads) {
-      if (width == 2) merge_vec<2><<<grid_for(quads, T), T, 0, stream>>>(in, out, n_elems);
-      else merge_vec<4><<<grid_for(quads, T), T, 0, stream>>>(in, out, n_elems);
-    }
-    done = quads * 4;
-  }
-  if (done < n_elems) merge_bytes<<<grid_for((n_elems - done) * width, T), T, 0, stream>>>(in, out, n_elems, width, done);
-  return (int)cudaGetLastError();
+  return planes_launch<false>(in, out, n_elems, width, stream);
 }
 
 int fmstore_xor(const uint8_t* a, const uint8_t* b, uint8_t* out, int64_t n, cudaStream_t stream) {

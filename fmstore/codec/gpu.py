@@ -25,34 +25,27 @@ def _run(rc: int, what: str) -> None:
         raise FmstoreError(f"{what} kernel failed to launch (cudaError {rc})")
 
 
-def split(data: torch.Tensor, width: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Byte planes of flat uint8 ``data`` on the GPU (plane 0 first), like ``planes.split``."""
-    _check(data, "split")
+def _planes(fn: str, data: torch.Tensor, width: int, out: torch.Tensor | None) -> torch.Tensor:
+    """Run ``fmstore_split`` or ``fmstore_merge`` (same arguments) on flat uint8 ``data``."""
+    what = fn.removeprefix("fmstore_")
+    _check(data, what)
     if width < 1 or data.numel() % width:
         raise ValueError(f"{data.numel()} bytes are not a whole number of {width}-byte elements")
     out = torch.empty_like(data) if out is None else out
     if data.numel():
         stream = torch.cuda.current_stream(data.device).cuda_stream
-        _run(
-            _lib().fmstore_split(data.data_ptr(), out.data_ptr(), data.numel() // width, width, stream),
-            "split",
-        )
+        _run(getattr(_lib(), fn)(data.data_ptr(), out.data_ptr(), data.numel() // width, width, stream), what)
     return out
+
+
+def split(data: torch.Tensor, width: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Byte planes of flat uint8 ``data`` on the GPU (plane 0 first), like ``planes.split``."""
+    return _planes("fmstore_split", data, width, out)
 
 
 def merge(planes: torch.Tensor, width: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """The inverse of :func:`split`."""
-    _check(planes, "merge")
-    if width < 1 or planes.numel() % width:
-        raise ValueError(f"{planes.numel()} bytes are not a whole number of {width}-byte elements")
-    out = torch.empty_like(planes) if out is None else out
-    if planes.numel():
-        stream = torch.cuda.current_stream(planes.device).cuda_stream
-        _run(
-            _lib().fmstore_merge(planes.data_ptr(), out.data_ptr(), planes.numel() // width, width, stream),
-            "merge",
-        )
-    return out
+    return _planes("fmstore_merge", planes, width, out)
 
 
 def xor(data: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
