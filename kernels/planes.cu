@@ -54,25 +54,17 @@ __global__ void merge_vec(const uint8_t* __restrict__ in, uint8_t* __restrict__ 
 }
 
 // Any width, one byte per thread: the tail of the vector kernels, and widths 1, 8, 16.
-__global__ void split_bytes(const uint8_t* __restrict__ in, uint8_t* __restrict__ out, int64_t n_elems,
-                            int width, int64_t first_elem) {
+// SPLIT: interleaved -> planes; else planes -> interleaved.
+template <bool SPLIT>
+__global__ void planes_bytes(const uint8_t* __restrict__ in, uint8_t* __restrict__ out, int64_t n_elems,
+                             int width, int64_t first_elem) {
   int64_t total = (n_elems - first_elem) * width;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
        i += (int64_t)gridDim.x * blockDim.x) {
     int64_t e = first_elem + i / width;
     int p = (int)(i % width);
-    out[(int64_t)p * n_elems + e] = in[e * width + p];
-  }
-}
-
-__global__ void merge_bytes(const uint8_t* __restrict__ in, uint8_t* __restrict__ out, int64_t n_elems,
-                            int width, int64_t first_elem) {
-  int64_t total = (n_elems - first_elem) * width;
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    int64_t e = first_elem + i / width;
-    int p = (int)(i % width);
-    out[e * width + p] = in[(int64_t)p * n_elems + e];
+    int64_t plane_at = (int64_t)p * n_elems + e, elem_at = e * width + p;
+    out[SPLIT ? plane_at : elem_at] = in[SPLIT ? elem_at : plane_at];
   }
 }
 
@@ -124,8 +116,7 @@ static int planes_launch(const uint8_t* in, uint8_t* out, int64_t n_elems, int w
   }
   if (done < n_elems) {
     int64_t blocks = grid_for((n_elems - done) * width, T);
-    if (SPLIT) split_bytes<<<blocks, T, 0, stream>>>(in, out, n_elems, width, done);
-    else merge_bytes<<<blocks, T, 0, stream>>>(in, out, n_elems, width, done);
+    planes_bytes<SPLIT><<<blocks, T, 0, stream>>>(in, out, n_elems, width, done);
   }
   return (int)cudaGetLastError();
 }

@@ -206,10 +206,6 @@ def segments(nbytes: int) -> list[tuple[int, int]]:
     return out
 
 
-def directory_bytes(nbytes: int) -> int:
-    return 8 + 8 * len(segments(nbytes))
-
-
 def encode(
     data: torch.Tensor, width: int, *, base: torch.Tensor | None = None, pool: Executor | None = None
 ) -> bytes:
