@@ -3,12 +3,14 @@
 // byte on the CPU (tests/test_kernels.py compares the two on a CUDA machine).
 //
 // Encode, all on the caller's stream, no host round trip:
-//   split      planes of the input (planes.cu's kernels)
+//   prep       zero the accumulators and split the input into planes (planes.cu's code), in one
+//              launch for all segments
 //   hist       per-chunk byte histograms and chunk checks (order-free sums)
 //   build      per chunk: length-limited Huffman lengths, canonical codes, exact sizes, mode
 //   layout     per segment: chunk offsets (one block scans them), header and chunk table
-//   emit       per chunk, one thread per 1024-symbol sub-block: bit counts, a block scan,
-//              then the bits; raw chunks are copied
+//   emit       per chunk, four threads per 1024-symbol sub-block (256 symbols each): each
+//              counts its bits, a block scan gives its offset, then it writes them; raw chunks
+//              are copied
 // Decode: one block per chunk; the payload staged and a 4096-entry table in shared memory,
 // one thread per sub-block, each checking it ends where its stored bit length says, then the
 // chunk check; then merge.  Errors (damaged or foreign blob) are recorded in a device int pair
@@ -17,6 +19,8 @@
 // Plain C ABI, called through ctypes with raw device pointers.
 
 #include <cuda_runtime.h>
+
+#include <algorithm>
 #include <stdint.h>
 
 #include "planes.cu"
@@ -25,7 +29,11 @@ namespace fmh {
 
 constexpr int CHUNK = 1 << 17;
 constexpr int SUB = 1024;
-constexpr int NSUB = CHUNK / SUB;  // threads of an emit/decode block
+constexpr int NSUB = CHUNK / SUB;  // threads of a decode block
+// The encoder splits each sub-block in four: more threads to hide each one's serial bit
+// packing, which bounds emit on tensors too small to fill the GPU.  Same stream format.
+constexpr int QSUB = SUB / 4;
+constexpr int NQ = CHUNK / QSUB;  // threads of an emit block
 constexpr int MAX_LEN = 12;
 constexpr int HEADER = 32;
 constexpr int ENTRY = 24;
@@ -88,6 +96,61 @@ __device__ inline void for_words(const uint8_t* src, int64_t m, int64_t j0, int6
   for (; j < j1; j += step) f(j, load_word(src, j, m, (((uintptr_t)src) & 3) == 0));
 }
 
+// ---------------------------------------------------------------- prep
+
+// Split (SPLIT) or merge one segment of n_elems W-byte elements, 16-byte aligned, as thread
+// i0 of `step`: 16 elements at a time where the planes start 16-aligned (n_elems % 16 == 0,
+// every segment but maybe a tensor's last), else 4 (n_elems % 4 == 0), else byte by byte.
+template <int W, bool SPLIT>
+__device__ inline void planes_segment(const uint8_t* __restrict__ in, uint8_t* __restrict__ out, int64_t n_elems,
+                                      int64_t i0, int64_t step) {
+  int64_t done = 0;
+  if (n_elems % 16 == 0) {
+    for (int64_t g = i0; g < n_elems / 16; g += step) planes16<W, SPLIT>(in, out, n_elems, g);
+    done = n_elems;
+  } else if (n_elems % 4 == 0) {
+    for (int64_t q = i0; q < n_elems / 4; q += step) {
+      if (SPLIT) split_quad<W>(in, out, n_elems, q);
+      else merge_quad<W>(in, out, n_elems, q);
+    }
+    done = n_elems;
+  }
+  for (int64_t i = done * W + i0; i < n_elems * W; i += step) {
+    int64_t plane_at = (i % W) * n_elems + i / W;
+    if (SPLIT) out[plane_at] = in[i];
+    else out[i] = in[plane_at];
+  }
+}
+
+// Before hist, one launch: blocks of row 0 zero two accumulator arrays (z0, z1); for W 2
+// and 4, row y splits segment s0 + y into its planes (a launch per segment plus three memsets
+// cost more than the work on small tensors).  W 1: zeroing only.
+template <int W>
+__global__ void prep(const uint8_t* __restrict__ data, uint8_t* __restrict__ planes, const int64_t* segs, int64_t s0,
+                     uint32_t* z0, int64_t n0, uint32_t* z1, int64_t n1) {
+  int64_t i0 = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, step = (int64_t)gridDim.x * blockDim.x;
+  if (blockIdx.y == 0) {
+    for (int64_t i = i0; i < n0; i += step) z0[i] = 0;
+    for (int64_t i = i0; i < n1; i += step) z1[i] = 0;
+  }
+  if constexpr (W > 1) {
+    const int64_t* sg = segs + (s0 + blockIdx.y) * SEG_COLS;
+    int64_t n_elems = sg[1] / W;
+    const uint8_t* in = data + sg[0];
+    uint8_t* out = planes + sg[0];
+    planes_segment<W, true>(in, out, n_elems, i0, step);
+  }
+}
+
+// Merge segments [s0, s0 + gridDim.y) of `planes` into `out` (row y: one segment), W 2 or 4,
+// `out` 16-byte aligned: one launch for all of a tensor's segments.
+template <int W>
+__global__ void merge_segs(const uint8_t* __restrict__ planes, uint8_t* __restrict__ out, const int64_t* segs) {
+  const int64_t* sg = segs + blockIdx.y * SEG_COLS;
+  int64_t i0 = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, step = (int64_t)gridDim.x * blockDim.x;
+  planes_segment<W, false>(planes + sg[0], out + sg[0], sg[1] / W, i0, step);
+}
+
 // ---------------------------------------------------------------- hist
 
 __global__ void hist(const uint8_t* planes, const int64_t* chunks, int64_t c_base, uint32_t* counts,
@@ -121,6 +184,42 @@ __global__ void hist(const uint8_t* planes, const int64_t* chunks, int64_t c_bas
 
 // ---------------------------------------------------------------- build
 
+// floor(65536 * log2(1 + f / 256)), f = 0..256: integer bounds of log2 for the entropy test
+// in build (exact decimal arithmetic wrote this table).
+__constant__ uint32_t LOG2_FRAC[257] = {
+    0, 368, 735, 1101, 1465, 1828, 2190, 2550, 2909, 3266, 3622, 3977,
+    4331, 4683, 5034, 5383, 5731, 6078, 6424, 6769, 7112, 7454, 7794, 8134,
+    8472, 8809, 9145, 9480, 9813, 10146, 10477, 10807, 11136, 11463, 11790, 12115,
+    12440, 12763, 13085, 13406, 13726, 14045, 14363, 14680, 14995, 15310, 15624, 15936,
+    16248, 16558, 16868, 17176, 17484, 17790, 18096, 18400, 18704, 19006, 19308, 19608,
+    19908, 20207, 20505, 20801, 21097, 21392, 21686, 21980, 22272, 22563, 22854, 23143,
+    23432, 23720, 24007, 24293, 24578, 24862, 25146, 25429, 25710, 25991, 26272, 26551,
+    26829, 27107, 27384, 27660, 27935, 28210, 28483, 28756, 29028, 29300, 29570, 29840,
+    30109, 30377, 30644, 30911, 31177, 31442, 31707, 31971, 32234, 32496, 32757, 33018,
+    33278, 33538, 33796, 34054, 34312, 34568, 34824, 35079, 35334, 35588, 35841, 36093,
+    36345, 36596, 36847, 37096, 37346, 37594, 37842, 38089, 38336, 38582, 38827, 39071,
+    39315, 39559, 39801, 40044, 40285, 40526, 40766, 41006, 41245, 41483, 41721, 41959,
+    42195, 42431, 42667, 42902, 43136, 43370, 43603, 43836, 44068, 44299, 44530, 44760,
+    44990, 45219, 45448, 45676, 45904, 46131, 46357, 46583, 46808, 47033, 47257, 47481,
+    47704, 47927, 48149, 48371, 48592, 48813, 49033, 49253, 49472, 49690, 49909, 50126,
+    50343, 50560, 50776, 50992, 51207, 51421, 51635, 51849, 52062, 52275, 52487, 52699,
+    52910, 53121, 53331, 53541, 53751, 53960, 54168, 54376, 54584, 54791, 54998, 55204,
+    55410, 55615, 55820, 56024, 56228, 56432, 56635, 56837, 57040, 57242, 57443, 57644,
+    57844, 58044, 58244, 58443, 58642, 58841, 59039, 59236, 59433, 59630, 59827, 60023,
+    60218, 60413, 60608, 60802, 60996, 61190, 61383, 61576, 61768, 61960, 62152, 62343,
+    62534, 62724, 62914, 63104, 63293, 63482, 63671, 63859, 64047, 64234, 64421, 64608,
+    64794, 64980, 65165, 65351, 65536,
+};
+
+// log2(x) * 65536 rounded down (LO) or up (!LO), from x's top 9 significant bits, x >= 1.
+template <bool LO>
+__device__ inline int64_t log2_bound(uint64_t x) {
+  int e = 63 - __clzll((long long)x);
+  uint32_t f = e >= 8 ? (uint32_t)(x >> (e - 8)) & 255u : (uint32_t)(x << (8 - e)) & 255u;
+  // x lies in [2^e (1 + f/256), 2^e (1 + (f+1)/256)); exact when e <= 8.
+  return (int64_t)e * 65536 + (LO ? LOG2_FRAC[f] : LOG2_FRAC[f + 1] + 1);
+}
+
 // Per chunk (one block of 256 threads, thread = byte value): the same construction as
 // code_lengths()/canonical_codes() in huffman.py, then the exact stored sizes.
 __global__ void build(const int64_t* chunks, int64_t c_base, const uint32_t* counts, uint32_t* codes,
@@ -133,6 +232,7 @@ __global__ void build(const int64_t* chunks, int64_t c_base, const uint32_t* cou
   __shared__ uint8_t lens[256];
   __shared__ int n_sh, deepest_sh;
   __shared__ uint32_t first[MAX_LEN + 2];
+  __shared__ uint32_t count_sh[MAX_LEN + 1];
   __shared__ unsigned long long part_sh[8];
   __shared__ uint32_t lo_sh, hi_sh;
   int64_t c = c_base + blockIdx.x;
@@ -147,8 +247,12 @@ __global__ void build(const int64_t* chunks, int64_t c_base, const uint32_t* cou
   __syncthreads();
   // Every value present and none more than twice as common as another: no code saves 2%
   // (entropy >= 7.918 bits), so raw without building one; huffman.py applies the same rule.
-  atomicMin(&lo_sh, w[s]);
-  atomicMax(&hi_sh, w[s]);
+  // Warp reductions first: 256 atomics on one shared word would run one after another.
+  uint32_t wlo = __reduce_min_sync(0xffffffffu, w[s]), whi = __reduce_max_sync(0xffffffffu, w[s]);
+  if ((s & 31) == 0) {
+    atomicMin(&lo_sh, wlo);
+    atomicMax(&hi_sh, whi);
+  }
   __syncthreads();
   if (lo_sh > 0 && hi_sh <= 2 * lo_sh) {
     codes[c * 256 + s] = 0;
@@ -158,6 +262,26 @@ __global__ void build(const int64_t* chunks, int64_t c_base, const uint32_t* cou
     }
     return;
   }
+  // Any prefix code costs at least the entropy, m log2 m - sum c log2 c bits: where a lower
+  // bound of it (integer, in 2^-16 bits) already leaves no 2% to save, the chunk is raw without
+  // building a code.  The build would decide raw too, so the CPU reference needs no such rule.
+  // Saves the 255-step build on near-uniform planes (a bf16's low byte, entropy ~7.96 bits).
+  int64_t ent = 0;
+  if (w[s]) ent = max((int64_t)0, (int64_t)w[s] * (log2_bound<true>((uint64_t)m) - log2_bound<false>(w[s])));
+  for (int o = 16; o; o >>= 1) ent += __shfl_down_sync(0xffffffffu, ent, o);
+  if ((s & 31) == 0) part_sh[s >> 5] = (unsigned long long)ent;
+  __syncthreads();
+  ent = 0;
+  for (int q = 0; q < 8; ++q) ent += (int64_t)part_sh[q];
+  if (50 * ent >= 392 * m * 65536) {  // bits >= 0.98 * 8m, so stored * 50 >= m * 49
+    codes[c * 256 + s] = 0;
+    if (s == 0) {
+      stored[c] = (uint32_t)align4(m);
+      mode[c] = RAW;
+    }
+    return;
+  }
+  __syncthreads();  // part_sh is used again below
   for (;;) {
     // Rank among present values by (count, value): their sorted order.
     uint32_t ws = w[s];
@@ -213,14 +337,15 @@ __global__ void build(const int64_t* chunks, int64_t c_base, const uint32_t* cou
   }
   __syncthreads();
   // Canonical codes: first code of each length, then rank among values of the same length.
+  if (s <= MAX_LEN) count_sh[s] = 0;
+  __syncthreads();
+  if (lens[s]) atomicAdd(&count_sh[lens[s]], 1u);
+  __syncthreads();
   if (s == 0) {
-    uint32_t count[MAX_LEN + 1] = {0};
-    for (int u = 0; u < 256; ++u) count[lens[u]]++;
     uint32_t code = 0;
-    count[0] = 0;
     for (int l = 1; l <= MAX_LEN; ++l) {
       first[l] = code;
-      code = (code + count[l]) << 1;
+      code = (code + count_sh[l]) << 1;
     }
   }
   __syncthreads();
@@ -248,37 +373,6 @@ __global__ void build(const int64_t* chunks, int64_t c_base, const uint32_t* cou
     bool use = huff * 50 < m * 49;
     stored[c] = (uint32_t)(use ? huff : align4(m));
     mode[c] = use ? HUFF : RAW;
-  }
-}
-
-// ---------------------------------------------------------------- bits
-
-// Each huff chunk's sub-block bit lengths, with coalesced reads: a warp's 32 words lie in one
-// sub-block, so one atomic per warp.
-__global__ void bits(const uint8_t* planes, const int64_t* chunks, int64_t c_base, const uint32_t* codes,
-                     const uint32_t* mode, uint32_t* sub_bits) {
-  __shared__ uint8_t len[256];
-  int64_t c = c_base + blockIdx.x;
-  if (mode[c] != HUFF) return;
-  Chunk k(chunks, c);
-  for (int s = threadIdx.x; s < 256; s += blockDim.x) len[s] = (uint8_t)(codes[c * 256 + s] >> 16);
-  __syncthreads();
-  int64_t m = k.m, words = (m + 3) / 4;
-  int64_t j0 = (int64_t)blockIdx.y * (HIST_SLICE / 4);
-  int64_t j1 = min(words, j0 + HIST_SLICE / 4);
-  const uint8_t* src = planes + k.src;
-  // Whole warps walk whole sub-blocks (256 words): lanes of a warp share j / 256.
-  for (int64_t base = j0; base < j1; base += blockDim.x) {
-    int64_t j = base + threadIdx.x;
-    uint32_t b = 0;
-    if (j < j1) {
-      uint32_t w = load_word(src, j, m, (((uintptr_t)src) & 3) == 0);
-      int valid = (int)min((int64_t)4, m - 4 * j);
-      for (int q = 0; q < valid; ++q) b += len[(w >> (8 * q)) & 255];
-    }
-    for (int o = 16; o; o >>= 1) b += __shfl_down_sync(0xffffffffu, b, o);
-    int64_t first = base + (threadIdx.x & ~31);
-    if ((threadIdx.x & 31) == 0 && first < j1 && b) atomicAdd(sub_bits + c * NSUB + first / (SUB / 4), b);
   }
 }
 
@@ -349,7 +443,12 @@ __global__ void stream_layout(int64_t nseg, int64_t s0, int64_t s1, const int64_
     if (threadIdx.x == blockDim.x - 1) carry += part[threadIdx.x];
     __syncthreads();
   }
-  if (threadIdx.x == 0) *total = carry;
+  if (threadIdx.x == 0) {
+    *total = carry;
+    // `total` may be pinned host memory that the host polls while the chain still runs (it
+    // learns the size to copy before emit ends): make the write visible to the system now.
+    __threadfence_system();
+  }
 }
 
 // Per segment: its FMH1 header and chunk table, at its place in the stream.
@@ -386,12 +485,12 @@ __global__ void tables(const int64_t* segs, int64_t s_base, int width, int flags
 
 __device__ inline uint4 ld16(const uint4* p) { return __ldg(p); }
 
-__global__ void __launch_bounds__(NSUB) emit(const uint8_t* planes, const int64_t* segs, const int64_t* chunks,
+__global__ void __launch_bounds__(NQ) emit(const uint8_t* planes, const int64_t* segs, const int64_t* chunks,
                                              int64_t c_base, const uint32_t* codes, const uint8_t* nibbles,
                                              const uint32_t* mode, const uint64_t* offsets,
-                                             const uint32_t* sub_bits_all, const int64_t* seg_at, uint8_t* out) {
+                                             const int64_t* seg_at, uint8_t* out) {
   __shared__ uint32_t tab[256];
-  __shared__ uint32_t scan[NSUB];
+  __shared__ uint32_t scan[NQ];
   int64_t c = c_base + blockIdx.x;
   Chunk k(chunks, c);
   int64_t m = k.m;
@@ -406,15 +505,39 @@ __global__ void __launch_bounds__(NSUB) emit(const uint8_t* planes, const int64_
   }
   for (int s = t; s < 256; s += blockDim.x) tab[s] = codes[c * 256 + s];
   if (t < 32) reinterpret_cast<uint32_t*>(dst)[t] = reinterpret_cast<const uint32_t*>(nibbles + c * 128)[t];
+  __syncthreads();
+  int64_t s0 = (int64_t)t * QSUB;
+  int count = (int)max((int64_t)0, min((int64_t)QSUB, m - s0));
+  const uint8_t* mine = src + s0;
+  bool vec = (((uintptr_t)mine) & 15) == 0;
+  // Pass 1, this thread's bits (its symbols' code lengths): the stream offsets need every
+  // thread's count before any writes.  Pass 2 below reads the same bytes again, from cache.
+  uint32_t nbits = 0;
+  int counted = 0;
+  auto lens16 = [&](uint4 x) {
+    uint32_t ws[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+    for (int u = 0; u < 16; ++u) nbits += tab[(ws[u >> 2] >> (8 * (u & 3))) & 255] >> 16;
+  };
+  if (vec) {
+    const uint4* v = reinterpret_cast<const uint4*>(mine);
+    for (; counted + 64 <= count; counted += 64) {  // four loads in flight
+      uint4 x0 = ld16(v + counted / 16), x1 = ld16(v + counted / 16 + 1), x2 = ld16(v + counted / 16 + 2),
+            x3 = ld16(v + counted / 16 + 3);
+      lens16(x0);
+      lens16(x1);
+      lens16(x2);
+      lens16(x3);
+    }
+    for (; counted + 16 <= count; counted += 16) lens16(ld16(v + counted / 16));
+  }
+  for (; counted < count; ++counted) nbits += tab[mine[counted]] >> 16;
   int64_t nsub = (m + SUB - 1) / SUB;
-  uint32_t nbits = sub_bits_all[c * NSUB + t];
   uint64_t start = block_scan(scan, nbits) - nbits;
   uint16_t* sub_bits = reinterpret_cast<uint16_t*>(dst + 128);
-  if (t < nsub) sub_bits[t] = (uint16_t)nbits;
-  if (t == nsub && (nsub & 1)) sub_bits[t] = 0;  // zero pad to 4 bytes
+  if ((t & 3) == 3 && (t >> 2) < nsub) sub_bits[t >> 2] = (uint16_t)(scan[t] - (t >= 4 ? scan[t - 4] : 0));
+  if (t == 0 && (nsub & 1)) sub_bits[nsub] = 0;  // zero pad to 4 bytes
   uint32_t* stream = reinterpret_cast<uint32_t*>(dst + 128 + align4(2 * nsub));
-  int64_t s0 = (int64_t)t * SUB;
-  int count = (int)max((int64_t)0, min((int64_t)SUB, m - s0));
   int64_t first_w = start >> 5, last_w = (start + nbits + 31) / 32 - 1;
   // Boundary words are shared with the neighbours and OR-ed in: zero them first.
   if (count) {
@@ -426,14 +549,18 @@ __global__ void __launch_bounds__(NSUB) emit(const uint8_t* planes, const int64_
   uint64_t acc = 0;
   int nb = (int)(start & 31);
   int64_t wi = first_w;
+  bool first = true;
   // Words go out four at a time as one 16-byte store where the stream is 16-byte aligned:
-  // each thread writes its own run, so narrow stores would scatter across the warp.
+  // each thread writes its own run, so narrow stores would scatter across the warp.  Only
+  // the first word and the last partial one can be shared with a neighbour (OR-ed in); a
+  // complete last word ends where the next thread's run starts, so it is this thread's own.
   uint32_t q0 = 0, q1 = 0, q2 = 0, q3 = 0;
   int nq = 0;
   int64_t qstart = 0;
   auto put = [&](uint32_t word) {
-    if (wi == first_w || wi == last_w) {
+    if (first) {
       atomicOr(stream + wi, word);
+      first = false;
     } else if (nq == 0 && (((uintptr_t)(stream + wi)) & 15) != 0) {
 #ifndef FMH_ABLATE_EMIT_NOSTORE
       stream[wi] = word;
@@ -453,10 +580,14 @@ __global__ void __launch_bounds__(NSUB) emit(const uint8_t* planes, const int64_
     }
     ++wi;
   };
-  auto one = [&](uint32_t sym) {
-    uint32_t e = tab[sym];
-    acc |= (uint64_t)(e & 0xffffu) << nb;
-    nb += e >> 16;
+  // Two symbols per step: their codes joined (at most 24 bits) and one check for a full word;
+  // fewer than 32 bits are pending before a step, so at most 55 after it.  Each step's branch
+  // diverges across the warp, so halving the steps halves the time spent in it.
+  auto two = [&](uint32_t a, uint32_t b) {
+    uint32_t ea = tab[a], eb = tab[b];
+    uint32_t la = ea >> 16;
+    acc |= (uint64_t)((ea & 0xffffu) | ((eb & 0xffffu) << la)) << nb;
+    nb += (int)(la + (eb >> 16));
     if (nb >= 32) {
       put((uint32_t)acc);
       acc >>= 32;
@@ -466,14 +597,13 @@ __global__ void __launch_bounds__(NSUB) emit(const uint8_t* planes, const int64_
   auto sixteen = [&](uint4 v) {
     uint32_t ws[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-    for (int u = 0; u < 16; ++u) one((ws[u >> 2] >> (8 * (u & 3))) & 255);
+    for (int u = 0; u < 16; u += 2) two((ws[u >> 2] >> (8 * (u & 3))) & 255, (ws[u >> 2] >> (8 * (u & 3) + 8)) & 255);
   };
-  const uint8_t* mine = src + s0;
   int done = 0;
 #ifdef FMH_ABLATE_EMIT_NOLOOP
   count = 0;
 #endif
-  if ((((uintptr_t)mine) & 15) == 0) {
+  if (vec) {
     // The next 64 symbols load while these 64 are coded: one memory latency per 64 symbols
     // is hidden behind the work instead of paid per word.
     const uint4* v = reinterpret_cast<const uint4*>(mine);
@@ -495,9 +625,24 @@ __global__ void __launch_bounds__(NSUB) emit(const uint8_t* planes, const int64_
     }
     done = n64 * 64;
   }
-  for (int i = done; i < count; ++i) one(mine[i]);
-  if (nb > 0) put((uint32_t)acc);
-  // Words still pending (fewer than four; never a shared boundary word) go out one by one.
+  for (int i = done; i < count; i += 2) {
+    uint32_t a = mine[i];
+    if (i + 1 < count) {
+      two(a, mine[i + 1]);
+    } else {  // an odd count's last symbol, alone
+      uint32_t e = tab[a];
+      acc |= (uint64_t)(e & 0xffffu) << nb;
+      nb += (int)(e >> 16);
+      if (nb >= 32) {
+        put((uint32_t)acc);
+        acc >>= 32;
+        nb -= 32;
+      }
+    }
+  }
+  // The last, partial word: maybe shared with the next thread's first.
+  if (nb > 0) atomicOr(stream + wi, (uint32_t)acc);
+  // Words still pending (fewer than four; never shared) go out one by one.
   if (nq > 0) stream[qstart] = q0;
   if (nq > 1) stream[qstart + 1] = q1;
   if (nq > 2) stream[qstart + 2] = q2;
@@ -753,13 +898,14 @@ int64_t fmstore_huff_max_bytes(int64_t nbytes, int width) {
 
 // Device scratch the encoder (and, for its segment arrays, the decoder) needs.
 int64_t fmstore_huff_scratch_bytes(int64_t nbytes, int64_t nchunks, int64_t nseg) {
-  int64_t per_chunk = 256 * 4 + 8 + fmh::NSUB * 4 + 256 * 4 + 8 + 4 + 4 + 128;
+  int64_t per_chunk = 256 * 4 + 8 + 256 * 4 + 8 + 4 + 4 + 128;
   return ((fmh::align4(nbytes) + 15) & ~int64_t(15)) + nchunks * per_chunk + nseg * 24 + 64;
 }
 
 // Encode segments [s0, s1) of flat `data` (segment and chunk rows built by
 // fmstore/codec/gpu.py, on the device; `segs_host` their host copy) into `out`, laid out as the
-// whole FMHS stream; the end of segment s1 - 1 in it goes to device `total`.  Launches for
+// whole FMHS stream; the end of segment s1 - 1 in it goes to `total` (device memory, or pinned
+// host memory, where it lands before tables and emit run).  Launches for
 // consecutive ranges on one stream build one stream (the caller copies each range out as it
 // lands); the directory is complete after the last.  `scratch` is shared by the ranges.
 int fmstore_huff_encode(const uint8_t* data, int width, int flags, const int64_t* segs, const int64_t* segs_host,
@@ -777,8 +923,6 @@ int fmstore_huff_encode(const uint8_t* data, int width, int flags, const int64_t
   at += nchunks * 256 * 4;
   unsigned long long* checks = reinterpret_cast<unsigned long long*>(scratch + at);
   at += nchunks * 8;
-  uint32_t* sub_bits = reinterpret_cast<uint32_t*>(scratch + at);
-  at += nchunks * NSUB * 4;
   uint32_t* codes = reinterpret_cast<uint32_t*>(scratch + at);
   at += nchunks * 256 * 4;
   uint64_t* offsets = reinterpret_cast<uint64_t*>(scratch + at);
@@ -795,27 +939,34 @@ int fmstore_huff_encode(const uint8_t* data, int width, int flags, const int64_t
   int64_t c0 = segs_host[s0 * SEG_COLS + 2];
   int64_t c1 = segs_host[(s1 - 1) * SEG_COLS + 2] + segs_host[(s1 - 1) * SEG_COLS + 3];
   int64_t nc = c1 - c0;
-  cudaError_t e = cudaMemsetAsync(counts + c0 * 256, 0, nc * 256 * 4, stream);
-  if (!e) e = cudaMemsetAsync(checks + c0, 0, nc * 8, stream);
-  if (!e) e = cudaMemsetAsync(sub_bits + c0 * NSUB, 0, nc * NSUB * 4, stream);
-  if (e) return (int)e;
-  const uint8_t* planes = data;
-  if (width > 1) {
+  const uint8_t* planes = width > 1 ? planes_buf : data;
+  // Widths 2 and 4 (aligned): zeroing and the split in one launch; else zeroing, then a split
+  // per segment.
+  bool batched = (width == 2 || width == 4) && (((uintptr_t)data) & 15) == 0;
+  int64_t biggest = 0;
+  for (int64_t s = s0; s < s1; ++s) biggest = std::max(biggest, segs_host[s * SEG_COLS + 1]);
+  int64_t zero_work = std::max(nc * 256, batched ? biggest / (16 * width) : 0);
+  dim3 grid((unsigned)std::min<int64_t>(512, std::max<int64_t>(1, (zero_work + 255) / 256)),
+            batched ? (unsigned)(s1 - s0) : 1u);
+  auto* z0 = counts + c0 * 256;
+  auto* z1 = reinterpret_cast<uint32_t*>(checks + c0);
+  if (batched && width == 2) prep<2><<<grid, 256, 0, stream>>>(data, planes_buf, segs, s0, z0, nc * 256, z1, 2 * nc);
+  else if (batched) prep<4><<<grid, 256, 0, stream>>>(data, planes_buf, segs, s0, z0, nc * 256, z1, 2 * nc);
+  else prep<1><<<grid, 256, 0, stream>>>(data, planes_buf, segs, s0, z0, nc * 256, z1, 2 * nc);
+  if (!batched && width > 1) {
     for (int64_t s = s0; s < s1; ++s) {
       int64_t begin = segs_host[s * SEG_COLS], len = segs_host[s * SEG_COLS + 1];
       int rc = fmstore_split(data + begin, planes_buf + begin, len / width, width, stream);
       if (rc) return rc;
     }
-    planes = planes_buf;
   }
   dim3 sliced((unsigned)nc, CHUNK / HIST_SLICE);
   hist<<<sliced, 256, 0, stream>>>(planes, chunks, c0, counts, checks);
   build<<<(unsigned)nc, 256, 0, stream>>>(chunks, c0, counts, codes, nibbles, stored, mode);
-  bits<<<sliced, 256, 0, stream>>>(planes, chunks, c0, codes, mode, sub_bits);
   seg_layout<<<(unsigned)(s1 - s0), 1024, 0, stream>>>(segs, s0, stored, offsets, seg_len);
   stream_layout<<<1, 1024, 0, stream>>>(nseg, s0, s1, seg_len, seg_at, out, total);
   tables<<<(unsigned)(s1 - s0), 256, 0, stream>>>(segs, s0, width, flags, stored, mode, checks, offsets, seg_at, out);
-  emit<<<(unsigned)nc, NSUB, 0, stream>>>(planes, segs, chunks, c0, codes, nibbles, mode, offsets, sub_bits, seg_at,
+  emit<<<(unsigned)nc, NQ, 0, stream>>>(planes, segs, chunks, c0, codes, nibbles, mode, offsets, seg_at,
                                         out);
   return (int)cudaGetLastError();
 }
@@ -836,6 +987,14 @@ int fmstore_huff_decode(const uint8_t* stream, int64_t stream_bytes, int width, 
   if (nchunks) unpack<<<(unsigned)nchunks, NSUB, 0, stream_>>>(stream, segs, chunks, seg_at, seg_len, width, planes, errs);
   e = cudaGetLastError();
   if (e) return (int)e;
+  if ((width == 2 || width == 4) && (((uintptr_t)out) & 15) == 0) {
+    int64_t biggest = 0;
+    for (int64_t s = 0; s < nseg; ++s) biggest = std::max(biggest, segs_host[s * SEG_COLS + 1]);
+    dim3 grid((unsigned)std::min<int64_t>(512, std::max<int64_t>(1, biggest / 16 / 256)), (unsigned)nseg);
+    if (width == 2) merge_segs<2><<<grid, 256, 0, stream_>>>(planes, out, segs);
+    else merge_segs<4><<<grid, 256, 0, stream_>>>(planes, out, segs);
+    return (int)cudaGetLastError();
+  }
   if (width > 1) {
     for (int64_t s = 0; s < nseg; ++s) {
       int64_t begin = segs_host[s * SEG_COLS], len = segs_host[s * SEG_COLS + 1];

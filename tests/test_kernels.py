@@ -35,7 +35,7 @@ def test_missing_nvcc_is_a_clear_error(monkeypatch):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("width", [1, 2, 4, 8, 16])
-@pytest.mark.parametrize("n", [0, 1, 3, 4, 1000, 1 << 20, (1 << 20) + 3])
+@pytest.mark.parametrize("n", [0, 1, 3, 4, 1000, 1008, 1 << 20, (1 << 20) + 3])
 @pytest.mark.parametrize("offset", [0, 1])
 def test_gpu_planes_and_xor_match_cpu(width, n, offset):
     from fmstore.codec import gpu as g
@@ -204,6 +204,31 @@ def test_gpu_huffman_matches_cpu(offset):
         host = torch.empty_like(data)
         huffman.decode(want, host, name=name)
         assert torch.equal(host, data), name
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("group_bytes,first_bytes", [(1, 1), (1 << 20, 1), (64 << 20, 16 << 20)])
+def test_gpu_huffman_pipeline_matches_cpu(group_bytes, first_bytes):
+    """The to-host pipeline, whatever its grouping (down to one segment per group), over
+    several tensors in one call (odd element counts, every width): each stream is the CPU
+    reference's bytes."""
+    from fmstore.codec import gpu as g
+    from fmstore.codec import huffman
+
+    gen = torch.Generator().manual_seed(3)
+    tensors = [
+        ((torch.randn(1_500_003, generator=gen) * 0.02).to(torch.bfloat16).view(torch.uint8), 2),
+        ((torch.randn(700_001, generator=gen) * 0.1).view(torch.uint8), 4),
+        (torch.randint(0, 7, (600_000,), dtype=torch.uint8, generator=gen), 1),
+        ((torch.randn(90_000, generator=gen)).to(torch.float64).view(torch.uint8), 8),
+        (torch.empty(0, dtype=torch.uint8), 2),
+    ]
+    jobs = [(t.cuda(), w, None, None) for t, w in tensors]
+    streams = g.huff_encode_many_to_host(jobs, group_bytes=group_bytes, first_bytes=first_bytes)
+    assert len(streams) == len(tensors)
+    for (t, w), got in zip(tensors, streams):
+        assert got.numpy().tobytes() == huffman.encode(t, w), (t.numel(), w)
 
 
 @gpu

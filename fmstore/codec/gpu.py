@@ -3,6 +3,9 @@ output bytes as the CPU references in :mod:`fmstore.codec.planes` and :mod:`fmst
 
 from __future__ import annotations
 
+import functools
+import time
+
 import numpy as np
 import torch
 
@@ -177,14 +180,16 @@ class _Encoder:
         self.total = torch.empty(1, dtype=torch.int64, device=dev)
         self.stream = torch.cuda.current_stream(dev)
 
-    def launch(self, first: int = 0, end: int | None = None) -> None:
-        """Encode segments [first, end); ``total`` then holds where the last one ends."""
+    def launch(self, first: int = 0, end: int | None = None, *, total: torch.Tensor | None = None) -> None:
+        """Encode segments [first, end); ``total`` (default ``self.total``; may be pinned host
+        memory) then holds where the last one ends."""
         nseg = len(self.seg_rows)
+        total = self.total if total is None else total
         _run(
             self.lib.fmstore_huff_encode(
                 self.data.data_ptr(), self.width, self.flags, self.rows.data_ptr(), self.seg_rows.ctypes.data,
                 nseg, first, nseg if end is None else end, self.rows.data_ptr() + 8 * self.seg_rows.size,
-                self.nchunks, self.out.data_ptr(), self.total.data_ptr(), self.scratch.data_ptr(),
+                self.nchunks, self.out.data_ptr(), total.data_ptr(), self.scratch.data_ptr(),
                 self.stream.cuda_stream,
             ),
             "huffman encode",
@@ -210,6 +215,7 @@ def _copy_stream(device: torch.device) -> torch.cuda.Stream:
     return _copy_streams[index]
 
 
+@functools.lru_cache(maxsize=1024)
 def scratch_bytes(nbytes: int, width: int) -> int:
     """Device scratch an encode of ``nbytes`` needs (planes, histograms, tables)."""
     from . import huffman
@@ -222,21 +228,52 @@ def scratch_bytes(nbytes: int, width: int) -> int:
 #: Input bytes per unit of the encode/copy pipeline: big enough to fill the GPU, small
 #: enough that the copy engine starts early and the encode hides behind copies.
 GROUP_BYTES = 64 << 20
+#: The pipeline's first unit is smaller: its encode is the one not hidden behind a copy.  Each
+#: later unit may be twice the one before (up to GROUP_BYTES): the GPU encodes about three
+#: times faster than PCIe carries the result, so a unit's encode still hides behind the copy of
+#: the one before, latency included.
+FIRST_GROUP_BYTES = 16 << 20
+
+
+def _units(jobs: list[torch.Tensor], group_bytes: int, first_bytes: int) -> list[tuple[int, int, int]]:
+    """(job, first segment, end segment) of each pipeline unit, in order: segments of one
+    tensor, as many as fit the unit's target size (at least one)."""
+    from . import huffman
+
+    units: list[tuple[int, int, int]] = []
+    target = first_bytes
+    for j, data in enumerate(jobs):
+        segs = huffman.segments(data.numel())
+        first, acc = 0, 0
+        for i, (a, b) in enumerate(segs):
+            acc += b - a
+            last = i == len(segs) - 1
+            if last or acc + (segs[i + 1][1] - segs[i + 1][0]) > target:
+                units.append((j, first, i + 1))
+                first, acc = i + 1, 0
+                target = min(group_bytes, 2 * target)
+        if not segs:
+            units.append((j, 0, 0))
+    return units
 
 
 def huff_encode_many_to_host(
     jobs: list[tuple[torch.Tensor, int, torch.Tensor | None, torch.Tensor | None]],
     *,
     group_bytes: int = GROUP_BYTES,
+    first_bytes: int = FIRST_GROUP_BYTES,
 ) -> list[torch.Tensor]:
     """Encode several CUDA tensors (``(flat uint8 data, element width, pinned out or None,
     XOR base or None)``) into host memory; returns each one's FMHS stream (a view of its
     ``out``), all landed.
 
-    A pipeline over groups of segments (about ``group_bytes`` of input each, a tensor's
-    segments never mixed with another's): while one group's blobs are copied to the host on
-    a side stream, the next group encodes, so only the first group's encode is not hidden
-    behind the copy engine, the bottleneck.  Encodes share one scratch buffer."""
+    A pipeline over groups of segments (at most ``group_bytes`` of input each, the first
+    ``first_bytes``, growing between; a tensor's segments never mixed with another's): while one group's blobs
+    are copied to the host on a side stream, the next group encodes, so only the first group's
+    encode is not hidden behind the copy engine, the bottleneck.  Each group's end in the
+    stream is written by the chain into pinned memory before its last kernels run, so the host
+    queues the group's copy behind them without waiting for the chain, and the copy engine
+    never idles between groups.  Encodes share one scratch buffer."""
     if not jobs:
         return []
     dev = jobs[0][0].device
@@ -246,20 +283,9 @@ def huff_encode_many_to_host(
     scratch = torch.empty(
         max(scratch_bytes(d.numel(), w) for d, w, _, _ in jobs), dtype=torch.uint8, device=dev
     )
-    units: list[tuple[int, int, int]] = []  # (job, first segment, end segment)
-    for j, (data, _, _, _) in enumerate(jobs):
-        from . import huffman
-
-        segs = huffman.segments(data.numel())
-        first, acc = 0, 0
-        for i, (a, b) in enumerate(segs):
-            acc += b - a
-            if acc >= group_bytes or i == len(segs) - 1:
-                units.append((j, first, i + 1))
-                first, acc = i + 1, 0
-        if not segs:
-            units.append((j, 0, 0))
-    ends = torch.empty(len(units), dtype=torch.int64, pin_memory=True)
+    units = _units([d for d, _, _, _ in jobs], group_bytes, first_bytes)
+    ends = torch.full((len(units),), -1, dtype=torch.int64, pin_memory=True)
+    ends_np = ends.numpy()  # read as the kernels write it (mapped pinned memory)
     encoders: dict[int, _Encoder] = {}
     outs: list[torch.Tensor | None] = [None] * len(jobs)
     results: list[torch.Tensor | None] = [None] * len(jobs)
@@ -273,34 +299,49 @@ def huff_encode_many_to_host(
             outs[j] = (
                 out if out is not None else torch.empty(enc.capacity, dtype=torch.uint8, pin_memory=True)
             )
-        encoders[j].launch(s0, s1)
-        ends[k : k + 1].copy_(encoders[j].total, non_blocking=True)
+        encoders[j].launch(s0, s1, total=ends[k:])
         events.append(torch.cuda.Event())
         events[-1].record(compute)
 
-    for k in range(min(2, len(units))):
-        launch(k)
+    def landed(k: int) -> int:
+        spins = 0
+        while ends_np[k] < 0:
+            spins += 1
+            if spins % 64 == 0:
+                if events[k].query() and ends_np[k] < 0:
+                    raise FmstoreError("huffman encode: the kernels finished without writing the stream's length")
+                time.sleep(0)  # let other threads run
+        return int(ends_np[k])
+
+    # Group 0 is launched alone: its copy is queued as soon as its length lands, before the
+    # host spends time launching the next groups (their encode hides behind that copy).
+    launch(0)
+    launched = 1
     start = 0
     for k, (j, s0, s1) in enumerate(units):
-        events[k].synchronize()  # this group is encoded; where it ends is known
+        end = landed(k)  # known once the group's layout ran, before its bytes are written
         enc, out = encoders[j], outs[j]
         assert out is not None
         nseg = len(enc.seg_rows)
         head = 8 + 8 * nseg
         if s0 == 0:
             start = head
-        end = int(ends[k])
         copy.wait_event(events[k])
         with torch.cuda.stream(copy):
-            out[start:end].copy_(enc.out[start:end], non_blocking=True)
-            if s1 == nseg:  # the directory last: each group filled in its own entries
-                out[:head].copy_(enc.out[:head], non_blocking=True)
+            if s0 == 0 and s1 == nseg:  # the whole stream in one group: one copy
+                out[:end].copy_(enc.out[:end], non_blocking=True)
+            else:
+                out[start:end].copy_(enc.out[start:end], non_blocking=True)
+                if s1 == nseg:  # the directory last: each group filled in its own entries
+                    out[:head].copy_(enc.out[:head], non_blocking=True)
+            if s1 == nseg:
                 enc.out.record_stream(copy)  # freed only after these copies ran
                 results[j] = out[: max(end, head)]
                 del encoders[j]
         start = end
-        if k + 2 < len(units):
-            launch(k + 2)
+        while launched < min(k + 3, len(units)):  # keep two groups ahead of the copies
+            launch(launched)
+            launched += 1
     copy.synchronize()
     return [r for r in results if r is not None]
 
@@ -316,6 +357,7 @@ def huff_encode_to_host(
     return stream
 
 
+@functools.lru_cache(maxsize=1024)
 def huff_host_bytes(nbytes: int, width: int) -> int:
     """The most bytes :func:`huff_encode_to_host` can write for ``nbytes`` of input."""
     from . import huffman
