@@ -112,9 +112,10 @@ def bench_one(label: str, t: torch.Tensor, repeats: int, rows: list[dict[str, An
         print(f"{label:<20} {codec:<22} {ratio:7.4f} {enc} {dec}  {note}", flush=True)
 
     pinned = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    pinned.fill_(0)  # touch the pages first
+    # Timed twice (before and after the codecs), the faster kept: one slow spell of the link
+    # would otherwise skew every "x raw copy" and copy-bound figure below.
     raw_s, _ = timed(lambda: pinned.copy_(b, non_blocking=True), repeats)
-    row("raw D2H copy", 1.0, raw_s, None)
-    res["raw_GBps"] = n / raw_s / 1e9
 
     # fmstore, device-resident
     enc_s, stream = timed(lambda: g.huff_encode(b, w), repeats)
@@ -139,8 +140,17 @@ def bench_one(label: str, t: torch.Tensor, repeats: int, rows: list[dict[str, An
     out.zero_()
     bk_s, _ = timed(back, repeats)
     assert torch.equal(out, b), label
-    row("fmstore GPU (host)", n / hs.numel(), th_s, bk_s, f"{n / th_s / 1e9 / res['raw_GBps']:.2f}x raw copy")
+    row("fmstore GPU (host)", n / hs.numel(), th_s, bk_s)
     res.update(to_host=n / th_s / 1e9, back=n / bk_s / 1e9)
+    # The same with a new pinned buffer per call (from torch's caching host allocator), as
+    # cuZipNN's compress_tensor returns one.
+    tn_s, _ = timed(lambda: g.huff_encode_to_host(b, w), repeats)
+    row("fmstore GPU (host,new)", n / hs.numel(), tn_s, None, "output buffer allocated per call")
+    res.update(to_host_new=n / tn_s / 1e9)
+
+    raw_s = min(raw_s, timed(lambda: pinned.copy_(b, non_blocking=True), repeats)[0])
+    res["raw_GBps"] = n / raw_s / 1e9
+    row("raw D2H copy", 1.0, raw_s, None, "faster of two timings")
 
     try:
         import cuzipnn
@@ -190,11 +200,17 @@ def main() -> None:
     print("\nsummary (fmstore vs cuZipNN, GPU tensor -> pinned host blob):")
     for label, r in summary.items():
         if "cz_to_host" in r:
+            # Copy-bound limit: the raw D2H rate times the ratio, the most any codec of this
+            # ratio can deliver from GPU tensor to host.
+            limit = r["raw_GBps"] * r["ratio"]
             print(
-                f"  {label:<20} throughput {r['to_host'] / r['cz_to_host']:.2f}x, ratio "
+                f"  {label:<20} throughput {r['to_host'] / r['cz_to_host']:.2f}x "
+                f"({r['to_host_new'] / r['cz_to_host']:.2f}x with a new buffer per call), ratio "
                 f"{r['ratio'] / r['cz_ratio']:.4f}x; back {r['back'] / r['cz_back']:.2f}x; device-resident "
                 f"encode {r['dev_enc']:.0f} GB/s, decode {r['dev_dec']:.0f} GB/s; to host "
-                f"{r['to_host'] / r['raw_GBps']:.2f}x the raw copy; GPU==CPU bytes {bool(r['same'])}"
+                f"{r['to_host'] / r['raw_GBps']:.2f}x the raw copy, {r['to_host'] / limit:.0%} of the "
+                f"copy-bound limit {limit:.1f} GB/s (1.35x cuZipNN would be {1.35 * r['cz_to_host'] / limit:.0%}"
+                f" of it); GPU==CPU bytes {bool(r['same'])}"
             )
     if args.json:
         json.dump({"rows": rows, "summary": summary}, open(args.json, "w"), indent=1)

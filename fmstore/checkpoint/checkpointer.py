@@ -54,6 +54,10 @@ MOMENTS = ("*/exp_avg", "*/exp_avg_sq")
 #: The manifest's codec for blockwise int8 (absmax per 256 values).
 QUANT_CODEC = "int8-absmax256"
 _QUANTIZABLE = (torch.float32, torch.bfloat16, torch.float16)
+#: CUDA tensors smaller than this are staged raw and compressed by the CPU chain in the
+#: background: launching a GPU encode costs about 0.1 ms of host time per tensor, more than
+#: copying a few MiB raw (a model's biases and norms would otherwise add up to a long stall).
+GPU_ENCODE_MIN_BYTES = 4 << 20
 #: ``compression=`` values: None (raw) or the lossless chain.
 COMPRESSION: dict[str | None, str | None] = {None: None, "lossless": "lossless"}
 #: ``codec=`` values: which lossless chain (see ``Checkpointer``).
@@ -192,10 +196,11 @@ class Checkpointer:
             records it (codec ``int8-absmax256``) and a load gives the dequantized values.
         compression: ``"lossless"`` encodes each written tensor with a codec chain; the
             manifest records the chain and load decodes.  Default None: stored raw.
-        codec: which lossless chain.  ``"auto"`` (default): a CUDA tensor is encoded on its
-            GPU before the device-to-host copy (byte planes + per-chunk Huffman, the FMHS
-            stream of ``kernels/huffman.cu``), so fewer bytes cross PCIe; a CPU tensor, or a
-            GPU one when the kernels cannot be built, gets the CPU chain (byte planes + per-chunk
+        codec: which lossless chain.  ``"auto"`` (default): a CUDA tensor of at least
+            :data:`GPU_ENCODE_MIN_BYTES` (4 MiB) is encoded on its GPU before the
+            device-to-host copy (byte planes + per-chunk Huffman, the FMHS stream of
+            ``kernels/huffman.cu``), so fewer bytes cross PCIe; a CPU tensor, a smaller one, or
+            any when the kernels cannot be built, gets the CPU chain (byte planes + per-chunk
             zstd) in the background persist.  ``"zstd"``: always the CPU chain.
             ``"huffman"``: always FMHS (on the CPU reference for CPU tensors: slow, for
             checks).  With a host-memory level the raw copy is staged (a restore needs it),
@@ -389,7 +394,9 @@ class Checkpointer:
     def _gpu_encode(self, name: str, t: torch.Tensor) -> int | None:
         """The element width to encode ``t`` with on its GPU before staging, or None."""
         width = t.element_size()
-        if t.numel() == 0 or width not in huffman.WIDTHS or self._quantizes(name, t.dtype):
+        if t.numel() * width < GPU_ENCODE_MIN_BYTES or width not in huffman.WIDTHS:
+            return None
+        if self._quantizes(name, t.dtype):
             return None
         if self._gpu_codec is None:
             try:
