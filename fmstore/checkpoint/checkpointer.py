@@ -587,6 +587,17 @@ class Checkpointer:
                 region_off = (0,) * len(gshape)
                 plan.out[name] = dest
             region_len = tuple(dest.shape)
+            if self._decodes_on_gpu(entry.shards, dest, region_off):
+                # One FMHS shard for the whole of a CUDA destination: its coded bytes go up
+                # (from pinned memory) and decode in place, rather than decoding on the GPU,
+                # copying the raw bytes down and up again.
+                (shard,) = entry.shards
+                blob, release = self._stager.pool.acquire(shard.end - shard.begin)
+                plan.releases.append(release)
+                blob = blob[: shard.end - shard.begin]
+                plan.reads.setdefault(shard.file, []).append((shard.begin, memoryview(blob.numpy())))
+                plan.decodes.append((name, shard, blob, dest.reshape(-1).view(torch.uint8)))
+                continue
             if dest.device.type == "cpu" and dest.is_contiguous():
                 host = dest
             else:  # read into a pooled (pinned, with CUDA) buffer, then one copy to the device
@@ -659,6 +670,24 @@ class Checkpointer:
             dest.copy_(host, non_blocking=True)
         if plan.finals and torch.cuda.is_available():
             torch.cuda.synchronize()  # before the pooled buffers go back to the pool
+
+    def _decodes_on_gpu(self, shards: list[Shard], dest: torch.Tensor, region_off: tuple[int, ...]) -> bool:
+        if len(shards) != 1 or not shards[0].codec or shards[0].codec[-1] != "huff":
+            return False
+        shard = shards[0]
+        if dest.device.type != "cuda" or not dest.is_contiguous() or dest.numel() == 0:
+            return False
+        if tuple(shard.offsets) != region_off or tuple(shard.lengths) != tuple(dest.shape):
+            return False
+        if self._gpu_codec is None:
+            try:
+                from kernels import load
+
+                load("huffman")
+                self._gpu_codec = True
+            except Exception:  # noqa: BLE001 - decoded on the CPU then, without a warning here
+                self._gpu_codec = False
+        return self._gpu_codec
 
     @staticmethod
     def _plan_encoded(
@@ -790,8 +819,9 @@ def _quantized(st: Any, pool: Executor) -> tuple[Encoded, list[tuple[str, list[s
 def _decode_fmhs(
     blob: torch.Tensor, out: torch.Tensor, shard: Shard, name: str, step: int, pool: Executor
 ) -> None:
-    """Decode an FMHS-coded shard into host ``out``: on the GPU where the kernels load (the CPU
-    reference otherwise); every chunk is checked, and the checks against the manifest."""
+    """Decode an FMHS-coded shard into ``out`` (host memory, or a CUDA tensor: decoded in
+    place): on the GPU where the kernels load (the CPU reference otherwise); every chunk is
+    checked, and the checks against the manifest."""
     width = int(shard.codec[0][len("planes") :])
     raw = blob.numpy()
     if huffman.stream_digest(raw, out.numel(), name) != shard.checksum:
@@ -799,6 +829,11 @@ def _decode_fmhs(
             f"snapshot step {step}: tensor {name!r} in {shard.file!r} does not match its checksum "
             "(its chunk checks differ from the manifest's)"
         )
+    if out.device.type == "cuda":
+        from ..codec import gpu as gpu_codec
+
+        gpu_codec.huff_decode(blob.to(out.device, non_blocking=True), out, width, name=name)
+        return
     if torch.cuda.is_available():
         try:
             from ..codec import gpu as gpu_codec
