@@ -184,7 +184,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--weights", help="folder with minilm_encoder.fmc1 and .json")
     ap.add_argument("--json", help="write the rows here")
-    ap.add_argument("--tile", type=int, default=12, help="also time the weights repeated this many times (fp32)")
+    ap.add_argument(
+        "--tile", type=int, default=12, help="also time the weights repeated this many times (fp32)"
+    )
     args = ap.parse_args()
     machine_info("/tmp", "cuda")
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}")

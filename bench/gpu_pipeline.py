@@ -63,6 +63,43 @@ def link(repeats: int) -> None:
         print(f"raw D2H copy, 256 MiB over {k} stream(s): {n / median_s(over(k), repeats) / 1e9:.1f} GB/s")
 
 
+def bench_one(name: str, t: torch.Tensor, repeats: int, trace: str | None) -> None:
+    import cuzipnn
+
+    b = t.view(torch.uint8).reshape(-1)
+    width, n = t.element_size(), b.numel()
+    host = torch.empty(g.huff_host_bytes(n, width), dtype=torch.uint8, pin_memory=True)
+    dev_s = median_s(lambda: g.huff_encode(b, width), repeats)
+    print(
+        f"{name} ({n / 1e6:.1f} MB): device-resident encode {dev_s * 1e6:.0f} us, {n / dev_s / 1e9:.1f} GB/s"
+    )
+
+    def grouped(group: int, first: int) -> Callable[[], object]:
+        return lambda: g.huff_encode_many_to_host(
+            [(b, width, host, None)], group_bytes=group << 20, first_bytes=first << 20
+        )
+
+    for _ in range(2):
+        cells = []
+        for group, first in GROUPINGS:
+            s = median_s(grouped(group, first), repeats)
+            cells.append(f"{group}/{first}:{n / s / 1e9:5.1f}")
+        cz = median_s(lambda: cuzipnn.compress_tensor(t, pin_memory=True), repeats)
+        ours = median_s(lambda: g.huff_encode_to_host(b, width, out=host), repeats)
+        print(
+            f"  to host GB/s  {' '.join(cells)}  default:{n / ours / 1e9:5.1f}  cuZipNN:{n / cz / 1e9:5.1f}"
+            f"  -> {cz / ours:.2f}x"
+        )
+    if trace:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                g.huff_encode_to_host(b, width, out=host)
+                torch.cuda.synchronize()
+        prof.export_chrome_trace(os.path.join(trace, f"trace_{name.replace(' ', '')}.json"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", help="folder with minilm_encoder.fmc1 and .json")
@@ -70,42 +107,12 @@ def main() -> None:
     ap.add_argument("--trace", help="write a profiler trace per data set here")
     args = ap.parse_args()
     machine_info("/tmp", "cuda")
-    import cuzipnn
-
     w = encoder_layers(args.weights)
     data = {"bf16": w.to(torch.bfloat16).cuda(), "fp32": w.cuda()}
     data["bf16 x24"] = data["bf16"].repeat(24)
     data["fp32 x12"] = data["fp32"].repeat(12)
     for name, t in data.items():
-        b = t.view(torch.uint8).reshape(-1)
-        width, n = t.element_size(), b.numel()
-        host = torch.empty(g.huff_host_bytes(n, width), dtype=torch.uint8, pin_memory=True)
-        dev_s = median_s(lambda: g.huff_encode(b, width), args.repeats)
-        print(f"{name} ({n / 1e6:.1f} MB): device-resident encode {dev_s * 1e6:.0f} us, {n / dev_s / 1e9:.1f} GB/s")
-        for _ in range(2):
-            cells = []
-            for group, first in GROUPINGS:
-                s = median_s(
-                    lambda: g.huff_encode_many_to_host(
-                        [(b, width, host, None)], group_bytes=group << 20, first_bytes=first << 20
-                    ),
-                    args.repeats,
-                )
-                cells.append(f"{group}/{first}:{n / s / 1e9:5.1f}")
-            cz = median_s(lambda: cuzipnn.compress_tensor(t, pin_memory=True), args.repeats)
-            ours = median_s(lambda: g.huff_encode_to_host(b, width, out=host), args.repeats)
-            print(
-                f"  to host GB/s  {' '.join(cells)}  default:{n / ours / 1e9:5.1f}  cuZipNN:{n / cz / 1e9:5.1f}"
-                f"  -> {cz / ours:.2f}x"
-            )
-        if args.trace:
-            from torch.profiler import ProfilerActivity, profile
-
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(3):
-                    g.huff_encode_to_host(b, width, out=host)
-                    torch.cuda.synchronize()
-            prof.export_chrome_trace(os.path.join(args.trace, f"trace_{name.replace(' ', '')}.json"))
+        bench_one(name, t, args.repeats, args.trace)
     link(args.repeats)
 
 

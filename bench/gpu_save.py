@@ -100,7 +100,12 @@ def main() -> None:
                     loads.append(time.perf_counter() - t0)
                 assert all(torch.equal(back[k], v) for k, v in state.items()), label
                 del back
-                results[label] = (statistics.median(stalls), statistics.median(totals), sizes[-1], statistics.median(loads))
+                results[label] = (
+                    statistics.median(stalls),
+                    statistics.median(totals),
+                    sizes[-1],
+                    statistics.median(loads),
+                )
     print(f"{'':34} {'stall s':>9} {'x raw copy':>10} {'total s':>9} {'staged MB':>10} {'load s':>9}")
     for label, (stall, total, staged, load) in results.items():
         tot = f"{total:9.3f}" if total is not None else "        -"

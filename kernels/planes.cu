@@ -30,14 +30,6 @@ __device__ inline void split_quad(const uint8_t* __restrict__ in, uint8_t* __res
 }
 
 template <int W>
-__global__ void split_vec(const uint8_t* __restrict__ in, uint8_t* __restrict__ out, int64_t n_elems) {
-  int64_t n_quads = n_elems / 4;
-  for (int64_t quad = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; quad < n_quads;
-       quad += (int64_t)gridDim.x * blockDim.x)
-    split_quad<W>(in, out, n_elems, quad);
-}
-
-template <int W>
 __device__ inline void merge_quad(const uint8_t* __restrict__ in, uint8_t* __restrict__ out, int64_t n_elems,
                                   int64_t quad) {
   uint8_t b[4 * W];
@@ -54,12 +46,15 @@ __device__ inline void merge_quad(const uint8_t* __restrict__ in, uint8_t* __res
   }
 }
 
-template <int W>
-__global__ void merge_vec(const uint8_t* __restrict__ in, uint8_t* __restrict__ out, int64_t n_elems) {
+// Split (SPLIT) or merge, grid-stride over quads.
+template <int W, bool SPLIT>
+__global__ void planes_vec(const uint8_t* __restrict__ in, uint8_t* __restrict__ out, int64_t n_elems) {
   int64_t n_quads = n_elems / 4;
   for (int64_t quad = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; quad < n_quads;
-       quad += (int64_t)gridDim.x * blockDim.x)
-    merge_quad<W>(in, out, n_elems, quad);
+       quad += (int64_t)gridDim.x * blockDim.x) {
+    if (SPLIT) split_quad<W>(in, out, n_elems, quad);
+    else merge_quad<W>(in, out, n_elems, quad);
+  }
 }
 
 // 4x4 byte transpose of four words: byte k of word j <-> byte j of word k.
@@ -172,10 +167,8 @@ static int planes_launch(const uint8_t* in, uint8_t* out, int64_t n_elems, int w
   if ((width == 2 || width == 4) && aligned(wide, 4 * width) && aligned(narrow, 4) && n_elems % 4 == 0) {
     int64_t quads = n_elems / 4;
     if (quads) {
-      if (SPLIT && width == 2) split_vec<2><<<grid_for(quads, T), T, 0, stream>>>(in, out, n_elems);
-      if (SPLIT && width == 4) split_vec<4><<<grid_for(quads, T), T, 0, stream>>>(in, out, n_elems);
-      if (!SPLIT && width == 2) merge_vec<2><<<grid_for(quads, T), T, 0, stream>>>(in, out, n_elems);
-      if (!SPLIT && width == 4) merge_vec<4><<<grid_for(quads, T), T, 0, stream>>>(in, out, n_elems);
+      if (width == 2) planes_vec<2, SPLIT><<<grid_for(quads, T), T, 0, stream>>>(in, out, n_elems);
+      else planes_vec<4, SPLIT><<<grid_for(quads, T), T, 0, stream>>>(in, out, n_elems);
     }
     done = quads * 4;
   }

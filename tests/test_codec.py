@@ -367,3 +367,24 @@ def test_gpu_encode_failure_stages_raw(tmp_path, monkeypatch) -> None:
             ck.save(1, state).wait()
         assert ck.manifest().tensors["w"].shards[0].codec == ["planes2", "zstd"]
         assert torch.equal(ck.load(device="cuda")["w"], state["w"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_gpu_decode_failure_falls_back_to_the_cpu(tmp_path, monkeypatch) -> None:
+    """A GPU decode that fails for want of resources (here: made to) still loads the shard
+    into its CUDA destination, through the CPU reference."""
+    from fmstore import Checkpointer
+    from fmstore.codec import gpu as gpu_codec
+
+    state = {"w": weights_like(torch.bfloat16, 3_000_000).cuda()}
+    with Checkpointer(tmp_path, compression="lossless") as ck:
+        ck.save(1, state).wait()
+        assert ck.manifest().tensors["w"].shards[0].codec == ["planes2", "huff"]
+
+    def boom(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(gpu_codec, "huff_decode", boom)
+    with Checkpointer(tmp_path, compression="lossless") as ck:
+        assert torch.equal(ck.load(device="cuda")["w"], state["w"])

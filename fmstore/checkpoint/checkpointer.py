@@ -398,6 +398,10 @@ class Checkpointer:
             return None
         if self._quantizes(name, t.dtype):
             return None
+        return width if self._gpu_codec_loads() else None
+
+    def _gpu_codec_loads(self) -> bool:
+        """Whether the GPU codec's kernels load here (tried once; a warning if they do not)."""
         if self._gpu_codec is None:
             try:
                 from kernels import load
@@ -406,10 +410,10 @@ class Checkpointer:
                 self._gpu_codec = True
             except Exception as e:  # no nvcc, or a build failure: the CPU chain still works
                 warnings.warn(
-                    f"fmstore: GPU compression unavailable, compressing on the CPU: {e}", stacklevel=3
+                    f"fmstore: GPU codec unavailable, (de)compressing on the CPU: {e}", stacklevel=4
                 )
                 self._gpu_codec = False
-        return width if self._gpu_codec else None
+        return self._gpu_codec
 
     def _targets(self, step: int, levels: Sequence[str] | str | None) -> list[SnapshotLevel]:
         if levels == "all":
@@ -679,15 +683,7 @@ class Checkpointer:
             return False
         if tuple(shard.offsets) != region_off or tuple(shard.lengths) != tuple(dest.shape):
             return False
-        if self._gpu_codec is None:
-            try:
-                from kernels import load
-
-                load("huffman")
-                self._gpu_codec = True
-            except Exception:  # noqa: BLE001 - decoded on the CPU then, without a warning here
-                self._gpu_codec = False
-        return self._gpu_codec
+        return self._gpu_codec_loads()
 
     @staticmethod
     def _plan_encoded(
@@ -832,8 +828,16 @@ def _decode_fmhs(
     if out.device.type == "cuda":
         from ..codec import gpu as gpu_codec
 
-        gpu_codec.huff_decode(blob.to(out.device, non_blocking=True), out, width, name=name)
-        return
+        try:
+            gpu_codec.huff_decode(blob.to(out.device, non_blocking=True), out, width, name=name)
+            return
+        except CorruptBlobError:
+            raise
+        except Exception:  # noqa: BLE001 - e.g. no GPU memory for the planes: the CPU reference
+            host = torch.empty(out.numel(), dtype=torch.uint8)
+            huffman.decode(raw, host, name=name, pool=pool)
+            out.copy_(host)
+            return
     if torch.cuda.is_available():
         try:
             from ..codec import gpu as gpu_codec

@@ -309,7 +309,9 @@ def huff_encode_many_to_host(
             spins += 1
             if spins % 64 == 0:
                 if events[k].query() and ends_np[k] < 0:
-                    raise FmstoreError("huffman encode: the kernels finished without writing the stream's length")
+                    raise FmstoreError(
+                        "huffman encode: the kernels finished without writing the stream's length"
+                    )
                 time.sleep(0)  # let other threads run
         return int(ends_np[k])
 
