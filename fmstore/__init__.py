@@ -4,8 +4,12 @@ Tensors move between GPU memory, pinned host memory, local NVMe and object stora
 (:mod:`fmstore.tiers`), under one key space (:class:`TieredStore`).
 """
 
-from .blob import BlobInfo
-from .checkpoint import Checkpointer, Level, Policy, SaveHandle, SnapshotInfo
+from ._source_tree import install as _install_source_tree
+
+_install_source_tree()  # a checkout run with PYTHONPATH=. finds fmstore.kernels / fmstore.integrations
+
+from .blob import BlobInfo  # noqa: E402 - after the finder, which later imports may need
+from .checkpoint import Checkpointer, Level, Policy, RNGState, SaveHandle, SnapshotInfo
 from .errors import (
     BlobNotFoundError,
     CapacityError,
@@ -22,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Checkpointer",
+    "RNGState",
     "Policy",
     "Level",
     "SaveHandle",

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from .checkpoint import Checkpointer, Level, Policy
+from .checkpoint import Checkpointer, Level, Policy, RNGState
 from .units import format_size
 
 STEPS = 30
@@ -47,12 +47,9 @@ def batch(position: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def training_state(model: torch.nn.Module, opt: torch.optim.Optimizer, position: int) -> dict:
-    return {
-        "model": model.state_dict(),
-        "optim": opt.state_dict(),
-        "rng": torch.get_rng_state(),
-        "loader": {"position": position},
-    }
+    # The model, the optimizer and the RNG are Stateful: saved through state_dict(), restored
+    # in place through load_state_dict() (a fresh optimizer included).
+    return {"model": model, "optim": opt, "rng": RNGState(), "loader": {"position": position}}
 
 
 def train(
@@ -63,11 +60,8 @@ def train(
     ck = Checkpointer(os.path.join(data, "ckpt-local"), keep_last=2, policy=policy(data)) if data else None
     start = 0
     if ck is not None and resume:
-        # The model's tensors are filled in place; the optimizer state (empty before its
-        # first step) comes back as new tensors, and the RNG and loader position as values.
+        # Model, optimizer and RNG are restored in place; the loader position comes back as a value.
         restored = ck.load(training_state(model, opt, 0))
-        opt.load_state_dict(restored["optim"])
-        torch.set_rng_state(restored["rng"])
         start = restored["loader"]["position"]
         print(f"  resumed from step {start}, read from level {ck.where(start)[0]!r}", flush=True)
     for step in range(start + 1, stop + 1):

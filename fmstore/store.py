@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import exiting
 from .blob import BlobInfo, Value, describe
 from .errors import BlobNotFoundError, CapacityError, ConfigError, FmstoreError
 from .keys import check_key
@@ -111,6 +112,7 @@ class TieredStore:
         self._moved_out = [0] * len(self.tiers)
         self._executor = ThreadPoolExecutor(max(1, workers), thread_name_prefix="fmstore-store")
         self._closed = False
+        exiting.register(self)  # write-back and demotions in flight at exit are finished, not lost
         # Adopt what durable tiers already hold (a store reopened after a restart).
         for i, tier in enumerate(self.tiers):
             for key in tier.list():
@@ -307,9 +309,28 @@ class TieredStore:
                 self.flush()
         finally:
             self._closed = True
+            exiting.unregister(self)
             self._executor.shutdown(wait=True)
             for t in self.tiers:
                 t.close()
+
+    def _exit_pending(self) -> str | None:
+        with self._lock:
+            n = len(self._pending)
+        return f"{n} background move(s) of a TieredStore ({', '.join(t.name for t in self.tiers)})" if n else None
+
+    def _exit_wait(self, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                pending = list(self._pending)
+            if not pending:
+                self._raise_errors()
+                return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            wait(pending, timeout=left)
 
     def __enter__(self) -> TieredStore:
         return self

@@ -120,3 +120,71 @@ def test_fsdp2_save_on_4_load_on_2(tmp_path):
         assert m.world_size == 4
         assert len(m.tensors["model/0.weight"].shards) == 4  # saved sharded, not gathered
     mp.spawn(_load_worker, args=(2, _free_port(), root), nprocs=2, join=True)
+
+
+def _save_stateful_worker(rank: int, world: int, port: int, root: str) -> None:
+    from fmstore import RNGState
+
+    _init(rank, world, port)
+    try:
+        model, optim = build(world)
+        train(model, optim, 2, seed=1)
+        ref = full_state(model, optim)
+        torch.manual_seed(100 + rank)  # each rank's own RNG stream
+        with Checkpointer(root) as ck:
+            ck.save(2, {"model": model, "optim": optim, "rng": RNGState()}).wait()
+        draws = torch.rand(4)  # what each rank draws next
+        if rank == 0:
+            save_file(ref, os.path.join(root, "..", "reference.safetensors"))
+        save_file({"draws": draws}, os.path.join(root, "..", f"draws-{rank}.safetensors"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _load_stateful_worker(rank: int, world: int, port: int, root: str) -> None:
+    from fmstore import RNGState
+
+    _init(rank, world, port)
+    try:
+        model, optim = build(world)  # fresh: the optimizer has no state
+        with Checkpointer(root) as ck:
+            ck.load({"model": model, "optim": optim, "rng": RNGState()})
+        assert torch.equal(torch.rand(4), load_file(os.path.join(root, "..", f"draws-{rank}.safetensors"))["draws"])
+        ref = load_file(os.path.join(root, "..", "reference.safetensors"))
+        got = full_state(model, optim)
+        for k, v in ref.items():
+            assert torch.equal(got[k], v), k
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_stateful_model_and_fresh_optimizer_load_sharded_and_plain(tmp_path):
+    """FSDP2 model and optimizer saved as Stateful objects (through DCP's state_dict functions:
+    parameter names as keys, DTensors kept sharded) on 2 ranks; they load into a fresh FSDP2
+    model and optimizer on 2 ranks (each rank's RNG its own) and into a plain model on 1 process."""
+    import torch.multiprocessing as mp
+
+    from fmstore import RNGState
+
+    root = str(tmp_path / "ckpt")
+    os.makedirs(root)
+    mp.spawn(_save_stateful_worker, args=(2, _free_port(), root), nprocs=2, join=True)
+    with Checkpointer(root) as ck:
+        m = ck.manifest(2)
+        assert len(m.tensors["model/0.weight"].shards) == 2
+        assert "optim/state/0.weight/exp_avg" in m.tensors  # keyed by parameter name
+        assert {"rng/rank-0/torch", "rng/rank-1/torch"} <= set(m.tensors)
+    mp.spawn(_load_stateful_worker, args=(2, _free_port(), root), nprocs=2, join=True)
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(16, 33), torch.nn.ReLU(), torch.nn.Linear(33, 7), torch.nn.LayerNorm(7))
+    optim = torch.optim.Adam(plain.parameters(), lr=1e-2)
+    with Checkpointer(root) as ck:
+        ck.load({"model": plain, "optim": optim, "rng": RNGState()})
+    ref = load_file(os.path.join(tmp_path, "reference.safetensors"))
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, ref[f"model.{k}"]), k
+    for idx, st in optim.state_dict()["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, ref[f"optim.{idx}.{k}"]), (idx, k)

@@ -246,9 +246,8 @@ def test_resume_from_int8_moments_keeps_the_loss(tmp_path) -> None:
     for root in ("exact", "int8"):
         m, o = make()
         with Checkpointer(tmp_path / root) as ck:
-            out = ck.load({"model": m.state_dict(), "optim": o.state_dict()})
-        o.load_state_dict(out["optim"])
-        moments.append(out["optim"]["state"][0]["exp_avg"].clone())
+            ck.load({"model": m, "optim": o})  # both Stateful: restored in place
+        moments.append(o.state_dict()["state"][0]["exp_avg"].clone())
         assert torch.equal(m.state_dict()["0.weight"], model.state_dict()["0.weight"])
         losses.append(train(m, o, 100, 300))
     assert not torch.equal(moments[0], moments[1])  # the moments really went through int8

@@ -1,17 +1,19 @@
 """Async, incremental, crash-safe snapshots of training state (see :class:`Checkpointer`)."""
 
 from .checkpointer import (
-    MOMENTS,
     Checkpointer,
     ChecksumError,
     LoadMismatchError,
     SaveHandle,
     SnapshotInfo,
     SnapshotNotFoundError,
+    StateKeysError,
 )
 from .manifest import Manifest, ManifestError
 from .policy import Level, Policy
+from .stateful import RNGState, is_stateful
 from .tree import UnsupportedValueError
+from .writing import MOMENTS
 
 __all__ = [
     "Checkpointer",
@@ -26,4 +28,7 @@ __all__ = [
     "LoadMismatchError",
     "SnapshotNotFoundError",
     "UnsupportedValueError",
+    "StateKeysError",
+    "RNGState",
+    "is_stateful",
 ]

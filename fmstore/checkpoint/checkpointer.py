@@ -12,48 +12,35 @@ committed snapshot from the fastest level holding it, verifying every checksum r
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from typing import Any
 
-import numpy as np
 import torch
 
-from ..blob import as_bytes_tensor, as_memoryview, dtype_from_name
-from ..codec import Encoded, decode, encode, huffman
-from ..codec.quant import BLOCK as QUANT_BLOCK
-from ..codec.quant import dequantize as dequantize_int8
-from ..codec.quant import quantize as quantize_int8
+from .. import exiting
+from ..blob import dtype_from_name
+from ..codec import huffman
 from ..errors import ConfigError, CorruptBlobError, FmstoreError
 from ..store import TieredStore
-from .level import SnapshotLevel, SnapshotNotFoundError, WriteItem, Written, numel
-from .manifest import CHUNK_SIZE, Manifest, ManifestError, Shard, step_dir
+from . import overlap, stateful
+from .level import SnapshotLevel, SnapshotNotFoundError, Written
+from .manifest import Manifest, step_dir
 from .memory import HOST, MemoryItem, MemoryLevel, MemorySnapshot, restore
 from .policy import Policy, resolve
-from .sharding import (
-    LoadMismatchError,
-    Piece,
-    check_target,
-    dtensor_region,
-    intersect,
-    is_dtensor,
-    pieces_to_save,
-    plan_read,
-)
+from .reader import ChecksumError, Region, SnapshotReader
+from .sharding import LoadMismatchError, Piece, check_target, dtensor_region, is_dtensor, pieces_to_save
 from .staging import Staged, Stager
 from .storage import SnapshotStorage
-from .tree import flatten, unflatten
+from .tree import compare, flatten, subtree, tensor_leaves, unflatten
+from .writing import MOMENTS, ItemBuilder
 
-#: ``quantize=`` patterns for Adam's (and AdamW's) moments in an optimizer's state_dict.
-MOMENTS = ("*/exp_avg", "*/exp_avg_sq")
-#: The manifest's codec for blockwise int8 (absmax per 256 values).
-QUANT_CODEC = "int8-absmax256"
-_QUANTIZABLE = (torch.float32, torch.bfloat16, torch.float16)
 #: CUDA tensors smaller than this are staged raw and compressed by the CPU chain in the
 #: background: launching a GPU encode costs about 0.1 ms of host time per tensor, more than
 #: copying a few MiB raw (a model's biases and norms would otherwise add up to a long stall).
@@ -70,62 +57,21 @@ __all__ = [
     "SnapshotNotFoundError",
     "ChecksumError",
     "LoadMismatchError",
+    "StateKeysError",
+    "MOMENTS",
 ]
 
 
-class ChecksumError(CorruptBlobError):
-    """Bytes read back do not match the checksum recorded when they were saved."""
+class StateKeysError(LoadMismatchError, KeyError):
+    """A strict load whose target and snapshot do not hold the same keys; names both sides'."""
 
+    def __init__(self, message: str, missing: list[str], unexpected: list[str]) -> None:
+        super().__init__(message)
+        self.missing = missing  # in the target, not in the snapshot
+        self.unexpected = unexpected  # in the snapshot, not in the target
 
-def digest_all(
-    buffers: list[torch.Tensor], pool: Executor | None = None, chunk_size: int = CHUNK_SIZE
-) -> list[tuple[str, list[str]]]:
-    """(checksum, per-chunk xxh3_128 digests) for each flat uint8 CPU tensor.
-
-    xxHash's xxh3 runs at ~7 GB/s a core and releases the GIL, so the chunks of all
-    tensors are hashed in parallel on ``pool``.  A checksum hashes the chunk digests: two
-    byte strings have equal checksums exactly when all their chunks match.
-    """
-    import xxhash
-
-    views = [as_memoryview(b) for b in buffers]
-    jobs = [(i, v[a : a + chunk_size]) for i, v in enumerate(views) for a in range(0, len(v), chunk_size)]
-    pieces = [m for _, m in jobs]
-    hashes = (
-        list(pool.map(xxhash.xxh3_128_hexdigest, pieces))
-        if pool
-        else [xxhash.xxh3_128_hexdigest(m) for m in pieces]
-    )
-    chunks: list[list[str]] = [[] for _ in buffers]
-    for (i, _), h in zip(jobs, hashes):
-        chunks[i].append(h)
-    return [("xxh3_128:" + xxhash.xxh3_128_hexdigest("".join(c).encode()), c) for c in chunks]
-
-
-def _verify_all(checks: list[tuple[str, Shard, torch.Tensor, int]], step: int, pool: Executor | None) -> None:
-    """Check every chunk read back (in parallel); a mismatch names the tensor, file and chunk."""
-    import xxhash
-
-    jobs = []
-    for name, shard, buf, start in checks:
-        cs = shard.chunk_size
-        if not cs:
-            raise ManifestError(f"snapshot step {step}: tensor {name!r} has no chunk checksums")
-        mv = as_memoryview(buf)
-        for i, a in enumerate(range(0, len(mv), cs)):
-            jobs.append((name, shard, start // cs + i, start + a, mv[a : a + cs]))
-    pieces = [j[4] for j in jobs]
-    hashes = (
-        list(pool.map(xxhash.xxh3_128_hexdigest, pieces))
-        if pool
-        else [xxhash.xxh3_128_hexdigest(m) for m in pieces]
-    )
-    for (name, shard, index, offset, mv), h in zip(jobs, hashes):
-        if index >= len(shard.chunks) or h != shard.chunks[index]:
-            raise ChecksumError(
-                f"snapshot step {step}: tensor {name!r} in {shard.file!r} does not match its checksum "
-                f"(chunk {index}, bytes {shard.begin + offset}..{shard.begin + offset + len(mv)})"
-            )
+    def __str__(self) -> str:  # KeyError would print only repr(message)
+        return str(self.args[0])
 
 
 @dataclass
@@ -142,26 +88,45 @@ class SnapshotInfo:
 
 
 class SaveHandle:
-    """Returned by :meth:`Checkpointer.save` once staging is done; persisting goes on."""
+    """Returned by :meth:`Checkpointer.save` once staging is done (or queued: ``block=False``);
+    persisting goes on in the background."""
 
-    def __init__(self, step: int, future: Future[SnapshotInfo], staged: Staged, stall_s: float) -> None:
+    def __init__(self, step: int, future: Future[SnapshotInfo], staged: Staged | None, stall_s: float) -> None:
         self.step = step
         self._future = future
         self._staged = staged
         self.stall_seconds = stall_s  # time save() blocked the caller
-        self.nbytes = staged.nbytes
+        self.nbytes = staged.nbytes if staged is not None else 0
         self.persist_seconds: float | None = None
+        self._reported = False  # its error reached the caller once (wait, the next save, close)
 
     def done(self) -> bool:
         return self._future.done()
 
     def wait(self, timeout: float | None = None) -> SnapshotInfo:
         """Block until the snapshot is committed; returns its info or raises the save's error."""
-        return self._future.result(timeout)
+        try:
+            error = self._future.exception(timeout)
+        except FutureTimeout:
+            raise TimeoutError(f"step {self.step} not committed after {timeout} s") from None
+        if error is not None:
+            self._reported = True
+            raise error
+        return self._future.result()
 
     def wait_staged(self) -> None:
         """Block until the device-to-host copies are done (only needed with ``block=False``)."""
-        self._staged.wait()
+        if self._staged is not None:
+            self._staged.wait()
+
+    def _unreported_error(self) -> BaseException | None:
+        """The save's error if it failed and no caller has seen it yet (then it counts as seen)."""
+        if not self._future.done() or self._reported:
+            return None
+        error = self._future.exception()
+        if error is not None:
+            self._reported = True
+        return error
 
     def __repr__(self) -> str:
         state = (
@@ -189,6 +154,8 @@ class Checkpointer:
         process_group: the ranks that save together; default: the default group when
             ``torch.distributed`` is initialized, else this process alone.  Every rank writes
             its own shard file; rank 0 commits the manifest once all ranks have reported.
+        no_dist: save and load as this process alone even when ``torch.distributed`` is
+            initialized (e.g. rank 0 of a DDP job, whose state is the same on every rank).
         incremental: reference unchanged tensors in earlier snapshots instead of rewriting.
         quantize: glob patterns of tensor names (as flattened: ``optim/state/0/exp_avg``) to
             store lossily as blockwise int8 (absmax per 256 values; float tensors only), e.g.
@@ -207,6 +174,14 @@ class Checkpointer:
             and the CPU chain runs in the background.  The GPU encode needs transient GPU
             memory of about twice the largest tensor; if it fails (out of memory, say), those
             tensors are staged raw, with a warning.
+        max_persists: durable persists (writing or waiting to) that saves may leave behind them;
+            a save to a durable level waits for the oldest beyond that.  A save kept only in
+            host memory never waits for one.  Each holds its staged copy of the state.
+
+    State values may be Stateful (``state_dict()`` / ``load_state_dict()``: modules,
+    optimizers, LR schedulers, :class:`RNGState`): see :meth:`save` and :meth:`load`.  A save
+    in flight when the interpreter exits (no ``close()``) is finished first; see
+    :mod:`fmstore.exiting`.
     """
 
     def __init__(
@@ -218,11 +193,13 @@ class Checkpointer:
         keep_last: int | None = None,
         policy: Policy | None = None,
         process_group: Any = None,
+        no_dist: bool = False,
         incremental: bool = True,
         quantize: Sequence[str] | str = (),
         io_threads: int = 8,
         timeout: float = 1800.0,
         codec: str = "auto",
+        max_persists: int = 1,
     ) -> None:
         if codec not in CODECS:
             raise ConfigError(f"codec must be one of {list(CODECS)}, got {codec!r}")
@@ -238,8 +215,11 @@ class Checkpointer:
         self.quantize = tuple(quantize)
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             raise ConfigError(f"keep_last must be an int >= 1 or None, got {keep_last!r}")
+        if not isinstance(max_persists, int) or isinstance(max_persists, bool) or max_persists < 1:
+            raise ConfigError(f"max_persists must be an int >= 1, got {max_persists!r}")
+        self.max_persists = max_persists
         host_memory, specs = resolve(root, storage_options, keep_last, policy)
-        self.rank, self.world_size = _rank_and_world(process_group)
+        self.rank, self.world_size = (0, 1) if no_dist else _rank_and_world(process_group)
         self.levels = [
             SnapshotLevel(
                 spec.name,
@@ -263,13 +243,24 @@ class Checkpointer:
         self._hash_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="fmstore-hash")
         # Its own threads: an encode is asked for from level threads and fans out chunks.
         self._codec_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="fmstore-codec")
+        self._items = ItemBuilder(
+            compression=self.compression,
+            codec=codec,
+            quantize=self.quantize,
+            hash_pool=self._hash_pool,
+            codec_pool=self._codec_pool,
+        )
         self._level_pool = (
             ThreadPoolExecutor(len(self.levels), thread_name_prefix="fmstore-level")
             if len(self.levels) > 1
             else None
         )
         self._last: SaveHandle | None = None
+        self._inflight: list[SaveHandle] = []  # durable persists, oldest first
+        self._lock = threading.Lock()
         self._closed = False
+        overlap.install()  # block=False saves make the next optimizer step wait for their copies
+        exiting.register(self)  # a save in flight at exit is finished, not lost
 
     # ------------------------------------------------------------------ listing
 
@@ -294,6 +285,11 @@ class Checkpointer:
         for lvl in self._levels(level):
             out.update(lvl.steps())
         return sorted(out)
+
+    def latest(self, level: str | None = None) -> int | None:
+        """The newest committed step, or None if there is none."""
+        steps = self.steps(level)
+        return steps[-1] if steps else None
 
     def where(self, step: int) -> list[str]:
         """The levels holding a committed copy of ``step``, fastest first."""
@@ -332,24 +328,39 @@ class Checkpointer:
     ) -> SaveHandle:
         """Snapshot ``state`` as ``step``: returns once its tensors are staged in host memory.
 
-        Call it on every rank of the process group with the same ``step``.  With
-        ``block=False`` it returns as soon as the device-to-host copies are queued; call
-        ``handle.wait_staged()`` before changing the tensors (e.g. before the next optimizer
-        step).  ``levels`` ("all" or level names) writes to those durable levels whatever
-        their ``every`` (e.g. the last snapshot of a run).  Errors of the background persist
-        surface on ``handle.wait()`` and on the next ``save``.
+        Call it on every rank of the process group with the same ``step``.  A Stateful value
+        in ``state`` (a module, an optimizer, an LR scheduler, :class:`RNGState`, anything
+        with ``state_dict()`` and ``load_state_dict()``) is saved through ``state_dict()``.
+
+        With ``block=False`` it returns while the parameters' and optimizer states' copies are
+        still running (everything else, e.g. a module's buffers, is copied first), so they
+        overlap the next forward and backward pass: the next ``optimizer.step()`` of any torch
+        optimizer waits for them before it changes the parameters (a global step pre-hook;
+        with a closure, after the closure).  Tensors changed by anything other than an
+        optimizer step must not change before ``handle.wait_staged()``.
+
+        ``levels`` ("all" or level names) writes to those durable levels whatever their
+        ``every`` (e.g. the last snapshot of a run).  Errors of the background persist surface
+        on ``handle.wait()``, or else once on the next ``save``.
         """
         if self._closed:
             raise FmstoreError("the checkpointer is closed")
         step_dir(step)  # checks the step
         t0 = time.perf_counter()
-        tensors, tree = flatten(state)
-        pieces = pieces_to_save(tensors, self.rank, self.world_size, replicas=self.memory is not None)
+        self._raise_unreported()
+        prepared = stateful.for_save(state)
+        tensors, tree, local = flatten(prepared.state, self.rank)
         targets = self._targets(step, levels)
-        prev = self._last
-        if prev is not None:
-            self._last = None  # its error is raised once, here (or on its own wait())
-            prev.wait()  # one persist at a time keeps memory bounded
+        if not targets and self.memory is None:  # no level takes this step: nothing to stage
+            info = SnapshotInfo(step, "", 0, 0, len(tensors), 0, [])
+            handle = SaveHandle(step, _done(info), None, time.perf_counter() - t0)
+            self._last = handle
+            return handle
+        pieces = pieces_to_save(
+            tensors, self.rank, self.world_size, replicas=self.memory is not None, rank_local=local
+        )
+        if targets:
+            self._make_room()  # at most max_persists durable persists, so memory stays bounded
         for lvl in targets:
             if lvl.committed(step):
                 raise FmstoreError(
@@ -360,43 +371,66 @@ class Checkpointer:
         gpu_encode = (
             self._gpu_encode if self.compression and self.memory is None and self.codec != "zstd" else None
         )
-        staged = self._stager.stage({p.name: p.local for p in pieces}, gpu_encode)
+        deferred = None
+        if not block:
+            guarded = stateful.guarded_tensors(prepared.slots) | overlap.guarded_pointers()
+            deferred = {p.name for p in pieces if p.local.numel() and p.local.data_ptr() in guarded}
+        staged = self._stager.stage({p.name: p.local for p in pieces}, gpu_encode, deferred)
         kept = None
         if self.memory is not None:
             items = {p.name: MemoryItem(p.global_shape, p.offsets) for p in pieces}
-            kept = MemorySnapshot(step, staged, items, tree)
             # Committed in memory: restorable from here on (a restore first waits for the
             # copies that block=False leaves in flight).
+            kept = MemorySnapshot(step, staged.retain(), items, tree)
             self.memory.add(kept)
         if block:
             staged.wait()
+        elif not staged.done():
+            overlap.defer_until_staged(staged.wait)
         stall = time.perf_counter() - t0
-        job = _SaveJob(step, staged, pieces, sorted(tensors), tree, dict(meta or {}), targets, kept)
+        if not targets:  # host memory only: committed already, nothing to persist
+            staged.release()  # the memory level holds its own reference
+            info = SnapshotInfo(step, HOST, staged.nbytes, 0, len(pieces), 0, [HOST])
+            handle = SaveHandle(step, _done(info), staged, stall)
+            self._last = handle
+            return handle
+        job = _SaveJob(step, staged, pieces, sorted(tensors), tree, dict(meta or {}), targets, kept is not None)
         future = self._persist.submit(self._persist_job, job)
         handle = SaveHandle(step, future, staged, stall)
         future.add_done_callback(
             lambda f: setattr(handle, "persist_seconds", time.perf_counter() - t0 - stall)
         )
+        with self._lock:
+            self._inflight.append(handle)
         self._last = handle
         return handle
 
-    def _quantizes(self, name: str, dtype: torch.dtype) -> bool:
-        return (
-            bool(self.quantize)
-            and dtype in _QUANTIZABLE
-            and any(fnmatchcase(name, pat) for pat in self.quantize)
-        )
+    def _raise_unreported(self) -> None:
+        """Raise (once) the error of a finished persist nobody has seen yet; forget finished ones."""
+        with self._lock:
+            done = [h for h in self._inflight if h.done()]
+            self._inflight = [h for h in self._inflight if not h.done()]
+        for h in done:
+            error = h._unreported_error()
+            if error is not None:
+                raise error
 
-    def _encoder(self, st: Any) -> Encoded:
-        """The codec chain for one staged tensor, its chunks spread over the hash pool."""
-        return encode(st.data, torch.empty(0, dtype=st.dtype).element_size(), pool=self._codec_pool)
+    def _make_room(self) -> None:
+        while True:
+            with self._lock:
+                pending = [h for h in self._inflight if not h.done()]
+            if len(pending) < self.max_persists:
+                self._raise_unreported()
+                return
+            wait_futures([pending[0]._future])
+            self._raise_unreported()
 
     def _gpu_encode(self, name: str, t: torch.Tensor) -> int | None:
         """The element width to encode ``t`` with on its GPU before staging, or None."""
         width = t.element_size()
         if t.numel() * width < GPU_ENCODE_MIN_BYTES or width not in huffman.WIDTHS:
             return None
-        if self._quantizes(name, t.dtype):
+        if self._items.quantizes(name, t.dtype):
             return None
         return width if self._gpu_codec_loads() else None
 
@@ -404,7 +438,7 @@ class Checkpointer:
         """Whether the GPU codec's kernels load here (tried once; a warning if they do not)."""
         if self._gpu_codec is None:
             try:
-                from kernels import load
+                from ..kernels import load
 
                 load("huffman")
                 self._gpu_codec = True
@@ -427,44 +461,19 @@ class Checkpointer:
         return [lvl for lvl in self.levels if lvl.takes(step) or lvl.name in wanted]
 
     def _persist_job(self, job: _SaveJob) -> SnapshotInfo:
-        in_memory = False
         try:
-            in_memory = job.kept is not None  # its buffers belong to the memory level now
             job.staged.wait()
-            results: list[tuple[SnapshotLevel, Written | BaseException]] = []
-            if job.levels:
-                writes = [(st, p) for st, p in zip(job.staged.tensors, job.pieces) if p.writes]
-                items = []
-                for st, p in writes:
-                    if st.codec:  # encoded on the GPU while staging
-                        enc = Encoded([memoryview(st.data.numpy())], list(st.codec))
-                        digest = self._hash_pool.submit(_fmhs_digest, st.data, st.raw_nbytes, p.name)
-                        items.append(WriteItem(st, p, digest, lambda _, e=enc: e))
-                        continue
-                    if self.compression and self.codec == "huffman" and st.nbytes:
-                        enc = _huffman_cpu(st, self._codec_pool)
-                        digest = _done(_fmhs_digest(enc.segments[0], st.nbytes, p.name))
-                        items.append(WriteItem(st, p, digest, lambda _, e=enc: e))
-                        continue
-                    if self._quantizes(p.name, st.dtype):
-                        # Lossy: the checksum is of the bytes a load will give back.
-                        enc, digest = _quantized(st, self._hash_pool)
-                        items.append(WriteItem(st, p, _done(digest), lambda _, e=enc: e))
-                        continue
-                    digest = self._hash_pool.submit(digest_all, [st.data])
-                    items.append(WriteItem(st, p, digest, self._encoder if self.compression else None))
-                args = (job.step, items, job.names, job.tree, job.meta)
-                if self._level_pool is None or len(job.levels) == 1:
-                    runs = [_run(job.levels[0].write, *args)]
-                else:  # each level from the staged copy, concurrently: S3 does not wait for NVMe
-                    runs = [
-                        f.result()
-                        for f in [self._level_pool.submit(_run, lvl.write, *args) for lvl in job.levels]
-                    ]
-                results = list(zip(job.levels, runs))
+            items = self._items.items(job.staged.tensors, job.pieces)
+            args = (job.step, items, job.names, job.tree, job.meta)
+            if self._level_pool is None or len(job.levels) == 1:
+                runs = [_run(job.levels[0].write, *args)]
+            else:  # each level from the staged copy, concurrently: S3 does not wait for NVMe
+                runs = [
+                    f.result() for f in [self._level_pool.submit(_run, lvl.write, *args) for lvl in job.levels]
+                ]
+            results = list(zip(job.levels, runs))
         finally:
-            if not in_memory:
-                job.staged.release()
+            job.staged.release()  # the host-memory level, if any, holds its own reference
         ok = [(lvl, r) for lvl, r in results if isinstance(r, Written)]
         failed = [(lvl, r) for lvl, r in results if isinstance(r, BaseException)]
         if failed:
@@ -473,15 +482,15 @@ class Checkpointer:
             done = ", ".join(repr(lvl.name) for lvl, _ in ok) or "no durable level"
             why = "; ".join(f"{lvl.name!r}: {type(e).__name__}: {e}" for lvl, e in failed)
             raise FmstoreError(f"step {job.step} committed to {done} but not to: {why}") from failed[0][1]
-        first = ok[0][1] if ok else None
+        first = ok[0][1]
         return SnapshotInfo(
             step=job.step,
-            path=ok[0][0].path_of(job.step) if ok else HOST,
+            path=ok[0][0].path_of(job.step),
             nbytes=job.staged.nbytes,
             bytes_written=sum(r.bytes_written for _, r in ok),
-            tensors=first.tensors if first else len(job.pieces),
-            tensors_written=first.tensors_written if first else 0,
-            levels=([HOST] if in_memory else []) + [lvl.name for lvl, _ in ok],
+            tensors=first.tensors,
+            tensors_written=first.tensors_written,
+            levels=([HOST] if job.in_memory else []) + [lvl.name for lvl, _ in ok],
         )
 
     # ------------------------------------------------------------------ retention
@@ -490,11 +499,26 @@ class Checkpointer:
         """Delete files that no committed snapshot references, in every durable level (or
         ``level``), in directories older than its newest committed snapshot (newer ones may
         still be being written).  Returns what was deleted."""
-        self._wait_last(raise_error=False)
+        self._wait_all()
         deleted = []
         for lvl in self._levels(level):
             deleted += lvl.gc(keep_steps=keep_steps)
         return deleted
+
+    def delete(self, step: int, *, level: str | None = None) -> None:
+        """Remove committed snapshot ``step`` from every level (or ``level``) holding it: its
+        manifest first (from then on it does not exist), then the files no other committed
+        snapshot references.  Waits for saves in flight, which may reference its files."""
+        self._wait_all()
+        found = False
+        if self.memory is not None and level in (None, HOST):
+            found |= self.memory.drop(step)
+        for lvl in self._levels(level) if level != HOST else []:
+            if lvl.committed(step):
+                lvl.drop(step)
+                found = True
+        if not found:
+            raise SnapshotNotFoundError(f"no committed snapshot for step {step} in {self.level_names()}")
 
     # ------------------------------------------------------------------ load
 
@@ -505,239 +529,185 @@ class Checkpointer:
         *,
         device: str | torch.device | None = None,
         level: str | None = None,
+        strict: bool = True,
     ) -> Any:
         """Restore a committed snapshot (default: the latest) from the fastest level holding it.
 
-        With ``state`` given, its tensors are filled in place (dtype and global shape must
-        match); a DTensor target gets exactly its local shard, read from whichever saved
-        shards overlap it, so a snapshot saved on 4 ranks loads on 1, 2 or 3.  The restored
-        state is returned (plain values such as step counters come from the snapshot).
+        With ``state`` given, it is restored in place: its tensors are filled (dtype and global
+        shape must match; a DTensor target gets exactly its local shard, read from whichever
+        saved shards overlap it, so a snapshot saved on 4 ranks loads on 1, 2 or 3), and each
+        Stateful value gets ``load_state_dict()`` (a fresh optimizer first gets its state
+        created, so it is filled in place too).  Strict by default: a key of the target that the
+        snapshot lacks, or one of the snapshot that the target lacks, raises
+        :class:`StateKeysError` naming them, before anything is read; ``strict=False`` loads the
+        keys both have and leaves the others.  The restored state is returned (plain values
+        such as step counters come from the snapshot, Stateful objects are themselves).
+
         Without ``state`` a new state of whole tensors is built on ``device`` (default CPU).
         A copy in host memory serves only the sharding it was saved with; a damaged copy on
         one durable level is skipped (with a warning) for the next level holding the step.
         """
-        targets: dict[str, torch.Tensor] = flatten(state)[0] if state is not None else {}
         levels = self._levels(level)
+        snap = None
         if self.memory is not None and level in (None, HOST):
             mem_steps = self.memory.steps()
             want = step if step is not None else (mem_steps[-1] if mem_steps else None)
             snap = self.memory.get(want) if want is not None else None
-            if snap is not None:
-                out = restore(snap, targets, device)
-                if out is not None:
-                    return unflatten(snap.tree, out)
-                if level == HOST:
-                    raise LoadMismatchError(
-                        f"step {want} in host memory was saved with another sharding than the targets'"
-                    )
-                step = want  # the same step from a durable level
-            elif level == HOST:
+            if snap is None and level == HOST:
                 raise SnapshotNotFoundError(f"step {step} is not in host memory (have {mem_steps})")
-        self._wait_last(raise_error=False)  # a failed save is its handle's (and the next save's) to report
-        if step is None:
-            have = sorted({s for lvl in levels for s in lvl.steps()})
-            if not have:
-                raise SnapshotNotFoundError(f"no committed snapshot under {self._where_text(levels)}")
-            step = have[-1]
-        holders = [lvl for lvl in levels if lvl.committed(step)]
-        if not holders:
+            if snap is not None:
+                step = want
+        if snap is None:
+            self._wait_all(raise_error=False)  # a failed save is its handle's (and the next save's) to report
+            if step is None:
+                have = sorted({s for lvl in levels for s in lvl.steps()})
+                if not have:
+                    raise SnapshotNotFoundError(f"no committed snapshot under {self._where_text(levels)}")
+                step = have[-1]
+        holders = [lvl for lvl in levels if lvl.committed(step)] if level != HOST else []
+        if snap is None and not holders:
             raise SnapshotNotFoundError(
                 f"no committed snapshot for step {step} under {self._where_text(levels)} (have {self.steps(level)})"
             )
+        # The snapshot exists: only now are fresh optimizers given state to fill (where it has some).
+        prepared = None
+        if state is not None:
+            saved = snap.tree if snap is not None else holders[0].manifest(step).tree
+            prepared = stateful.for_load(state, lambda path: subtree(saved, path, self.rank))
+        try:
+            out = self._restore(snap, holders, step, prepared, device, level, strict)
+        except BaseException:
+            if prepared is not None:
+                stateful.undo_init(prepared)
+            raise
+        if prepared is None:
+            return out
+
+        def missing(slot: stateful.Slot) -> None:
+            warnings.warn(
+                f"snapshot step {step} has no state for {slot_text(slot)}; it is left as it is", stacklevel=4
+            )
+
+        return stateful.restore(out, prepared.slots, strict, missing)
+
+    def _restore(
+        self,
+        snap: MemorySnapshot | None,
+        holders: list[SnapshotLevel],
+        step: int,
+        prepared: stateful.Prepared | None,
+        device: Any,
+        level: str | None,
+        strict: bool,
+    ) -> Any:
+        targets: dict[str, torch.Tensor] = {}
+        target_tree = None
+        if prepared is not None:
+            targets, target_tree, _ = flatten(prepared.state, self.rank)
+        opaque = [s.path for s in prepared.slots] if prepared is not None else []
+        if snap is not None:
+            names = self._check_keys(step, snap.tree, target_tree, opaque, strict)
+            out = restore(snap, targets, device, names)
+            if out is not None:
+                return unflatten(snap.tree, out, self.rank)
+            if level == HOST:
+                raise LoadMismatchError(
+                    f"step {step} in host memory was saved with another sharding than the targets'"
+                )
+            if not holders:
+                raise SnapshotNotFoundError(
+                    f"step {step} is in host memory with another sharding, and in no durable level"
+                )
+            self._wait_all(raise_error=False)
         for i, lvl in enumerate(holders):
             try:
-                return self._load_from(lvl, step, targets, device)
+                manifest = lvl.manifest(step)
+                names = self._check_keys(step, manifest.tree, target_tree, opaque, strict)
+                return self._load_from(lvl, manifest, targets, names, device)
             except CorruptBlobError as e:
                 if i + 1 == len(holders):
                     raise
                 warnings.warn(
                     f"step {step} on level {lvl.name!r} is damaged ({e}); restoring it from {holders[i + 1].name!r}",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
         raise AssertionError("unreachable")
 
-    def _load_from(self, lvl: SnapshotLevel, step: int, targets: dict[str, torch.Tensor], device: Any) -> Any:
-        manifest = lvl.manifest(step)
-        plan = _LoadPlan()
-        try:
-            self._plan_and_read(lvl.storage, manifest, targets, plan, device)
-        finally:
-            for release in plan.releases:
-                release()
-        return unflatten(manifest.tree, plan.out)
-
-    def _plan_and_read(
+    def _check_keys(
         self,
-        storage: SnapshotStorage,
+        step: int,
+        saved: dict[str, Any],
+        target: dict[str, Any] | None,
+        opaque: list[tuple[Any, ...]],
+        strict: bool,
+    ) -> set[str] | None:
+        """The snapshot tensors to load (None: all), after the strict key check."""
+        if target is None:
+            return None
+        if strict:
+            missing, unexpected = compare(saved, target, self.rank, opaque)
+            if missing or unexpected:
+                raise StateKeysError(_keys_message(step, missing, unexpected), missing, unexpected)
+        wanted = tensor_leaves(target, self.rank)
+        return {name for path, name in tensor_leaves(saved, self.rank).items() if path in wanted}
+
+    def _load_from(
+        self,
+        lvl: SnapshotLevel,
         manifest: Manifest,
         targets: dict[str, torch.Tensor],
-        plan: _LoadPlan,
+        names: set[str] | None,
         device: Any,
-    ) -> None:
-        """Plan which saved bytes each target needs, read them, verify them, place them."""
+    ) -> Any:
+        regions: list[Region] = []
+        out: dict[str, torch.Tensor] = {}
         for name, entry in manifest.tensors.items():
+            if names is not None and name not in names:
+                continue
             dtype = dtype_from_name(entry.dtype)
             gshape = tuple(entry.shape)
-            itemsize = torch.empty(0, dtype=dtype).element_size()
             target = targets.get(name)
             check_target(name, manifest.step, dtype, gshape, target)
             if target is not None and is_dtensor(target):
-                dest, region_off, _ = dtensor_region(target, name)
-                plan.out[name] = target
+                dest, offsets, _ = dtensor_region(target, name)
             else:
-                dest = (
-                    target if target is not None else torch.empty(gshape, dtype=dtype, device=device or "cpu")
-                )
-                region_off = (0,) * len(gshape)
-                plan.out[name] = dest
-            region_len = tuple(dest.shape)
-            if self._decodes_on_gpu(entry.shards, dest, region_off):
-                # One FMHS shard for the whole of a CUDA destination: its coded bytes go up
-                # (from pinned memory) and decode in place, rather than decoding on the GPU,
-                # copying the raw bytes down and up again.
-                (shard,) = entry.shards
-                blob, release = self._stager.pool.acquire(shard.end - shard.begin)
-                plan.releases.append(release)
-                blob = blob[: shard.end - shard.begin]
-                plan.reads.setdefault(shard.file, []).append((shard.begin, memoryview(blob.numpy())))
-                plan.decodes.append((name, shard, blob, dest.reshape(-1).view(torch.uint8)))
-                continue
-            if dest.device.type == "cpu" and dest.is_contiguous():
-                host = dest
-            else:  # read into a pooled (pinned, with CUDA) buffer, then one copy to the device
-                nbytes = numel(region_len) * itemsize
-                raw, release = self._stager.pool.acquire(nbytes)
-                plan.releases.append(release)
-                host = raw[:nbytes].view(dtype).view(region_len)
-                plan.finals.append((host, dest))
-            covered = 0
-            for shard in entry.shards:
-                ov = intersect(region_off, region_len, tuple(shard.offsets), tuple(shard.lengths))
-                if ov is None:
-                    continue
-                covered += numel(ov[1])
-                whole = tuple(shard.offsets) == region_off and tuple(shard.lengths) == region_len
-                if shard.codec:
-                    self._plan_encoded(name, shard, host, whole, ov, region_off, dtype, itemsize, plan)
-                    continue
-                if shard.end - shard.begin != numel(shard.lengths) * itemsize:
-                    raise ManifestError(
-                        f"tensor {name!r}: {shard.end - shard.begin} bytes recorded in {shard.file!r}"
-                    )
-                if whole:  # the common case: straight into the destination's memory
-                    buf = host.reshape(-1).view(torch.uint8)
-                    if buf.numel():
-                        plan.reads.setdefault(shard.file, []).append((shard.begin, memoryview(buf.numpy())))
-                    plan.checks.append((name, shard, buf, 0))
-                    continue
-                rp = plan_read(tuple(shard.offsets), tuple(shard.lengths), ov[0], ov[1], itemsize)
-                cs = shard.chunk_size or (shard.end - shard.begin)
-                a0 = rp.start // cs * cs
-                a1 = min(shard.end - shard.begin, -(-rp.end // cs) * cs)
-                buf = torch.empty(a1 - a0, dtype=torch.uint8)
-                plan.reads.setdefault(shard.file, []).append((shard.begin + a0, memoryview(buf.numpy())))
-                plan.checks.append((name, shard, buf, a0))
-                block = buf[rp.start - a0 : rp.end - a0].view(dtype).view(rp.view_shape)[rp.slices]
-                dslices = tuple(slice(o - r, o - r + n) for o, r, n in zip(ov[0], region_off, ov[1]))
-                plan.copies.append((host[dslices] if dslices else host, block))
-            if covered != numel(region_len):
-                raise FmstoreError(
-                    f"snapshot step {manifest.step}: tensor {name!r}: saved shards cover {covered} of the "
-                    f"{numel(region_len)} elements needed here"
-                )
-        for file, ranges in plan.reads.items():
-            try:
-                storage.read_ranges(file, ranges)
-            except FileNotFoundError:
-                raise CorruptBlobError(
-                    f"snapshot step {manifest.step}: shard file {file!r} is missing"
-                ) from None
-            except CorruptBlobError as e:
-                raise CorruptBlobError(f"snapshot step {manifest.step}: shard file {file!r}: {e}") from None
-        for name, shard, blob, out in plan.decodes:
-            try:
-                if shard.codec == [QUANT_CODEC]:
-                    _dequantize_into(blob, out, manifest.tensors[name].dtype, name)
-                    continue
-                if shard.codec[-1] == "huff":
-                    _decode_fmhs(blob, out, shard, name, manifest.step, storage.pool)
-                    continue
-                decode(memoryview(blob.numpy()), out, pool=storage.pool, name=name)
-            except CorruptBlobError as e:
-                raise CorruptBlobError(
-                    f"snapshot step {manifest.step}: shard file {shard.file!r}: {e}"
-                ) from None
-        _verify_all(plan.checks, manifest.step, storage.pool)
-        for dest, block in plan.copies:
-            dest.copy_(block)
-        for host, dest in plan.finals:
-            dest.copy_(host, non_blocking=True)
-        if plan.finals and torch.cuda.is_available():
-            torch.cuda.synchronize()  # before the pooled buffers go back to the pool
-
-    def _decodes_on_gpu(self, shards: list[Shard], dest: torch.Tensor, region_off: tuple[int, ...]) -> bool:
-        if len(shards) != 1 or not shards[0].codec or shards[0].codec[-1] != "huff":
-            return False
-        shard = shards[0]
-        if dest.device.type != "cuda" or not dest.is_contiguous() or dest.numel() == 0:
-            return False
-        if tuple(shard.offsets) != region_off or tuple(shard.lengths) != tuple(dest.shape):
-            return False
-        return self._gpu_codec_loads()
-
-    @staticmethod
-    def _plan_encoded(
-        name: str,
-        shard: Shard,
-        host: torch.Tensor,
-        whole: bool,
-        ov: tuple[tuple[int, ...], tuple[int, ...]],
-        region_off: tuple[int, ...],
-        dtype: torch.dtype,
-        itemsize: int,
-        plan: _LoadPlan,
-    ) -> None:
-        """An encoded shard is read whole and decoded: into the destination when it is the
-        whole region, else into a buffer the overlap is copied from."""
-        if shard.codec not in ([f"planes{itemsize}", "zstd"], [f"planes{itemsize}", "huff"], [QUANT_CODEC]):
-            raise ManifestError(f"tensor {name!r} in {shard.file!r}: unknown codec chain {shard.codec}")
-        blob = torch.empty(shard.end - shard.begin, dtype=torch.uint8)
-        plan.reads.setdefault(shard.file, []).append((shard.begin, memoryview(blob.numpy())))
-        n = numel(shard.lengths) * itemsize
-        out = host.reshape(-1).view(torch.uint8) if whole else torch.empty(n, dtype=torch.uint8)
-        plan.decodes.append((name, shard, blob, out))
-        if shard.codec[-1] != "huff":  # an FMHS decode checks every chunk itself
-            plan.checks.append((name, shard, out, 0))
-        if not whole:
-            rp = plan_read(tuple(shard.offsets), tuple(shard.lengths), ov[0], ov[1], itemsize)
-            block = out[rp.start : rp.end].view(dtype).view(rp.view_shape)[rp.slices]
-            dslices = tuple(slice(o - r, o - r + k) for o, r, k in zip(ov[0], region_off, ov[1]))
-            plan.copies.append((host[dslices] if dslices else host, block))
+                dest = target if target is not None else torch.empty(gshape, dtype=dtype, device=device or "cpu")
+                offsets = (0,) * len(gshape)
+            out[name] = target if target is not None else dest
+            regions.append(Region(name, offsets, dest))
+        reader = SnapshotReader(lvl.storage, manifest, pool=self._stager.pool, gpu_decodes=self._gpu_codec_loads)
+        reader.read(regions)
+        return unflatten(manifest.tree, out, self.rank)
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _wait_last(self, *, raise_error: bool = True) -> None:
-        last = self._last
-        if last is None:
-            return
+    def _wait_all(self, *, raise_error: bool = False) -> None:
+        """Wait for every durable persist in flight (raising the first unseen error if asked)."""
+        with self._lock:
+            pending = list(self._inflight)
+        wait_futures([h._future for h in pending])
         if raise_error:
-            last.wait()
-        else:
-            wait_futures([last._future])
+            self._raise_unreported()
 
     def wait(self) -> SnapshotInfo | None:
-        """Wait for the save in flight, if any; re-raises its error."""
+        """Wait for the saves in flight; raises the first error no caller has seen, else returns
+        the info of the latest save."""
+        self._wait_all(raise_error=True)
         last = self._last
-        return last.wait() if last is not None else None
+        if last is None:
+            return None
+        return last.wait()
 
     def close(self) -> None:
-        """Wait for the save in flight, then free the pinned pool, snapshots in memory, threads."""
+        """Wait for the saves in flight, then free the pinned pool, snapshots in memory, threads.
+        Raises a save's error that no caller has seen yet."""
         if self._closed:
             return
         try:
-            self._wait_last()
+            self._wait_all(raise_error=True)
         finally:
             self._closed = True
+            exiting.unregister(self)
             self._persist.shutdown(wait=True)
             self._hash_pool.shutdown(wait=True)
             self._codec_pool.shutdown(wait=True)
@@ -745,9 +715,26 @@ class Checkpointer:
                 self._level_pool.shutdown(wait=True)
             if self.memory is not None:
                 self.memory.clear()
-            self._stager.pool.clear()
+            self._stager.close()
             for lvl in self.levels:
                 lvl.close()
+
+    def _exit_pending(self) -> str | None:
+        with self._lock:
+            pending = [h for h in self._inflight if not h.done()]
+        if not pending:
+            return None
+        steps = ", ".join(str(h.step) for h in pending)
+        return f"the commit of step {steps} to {self.storage.url!r}"
+
+    def _exit_wait(self, timeout: float | None) -> bool:
+        with self._lock:
+            pending = list(self._inflight)
+        _, not_done = wait_futures([h._future for h in pending], timeout=timeout)
+        if not_done:
+            return False
+        self._raise_unreported()
+        return True
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -760,19 +747,6 @@ class Checkpointer:
 
 
 @dataclass
-class _LoadPlan:
-    out: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> tensor to return
-    reads: dict[str, list[tuple[int, memoryview]]] = field(default_factory=dict)  # file -> ranges
-    checks: list[tuple[str, Shard, torch.Tensor, int]] = field(default_factory=list)  # chunks to verify
-    copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (dest view, block)
-    decodes: list[tuple[str, Shard, torch.Tensor, torch.Tensor]] = field(
-        default_factory=list
-    )  # (.., blob, out)
-    finals: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (host, device dest)
-    releases: list[Any] = field(default_factory=list)  # pooled buffers to give back
-
-
-@dataclass
 class _SaveJob:
     step: int
     staged: Staged
@@ -781,7 +755,7 @@ class _SaveJob:
     tree: dict[str, Any]
     meta: dict[str, Any]
     levels: list[SnapshotLevel]  # durable levels that take this step
-    kept: MemorySnapshot | None  # the host-memory copy, when the policy keeps one
+    in_memory: bool  # a host-memory copy was kept too
 
 
 def _done(value: Any) -> Future[Any]:
@@ -790,80 +764,28 @@ def _done(value: Any) -> Future[Any]:
     return f
 
 
-def _fmhs_digest(stream: Any, nbytes: int, name: str) -> list[tuple[str, list[str]]]:
-    """The manifest checksum of an FMHS-coded tensor (its chunk checks; no chunk digests)."""
-    view = stream.numpy() if isinstance(stream, torch.Tensor) else np.frombuffer(stream, dtype=np.uint8)
-    return [(huffman.stream_digest(view, nbytes, name), [])]
+def _keys_message(step: int, missing: list[str], unexpected: list[str], shown: int = 8) -> str:
+    def some(keys: list[str]) -> str:
+        more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+        return ", ".join(repr(k) for k in keys[:shown]) + more
 
-
-def _huffman_cpu(st: Any, pool: Executor) -> Encoded:
-    width = torch.empty(0, dtype=st.dtype).element_size()
-    return Encoded([huffman.encode(st.data, width, pool=pool)], [f"planes{width}", "huff"])
-
-
-def _quantized(st: Any, pool: Executor) -> tuple[Encoded, list[tuple[str, list[str]]]]:
-    """The int8 blob (codes, then float32 scales) of a staged float tensor, and the digest of
-    the bytes its load will return."""
-    x = st.data.view(st.dtype).to(torch.float32)
-    codes, scales = quantize_int8(x)
-    back = dequantize_int8(codes, scales).to(st.dtype)
-    digest = digest_all([as_bytes_tensor(back)], pool)
-    blob = [memoryview(codes.numpy()).cast("B"), memoryview(scales.numpy()).cast("B")]
-    return Encoded(blob, [QUANT_CODEC]), digest
-
-
-def _decode_fmhs(
-    blob: torch.Tensor, out: torch.Tensor, shard: Shard, name: str, step: int, pool: Executor
-) -> None:
-    """Decode an FMHS-coded shard into ``out`` (host memory, or a CUDA tensor: decoded in
-    place): on the GPU where the kernels load (the CPU reference otherwise); every chunk is
-    checked, and the checks against the manifest."""
-    width = int(shard.codec[0][len("planes") :])
-    raw = blob.numpy()
-    if huffman.stream_digest(raw, out.numel(), name) != shard.checksum:
-        raise ChecksumError(
-            f"snapshot step {step}: tensor {name!r} in {shard.file!r} does not match its checksum "
-            "(its chunk checks differ from the manifest's)"
+    parts = []
+    if missing:
+        parts.append(f"the target has {some(missing)}, which the snapshot lacks")
+    if unexpected:
+        parts.append(f"the snapshot has {some(unexpected)}, which the target lacks")
+    hint = ""
+    if any("/state/" in k for k in unexpected):
+        hint = (
+            "; an optimizer's state_dict() is empty until its first step: put the optimizer itself in "
+            "the state (it is restored through load_state_dict)"
         )
-    if out.device.type == "cuda":
-        from ..codec import gpu as gpu_codec
-
-        try:
-            gpu_codec.huff_decode(blob.to(out.device, non_blocking=True), out, width, name=name)
-            return
-        except CorruptBlobError:
-            raise
-        except Exception:  # noqa: BLE001 - e.g. no GPU memory for the planes: the CPU reference
-            host = torch.empty(out.numel(), dtype=torch.uint8)
-            huffman.decode(raw, host, name=name, pool=pool)
-            out.copy_(host)
-            return
-    if torch.cuda.is_available():
-        try:
-            from ..codec import gpu as gpu_codec
-
-            dev = torch.empty(out.numel(), dtype=torch.uint8, device="cuda")
-            gpu_codec.huff_decode(blob.to("cuda", non_blocking=False), dev, width, name=name)
-            out.copy_(dev)
-            return
-        except CorruptBlobError:
-            raise
-        except Exception:  # noqa: BLE001 - no kernels here: the CPU reference decodes the same bytes
-            pass
-    huffman.decode(raw, out, name=name, pool=pool)
+    return f"snapshot step {step} does not fit the load target: {'; '.join(parts)}{hint}; pass strict=False to load the keys both have"
 
 
-def _dequantize_into(blob: torch.Tensor, out: torch.Tensor, dtype: str, name: str) -> None:
-    target = dtype_from_name(dtype)
-    n = out.numel() // torch.empty(0, dtype=target).element_size()
-    nblocks = -(-n // QUANT_BLOCK)
-    if blob.numel() != n + 4 * nblocks:
-        raise CorruptBlobError(
-            f"tensor {name!r}: int8 blob of {blob.numel()} bytes, expected {n + 4 * nblocks}"
-        )
-    codes = blob[:n].view(torch.int8)
-    scales = blob[n:].clone().view(torch.float32)  # at an offset of n bytes: not 4-byte aligned
-    out.copy_(as_bytes_tensor(dequantize_int8(codes, scales).to(target)))
+def slot_text(slot: stateful.Slot) -> str:
+    path = "/".join(str(k) for k in slot.path) or "<root>"
+    return f"{path!r} ({type(slot.obj).__name__})"
 
 
 def _run(fn: Any, *args: Any) -> Any:

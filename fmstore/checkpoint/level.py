@@ -26,6 +26,7 @@ from .manifest import CHUNK_SIZE, MANIFEST, Manifest, Shard, TensorEntry, parse_
 from .sharding import Piece
 from .staging import StagedTensor
 from .storage import SnapshotStorage
+from .tree import merge_per_rank, per_rank_nodes
 
 
 class SnapshotNotFoundError(FmstoreError, KeyError):
@@ -52,6 +53,16 @@ class WriteItem:
             if self._encoded is None:
                 self._encoded = self.encoder(self.staged)
             return self._encoded
+
+
+@dataclass
+class LocalWrite:
+    """What one rank's part of a snapshot wrote (its tensor table, its shard file)."""
+
+    entries: dict[str, TensorEntry]
+    files: dict[str, int]
+    bytes_written: int
+    tensors_written: int
 
 
 @dataclass
@@ -147,45 +158,12 @@ class SnapshotLevel:
         """Write this rank's changed tensors, report, and (rank 0) commit the manifest."""
         rel_dir = step_dir(step)
         try:
-            base = self._base_manifest()
-            entries: dict[str, TensorEntry] = {}
-            to_write = []
-            for item in items:
-                st, piece = item.staged, item.piece
-                shard = Shard(list(piece.offsets), list(st.shape), "", 0, 0, "", [], CHUNK_SIZE, [])
-                # Only a tensor the base snapshot might already hold waits for its digest
-                # before the write; the others are hashed while the file is being written.
-                if base is not None and _may_match(base, piece, st.dtype):
-                    shard.checksum, shard.chunks = item.digest.result()[0]
-                    old = _same_shard(base, piece, st.dtype, shard)
-                    if old is not None:  # unchanged: point at the bytes already stored
-                        entries[piece.name] = TensorEntry(
-                            dtype_name(st.dtype), list(piece.global_shape), [old]
-                        )
-                        continue
-                to_write.append((item, shard))
-            files: dict[str, int] = {}
-            written = 0
-            if to_write:
-                rel = f"{rel_dir}/shard-r{self.rank:05d}.safetensors"
-                bodies = [_body(item) for item, _ in to_write]
-                header, spans = _shard_header([b for b, _ in bodies])
-                segments: list[memoryview | bytes] = [header]
-                segments += [seg for _, segs in bodies for seg in segs]
-                size = self.storage.write(rel, segments)
-                files[rel] = size
-                written += size
-                for (item, shard), (begin, end), (entry, _) in zip(to_write, spans, bodies):
-                    shard.checksum, shard.chunks = item.digest.result()[0]
-                    shard.file, shard.begin, shard.end = rel, begin, end
-                    shard.codec = entry.codec
-                    entries[item.piece.name] = TensorEntry(
-                        dtype_name(item.staged.dtype), list(item.piece.global_shape), [shard]
-                    )
+            local = self.write_local(step, items)
         except BaseException as e:
             if self.world_size > 1:  # tell the coordinator instead of leaving it waiting
                 self._report(rel_dir, {"error": f"rank {self.rank}: {type(e).__name__}: {e}"})
             raise
+        entries, files = local.entries, local.files
         if self.world_size > 1:
             self._report(
                 rel_dir,
@@ -194,26 +172,106 @@ class SnapshotLevel:
                     "names": names,
                     "files": files,
                     "entries": {n: asdict(e) for n, e in entries.items()},
+                    "per_rank": per_rank_nodes(tree) if self.rank != 0 else [],
                 },
             )
             if self.rank != 0:
                 self._wait_for_commit(rel_dir)
                 self._last_manifest = None  # only rank 0 holds it; read it back when needed
-                return Written(written, len(entries), len(to_write))
-            entries, files = self._merge_reports(rel_dir, step)
-        manifest = Manifest(
-            step=step, world_size=self.world_size, tensors=entries, tree=tree, files=files, meta=meta
-        )
-        raw = manifest.to_json()
-        self.storage.write(f"{rel_dir}/{MANIFEST}", [raw])  # the commit
-        written += len(raw)
-        self._last_manifest = manifest
+                return Written(local.bytes_written, len(entries), local.tensors_written)
+            entries, files, per_rank = self._merge_reports(rel_dir, step)
+            tree = json.loads(json.dumps(tree))  # merged into a copy: the caller's tree stays this rank's
+            for r, nodes in per_rank.items():
+                merge_per_rank(tree, r, nodes)
+        written = local.bytes_written + self.commit(step, entries, files, tree, meta)
         if self.world_size > 1:
             for r in range(self.world_size):
                 self.storage.delete(f"{rel_dir}/rank-{r:05d}.json")
+        return Written(written, len(entries), local.tensors_written)
+
+    def write_local(self, step: int, items: list[WriteItem]) -> LocalWrite:
+        """Write this rank's shard file: the items whose bytes the base snapshot does not hold
+        already (those are referenced there).  Nothing is committed."""
+        rel_dir = step_dir(step)
+        base = self._base_manifest()
+        entries: dict[str, TensorEntry] = {}
+        to_write = []
+        for item in items:
+            st, piece = item.staged, item.piece
+            shard = Shard(list(piece.offsets), list(st.shape), "", 0, 0, "", [], CHUNK_SIZE, [])
+            # Only a tensor the base snapshot might already hold waits for its digest
+            # before the write; the others are hashed while the file is being written.
+            if base is not None and _may_match(base, piece, st.dtype):
+                shard.checksum, shard.chunks = item.digest.result()[0]
+                old = _same_shard(base, piece, st.dtype, shard)
+                if old is not None:  # unchanged: point at the bytes already stored
+                    entries[piece.name] = TensorEntry(dtype_name(st.dtype), list(piece.global_shape), [old])
+                    continue
+            to_write.append((item, shard))
+        files: dict[str, int] = {}
+        written = 0
+        if to_write:
+            rel = f"{rel_dir}/shard-r{self.rank:05d}.safetensors"
+            bodies = [_body(item) for item, _ in to_write]
+            header, spans = _shard_header([b for b, _ in bodies])
+            segments: list[memoryview | bytes] = [header]
+            segments += [seg for _, segs in bodies for seg in segs]
+            size = self.storage.write(rel, segments)
+            files[rel] = size
+            written += size
+            for (item, shard), (begin, end), (entry, _) in zip(to_write, spans, bodies):
+                shard.checksum, shard.chunks = item.digest.result()[0]
+                shard.file, shard.begin, shard.end = rel, begin, end
+                shard.codec = entry.codec
+                entries[item.piece.name] = TensorEntry(
+                    dtype_name(item.staged.dtype), list(item.piece.global_shape), [shard]
+                )
+        return LocalWrite(entries, files, written, len(to_write))
+
+    def commit(
+        self,
+        step: int,
+        entries: dict[str, TensorEntry],
+        files: dict[str, int],
+        tree: dict[str, Any],
+        meta: dict[str, Any],
+        world_size: int | None = None,
+    ) -> int:
+        """Write the manifest (the commit) and apply retention; returns the manifest's size."""
+        manifest = Manifest(
+            step=step,
+            world_size=world_size or self.world_size,
+            tensors=entries,
+            tree=tree,
+            files=files,
+            meta=meta,
+        )
+        raw = manifest.to_json()
+        self.storage.write(f"{step_dir(step)}/{MANIFEST}", [raw])
+        self._last_manifest = manifest
         if self.keep_last is not None and self.rank == 0:
             self.apply_retention()
-        return Written(written, len(entries), len(to_write))
+        return len(raw)
+
+    def drop(self, step: int) -> None:
+        """Uncommit ``step`` and delete the files no other committed snapshot references."""
+        if not self.committed(step):
+            raise SnapshotNotFoundError(f"no committed snapshot for step {step} under {self.url!r}")
+        self.storage.delete(f"{step_dir(step)}/{MANIFEST}")  # from here on it does not exist
+        if self._last_manifest is not None and self._last_manifest.step == step:
+            self._last_manifest = None
+        keep = self.steps()
+        referenced: set[str] = set()
+        for s in keep:
+            referenced |= self.manifest(s).referenced_files()
+        name = step_dir(step)
+        files = [f"{name}/{f}" for f in self.storage.list_dir(name)]
+        doomed = [f for f in files if f not in referenced]
+        if len(doomed) == len(files):
+            self.storage.delete_dir(name)
+        else:
+            for f in doomed:
+                self.storage.delete(f)
 
     # ------------------------------------------------------------------ coordination
 
@@ -232,7 +290,9 @@ class SnapshotLevel:
             time.sleep(delay)
             delay = min(delay * 1.5, 0.5)
 
-    def _merge_reports(self, rel_dir: str, step: int) -> tuple[dict[str, TensorEntry], dict[str, int]]:
+    def _merge_reports(
+        self, rel_dir: str, step: int
+    ) -> tuple[dict[str, TensorEntry], dict[str, int], dict[int, list[Any]]]:
         """Coordinator: wait for every rank's report, then merge them into one tensor table."""
         reports: dict[int, dict[str, Any]] = {}
 
@@ -276,7 +336,8 @@ class SnapshotLevel:
                     f"({covered} of {numel(entry.shape) if entry else '?'} elements); a plain tensor must "
                     "exist on every rank (it is taken to be replicated), a sharded one must be a DTensor"
                 )
-        return entries, files
+        per_rank = {r: rep.get("per_rank", []) for r, rep in reports.items() if r != 0}
+        return entries, files, per_rank
 
     def _wait_for_commit(self, rel_dir: str) -> None:
         def committed() -> bool | None:

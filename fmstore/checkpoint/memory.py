@@ -56,11 +56,9 @@ class MemoryLevel:
             return self._snaps.get(step)
 
     def add(self, snap: MemorySnapshot) -> None:
-        """Keep ``snap`` (its buffers now belong here) and drop the oldest beyond ``keep``.
-
-        Called only once the previous save's persist has finished, so no background write
-        still reads a buffer that is given back here.
-        """
+        """Keep ``snap`` (it holds a reference to its staged buffers) and drop the oldest beyond
+        ``keep``; a dropped snapshot's buffers go back to the pool once a persist still writing
+        from them is done too (the staged copy is reference counted)."""
         with self._lock:
             self._snaps[snap.step] = snap
             doomed = []
@@ -68,6 +66,15 @@ class MemoryLevel:
                 doomed.append(self._snaps.popitem(last=False)[1])
         for old in doomed:
             old.staged.release()
+
+    def drop(self, step: int) -> bool:
+        """Forget ``step``; whether it was here."""
+        with self._lock:
+            snap = self._snaps.pop(step, None)
+        if snap is None:
+            return False
+        snap.staged.release()
+        return True
 
     def clear(self) -> None:
         with self._lock:
@@ -78,15 +85,17 @@ class MemoryLevel:
 
 
 def restore(
-    snap: MemorySnapshot, targets: dict[str, torch.Tensor], device: Any
+    snap: MemorySnapshot, targets: dict[str, torch.Tensor], device: Any, names: set[str] | None = None
 ) -> dict[str, torch.Tensor] | None:
-    """Copy a memory snapshot into ``targets`` (or new tensors); None if its pieces do not
-    fit the targets' sharding (nothing is written then)."""
+    """Copy a memory snapshot (only ``names``, if given) into ``targets`` (or new tensors);
+    None if its pieces do not fit the targets' sharding (nothing is written then)."""
     snap.staged.wait()  # a save(block=False) may still be copying into it
     plan = []
     out: dict[str, torch.Tensor] = {}
     by_name = {st.name: st for st in snap.staged.tensors}
     for name, item in snap.items.items():
+        if names is not None and name not in names:
+            continue
         st = by_name[name]
         target = targets.get(name)
         check_target(name, snap.step, st.dtype, item.global_shape, target)

@@ -75,13 +75,21 @@ def owner_of(name: str, world: int) -> int:
 
 
 def pieces_to_save(
-    tensors: dict[str, torch.Tensor], rank: int, world: int, *, replicas: bool = False
+    tensors: dict[str, torch.Tensor],
+    rank: int,
+    world: int,
+    *,
+    replicas: bool = False,
+    rank_local: set[str] | frozenset[str] = frozenset(),
 ) -> list[Piece]:
     """The pieces this rank writes; with ``replicas``, also those another rank writes
-    (marked ``writes=False``: a host-memory snapshot keeps all of a rank's local state)."""
+    (marked ``writes=False``: a host-memory snapshot keeps all of a rank's local state).
+    ``rank_local`` names tensors only this rank holds (per-rank state): it writes them itself."""
     out = []
     for name, t in tensors.items():
-        if is_dtensor(t):
+        if name in rank_local:
+            out.append(Piece(name, t, tuple(t.shape), (0,) * t.dim(), True))
+        elif is_dtensor(t):
             local, offsets, primary = dtensor_region(t, name)
             if primary or replicas:
                 out.append(Piece(name, local, tuple(t.shape), offsets, primary))

@@ -5,13 +5,20 @@ With CUDA the pool is pinned memory and device tensors are copied on a side stre
 the work already queued on the caller's stream), so the copy runs at PCIe speed and the
 caller can choose to wait for its completion event later.  The pool keeps its buffers
 between saves: after the first save no memory is allocated or pinned again.
+
+``deferred`` names the tensors that may still be copying when ``stage`` returns (those only an
+optimizer step changes): the others are copied first and the caller's stream waits for them
+(GPU), or they are copied before returning (CPU), so a forward pass that updates a buffer
+cannot race their copy.  Deferred CPU tensors are copied by a background thread.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -40,23 +47,51 @@ class StagedTensor:
 
 @dataclass
 class Staged:
+    """A save's staged tensors.  Its buffers go back to the pool when the last holder (the save's
+    persist, the host-memory level) releases it: :meth:`retain` adds a holder."""
+
     tensors: list[StagedTensor]
     event: torch.cuda.Event | None
     releases: list[Callable[[], None]] = field(default_factory=list)
+    copies: Future[None] | None = None  # deferred CPU copies, run by a background thread
+    _refs: int = 1
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
+    def done(self) -> bool:
+        """Whether every copy has landed (without waiting)."""
+        gpu = self.event is None or self.event.query()
+        return gpu and (self.copies is None or self.copies.done())
+
     def wait(self) -> None:
         """Block until every copy has landed in host memory."""
         if self.event is not None:
             self.event.synchronize()
+        if self.copies is not None:
+            self.copies.result()
+
+    def retain(self) -> Staged:
+        with self._lock:
+            if self._refs <= 0:
+                raise RuntimeError("staged buffers were already given back")
+            self._refs += 1
+        return self
 
     def release(self) -> None:
-        for r in self.releases:
+        with self._lock:
+            self._refs -= 1
+            if self._refs > 0:
+                return
+            releases, self.releases = self.releases, []
+        try:
+            self.wait()  # a buffer goes back only once nothing copies into it any more
+        except BaseException:  # noqa: BLE001 - the copy's error is the save's, reported there
+            pass
+        for r in releases:
             r()
-        self.releases.clear()
 
 
 class Stager:
@@ -67,24 +102,38 @@ class Stager:
         self.pinned = cuda if pinned is None else pinned
         self.pool = BufferPool(pinned=self.pinned)
         self._stream = torch.cuda.Stream() if cuda else None
+        self._cpu_copier: ThreadPoolExecutor | None = None
 
     def stage(
         self,
         tensors: dict[str, torch.Tensor],
         gpu_encode: Callable[[str, torch.Tensor], int | None] | None = None,
+        deferred: set[str] | None = None,
     ) -> Staged:
         """Copy ``tensors`` to pooled host memory.  Where ``gpu_encode(name, tensor)`` gives an
         element width, the tensor is encoded on its GPU first (FMHS stream, see
         :mod:`fmstore.codec.huffman`) and only the encoded bytes cross PCIe; that copy has
-        landed when this returns."""
+        landed when this returns.  ``deferred``: see the module docstring."""
         staged = Staged([], None)
         encode_jobs: list[tuple[int, tuple]] = []  # GPU encodes, run together as one pipeline
         on_device = [t for t in tensors.values() if t.device.type == "cuda"]
+        ordered = deferred is not None  # the caller goes on before the copies land
+        deferred = deferred or set()
+        # Tensors that must not race the caller's next work are copied first.
+        order = [n for n in tensors if n not in deferred] + [n for n in tensors if n in deferred]
+        slots: dict[str, int] = {}
+        cpu_later: list[tuple[torch.Tensor, torch.Tensor]] = []
+        first_done = False
         try:
             if on_device and self._stream is not None:
                 # Copy after the work the caller already queued (e.g. the optimizer step).
                 self._stream.wait_stream(torch.cuda.current_stream(on_device[0].device))
-            for name, t in tensors.items():
+            for name in order:
+                t = tensors[name]
+                if name in deferred and not first_done:
+                    first_done = True
+                    self._order_before_caller(on_device)
+                slots[name] = len(staged.tensors)
                 src = as_bytes_tensor(t)
                 width = gpu_encode(name, t) if gpu_encode is not None and src.device.type == "cuda" else None
                 if width:
@@ -103,11 +152,15 @@ class Stager:
                     with torch.cuda.stream(self._stream):
                         dst.copy_(src, non_blocking=True)
                         src.record_stream(self._stream)  # keep the source alive until copied
+                elif src.device.type == "cpu" and name in deferred:
+                    cpu_later.append((dst, src))
                 elif src.device.type in ("cpu", "cuda"):
                     dst.copy_(src)
                 else:
                     dst.copy_(src.cpu())
                 staged.tensors.append(StagedTensor(name, t.dtype, tuple(t.shape), dst))
+            if ordered and not first_done:
+                self._order_before_caller(on_device)
             if encode_jobs:
                 from ..codec import gpu as gpu_codec
 
@@ -128,7 +181,30 @@ class Stager:
             if on_device and self._stream is not None:
                 staged.event = torch.cuda.Event()
                 staged.event.record(self._stream)
+            if cpu_later:
+                if self._cpu_copier is None:
+                    self._cpu_copier = ThreadPoolExecutor(1, thread_name_prefix="fmstore-stage")
+                staged.copies = self._cpu_copier.submit(_copy_all, cpu_later)
         except BaseException:
             staged.release()
             raise
+        # The tensors in their given order (the persist pairs them with the save's pieces).
+        staged.tensors = [staged.tensors[slots[n]] for n in tensors]
         return staged
+
+    def _order_before_caller(self, on_device: list[torch.Tensor]) -> None:
+        """Make the caller's stream wait for the copies queued so far (the non-deferred ones)."""
+        if on_device and self._stream is not None:
+            done = torch.cuda.Event()
+            done.record(self._stream)
+            torch.cuda.current_stream(on_device[0].device).wait_event(done)
+
+    def close(self) -> None:
+        if self._cpu_copier is not None:
+            self._cpu_copier.shutdown(wait=True)
+        self.pool.clear()
+
+
+def _copy_all(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for dst, src in pairs:
+        dst.copy_(src)  # torch releases the GIL for the copy: training goes on meanwhile

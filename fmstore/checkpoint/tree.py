@@ -5,6 +5,10 @@ tensors, numpy arrays, or JSON values (None, bool, int, float, str).  Tensors ge
 '/'-joined path names (``model/layer0.weight``, ``optim/state/0/exp_avg``); the tree records
 the structure with each leaf either a tensor name or an inline value, so it rebuilds exactly
 (int keys stay ints, tuples stay tuples).  Anything else is refused with its path named.
+
+A :class:`PerRank` node holds state that differs between ranks (random number generators):
+each rank's subtree is stored under ``ranks`` (its tensors named ``<path>/rank-<r>/...``), and
+a rank rebuilds its own.
 """
 
 from __future__ import annotations
@@ -27,12 +31,31 @@ def _name_part(key: object) -> str:
     return str(key).replace("/", "%2F")
 
 
-def flatten(state: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors by name, JSON tree) for ``state``."""
+class PerRank:
+    """A subtree of the state that each rank saves and restores as its own (see the module doc)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def rank_part(rank: int) -> str:
+    return f"rank-{rank}"
+
+
+def flatten(state: Any, rank: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any], set[str]]:
+    """(tensors by name, JSON tree, names of the tensors only this rank holds) for ``state``."""
     tensors: dict[str, torch.Tensor] = {}
+    local: set[str] = set()
 
     def walk(node: Any, path: list[str]) -> dict[str, Any]:
         where = "/".join(path) or "<root>"
+        if isinstance(node, PerRank):
+            before = set(tensors)
+            sub = walk(node.value, [*path, rank_part(rank)])
+            local.update(set(tensors) - before)
+            return {"t": "per_rank", "ranks": {str(rank): sub}}
         if isinstance(node, torch.Tensor):
             name = _unique("/".join(path) or "tensor", tensors)
             tensors[name] = node
@@ -71,7 +94,7 @@ def flatten(state: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         )
 
     tree = walk(state, [])
-    return tensors, tree
+    return tensors, tree, local
 
 
 def _is_json(v: Any) -> bool:
@@ -91,25 +114,41 @@ def _unique(name: str, taken: dict[str, Any]) -> str:
     return f"{name}~{i}"
 
 
-def unflatten(tree: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
-    """Rebuild the state from its tree, taking tensors from ``tensors`` by name."""
+class _Missing:
+    """A per-rank subtree the snapshot has no copy of for this rank (saved on fewer ranks)."""
+
+    def __repr__(self) -> str:
+        return "<not saved for this rank>"
+
+
+MISSING = _Missing()
+
+
+def unflatten(tree: dict[str, Any], tensors: dict[str, torch.Tensor], rank: int = 0) -> Any:
+    """Rebuild the state from its tree, taking tensors from ``tensors`` by name; a tensor not
+    in ``tensors`` (not loaded: the target did not ask for it) is left out of its dict."""
     kind = tree["t"]
     if kind == "tensor":
-        return tensors[tree["name"]]
+        return tensors.get(tree["name"], MISSING)
     if kind == "ndarray":
-        return tensors[tree["name"]].numpy()
+        t = tensors.get(tree["name"])
+        return MISSING if t is None else t.numpy()
+    if kind == "per_rank":
+        sub = tree["ranks"].get(str(rank))
+        return MISSING if sub is None else unflatten(sub, tensors, rank)
     if kind in ("dict", "odict"):
-        items = [(k, unflatten(v, tensors)) for k, v in tree["items"]]
+        items = [(k, unflatten(v, tensors, rank)) for k, v in tree["items"]]
+        items = [(k, v) for k, v in items if v is not MISSING]
         if kind == "dict":
             return dict(items)
         out = OrderedDict(items)
         if "metadata" in tree:
             out._metadata = OrderedDict((k, v) for k, v in tree["metadata"])  # type: ignore[attr-defined]
         return out
-    if kind == "list":
-        return [unflatten(v, tensors) for v in tree["items"]]
-    if kind == "tuple":
-        return tuple(unflatten(v, tensors) for v in tree["items"])
+    if kind in ("list", "tuple"):
+        seq = [unflatten(v, tensors, rank) for v in tree["items"]]
+        seq = [None if v is MISSING else v for v in seq]  # positions matter: a gap, not a shift
+        return seq if kind == "list" else tuple(seq)
     if kind == "value":
         return tree["v"]
     if kind == "float":
@@ -117,19 +156,132 @@ def unflatten(tree: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
     raise FmstoreError(f"unknown node kind {kind!r} in a snapshot's state tree")
 
 
-def tensor_names(tree: dict[str, Any]) -> list[str]:
-    """Names of every tensor leaf in a tree, in order."""
-    out: list[str] = []
+def leaves(tree: dict[str, Any], rank: int = 0) -> dict[tuple[Any, ...], str]:
+    """Every leaf of a tree as {path (tuple of keys): "tensor" | "value"}; of a per-rank
+    subtree, this rank's (its path without the rank part)."""
+    out: dict[tuple[Any, ...], str] = {}
 
-    def walk(node: dict[str, Any]) -> None:
-        if node["t"] in ("tensor", "ndarray"):
-            out.append(node["name"])
-        elif node["t"] in ("dict", "odict"):
-            for _, v in node["items"]:
-                walk(v)
-        elif node["t"] in ("list", "tuple"):
-            for v in node["items"]:
-                walk(v)
+    def walk(node: dict[str, Any], path: tuple[Any, ...]) -> None:
+        kind = node["t"]
+        if kind in ("tensor", "ndarray"):
+            out[path] = "tensor"
+        elif kind in ("value", "float"):
+            out[path] = "value"
+        elif kind == "per_rank":
+            sub = node["ranks"].get(str(rank))
+            if sub is not None:
+                walk(sub, path)
+        elif kind in ("dict", "odict"):
+            for k, v in node["items"]:
+                walk(v, (*path, k))
+        elif kind in ("list", "tuple"):
+            for i, v in enumerate(node["items"]):
+                walk(v, (*path, i))
 
-    walk(tree)
+    walk(tree, ())
     return out
+
+
+def path_text(path: tuple[Any, ...]) -> str:
+    return "/".join(_name_part(k) for k in path) or "<root>"
+
+
+def per_rank_nodes(tree: dict[str, Any]) -> list[tuple[list[Any], dict[str, Any]]]:
+    """(path, node) of every per-rank node of a tree, outermost first."""
+    out: list[tuple[list[Any], dict[str, Any]]] = []
+
+    def walk(node: dict[str, Any], path: list[Any]) -> None:
+        kind = node["t"]
+        if kind == "per_rank":
+            out.append((path, node))
+        elif kind in ("dict", "odict"):
+            for k, v in node["items"]:
+                walk(v, [*path, k])
+        elif kind in ("list", "tuple"):
+            for i, v in enumerate(node["items"]):
+                walk(v, [*path, i])
+
+    walk(tree, [])
+    return out
+
+
+def merge_per_rank(tree: dict[str, Any], rank: int, nodes: list[tuple[list[Any], dict[str, Any]]]) -> None:
+    """Add another rank's per-rank subtrees (as :func:`per_rank_nodes` gave them) to ``tree``."""
+    mine = {json.dumps(p): n for p, n in per_rank_nodes(tree)}
+    for path, node in nodes:
+        target = mine.get(json.dumps(path))
+        sub = node["ranks"].get(str(rank))
+        if target is None or sub is None:
+            raise FmstoreError(
+                f"rank {rank} saved per-rank state at {path_text(tuple(path))!r} that rank 0 does not have; "
+                "every rank must save the same structure"
+            )
+        target["ranks"][str(rank)] = sub
+
+
+def tensor_leaves(tree: dict[str, Any], rank: int = 0) -> dict[tuple[Any, ...], str]:
+    """{path: tensor name} of every tensor leaf (this rank's, under a per-rank node)."""
+    out: dict[tuple[Any, ...], str] = {}
+
+    def walk(node: dict[str, Any], path: tuple[Any, ...]) -> None:
+        kind = node["t"]
+        if kind in ("tensor", "ndarray"):
+            out[path] = node["name"]
+        elif kind == "per_rank":
+            sub = node["ranks"].get(str(rank))
+            if sub is not None:
+                walk(sub, path)
+        elif kind in ("dict", "odict"):
+            for k, v in node["items"]:
+                walk(v, (*path, k))
+        elif kind in ("list", "tuple"):
+            for i, v in enumerate(node["items"]):
+                walk(v, (*path, i))
+
+    walk(tree, ())
+    return out
+
+
+def compare(
+    saved: dict[str, Any], target: dict[str, Any], rank: int, opaque: list[tuple[Any, ...]]
+) -> tuple[list[str], list[str]]:
+    """(paths the target has and the snapshot lacks, paths the snapshot has and the target
+    lacks).  Tensors are compared everywhere; plain values only outside the ``opaque``
+    subtrees (Stateful objects check their own, in ``load_state_dict``), whose roots must exist."""
+
+    def inside(path: tuple[Any, ...]) -> bool:
+        return any(path[: len(o)] == o for o in opaque)
+
+    def keys(tree: dict[str, Any]) -> dict[tuple[Any, ...], str]:
+        out = {p: kind for p, kind in leaves(tree, rank).items() if kind == "tensor" or not inside(p)}
+        out.update({o: "stateful" for o in opaque if _has_path(tree, o, rank)})
+        return out
+
+    a, b = keys(saved), keys(target)
+    missing = sorted(path_text(p) for p in b if a.get(p) != b[p])
+    unexpected = sorted(path_text(p) for p in a if b.get(p) != a[p])
+    return missing, unexpected
+
+
+def subtree(tree: dict[str, Any], path: tuple[Any, ...], rank: int = 0) -> dict[str, Any] | None:
+    """The node at ``path`` (this rank's, through per-rank nodes), or None."""
+    node: dict[str, Any] | None = tree
+    for k in path:
+        if node is not None and node["t"] == "per_rank":
+            node = node["ranks"].get(str(rank))
+        if node is None:
+            return None
+        if node["t"] in ("dict", "odict"):
+            found = [v for key, v in node["items"] if key == k]
+            node = found[0] if found else None
+        elif node["t"] in ("list", "tuple") and isinstance(k, int) and k < len(node["items"]):
+            node = node["items"][k]
+        else:
+            return None
+    if node is not None and node["t"] == "per_rank":
+        node = node["ranks"].get(str(rank))
+    return node
+
+
+def _has_path(tree: dict[str, Any], path: tuple[Any, ...], rank: int) -> bool:
+    return subtree(tree, path, rank) is not None

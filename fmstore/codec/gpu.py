@@ -13,7 +13,7 @@ from ..errors import FmstoreError
 
 
 def _lib(name: str = "planes"):  # noqa: ANN202 - a ctypes library
-    from kernels import load
+    from ..kernels import load
 
     return load(name)
 
