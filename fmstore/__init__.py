@@ -5,10 +5,7 @@ Tensors move between GPU memory, pinned host memory, local NVMe and object stora
 """
 
 from ._source_tree import install as _install_source_tree
-
-_install_source_tree()  # a checkout run with PYTHONPATH=. finds fmstore.kernels / fmstore.integrations
-
-from .blob import BlobInfo  # noqa: E402 - after the finder, which later imports may need
+from .blob import BlobInfo
 from .checkpoint import Checkpointer, Level, Policy, RNGState, SaveHandle, SnapshotInfo
 from .errors import (
     BlobNotFoundError,
@@ -23,6 +20,8 @@ from .tiers import DeviceTier, HostTier, LocalTier, ObjectTier, Tier
 from .units import format_size, parse_size
 
 __version__ = "0.1.0"
+
+_install_source_tree()  # a checkout run with PYTHONPATH=. finds fmstore.kernels / fmstore.integrations
 
 __all__ = [
     "Checkpointer",

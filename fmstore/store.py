@@ -317,7 +317,11 @@ class TieredStore:
     def _exit_pending(self) -> str | None:
         with self._lock:
             n = len(self._pending)
-        return f"{n} background move(s) of a TieredStore ({', '.join(t.name for t in self.tiers)})" if n else None
+        return (
+            f"{n} background move(s) of a TieredStore ({', '.join(t.name for t in self.tiers)})"
+            if n
+            else None
+        )
 
     def _exit_wait(self, timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout

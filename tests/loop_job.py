@@ -15,10 +15,10 @@ import subprocess
 import sys
 
 import torch
+from fmstore.integrations.loop import LoopCheckpointer
 from safetensors.torch import save_file
 
 from fmstore import RNGState
-from fmstore.integrations.loop import LoopCheckpointer
 
 
 def run(args: argparse.Namespace) -> None:
@@ -60,7 +60,10 @@ def main() -> None:
         args.rank = args.rank or 0
         run(args)
         return
-    procs = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--rank", str(r)]) for r in range(args.world)]
+    procs = [
+        subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--rank", str(r)])
+        for r in range(args.world)
+    ]
     raise SystemExit(max(p.wait() for p in procs))
 
 

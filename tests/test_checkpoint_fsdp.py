@@ -150,7 +150,9 @@ def _load_stateful_worker(rank: int, world: int, port: int, root: str) -> None:
         model, optim = build(world)  # fresh: the optimizer has no state
         with Checkpointer(root) as ck:
             ck.load({"model": model, "optim": optim, "rng": RNGState()})
-        assert torch.equal(torch.rand(4), load_file(os.path.join(root, "..", f"draws-{rank}.safetensors"))["draws"])
+        assert torch.equal(
+            torch.rand(4), load_file(os.path.join(root, "..", f"draws-{rank}.safetensors"))["draws"]
+        )
         ref = load_file(os.path.join(root, "..", "reference.safetensors"))
         got = full_state(model, optim)
         for k, v in ref.items():
@@ -178,7 +180,9 @@ def test_fsdp2_stateful_model_and_fresh_optimizer_load_sharded_and_plain(tmp_pat
     mp.spawn(_load_stateful_worker, args=(2, _free_port(), root), nprocs=2, join=True)
 
     torch.manual_seed(0)
-    plain = torch.nn.Sequential(torch.nn.Linear(16, 33), torch.nn.ReLU(), torch.nn.Linear(33, 7), torch.nn.LayerNorm(7))
+    plain = torch.nn.Sequential(
+        torch.nn.Linear(16, 33), torch.nn.ReLU(), torch.nn.Linear(33, 7), torch.nn.LayerNorm(7)
+    )
     optim = torch.optim.Adam(plain.parameters(), lr=1e-2)
     with Checkpointer(root) as ck:
         ck.load({"model": plain, "optim": optim, "rng": RNGState()})

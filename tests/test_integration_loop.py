@@ -62,7 +62,18 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path):
     ref = job(tmp_path / "ref", tmp_path / "ref.safetensors", "--world", "2", "--port", port)
     assert ref.returncode == 0, ref.stderr
     port = str(free_port())
-    run = job(tmp_path / "run", tmp_path / "run.safetensors", "--world", "2", "--port", port, "--sigterm-at", "4", "--sigterm-rank", "1")
+    run = job(
+        tmp_path / "run",
+        tmp_path / "run.safetensors",
+        "--world",
+        "2",
+        "--port",
+        port,
+        "--sigterm-at",
+        "4",
+        "--sigterm-rank",
+        "1",
+    )
     assert run.returncode == 143, run.stderr
     with Checkpointer(tmp_path / "run") as ck:
         assert ck.steps() == [3, 4]

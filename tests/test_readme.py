@@ -1,21 +1,42 @@
-"""The README's Python examples run as written."""
+"""The README's Python examples run as written, each in a new process (in order, in one working
+directory: a later example may resume what an earlier one saved), and print what they claim.
+
+A line ending in ``# prints: TEXT`` must print exactly TEXT (the claims are checked in order)."""
 
 from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CLAIM = re.compile(r"#\s*prints:\s*(.+?)\s*$")
 
 
-def test_readme_examples_run(tmp_path, monkeypatch):
+def readme_blocks() -> list[str]:
     text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert len(blocks) >= 2
-    monkeypatch.chdir(tmp_path)
-    for block in blocks:
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+def test_readme_examples_run(tmp_path):
+    blocks = readme_blocks()
+    assert len(blocks) >= 4
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    claims_checked = 0
+    for i, block in enumerate(blocks):
         if "start_seaweedfs" in block:  # needs a server; covered by the S3 fixture tests
             continue
-        exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+        proc = subprocess.run(
+            [sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, f"README block {i}:\n{block}\n{proc.stderr}"
+        claims = [m.group(1) for line in block.splitlines() if (m := CLAIM.search(line))]
+        printed = [line.strip() for line in proc.stdout.splitlines()]
+        for claim in claims:
+            assert claim in printed, f"README block {i} claims {claim!r}; it printed {printed}"
+            printed = printed[printed.index(claim) + 1 :]
+            claims_checked += 1
+    assert claims_checked >= 3
     assert os.path.isdir(tmp_path / "fmstore-data" / "readme-nvme")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fmstore import Checkpointer, Policy, RNGState
-from fmstore.checkpoint import StateKeysError, SnapshotNotFoundError
+from fmstore.checkpoint import SnapshotNotFoundError, StateKeysError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,7 +135,9 @@ def test_non_blocking_save_overlaps_and_keeps_the_step(tmp_path):
     """block=False: the copy runs while the next forward/backward does; the next optimizer step
     waits for it, so the snapshot holds the weights of the step it was taken at."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(512, 2048), torch.nn.BatchNorm1d(2048), torch.nn.Linear(2048, 512))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(512, 2048), torch.nn.BatchNorm1d(2048), torch.nn.Linear(2048, 512)
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x = torch.randn(32, 512)
     model(x).pow(2).mean().backward()
@@ -148,7 +150,9 @@ def test_non_blocking_save_overlaps_and_keeps_the_step(tmp_path):
         opt.step()  # waits for the parameters' copies first
         handle.wait()
         assert not torch.equal(model[0].weight, before["0.weight"])
-        fresh = torch.nn.Sequential(torch.nn.Linear(512, 2048), torch.nn.BatchNorm1d(2048), torch.nn.Linear(2048, 512))
+        fresh = torch.nn.Sequential(
+            torch.nn.Linear(512, 2048), torch.nn.BatchNorm1d(2048), torch.nn.Linear(2048, 512)
+        )
         ck.load({"model": fresh, "optim": torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)})
     for k, v in weights(fresh).items():
         assert torch.equal(v, before[k]), k
@@ -246,7 +250,9 @@ SIGTERM_SCRIPT = textwrap.dedent(
 def test_sigterm_finishes_the_commit_then_dies_of_sigterm(tmp_path):
     script = tmp_path / "sigterm.py"
     script.write_text(SIGTERM_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ck")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ck")], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == -15, proc.stderr
     with Checkpointer(tmp_path / "ck") as ck:
         assert ck.steps() == [1]

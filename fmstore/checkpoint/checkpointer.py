@@ -91,7 +91,9 @@ class SaveHandle:
     """Returned by :meth:`Checkpointer.save` once staging is done (or queued: ``block=False``);
     persisting goes on in the background."""
 
-    def __init__(self, step: int, future: Future[SnapshotInfo], staged: Staged | None, stall_s: float) -> None:
+    def __init__(
+        self, step: int, future: Future[SnapshotInfo], staged: Staged | None, stall_s: float
+    ) -> None:
         self.step = step
         self._future = future
         self._staged = staged
@@ -394,7 +396,9 @@ class Checkpointer:
             handle = SaveHandle(step, _done(info), staged, stall)
             self._last = handle
             return handle
-        job = _SaveJob(step, staged, pieces, sorted(tensors), tree, dict(meta or {}), targets, kept is not None)
+        job = _SaveJob(
+            step, staged, pieces, sorted(tensors), tree, dict(meta or {}), targets, kept is not None
+        )
         future = self._persist.submit(self._persist_job, job)
         handle = SaveHandle(step, future, staged, stall)
         future.add_done_callback(
@@ -469,7 +473,8 @@ class Checkpointer:
                 runs = [_run(job.levels[0].write, *args)]
             else:  # each level from the staged copy, concurrently: S3 does not wait for NVMe
                 runs = [
-                    f.result() for f in [self._level_pool.submit(_run, lvl.write, *args) for lvl in job.levels]
+                    f.result()
+                    for f in [self._level_pool.submit(_run, lvl.write, *args) for lvl in job.levels]
                 ]
             results = list(zip(job.levels, runs))
         finally:
@@ -671,11 +676,15 @@ class Checkpointer:
             if target is not None and is_dtensor(target):
                 dest, offsets, _ = dtensor_region(target, name)
             else:
-                dest = target if target is not None else torch.empty(gshape, dtype=dtype, device=device or "cpu")
+                dest = (
+                    target if target is not None else torch.empty(gshape, dtype=dtype, device=device or "cpu")
+                )
                 offsets = (0,) * len(gshape)
             out[name] = target if target is not None else dest
             regions.append(Region(name, offsets, dest))
-        reader = SnapshotReader(lvl.storage, manifest, pool=self._stager.pool, gpu_decodes=self._gpu_codec_loads)
+        reader = SnapshotReader(
+            lvl.storage, manifest, pool=self._stager.pool, gpu_decodes=self._gpu_codec_loads
+        )
         reader.read(regions)
         return unflatten(manifest.tree, out, self.rank)
 

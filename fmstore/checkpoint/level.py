@@ -260,18 +260,7 @@ class SnapshotLevel:
         self.storage.delete(f"{step_dir(step)}/{MANIFEST}")  # from here on it does not exist
         if self._last_manifest is not None and self._last_manifest.step == step:
             self._last_manifest = None
-        keep = self.steps()
-        referenced: set[str] = set()
-        for s in keep:
-            referenced |= self.manifest(s).referenced_files()
-        name = step_dir(step)
-        files = [f"{name}/{f}" for f in self.storage.list_dir(name)]
-        doomed = [f for f in files if f not in referenced]
-        if len(doomed) == len(files):
-            self.storage.delete_dir(name)
-        else:
-            for f in doomed:
-                self.storage.delete(f)
+        self._delete_unreferenced([step_dir(step)], self._referenced(self.steps()))
 
     # ------------------------------------------------------------------ coordination
 
@@ -366,14 +355,23 @@ class SnapshotLevel:
         keep = self.steps() if keep_steps is None else keep_steps
         if not keep:
             return []
-        referenced: set[str] = set()
-        for step in keep:
-            referenced |= self.manifest(step).referenced_files()
+        dirs = [
+            name
+            for name in self.storage.list_dir()
+            if (step := parse_step_dir(name)) is not None and step not in keep and step < keep[-1]
+        ]
+        return self._delete_unreferenced(dirs, self._referenced(keep))
+
+    def _referenced(self, steps: list[int]) -> set[str]:
+        out: set[str] = set()
+        for step in steps:
+            out |= self.manifest(step).referenced_files()
+        return out
+
+    def _delete_unreferenced(self, dirs: list[str], referenced: set[str]) -> list[str]:
+        """Delete the files of ``dirs`` not in ``referenced`` (a directory left empty goes too)."""
         deleted = []
-        for name in self.storage.list_dir():
-            step = parse_step_dir(name)
-            if step is None or step in keep or step >= keep[-1]:
-                continue
+        for name in dirs:
             files = [f"{name}/{f}" for f in self.storage.list_dir(name)]
             doomed = [f for f in files if f not in referenced]
             if len(doomed) == len(files):

@@ -29,7 +29,10 @@ __all__ = ["RNGState", "is_stateful", "init_optimizer_state"]
 
 def is_stateful(value: Any) -> bool:
     """Whether ``value`` is saved through ``state_dict()`` and restored through ``load_state_dict()``."""
-    if isinstance(value, (torch.Tensor, dict, list, tuple, str, bytes, int, float, np.ndarray)) or value is None:
+    if (
+        isinstance(value, (torch.Tensor, dict, list, tuple, str, bytes, int, float, np.ndarray))
+        or value is None
+    ):
         return False
     return callable(getattr(value, "state_dict", None)) and callable(getattr(value, "load_state_dict", None))
 
@@ -82,7 +85,13 @@ class RNGState:
         if "numpy" in state:
             n = state["numpy"]
             np.random.set_state(
-                (n["bit_generator"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+                (
+                    n["bit_generator"],
+                    np.asarray(n["keys"], dtype=np.uint32),
+                    n["pos"],
+                    n["has_gauss"],
+                    n["cached_gaussian"],
+                )
             )
         if "python" in state:
             p = state["python"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -156,30 +157,28 @@ def unflatten(tree: dict[str, Any], tensors: dict[str, torch.Tensor], rank: int 
     raise FmstoreError(f"unknown node kind {kind!r} in a snapshot's state tree")
 
 
-def leaves(tree: dict[str, Any], rank: int = 0) -> dict[tuple[Any, ...], str]:
-    """Every leaf of a tree as {path (tuple of keys): "tensor" | "value"}; of a per-rank
-    subtree, this rank's (its path without the rank part)."""
-    out: dict[tuple[Any, ...], str] = {}
-
-    def walk(node: dict[str, Any], path: tuple[Any, ...]) -> None:
+def _walk(tree: dict[str, Any], rank: int) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """(path, node) of every leaf of a tree; of a per-rank subtree, this rank's (its path
+    without the rank part)."""
+    stack: list[tuple[tuple[Any, ...], dict[str, Any]]] = [((), tree)]
+    while stack:
+        path, node = stack.pop()
         kind = node["t"]
-        if kind in ("tensor", "ndarray"):
-            out[path] = "tensor"
-        elif kind in ("value", "float"):
-            out[path] = "value"
-        elif kind == "per_rank":
+        if kind == "per_rank":
             sub = node["ranks"].get(str(rank))
             if sub is not None:
-                walk(sub, path)
+                stack.append((path, sub))
         elif kind in ("dict", "odict"):
-            for k, v in node["items"]:
-                walk(v, (*path, k))
+            stack.extend(((*path, k), v) for k, v in reversed(node["items"]))
         elif kind in ("list", "tuple"):
-            for i, v in enumerate(node["items"]):
-                walk(v, (*path, i))
+            stack.extend(((*path, i), v) for i, v in reversed(list(enumerate(node["items"]))))
+        else:
+            yield path, node
 
-    walk(tree, ())
-    return out
+
+def leaves(tree: dict[str, Any], rank: int = 0) -> dict[tuple[Any, ...], str]:
+    """Every leaf of a tree as {path (tuple of keys): "tensor" | "value"}."""
+    return {p: "tensor" if n["t"] in ("tensor", "ndarray") else "value" for p, n in _walk(tree, rank)}
 
 
 def path_text(path: tuple[Any, ...]) -> str:
@@ -221,25 +220,7 @@ def merge_per_rank(tree: dict[str, Any], rank: int, nodes: list[tuple[list[Any],
 
 def tensor_leaves(tree: dict[str, Any], rank: int = 0) -> dict[tuple[Any, ...], str]:
     """{path: tensor name} of every tensor leaf (this rank's, under a per-rank node)."""
-    out: dict[tuple[Any, ...], str] = {}
-
-    def walk(node: dict[str, Any], path: tuple[Any, ...]) -> None:
-        kind = node["t"]
-        if kind in ("tensor", "ndarray"):
-            out[path] = node["name"]
-        elif kind == "per_rank":
-            sub = node["ranks"].get(str(rank))
-            if sub is not None:
-                walk(sub, path)
-        elif kind in ("dict", "odict"):
-            for k, v in node["items"]:
-                walk(v, (*path, k))
-        elif kind in ("list", "tuple"):
-            for i, v in enumerate(node["items"]):
-                walk(v, (*path, i))
-
-    walk(tree, ())
-    return out
+    return {p: n["name"] for p, n in _walk(tree, rank) if n["t"] in ("tensor", "ndarray")}
 
 
 def compare(

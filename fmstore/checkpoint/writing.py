@@ -76,7 +76,9 @@ class ItemBuilder:
         self.codec_pool = codec_pool
 
     def quantizes(self, name: str, dtype: torch.dtype) -> bool:
-        return bool(self.quantize) and dtype in QUANTIZABLE and any(fnmatchcase(name, p) for p in self.quantize)
+        return (
+            bool(self.quantize) and dtype in QUANTIZABLE and any(fnmatchcase(name, p) for p in self.quantize)
+        )
 
     def items(self, staged: Sequence[StagedTensor], pieces: Sequence[Piece]) -> list[WriteItem]:
         """One item per (staged tensor, piece) pair this rank writes."""
