@@ -256,3 +256,26 @@ def test_sigterm_finishes_the_commit_then_dies_of_sigterm(tmp_path):
     assert proc.returncode == -15, proc.stderr
     with Checkpointer(tmp_path / "ck") as ck:
         assert ck.steps() == [1]
+
+
+def test_an_earlier_step_saved_after_a_later_one_references_only_earlier_files(tmp_path):
+    state = {"w": torch.ones(100), "v": torch.zeros(100)}
+    with Checkpointer(tmp_path) as ck:
+        ck.save(10, state).wait()
+        ck.save(5, state).wait()  # e.g. a restart from step 5's data: step 10 is not its base
+        ck.save(20, state).wait()
+        assert ck.manifest(5).files  # written, not referenced into step 10
+        assert not ck.manifest(20).files  # referenced into step 5 (the newest commit of this process)
+        for s in (5, 10, 20):
+            assert torch.equal(ck.load(step=s)["w"], torch.ones(100))
+    with Checkpointer(tmp_path) as ck:  # a new process: the base is the newest step before the one saved
+        ck.save(7, state).wait()
+        assert {sh.file.split("/")[0] for e in ck.manifest(7).tensors.values() for sh in e.shards} == {"step-0000000005"}
+
+
+def test_state_keys_error_pickles(tmp_path):
+    import pickle
+
+    e = StateKeysError("msg", ["a"], ["b"])
+    back = pickle.loads(pickle.dumps(e))
+    assert type(back) is StateKeysError and back.missing == ["a"] and back.unexpected == ["b"] and str(back) == "msg"

@@ -73,6 +73,9 @@ class StateKeysError(LoadMismatchError, KeyError):
     def __str__(self) -> str:  # KeyError would print only repr(message)
         return str(self.args[0])
 
+    def __reduce__(self) -> tuple[Any, ...]:  # torch DCP pickles errors between ranks
+        return (type(self), (self.args[0], self.missing, self.unexpected))
+
 
 @dataclass
 class SnapshotInfo:

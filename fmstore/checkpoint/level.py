@@ -139,15 +139,20 @@ class SnapshotLevel:
             ) from None
         return Manifest.from_json(raw, where=f"{self.url}/{rel}")
 
-    def _base_manifest(self) -> Manifest | None:
-        """The snapshot an incremental save references: the newest committed one here."""
+    def _base_manifest(self, step: int) -> Manifest | None:
+        """The snapshot an incremental save of ``step`` references: the newest committed one
+        before it (a manifest may only name files of its own or earlier steps)."""
         if not self.incremental:
             return None
-        if self._last_manifest is not None:
-            return self._last_manifest
+        last = self._last_manifest  # this level's newest commit, saves one listing per save
+        if last is not None and last.step < step:
+            return last
+        earlier = [s for s in self.steps() if s < step]
+        if not earlier:
+            return None
         try:
-            return self.manifest()
-        except SnapshotNotFoundError:
+            return self.manifest(earlier[-1])
+        except SnapshotNotFoundError:  # removed meanwhile (retention): no base, write everything
             return None
 
     # ------------------------------------------------------------------ save
@@ -193,7 +198,7 @@ class SnapshotLevel:
         """Write this rank's shard file: the items whose bytes the base snapshot does not hold
         already (those are referenced there).  Nothing is committed."""
         rel_dir = step_dir(step)
-        base = self._base_manifest()
+        base = self._base_manifest(step)
         entries: dict[str, TensorEntry] = {}
         to_write = []
         for item in items:

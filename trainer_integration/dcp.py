@@ -1,0 +1,747 @@
+"""A torch.distributed.checkpoint (DCP) storage backend: ``dcp.save`` / ``dcp.async_save`` /
+``dcp.load`` (torchtitan, FSDP2 training loops) write and read ordinary fmstore snapshots.
+
+DCP plans *what* each rank saves (its DTensor shards, one copy of replicated values); these
+classes decide *how* the bytes reach storage, with fmstore's machinery: a root that is a path
+or any fsspec URL, checksums, codecs, references to unchanged bytes of the previous snapshot
+(incremental) and the atomic commit of one ``manifest.json``.  A snapshot written here is the
+same as one ``Checkpointer.save`` writes: ``Checkpointer(root).load()`` returns the nested
+state dict, and the reader also loads snapshots that ``Checkpointer.save`` wrote.
+
+Non-tensor values are stored as JSON in the manifest's tree, never as the pickle DCP's
+planner makes of them: the writer takes the objects themselves from the planner.
+
+Usage::
+
+    import torch.distributed.checkpoint as dcp
+    from fmstore.integrations.dcp import FmstoreStorageReader, FmstoreStorageWriter
+
+    dcp.save(state, storage_writer=FmstoreStorageWriter("s3://bucket/run1"))          # next step
+    dcp.save(state, checkpoint_id="s3://bucket/run1/step-0000000100",
+             storage_writer=FmstoreStorageWriter("s3://bucket/run1"))                 # step 100
+    dcp.load(state, storage_reader=FmstoreStorageReader("s3://bucket/run1"))          # latest
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import re
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    ReadItem,
+    SavePlan,
+    SavePlanner,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+from torch.futures import Future
+
+from fmstore.blob import as_bytes_tensor, dtype_from_name, dtype_name
+from fmstore.checkpoint.checkpointer import COMPRESSION
+from fmstore.checkpoint.level import SnapshotLevel
+from fmstore.checkpoint.manifest import Manifest, Shard, TensorEntry, step_dir
+from fmstore.checkpoint.reader import Region, SnapshotReader
+from fmstore.checkpoint.sharding import LoadMismatchError, Piece
+from fmstore.checkpoint.staging import Staged, StagedTensor, Stager
+from fmstore.checkpoint.storage import SnapshotStorage
+from fmstore.checkpoint.tree import UnsupportedValueError, flatten, tensor_leaves, unflatten
+from fmstore.checkpoint.writing import ItemBuilder
+from fmstore.errors import ConfigError, FmstoreError
+from fmstore.tiers.host import BufferPool
+
+__all__ = ["FmstoreStorageWriter", "FmstoreStorageReader", "parse_checkpoint_id"]
+
+#: The manifest's ``meta`` key under which a DCP save records what DCP knows of it.
+META_KEY = "dcp"
+#: A checkpoint id names one snapshot: ``<root>/step-<N>``.  Fewer than ten digits are taken
+#: too (torchtitan names its folders ``step-100``); the snapshot directory always has ten.
+_ID = re.compile(r"^(?:(?P<root>.*)/)?step-(?P<step>\d{1,10})$")
+#: The codec chains a writer may use; the GPU chain needs the Checkpointer's staging-time encode.
+CODECS = ("zstd", "huffman")
+_LAYER = "dcp"
+
+
+def parse_checkpoint_id(checkpoint_id: str | os.PathLike[str]) -> tuple[str, int]:
+    """(root, step) of a checkpoint id ``<root>/step-NNNNNNNNNN`` (a path or URL); anything
+    else is a :class:`ConfigError` naming it."""
+    text = os.fspath(checkpoint_id)
+    m = _ID.match(text.rstrip("/")) if isinstance(text, str) else None
+    if m is None:
+        raise ConfigError(
+            f"checkpoint_id {checkpoint_id!r} does not name an fmstore snapshot: expected "
+            "'<root>/step-NNNNNNNNNN' (a path or URL), e.g. 's3://bucket/run1/step-0000000100'"
+        )
+    return m.group("root") or ".", int(m.group("step"))
+
+
+def _valid_id(checkpoint_id: str | os.PathLike[str]) -> bool:
+    try:
+        parse_checkpoint_id(checkpoint_id)
+    except (ConfigError, TypeError):
+        return False
+    return True
+
+
+def _check_step(step: Any) -> int | None:
+    if step is not None:
+        step_dir(step)  # an int in range, or an FmstoreError naming it
+    return step
+
+
+@dataclass(frozen=True)
+class _PlanData:
+    """What the coordinator tells each rank in its plan's ``storage_data``."""
+
+    step: int
+    rank: int
+    names: dict[str, str]  # fqn -> fmstore tensor name, for this rank's tensor items
+
+
+@dataclass(frozen=True)
+class _ResultData:
+    """A WriteResult's ``storage_data``: a saved shard, or a non-tensor value as a tree node."""
+
+    step: int
+    rank: int
+    name: str | None = None
+    shard: dict[str, Any] | None = None
+    value: dict[str, Any] | None = None
+    files: dict[str, int] = field(default_factory=dict)  # on a rank's first result: its shard file
+
+
+class _Resources:
+    """What a writer or reader opens lazily and never pickles: the storage, thread pools and
+    the pinned staging pool."""
+
+    def __init__(self, root: str, storage_options: dict[str, Any] | None, io_threads: int) -> None:
+        self.root = root
+        self.storage = SnapshotStorage(root, storage_options, io_threads=io_threads)
+        self.io_threads = io_threads
+        self._hash_pool: ThreadPoolExecutor | None = None
+        self._codec_pool: ThreadPoolExecutor | None = None
+        self._stager: Stager | None = None
+        self._pool: BufferPool | None = None
+
+    def builder(self, compression: str | None, codec: str, quantize: tuple[str, ...]) -> ItemBuilder:
+        if self._hash_pool is None:
+            self._hash_pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="fmstore-dcp-hash")
+            self._codec_pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="fmstore-dcp-codec")
+        assert self._codec_pool is not None
+        return ItemBuilder(
+            compression=compression,
+            codec=codec,
+            quantize=quantize,
+            hash_pool=self._hash_pool,
+            codec_pool=self._codec_pool,
+        )
+
+    @property
+    def stager(self) -> Stager:
+        if self._stager is None:
+            self._stager = Stager()
+        return self._stager
+
+    @property
+    def read_pool(self) -> BufferPool:
+        if self._pool is None:
+            self._pool = BufferPool(pinned=torch.cuda.is_available())
+        return self._pool
+
+    def close(self) -> None:
+        for pool in (self._hash_pool, self._codec_pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        if self._stager is not None:
+            self._stager.close()
+        if self._pool is not None:
+            self._pool.clear()
+        self.storage.close()
+
+
+class _Base:
+    """The root/step bookkeeping and lazily opened resources a writer and a reader share.
+    Only configuration is pickled (DCP's PROCESS async save pickles the writer)."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        step: int | None,
+        storage_options: dict[str, Any] | None,
+        io_threads: int,
+    ) -> None:
+        self._root0, self._step0 = os.fspath(root), _check_step(step)
+        self.root, self.step = self._root0, self._step0
+        self.storage_options = storage_options
+        self.io_threads = io_threads
+        self.rank = 0
+        self._res: _Resources | None = None
+        self._lock = threading.Lock()
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        """A new save/load begins: ``checkpoint_id`` (``<root>/step-NNNNNNNNNN``) names its root
+        and step; without one, those given to the constructor."""
+        if checkpoint_id:
+            self.root, self.step = parse_checkpoint_id(checkpoint_id)
+        else:
+            self.root, self.step = self._root0, self._step0
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        """Whether ``checkpoint_id`` names an fmstore snapshot (``<root>/step-NNNNNNNNNN``)."""
+        return _valid_id(checkpoint_id)
+
+    @property
+    def checkpoint_id(self) -> str:
+        """The snapshot this object points at (its root when the step is not decided yet)."""
+        if self.step is None:
+            return self.root
+        return f"{self.root.rstrip('/')}/{step_dir(self.step)}"
+
+    def _resources(self) -> _Resources:
+        with self._lock:
+            if self._res is not None and self._res.root != self.root:  # reset to another root
+                self._res.close()
+                self._res = None
+            if self._res is None:
+                self._res = _Resources(self.root, self.storage_options, self.io_threads)
+            return self._res
+
+    def _level(self, rank: int = 0, incremental: bool = False) -> SnapshotLevel:
+        # world_size=1: DCP's own collectives bring the ranks' results to the coordinator,
+        # so the level's file-based reports are not used; the commit gets the real size.
+        return SnapshotLevel(_LAYER, self._resources().storage, rank=rank, incremental=incremental)
+
+    def close(self) -> None:
+        """Release the storage, thread pools and staging buffers (reopened on next use)."""
+        with self._lock:
+            res, self._res = self._res, None
+        if res is not None:
+            res.close()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_res"] = None
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:  # the URL only: storage_options may hold credentials
+        return f"{type(self).__name__}({self.checkpoint_id!r})"
+
+
+class FmstoreStorageWriter(_Base, StorageWriter):
+    """Writes what ``dcp.save`` / ``dcp.async_save`` plan as one fmstore snapshot under ``root``.
+
+    Parameters:
+        root: a directory or fsspec URL (``s3://bucket/run1``); a ``checkpoint_id`` of the form
+            ``<root>/step-NNNNNNNNNN`` given to ``dcp.save`` overrides it and ``step``.
+        step: the snapshot's step; None: the step after the newest committed one (decided by
+            the coordinator, so all ranks agree; 0 for an empty root).  Then wait for an
+            ``async_save`` before starting the next, which would otherwise pick the same step.
+        storage_options: passed to fsspec untouched.
+        compression: None (raw) or ``"lossless"``; ``codec``: ``"zstd"`` (byte planes + zstd)
+            or ``"huffman"`` (FMHS on the CPU reference: slow, for checks).
+        quantize: tensor-name patterns (``fsdp/optim/state/*/exp_avg``, :data:`MOMENTS`) stored
+            lossily as blockwise int8, as in :class:`~fmstore.Checkpointer`.
+        incremental: tensors whose bytes did not change since the newest committed snapshot
+            are referenced there instead of written again.
+
+    Each rank writes one shard file; the coordinator commits ``manifest.json`` in ``finish``,
+    so a failure anywhere before leaves no committed snapshot.  A step that is committed
+    already is never overwritten (an :class:`FmstoreError`).  Non-tensor values must be JSON
+    (None, bool, int, float, str in dicts/lists/tuples); anything else is refused with an
+    :class:`UnsupportedValueError` naming its key.  With ``enable_plan_caching=True`` the
+    planner reuses old plans: give each save its step (``checkpoint_id`` or ``step``).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        step: int | None = None,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        compression: str | None = None,
+        codec: str = "zstd",
+        quantize: tuple[str, ...] | list[str] | str = (),
+        incremental: bool = True,
+        io_threads: int = 8,
+    ) -> None:
+        super().__init__(root, step, storage_options, io_threads)
+        if compression not in COMPRESSION:
+            raise ConfigError(
+                f"compression must be one of {sorted(COMPRESSION, key=str)}, got {compression!r}"
+            )
+        if codec not in CODECS:
+            raise ConfigError(f"codec must be one of {list(CODECS)}, got {codec!r}")
+        self.compression = COMPRESSION[compression]
+        self.codec = codec
+        self.quantize = (quantize,) if isinstance(quantize, str) else tuple(quantize)
+        self.incremental = incremental
+        self.is_coordinator = True
+        self._planned_step: int | None = None
+        self._save_id = uuid.uuid4().hex
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        super().reset(checkpoint_id)
+        self._save_id = uuid.uuid4().hex
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self.checkpoint_id, save_id=self._save_id)
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+        self.rank = int(kwargs.get("rank") or 0)
+        if not kwargs.get("use_collectives", True) and dist.is_initialized() and dist.get_world_size() > 1:
+            # Then every rank would "finish" alone and commit a manifest of its own part.
+            raise ConfigError(
+                "FmstoreStorageWriter commits one manifest for all ranks; dcp.save(use_collectives=False) "
+                "is not supported on several ranks"
+            )
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        """Coordinator: decide the step (one for all ranks) and the tensors' fmstore names."""
+        level = self._level()
+        steps = level.steps()
+        step = self.step if self.step is not None else (steps[-1] + 1 if steps else 0)
+        _refuse_committed(step, steps, self.root)
+        mappings: dict[str, Any] = {}
+        for p in plans:
+            mappings.update(_mappings(p.planner_data))
+        shapes = [
+            (item.index.fqn, _placeholder(item.tensor_data.size, item.tensor_data.properties.dtype))
+            for p in plans
+            for item in p.items
+            if item.type != WriteItemType.BYTE_IO and item.tensor_data is not None
+        ]
+        names = _names(shapes, mappings)
+        self._planned_step = step
+        return [
+            dataclasses.replace(
+                p,
+                storage_data=_PlanData(
+                    step, i, {it.index.fqn: names[it.index.fqn] for it in p.items if it.index.fqn in names}
+                ),
+            )
+            for i, p in enumerate(plans)
+        ]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        """Write this rank's items: its tensors into one shard file, its values as JSON."""
+        info = plan.storage_data
+        if not isinstance(info, _PlanData):
+            raise FmstoreError(
+                "FmstoreStorageWriter.write_data got a plan its prepare_global_plan did not see; "
+                "save through torch.distributed.checkpoint.save / async_save"
+            )
+        step = self.step if self.step is not None else info.step
+        level = self._level(info.rank, incremental=self.incremental)  # its base: the newest step before
+        _refuse_committed(step, level.steps(), self.root)
+        results: list[WriteResult] = []
+        tensors: dict[str, tuple[WriteItem, torch.Tensor]] = {}
+        for item in plan.items:
+            fqn = item.index.fqn
+            if item.type == WriteItemType.BYTE_IO:
+                node = _json_node(fqn, _lookup_object(planner, item))
+                results.append(WriteResult(item.index, 0, _ResultData(step, info.rank, value=node)))
+                continue
+            name = info.names.get(fqn)
+            if name is None or item.tensor_data is None:
+                raise FmstoreError(
+                    f"tensor {fqn!r} is not in the plan the coordinator made for rank {info.rank}"
+                )
+            if name in tensors:
+                raise FmstoreError(
+                    f"tensor {fqn!r} has several chunks on rank {info.rank}; an fmstore snapshot holds one "
+                    "piece of a tensor per rank (shard it as a DTensor)"
+                )
+            data = planner.resolve_data(item)
+            if not isinstance(data, torch.Tensor):
+                raise FmstoreError(f"the planner resolved tensor {fqn!r} to a {type(data).__name__}")
+            data = data.detach()
+            if tuple(data.shape) != tuple(item.tensor_data.chunk.sizes):
+                raise FmstoreError(
+                    f"tensor {fqn!r}: the planner gave shape {list(data.shape)} for a chunk of "
+                    f"{list(item.tensor_data.chunk.sizes)}"
+                )
+            tensors[name] = (item, data)
+        results += self._write_tensors(level, step, info.rank, tensors)
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result(results)
+        return fut
+
+    def _write_tensors(
+        self, level: SnapshotLevel, step: int, rank: int, tensors: dict[str, tuple[WriteItem, torch.Tensor]]
+    ) -> list[WriteResult]:
+        if not tensors:
+            return []
+        res = self._resources()
+        staged, held = _stage(res, {name: t for name, (_, t) in tensors.items()})
+        try:
+            pieces = [
+                Piece(name, t, tuple(it.tensor_data.size), tuple(it.tensor_data.chunk.offsets), True)
+                for name, (it, t) in tensors.items()
+            ]
+            items = res.builder(self.compression, self.codec, self.quantize).items(
+                [staged[name] for name in tensors], pieces
+            )
+            local = level.write_local(step, items)
+        finally:
+            if held is not None:
+                held.release()
+        out = []
+        for i, (name, (item, _)) in enumerate(tensors.items()):
+            shard = local.entries[name].shards[0]
+            data = _ResultData(
+                step, rank, name=name, shard=asdict(shard), files=local.files if i == 0 else {}
+            )
+            out.append(WriteResult(item.index, shard.end - shard.begin, data))
+        return out
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """Coordinator: merge every rank's results into the manifest and commit it."""
+        datas = [r.storage_data for rank_results in results for r in rank_results]
+        if any(not isinstance(d, _ResultData) for d in datas):
+            raise FmstoreError("FmstoreStorageWriter.finish got results another storage writer made")
+        steps = {d.step for d in datas} or {self.step if self.step is not None else self._planned_step}
+        if len(steps) != 1 or None in steps:
+            raise FmstoreError(
+                f"the ranks wrote different steps {sorted(map(str, steps))}; nothing is committed"
+            )
+        (step,) = steps
+        assert step is not None
+        by_fqn: dict[str, tuple[str, list[Shard]]] = {}
+        values: dict[str, dict[str, Any]] = {}
+        files: dict[str, int] = {}
+        for rank_results in results:
+            for r in rank_results:
+                d = r.storage_data
+                files.update(d.files)
+                if d.value is not None:
+                    values[r.index.fqn] = d.value
+                else:
+                    by_fqn.setdefault(r.index.fqn, (d.name, []))[1].append(Shard(**d.shard))
+        mappings = _mappings(metadata.planner_data)
+        entries: dict[str, TensorEntry] = {}
+        nested: dict[str, Any] = {}
+        for fqn, md in metadata.state_dict_metadata.items():
+            if isinstance(md, TensorStorageMetadata):
+                name, shards = by_fqn.get(fqn, ("", []))
+                saved = {tuple(s.offsets) for s in shards}
+                if saved != {tuple(c.offsets) for c in md.chunks}:
+                    raise FmstoreError(
+                        f"step {step} not committed: not every chunk of tensor {fqn!r} was written"
+                    )
+                entries[name] = TensorEntry(dtype_name(md.properties.dtype), list(md.size), shards)
+                set_element(nested, _path(fqn, mappings), _placeholder(md.size, md.properties.dtype))
+            else:
+                if fqn not in values:
+                    raise FmstoreError(f"step {step} not committed: no rank wrote value {fqn!r}")
+                set_element(nested, _path(fqn, mappings), unflatten(values[fqn], {}))
+        _, tree, _ = flatten(nested)
+        leaves = tensor_leaves(tree)
+        fqns: dict[str, str | None] = {}
+        for fqn, md in metadata.state_dict_metadata.items():
+            name = by_fqn[fqn][0] if isinstance(md, TensorStorageMetadata) else None
+            if name is not None and leaves.get(_path(fqn, mappings)) != name:
+                raise FmstoreError(f"step {step} not committed: tensor {fqn!r} was written as {name!r}")
+            fqns[fqn] = name
+        sm = self.storage_meta()
+        meta = {
+            META_KEY: {
+                "fqns": fqns,  # DCP's flattened keys -> tensor names (None: a value in the tree)
+                "storage_meta": {"checkpoint_id": str(sm.checkpoint_id), "save_id": sm.save_id},
+                "version": getattr(metadata, "version", None),
+            }
+        }
+        level = self._level()
+        _refuse_committed(step, level.steps(), self.root)
+        level.commit(step, entries, files, tree, meta, world_size=len(results))
+        self._save_id = uuid.uuid4().hex  # the next save is another one
+
+
+class FmstoreStorageReader(_Base, StorageReader):
+    """Reads a committed fmstore snapshot (written by DCP through :class:`FmstoreStorageWriter`
+    or by ``Checkpointer.save``) for ``dcp.load``.
+
+    ``step`` None: the newest committed snapshot at ``read_metadata`` (pass ``step`` or a
+    ``checkpoint_id`` when ranks might see different newest ones).  Every byte read is checked
+    against the manifest's checksums (a damaged shard raises :class:`ChecksumError` naming the
+    tensor); tensors go straight into the planner's targets, CPU or CUDA, resharded as DCP
+    plans.  Non-tensor values come from the manifest's JSON tree.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        step: int | None = None,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        io_threads: int = 8,
+    ) -> None:
+        super().__init__(root, step, storage_options, io_threads)
+        self._view: _View | None = None
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        super().reset(checkpoint_id)
+        self._view = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        manifest = self._level().manifest(self.step)
+        self._view = view = _view_of(manifest, rank)
+        info = manifest.meta.get(META_KEY, {})
+        sm = info.get("storage_meta", {})
+        md = Metadata(
+            state_dict_metadata=view.metadata,
+            planner_data=view.mappings,
+            storage_meta=StorageMeta(
+                checkpoint_id=sm.get("checkpoint_id", f"{self.root.rstrip('/')}/{step_dir(manifest.step)}"),
+                save_id=sm.get("save_id"),
+                load_id=uuid.uuid4().hex,
+            ),
+        )
+        md.version = info.get("version")
+        return md
+
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        self.rank = int(kwargs.get("rank") or 0)
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        """Fill the plan's tensors with one checked read of all their regions; hand the values
+        to the planner."""
+        view = self._view
+        if view is None:
+            raise FmstoreError("FmstoreStorageReader.read_data before read_metadata; load through dcp.load")
+        regions: list[Region] = []
+        casts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        commits: list[tuple[ReadItem, torch.Tensor]] = []
+        for item in plan.items:
+            fqn = item.storage_index.fqn
+            if item.type == LoadItemType.BYTE_IO:
+                if fqn not in view.values:
+                    raise FmstoreError(f"snapshot step {view.manifest.step} has no value {fqn!r}")
+                # DCP's planner torch.loads what it is given: these bytes are a pickle made here,
+                # now, of a value decoded from the manifest's JSON, never bytes read from storage.
+                buf = io.BytesIO()
+                torch.save(view.values[fqn], buf)
+                buf.seek(0)
+                planner.load_bytes(item, buf)
+                continue
+            name = view.names.get(fqn)
+            if name is None:
+                raise FmstoreError(f"snapshot step {view.manifest.step} has no tensor {fqn!r}")
+            dest = planner.resolve_tensor(item).detach()
+            if tuple(dest.shape) != tuple(item.lengths):
+                raise LoadMismatchError(
+                    f"tensor {fqn!r}: the planner's target has shape {list(dest.shape)} for a read of "
+                    f"{list(item.lengths)}"
+                )
+            offsets = tuple(int(a) + int(b) for a, b in zip(item.storage_index.offset, item.storage_offsets))
+            saved = dtype_from_name(view.manifest.tensors[name].dtype)
+            if dest.dtype != saved:  # DCP converts on load (copy_): read as saved, then convert
+                tmp = torch.empty(tuple(dest.shape), dtype=saved)
+                casts.append((dest, tmp))
+                regions.append(Region(name, offsets, tmp))
+            else:
+                regions.append(Region(name, offsets, dest))
+            commits.append((item, dest))
+        res = self._resources()
+        SnapshotReader(res.storage, view.manifest, pool=res.read_pool).read(regions)
+        for dest, tmp in casts:
+            dest.copy_(tmp)
+        for item, dest in commits:
+            planner.commit_tensor(item, dest)
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _refuse_committed(step: int, steps: list[int], root: str) -> None:
+    if step in steps:
+        raise FmstoreError(f"step {step} is already committed under {root!r}; it is never overwritten")
+
+
+def _mappings(planner_data: Any) -> dict[str, tuple[Any, ...]]:
+    """DefaultSavePlanner's flatten mapping (flattened key -> path in the nested state dict);
+    another planner's data is ignored (the flat keys are then the paths)."""
+    if not isinstance(planner_data, dict):
+        return {}
+    return {
+        k: tuple(v)
+        for k, v in planner_data.items()
+        if isinstance(k, str) and isinstance(v, (tuple, list)) and v
+    }
+
+
+def _path(fqn: str, mappings: dict[str, tuple[Any, ...]]) -> tuple[Any, ...]:
+    return mappings.get(fqn, (fqn,))
+
+
+def _placeholder(size: Any, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(tuple(size), dtype=dtype, device="meta")
+
+
+def _names(shapes: list[tuple[str, torch.Tensor]], mappings: dict[str, tuple[Any, ...]]) -> dict[str, str]:
+    """fqn -> the name ``Checkpointer.save`` gives the tensor at that path of the nested state."""
+    nested: dict[str, Any] = {}
+    for fqn, placeholder in shapes:
+        set_element(nested, _path(fqn, mappings), placeholder)
+    _, tree, _ = flatten(nested)
+    leaves = tensor_leaves(tree)
+    return {fqn: leaves[_path(fqn, mappings)] for fqn, _ in shapes}
+
+
+def _lookup_object(planner: SavePlanner, item: WriteItem) -> Any:
+    """The non-tensor value itself (DefaultSavePlanner's ``resolve_data`` would pickle it)."""
+    lookup = getattr(planner, "lookup_object", None)
+    if lookup is None:
+        raise FmstoreError(
+            f"cannot save value {item.index.fqn!r}: {type(planner).__name__} has no lookup_object(), and "
+            "FmstoreStorageWriter stores values as JSON, not as the pickle resolve_data() makes; use "
+            "DefaultSavePlanner or a subclass of it"
+        )
+    return lookup(item.index)
+
+
+def _json_node(fqn: str, obj: Any) -> dict[str, Any]:
+    """The tree node of a JSON value (tuples and non-finite floats kept), or an
+    :class:`UnsupportedValueError` naming ``fqn``."""
+    try:
+        tensors, node, _ = flatten(obj)
+    except UnsupportedValueError as e:
+        raise UnsupportedValueError(f"cannot save DCP value {fqn!r}: {e}") from None
+    if tensors:
+        raise UnsupportedValueError(
+            f"cannot save DCP value {fqn!r}: a {type(obj).__name__} holding tensors, which DCP saves as "
+            "one pickled object; put the tensors in a dict or a list instead"
+        )
+    return node
+
+
+def _stage(
+    res: _Resources, tensors: dict[str, torch.Tensor]
+) -> tuple[dict[str, StagedTensor], Staged | None]:
+    """Host bytes of each tensor: CPU tensors as they are (a contiguous copy only for a
+    non-contiguous view: DCP waits in write_data, so they cannot change meanwhile), device
+    tensors through the pinned staging pool (the Staged to release once written)."""
+    out: dict[str, StagedTensor] = {}
+    device = {}
+    for name, t in tensors.items():
+        if t.device.type == "cpu":
+            out[name] = StagedTensor(name, t.dtype, tuple(t.shape), as_bytes_tensor(t))
+        else:
+            device[name] = t
+    if not device:
+        return out, None
+    staged = res.stager.stage(device)
+    try:
+        staged.wait()
+    except BaseException:
+        staged.release()
+        raise
+    out.update({st.name: st for st in staged.tensors})
+    return out, staged
+
+
+@dataclass
+class _View:
+    """A snapshot as DCP sees it: flattened keys, their storage metadata, values and names."""
+
+    manifest: Manifest
+    metadata: dict[str, TensorStorageMetadata | BytesStorageMetadata]
+    mappings: dict[str, tuple[Any, ...]]
+    names: dict[str, str]  # fqn -> tensor name
+    values: dict[str, Any]  # fqn -> non-tensor value
+
+
+def _view_of(manifest: Manifest, rank: int) -> _View:
+    """Rebuild the nested state with meta-tensor placeholders from the manifest's tree, then
+    flatten it as DCP does: the keys are those DCP gave (or would give) the state."""
+    placeholders: dict[str, torch.Tensor] = {}
+    names_by_id: dict[int, str] = {}
+    for name, entry in manifest.tensors.items():
+        t = _placeholder(entry.shape, dtype_from_name(entry.dtype))
+        placeholders[name] = t
+        names_by_id[id(t)] = name
+    nested = unflatten(_arrays_as_tensors(manifest.tree), placeholders, rank)
+    if not isinstance(nested, dict):
+        nested = {"state": nested}  # DCP's state is a dict; a snapshot of another root gets a key
+    flat, mappings = flatten_state_dict(nested)
+    metadata: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
+    names: dict[str, str] = {}
+    values: dict[str, Any] = {}
+    for fqn, v in flat.items():
+        name = names_by_id.get(id(v)) if isinstance(v, torch.Tensor) else None
+        if name is None:
+            metadata[fqn] = BytesStorageMetadata()
+            values[fqn] = v
+            continue
+        entry = manifest.tensors[name]
+        names[fqn] = name
+        metadata[fqn] = TensorStorageMetadata(
+            properties=TensorProperties(dtype=dtype_from_name(entry.dtype)),
+            size=torch.Size(entry.shape),
+            chunks=[ChunkStorageMetadata(torch.Size(s.offsets), torch.Size(s.lengths)) for s in entry.shards],
+        )
+    return _View(manifest, metadata, {k: tuple(p) for k, p in mappings.items()}, names, values)
+
+
+def _arrays_as_tensors(node: dict[str, Any]) -> dict[str, Any]:
+    """The tree with numpy-array leaves read as tensors (DCP knows no arrays; unflatten would
+    call ``.numpy()`` on the placeholders)."""
+    kind = node["t"]
+    if kind == "ndarray":
+        return {**node, "t": "tensor"}
+    if kind in ("dict", "odict"):
+        return {**node, "items": [[k, _arrays_as_tensors(v)] for k, v in node["items"]]}
+    if kind in ("list", "tuple"):
+        return {**node, "items": [_arrays_as_tensors(v) for v in node["items"]]}
+    if kind == "per_rank":
+        return {**node, "ranks": {r: _arrays_as_tensors(v) for r, v in node["ranks"].items()}}
+    return node
