@@ -279,3 +279,40 @@ def test_state_keys_error_pickles(tmp_path):
     e = StateKeysError("msg", ["a"], ["b"])
     back = pickle.loads(pickle.dumps(e))
     assert type(back) is StateKeysError and back.missing == ["a"] and back.unexpected == ["b"] and str(back) == "msg"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_non_blocking_save_of_cuda_state_keeps_the_step(tmp_path):
+    """On a GPU the copies run on a side stream: BatchNorm's buffers (changed by forward) are
+    copied before the caller's stream goes on, the parameters while forward/backward run."""
+    torch.manual_seed(0)
+
+    def build():
+        return torch.nn.Sequential(
+            torch.nn.Linear(1024, 4096), torch.nn.BatchNorm1d(4096), torch.nn.Linear(4096, 1024)
+        ).cuda()
+
+    model = build()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(256, 1024, device="cuda")
+    for _ in range(2):
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    before = weights(model)
+    moments = {k: v.clone() for k, v in opt.state[model[0].weight].items()}
+    with Checkpointer(tmp_path, policy=Policy(host_memory=1)) as ck:
+        handle = ck.save(1, {"model": model, "optim": opt}, block=False)
+        for _ in range(3):  # forward changes the buffers at once; the first step waits for the copy
+            model(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        handle.wait()
+        fresh = build()
+        fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+        ck.load({"model": fresh, "optim": fresh_opt}, level="local")
+    for k, v in weights(fresh).items():
+        assert torch.equal(v, before[k]), k
+    for k, v in fresh_opt.state[fresh[0].weight].items():
+        assert torch.equal(v, moments[k]), k
