@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import shutil
 import statistics
@@ -89,23 +90,21 @@ class Result:
 
 
 class StepTimes:
-    """Per-step wall times (host side) and the synchronized total after the warm-up."""
+    """Per-step wall times (host side), synchronized at the end of the warm-up and of the last step."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
+    def __init__(self, warmup: int, steps: int) -> None:
+        self.warmup, self.last = warmup, warmup + steps
         self.marks: list[float] = []
 
     def mark(self, step: int) -> None:
-        if step == self.warmup:
+        if step in (self.warmup, self.last):
             sync()
-        self.marks.append(time.perf_counter())
+        if step >= self.warmup:
+            self.marks.append(time.perf_counter())
 
     def result(self, trainer: str, name: str, note: str = "") -> Result:
-        sync()
-        end = time.perf_counter()
-        marks = self.marks[self.warmup - 1 :] + [end]
-        steps = [b - a for a, b in zip(marks, marks[1:])]
-        return Result(trainer, name, (marks[-1] - marks[0]) / max(1, len(steps)), statistics.median(steps), note)
+        steps = [b - a for a, b in zip(self.marks, self.marks[1:])]
+        return Result(trainer, name, (self.marks[-1] - self.marks[0]) / len(steps), statistics.median(steps), note)
 
 
 # ---------------------------------------------------------------------------- Lightning
@@ -118,7 +117,7 @@ def run_lightning(name: str, args: argparse.Namespace, workdir: str) -> Result:
 
     from fmstore.integrations.lightning import FmstoreCheckpoint
 
-    times = StepTimes(args.warmup)
+    times = StepTimes(args.warmup, args.steps)
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
@@ -192,7 +191,7 @@ def run_hf(name: str, args: argparse.Namespace, workdir: str) -> Result:
 
     from fmstore.integrations.hf import FmstoreCallback
 
-    times = StepTimes(args.warmup)
+    times = StepTimes(args.warmup, args.steps)
 
     class Timer(TrainerCallback):
         def on_step_end(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -278,7 +277,9 @@ def host_save_wait(workdir: str, nbytes: int = 512 << 20) -> tuple[float, float]
     """(seconds a host-memory save takes while step 4's durable persist is in flight, seconds a
     host-memory save takes alone), with ``Policy(host_memory=1, every=4)``."""
     state = {"w": torch.randn(nbytes // 4, device=DEVICE)}
-    with Checkpointer(os.path.join(workdir, "policy"), policy=Policy(host_memory=1, every=4)) as ck:
+    root = os.path.join(workdir, "policy")
+    shutil.rmtree(root, ignore_errors=True)
+    with Checkpointer(root, policy=Policy(host_memory=1, every=4)) as ck:
         ck.save(1, state).wait()
         ck.save(2, state)
         t0 = time.perf_counter()
@@ -290,6 +291,7 @@ def host_save_wait(workdir: str, nbytes: int = 512 << 20) -> tuple[float, float]
         behind = time.perf_counter() - t0
         assert not durable.done() or behind < alone * 5, "step 4 finished before step 5 was measured"
         durable.wait()
+    shutil.rmtree(root, ignore_errors=True)
     return behind, alone
 
 
@@ -298,7 +300,12 @@ def main() -> None:
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--k", type=int, default=10, help="durable checkpoint every k steps")
+    ap.add_argument(
+        "--k",
+        default="auto",
+        help="durable checkpoint every k steps; auto: enough steps for the raw write of the state "
+        "to take at most half of them (from the run without checkpoints)",
+    )
     ap.add_argument("--trainer", choices=["lightning", "hf", "both"], default="both")
     ap.add_argument("--dir", default="fmstore-data/bench-integration")
     args = ap.parse_args()
@@ -309,7 +316,7 @@ def main() -> None:
     d, layers, *_ = SIZES[args.size]
     print(
         f"model:   GPT-2 {args.size} (n_embd {d}, {layers} layers), {DTYPE}, AdamW; state {format_size(nbytes)}; "
-        f"{args.steps} steps after {args.warmup}; durable every k={args.k}"
+        f"{args.steps} steps after {args.warmup}; durable every k={args.k} steps"
     )
     print(
         f"raw:     state to {'pinned ' if CUDA else ''}host memory {raw['copy'] * 1e3:.1f} ms "
@@ -324,8 +331,14 @@ def main() -> None:
         "hf": ["none", "fmstore", "Trainer.save"],
     }
     results: list[Result] = []
+    fixed_k = None if args.k == "auto" else int(args.k)
     for trainer in ["lightning", "hf"] if args.trainer == "both" else [args.trainer]:
         for name in runs[trainer]:
+            if name != "none":
+                base = next(x for x in results if x.trainer == trainer and x.name == "none")
+                args.k = fixed_k or max(2, math.ceil(2 * raw["write"] / base.mean))
+            else:
+                args.k = fixed_k or 10
             workdir = os.path.join(args.dir, f"{trainer}-{name}")
             shutil.rmtree(workdir, ignore_errors=True)
             os.makedirs(workdir)
@@ -334,7 +347,7 @@ def main() -> None:
             base = next(x for x in results if x.trainer == trainer and x.name == "none")
             print(
                 f"{trainer:<10} {name:<18} {r.mean * 1e3:8.1f} ms/step (median {r.median * 1e3:7.1f})  "
-                f"{r.mean / base.mean:5.3f}x no checkpoints  {r.note}",
+                f"{r.mean / base.mean:5.3f}x no checkpoints  k={args.k if name != 'none' else '-'}  {r.note}",
                 flush=True,
             )
             shutil.rmtree(workdir, ignore_errors=True)

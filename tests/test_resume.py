@@ -316,3 +316,22 @@ def test_non_blocking_save_of_cuda_state_keeps_the_step(tmp_path):
         assert torch.equal(v, before[k]), k
     for k, v in fresh_opt.state[fresh[0].weight].items():
         assert torch.equal(v, moments[k]), k
+
+
+def test_saved_names_are_dcps(tmp_path):
+    """Modules and their optimizers are saved under torch DCP's names (computed once per module
+    and cached, since DCP's getters check the whole model on each call)."""
+    from torch.distributed.checkpoint import state_dict as dsd
+
+    from fmstore.checkpoint.stateful import for_save
+
+    model, opt, sched = make()
+    step(model, opt, sched)
+    saved = for_save({"model": model, "optim": opt}).state
+    ref_model, ref_opt = dsd.get_model_state_dict(model), dsd.get_optimizer_state_dict(model, opt)
+    assert list(saved["model"]) == list(ref_model)
+    assert all(saved["model"][k].data_ptr() == ref_model[k].data_ptr() for k in ref_model)
+    assert saved["optim"]["param_groups"] == ref_opt["param_groups"]
+    assert list(saved["optim"]["state"]) == list(ref_opt["state"]) == ["0.weight", "0.bias", "1.weight", "1.bias", "2.weight", "2.bias"]
+    for k, st in ref_opt["state"].items():
+        assert all(torch.equal(saved["optim"]["state"][k][n], v) for n, v in st.items())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from math import prod
+from typing import Any
 
 import torch
 
@@ -48,12 +49,20 @@ def check_target(
         )
 
 
+_DTENSOR: Any = None  # the DTensor class, looked up once (this runs per tensor per save)
+
+
 def is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
+    global _DTENSOR
+    if type(t) is torch.Tensor:
         return False
-    return isinstance(t, DTensor)
+    if _DTENSOR is None:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # pragma: no cover - torch without distributed
+            return False
+        _DTENSOR = DTensor
+    return isinstance(t, _DTENSOR)
 
 
 def dtensor_region(t: torch.Tensor, name: str) -> tuple[torch.Tensor, tuple[int, ...], bool]:

@@ -94,6 +94,12 @@ class Staged:
             r()
 
 
+#: Tensors up to this size are packed into one buffer per device and copied at once.
+SMALL = 256 << 10
+#: Offsets of packed tensors are multiples of this (any dtype's alignment).
+ALIGN = 64
+
+
 class Stager:
     """Copies tensors into pooled host buffers (pinned when CUDA is present)."""
 
@@ -113,54 +119,49 @@ class Stager:
         """Copy ``tensors`` to pooled host memory.  Where ``gpu_encode(name, tensor)`` gives an
         element width, the tensor is encoded on its GPU first (FMHS stream, see
         :mod:`fmstore.codec.huffman`) and only the encoded bytes cross PCIe; that copy has
-        landed when this returns.  ``deferred``: see the module docstring."""
+        landed when this returns.  Tensors of at most :data:`SMALL` bytes are packed into one
+        buffer per device (one copy instead of hundreds: a model's biases, norms and Adam's
+        step counters).  ``deferred``: see the module docstring."""
         staged = Staged([], None)
         encode_jobs: list[tuple[int, tuple]] = []  # GPU encodes, run together as one pipeline
         on_device = [t for t in tensors.values() if t.device.type == "cuda"]
         ordered = deferred is not None  # the caller goes on before the copies land
         deferred = deferred or set()
-        # Tensors that must not race the caller's next work are copied first.
-        order = [n for n in tensors if n not in deferred] + [n for n in tensors if n in deferred]
         slots: dict[str, int] = {}
         cpu_later: list[tuple[torch.Tensor, torch.Tensor]] = []
-        first_done = False
         try:
             if on_device and self._stream is not None:
                 # Copy after the work the caller already queued (e.g. the optimizer step).
                 self._stream.wait_stream(torch.cuda.current_stream(on_device[0].device))
-            for name in order:
-                t = tensors[name]
-                if name in deferred and not first_done:
-                    first_done = True
+            # Tensors that must not race the caller's next work are copied first.
+            for later in (False, True):
+                if later and ordered:
                     self._order_before_caller(on_device)
-                slots[name] = len(staged.tensors)
-                src = as_bytes_tensor(t)
-                width = gpu_encode(name, t) if gpu_encode is not None and src.device.type == "cuda" else None
-                if width:
-                    from ..codec import gpu as gpu_codec
+                small: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+                for name, t in tensors.items():
+                    if (name in deferred) != later:
+                        continue
+                    slots[name] = len(staged.tensors)
+                    src = as_bytes_tensor(t)
+                    width = gpu_encode(name, t) if gpu_encode is not None and src.device.type == "cuda" else None
+                    if width:
+                        from ..codec import gpu as gpu_codec
 
-                    buf, release = self.pool.acquire(gpu_codec.huff_host_bytes(src.numel(), width))
+                        buf, release = self.pool.acquire(gpu_codec.huff_host_bytes(src.numel(), width))
+                        staged.releases.append(release)
+                        encode_jobs.append((len(staged.tensors), (src, width, buf, None)))
+                        codec = [f"planes{width}", "huff"]
+                        staged.tensors.append(StagedTensor(name, t.dtype, tuple(t.shape), buf[:0], codec))
+                        continue
+                    staged.tensors.append(StagedTensor(name, t.dtype, tuple(t.shape), src[:0]))
+                    if src.numel() <= SMALL and src.device.type in ("cpu", "cuda"):
+                        small.setdefault(src.device.type, []).append((name, t, src))
+                        continue
+                    buf, release = self.pool.acquire(src.numel())
                     staged.releases.append(release)
-                    encode_jobs.append((len(staged.tensors), (src, width, buf, None)))
-                    codec = [f"planes{width}", "huff"]
-                    staged.tensors.append(StagedTensor(name, t.dtype, tuple(t.shape), buf[:0], codec))
-                    continue
-                buf, release = self.pool.acquire(src.numel())
-                staged.releases.append(release)
-                dst = buf[: src.numel()]
-                if src.device.type == "cuda" and self._stream is not None:
-                    with torch.cuda.stream(self._stream):
-                        dst.copy_(src, non_blocking=True)
-                        src.record_stream(self._stream)  # keep the source alive until copied
-                elif src.device.type == "cpu" and name in deferred:
-                    cpu_later.append((dst, src))
-                elif src.device.type in ("cpu", "cuda"):
-                    dst.copy_(src)
-                else:
-                    dst.copy_(src.cpu())
-                staged.tensors.append(StagedTensor(name, t.dtype, tuple(t.shape), dst))
-            if ordered and not first_done:
-                self._order_before_caller(on_device)
+                    staged.tensors[-1].data = self._copy(buf[: src.numel()], src, later, cpu_later)
+                for group in small.values():
+                    self._copy_packed(group, staged, slots, later, cpu_later)
             if encode_jobs:
                 from ..codec import gpu as gpu_codec
 
@@ -191,6 +192,55 @@ class Stager:
         # The tensors in their given order (the persist pairs them with the save's pieces).
         staged.tensors = [staged.tensors[slots[n]] for n in tensors]
         return staged
+
+    def _copy(
+        self, dst: torch.Tensor, src: torch.Tensor, later: bool, cpu_later: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
+        """Queue (GPU), defer (CPU, ``later``) or make the copy of ``src`` into ``dst``."""
+        if src.device.type == "cuda" and self._stream is not None:
+            with torch.cuda.stream(self._stream):
+                dst.copy_(src, non_blocking=True)
+                src.record_stream(self._stream)  # keep the source alive until copied
+        elif src.device.type == "cpu" and later:
+            cpu_later.append((dst, src))
+        elif src.device.type in ("cpu", "cuda"):
+            dst.copy_(src)
+        else:
+            dst.copy_(src.cpu())
+        return dst
+
+    def _copy_packed(
+        self,
+        group: list[tuple[str, torch.Tensor, torch.Tensor]],
+        staged: Staged,
+        slots: dict[str, int],
+        later: bool,
+        cpu_later: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        """Small tensors of one device through one host buffer: packed on their device (one
+        concatenation), one copy; each staged tensor is a slice at an aligned offset."""
+        offsets, pos = [], 0
+        for _, _, src in group:
+            offsets.append(pos)
+            pos += -(-src.numel() // ALIGN) * ALIGN  # aligned: a slice views as any dtype
+        buf, release = self.pool.acquire(max(pos, 1))
+        staged.releases.append(release)
+        parts = []
+        for (_, _, src), off in zip(group, offsets):
+            parts.append(src)
+            pad = -src.numel() % ALIGN
+            if pad:
+                parts.append(src.new_zeros(pad))
+        if group[0][2].device.type == "cuda" and self._stream is not None:
+            with torch.cuda.stream(self._stream):
+                packed = torch.cat(parts)  # on the side stream: ordered after the caller's work
+                buf[:pos].copy_(packed, non_blocking=True)
+            for _, _, src in group:
+                src.record_stream(self._stream)
+        else:
+            self._copy(buf[:pos], torch.cat(parts), later, cpu_later)
+        for (name, _, src), off in zip(group, offsets):
+            staged.tensors[slots[name]].data = buf[off : off + src.numel()]
 
     def _order_before_caller(self, on_device: list[torch.Tensor]) -> None:
         """Make the caller's stream wait for the copies queued so far (the non-deferred ones)."""

@@ -15,6 +15,7 @@ restores its own.
 from __future__ import annotations
 
 import random
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .sharding import is_dtensor
 from .tree import MISSING, PerRank
 
 __all__ = ["RNGState", "is_stateful", "init_optimizer_state"]
@@ -176,9 +178,84 @@ def _replace(state: Any, values: dict[tuple[Any, ...], Any], path: tuple[Any, ..
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    from .sharding import is_dtensor
-
     return t.to_local() if is_dtensor(t) else t
+
+
+# torch DCP's getters check the whole model on every call (24 ms for a 20-layer GPT-2 on a slow
+# core, per save); a snapshot every step cannot pay that.  Its naming of a module's state-dict
+# keys (wrapper prefixes dropped) depends only on the module tree, so it is computed once per
+# module and key set, and the state dicts are renamed with it, as DCP's getters do.
+_NAMES: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, str]] = weakref.WeakKeyDictionary()
+_OPT_NAMES: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[Any, tuple[int, ...], list[str]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _canonical(model: torch.nn.Module, keys: Any) -> dict[str, str] | None:
+    """DCP's name for each state-dict key of ``model``, or None where DCP's own getters must run
+    (FSDP1's flat parameters, a torch without the naming function)."""
+    cached = _NAMES.get(model)
+    if cached is not None and cached.keys() == set(keys):
+        return cached
+    try:
+        from torch.distributed.checkpoint.state_dict import _get_fqns
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - another torch: DCP's getters
+        return None
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        return None
+    out = {}
+    for k in keys:
+        fqns = _get_fqns(model, k)
+        if len(fqns) != 1:
+            return None
+        out[k] = next(iter(fqns))
+    _NAMES[model] = out
+    return out
+
+
+def _model_state(model: torch.nn.Module) -> dict[str, Any]:
+    """What DCP's ``get_model_state_dict`` gives (sharded DTensors stay sharded)."""
+    sd = model.state_dict()
+    names = _canonical(model, sd.keys())
+    if names is None:
+        from torch.distributed.checkpoint import state_dict as dsd
+
+        return dsd.get_model_state_dict(model)
+    return {names[k]: v for k, v in sd.items() if not (isinstance(v, torch.Tensor) and v.is_meta)}
+
+
+def _param_names(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str] | None:
+    """DCP's name of each of ``opt``'s parameters, in its order (None: DCP's getters)."""
+    params = tuple(id(p) for group in opt.param_groups for p in group["params"])
+    cached = _OPT_NAMES.get(opt)
+    if cached is not None and cached[0]() is model and cached[1] == params:
+        return cached[2]
+    named = dict(model.named_parameters())
+    names = _canonical(model, named.keys())
+    if names is None:
+        return None
+    by_id = {id(p): names[k] for k, p in named.items()}
+    if any(i not in by_id for i in params):
+        return None
+    out = [by_id[i] for i in params]
+    _OPT_NAMES[opt] = (weakref.ref(model), params, out)
+    return out
+
+
+def _optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """What DCP's ``get_optimizer_state_dict`` gives for an optimizer with state: its state
+    dict with parameter names for indices."""
+    names = _param_names(model, opt)
+    if names is None:
+        from torch.distributed.checkpoint import state_dict as dsd
+
+        return dsd.get_optimizer_state_dict(model, opt)
+    sd = opt.state_dict()
+    return {
+        "state": {names[i]: st for i, st in sd["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]],
+    }
 
 
 @dataclass
@@ -195,14 +272,12 @@ class Slot:
         if fresh_optimizer and self.model is None:
             return self.obj.state_dict()
         if self.model is not None:
-            from torch.distributed.checkpoint import state_dict as dsd
-
             if self.obj is self.model:
-                return dsd.get_model_state_dict(self.model)
+                return _model_state(self.model)
             if fresh_optimizer or not self.obj.state:
                 # DCP's getter would create the state with a step (changing the optimizer).
                 return _named_empty_state(self.model, self.obj)
-            return dsd.get_optimizer_state_dict(self.model, self.obj)
+            return _optimizer_state(self.model, self.obj)
         sd = self.obj.state_dict()
         return PerRank(sd) if getattr(self.obj, "fmstore_per_rank", False) else sd
 
@@ -251,12 +326,14 @@ def _dcp_available() -> bool:
 
 def _named_empty_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     """An optimizer without state, as DCP's getter names it (parameter names for indices)."""
-    from torch.distributed.checkpoint import state_dict as dsd
+    names = _param_names(model, opt)
+    if names is None:  # FSDP1: matched by storage against DCP's model state dict
+        from torch.distributed.checkpoint import state_dict as dsd
 
-    by_pointer = {_local(t).data_ptr(): name for name, t in dsd.get_model_state_dict(model).items()}
+        by_pointer = {_local(t).data_ptr(): n for n, t in dsd.get_model_state_dict(model).items()}
+        params = [p for group in opt.param_groups for p in group["params"]]
+        names = [by_pointer.get(_local(p).data_ptr(), str(i)) for i, p in enumerate(params)]
     sd = opt.state_dict()
-    params = [p for group in opt.param_groups for p in group["params"]]
-    names = {i: by_pointer.get(_local(p).data_ptr(), str(i)) for i, p in enumerate(params)}
     groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
     return {"state": {}, "param_groups": groups}
 
