@@ -104,7 +104,9 @@ class StepTimes:
 
     def result(self, trainer: str, name: str, note: str = "") -> Result:
         steps = [b - a for a, b in zip(self.marks, self.marks[1:])]
-        return Result(trainer, name, (self.marks[-1] - self.marks[0]) / len(steps), statistics.median(steps), note)
+        return Result(
+            trainer, name, (self.marks[-1] - self.marks[0]) / len(steps), statistics.median(steps), note
+        )
 
 
 # ---------------------------------------------------------------------------- Lightning
@@ -112,10 +114,9 @@ class StepTimes:
 
 def run_lightning(name: str, args: argparse.Namespace, workdir: str) -> Result:
     import lightning.pytorch as pl
+    from fmstore.integrations.lightning import FmstoreCheckpoint
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
     from lightning.pytorch.plugins.io import AsyncCheckpointIO
-
-    from fmstore.integrations.lightning import FmstoreCheckpoint
 
     times = StepTimes(args.warmup, args.steps)
 
@@ -158,7 +159,9 @@ def run_lightning(name: str, args: argparse.Namespace, workdir: str) -> Result:
             plugins.append(AsyncCheckpointIO())
     callbacks.append(Timer())  # last: after the checkpoint callbacks of the same hook
     _, _, _, _, _, batch = SIZES[args.size]
-    loader = torch.utils.data.DataLoader(Tokens(args.size, batch * (args.warmup + args.steps)), batch_size=batch)
+    loader = torch.utils.data.DataLoader(
+        Tokens(args.size, batch * (args.warmup + args.steps)), batch_size=batch
+    )
     trainer = pl.Trainer(
         accelerator="gpu" if CUDA else "cpu",
         devices=1,
@@ -187,9 +190,8 @@ def run_lightning(name: str, args: argparse.Namespace, workdir: str) -> Result:
 
 
 def run_hf(name: str, args: argparse.Namespace, workdir: str) -> Result:
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
     from fmstore.integrations.hf import FmstoreCallback
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
     times = StepTimes(args.warmup, args.steps)
 
@@ -204,7 +206,9 @@ def run_hf(name: str, args: argparse.Namespace, workdir: str) -> Result:
     callbacks: list[Any] = []
     if name == "fmstore":
         callbacks.append(
-            FmstoreCallback(os.path.join(workdir, "fmstore"), policy=Policy(host_memory=1, every=args.k), keep_last=1)
+            FmstoreCallback(
+                os.path.join(workdir, "fmstore"), policy=Policy(host_memory=1, every=args.k), keep_last=1
+            )
         )
     callbacks.append(Timer())
     targs = TrainingArguments(
@@ -325,7 +329,9 @@ def main() -> None:
         flush=True,
     )
     behind, alone = host_save_wait(args.dir)
-    print(f"policy:  a host-memory save with a 512 MiB durable persist in flight {behind * 1e3:.1f} ms, alone {alone * 1e3:.1f} ms")
+    print(
+        f"policy:  a host-memory save with a 512 MiB durable persist in flight {behind * 1e3:.1f} ms, alone {alone * 1e3:.1f} ms"
+    )
     runs = {
         "lightning": ["none", "fmstore", "TorchCheckpointIO", "AsyncCheckpointIO"],
         "hf": ["none", "fmstore", "Trainer.save"],

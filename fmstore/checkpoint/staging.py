@@ -143,7 +143,9 @@ class Stager:
                         continue
                     slots[name] = len(staged.tensors)
                     src = as_bytes_tensor(t)
-                    width = gpu_encode(name, t) if gpu_encode is not None and src.device.type == "cuda" else None
+                    width = (
+                        gpu_encode(name, t) if gpu_encode is not None and src.device.type == "cuda" else None
+                    )
                     if width:
                         from ..codec import gpu as gpu_codec
 
@@ -194,7 +196,11 @@ class Stager:
         return staged
 
     def _copy(
-        self, dst: torch.Tensor, src: torch.Tensor, later: bool, cpu_later: list[tuple[torch.Tensor, torch.Tensor]]
+        self,
+        dst: torch.Tensor,
+        src: torch.Tensor,
+        later: bool,
+        cpu_later: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
         """Queue (GPU), defer (CPU, ``later``) or make the copy of ``src`` into ``dst``."""
         if src.device.type == "cuda" and self._stream is not None:
@@ -226,7 +232,7 @@ class Stager:
         buf, release = self.pool.acquire(max(pos, 1))
         staged.releases.append(release)
         parts = []
-        for (_, _, src), off in zip(group, offsets):
+        for _, _, src in group:
             parts.append(src)
             pad = -src.numel() % ALIGN
             if pad:
