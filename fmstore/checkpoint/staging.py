@@ -163,7 +163,7 @@ class Stager:
                     staged.releases.append(release)
                     staged.tensors[-1].data = self._copy(buf[: src.numel()], src, later, cpu_later)
                 for group in small.values():
-                    self._copy_packed(group, staged, slots, later, cpu_later)
+                    self._copy_packed(group, staged, slots)
             if encode_jobs:
                 from ..codec import gpu as gpu_codec
 
@@ -220,8 +220,6 @@ class Stager:
         group: list[tuple[str, torch.Tensor, torch.Tensor]],
         staged: Staged,
         slots: dict[str, int],
-        later: bool,
-        cpu_later: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> None:
         """Small tensors of one device through one host buffer: packed on their device (one
         concatenation), one copy; each staged tensor is a slice at an aligned offset."""
@@ -231,20 +229,22 @@ class Stager:
             pos += -(-src.numel() // ALIGN) * ALIGN  # aligned: a slice views as any dtype
         buf, release = self.pool.acquire(max(pos, 1))
         staged.releases.append(release)
-        parts = []
-        for _, _, src in group:
-            parts.append(src)
-            pad = -src.numel() % ALIGN
-            if pad:
-                parts.append(src.new_zeros(pad))
+
+        def packed() -> torch.Tensor:
+            parts = []
+            for _, _, src in group:
+                parts.append(src)
+                if src.numel() % ALIGN:
+                    parts.append(src.new_empty(-src.numel() % ALIGN))  # padding, never read
+            return torch.cat(parts)
+
         if group[0][2].device.type == "cuda" and self._stream is not None:
-            with torch.cuda.stream(self._stream):
-                packed = torch.cat(parts)  # on the side stream: ordered after the caller's work
-                buf[:pos].copy_(packed, non_blocking=True)
+            with torch.cuda.stream(self._stream):  # ordered after the caller's work, as the others
+                buf[:pos].copy_(packed(), non_blocking=True)
             for _, _, src in group:
                 src.record_stream(self._stream)
-        else:
-            self._copy(buf[:pos], torch.cat(parts), later, cpu_later)
+        else:  # small: copied now, also when deferred
+            buf[:pos].copy_(packed())
         for (name, _, src), off in zip(group, offsets):
             staged.tensors[slots[name]].data = buf[off : off + src.numel()]
 
