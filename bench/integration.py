@@ -150,7 +150,6 @@ def run_lightning(name: str, args: argparse.Namespace, workdir: str) -> Result:
                 resume=False,
             )
         )
-        checkpointing = False
     else:  # the peers: ModelCheckpoint every k steps, sync torch.save or AsyncCheckpointIO
         callbacks.append(
             ModelCheckpoint(dirpath=os.path.join(workdir, name), every_n_train_steps=args.k, save_top_k=1)

@@ -59,7 +59,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import ExportableState
 
 from fmstore import Checkpointer, ConfigError, Policy, RNGState
-from fmstore.checkpoint import LoadMismatchError, SaveHandle
+from fmstore.checkpoint import LoadMismatchError, SaveHandle, overlap
 from fmstore.checkpoint.memory import HOST
 from fmstore.checkpoint.tree import unflatten
 from fmstore.tiers.files import write_atomic
@@ -144,6 +144,8 @@ class FmstoreCallback(TrainerCallback):
         self._pending: str | None = None
         self._saved_step: int | None = None
         self.last_save: SaveHandle | None = None  # the handle of the latest save
+        # Seen stepping from now on, the optimizer's tensors can be copied under the next step.
+        overlap.install()
 
     # ------------------------------------------------------------------ public
 
