@@ -148,3 +148,30 @@ def test_compressed_snapshot_reshards(tmp_path):
         shards = [s for e in ck.manifest(1).tensors.values() for s in e.shards]
         assert all(s.codec for s in shards if s.end > s.begin)  # empty pieces are stored as they are
     _spawn(_load_worker, 3, root)
+
+
+def _stale_worker(rank: int, world: int, port: int, root: str) -> None:
+    _init(rank, world, port)
+    try:
+        with Checkpointer(root) as ck:
+            ck.save(5, {"a": torch.full((4,), 1.0), "b": torch.arange(3.0)}).wait()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_dead_attempts_reports_are_never_merged(tmp_path):
+    """A job killed while saving step 5 left its reports and an abort in step 5's directory; the
+    restarted job's save of step 5 ignores them (another attempt's token) and commits its own."""
+    import json
+
+    root = tmp_path / "ckpt"
+    stale = root / "step-0000000005"
+    stale.mkdir(parents=True)
+    bogus = {"token": "dead:1", "error": None, "names": ["x"], "files": {}, "entries": {}, "per_rank": []}
+    (stale / "rank-00001.json").write_text(json.dumps(bogus))
+    (stale / "aborted.json").write_text(json.dumps({"token": "dead:2", "errors": ["rank 1: killed"]}))
+    _spawn(_stale_worker, 2, str(root))
+    with Checkpointer(root) as ck:
+        out = ck.load(step=5)
+        assert set(ck.manifest(5).tensors) == {"a", "b"}  # the dead attempt's "x" was not merged
+    assert torch.equal(out["a"], torch.full((4,), 1.0)) and torch.equal(out["b"], torch.arange(3.0))

@@ -270,7 +270,9 @@ def test_an_earlier_step_saved_after_a_later_one_references_only_earlier_files(t
             assert torch.equal(ck.load(step=s)["w"], torch.ones(100))
     with Checkpointer(tmp_path) as ck:  # a new process: the base is the newest step before the one saved
         ck.save(7, state).wait()
-        assert {sh.file.split("/")[0] for e in ck.manifest(7).tensors.values() for sh in e.shards} == {"step-0000000005"}
+        assert {sh.file.split("/")[0] for e in ck.manifest(7).tensors.values() for sh in e.shards} == {
+            "step-0000000005"
+        }
 
 
 def test_state_keys_error_pickles(tmp_path):
@@ -278,7 +280,12 @@ def test_state_keys_error_pickles(tmp_path):
 
     e = StateKeysError("msg", ["a"], ["b"])
     back = pickle.loads(pickle.dumps(e))
-    assert type(back) is StateKeysError and back.missing == ["a"] and back.unexpected == ["b"] and str(back) == "msg"
+    assert (
+        type(back) is StateKeysError
+        and back.missing == ["a"]
+        and back.unexpected == ["b"]
+        and str(back) == "msg"
+    )
 
 
 @pytest.mark.gpu
@@ -332,6 +339,10 @@ def test_saved_names_are_dcps(tmp_path):
     assert list(saved["model"]) == list(ref_model)
     assert all(saved["model"][k].data_ptr() == ref_model[k].data_ptr() for k in ref_model)
     assert saved["optim"]["param_groups"] == ref_opt["param_groups"]
-    assert list(saved["optim"]["state"]) == list(ref_opt["state"]) == ["0.weight", "0.bias", "1.weight", "1.bias", "2.weight", "2.bias"]
+    assert (
+        list(saved["optim"]["state"])
+        == list(ref_opt["state"])
+        == ["0.weight", "0.bias", "1.weight", "1.bias", "2.weight", "2.bias"]
+    )
     for k, st in ref_opt["state"].items():
         assert all(torch.equal(saved["optim"]["state"][k][n], v) for n, v in st.items())

@@ -263,6 +263,11 @@ class Checkpointer:
         self._last: SaveHandle | None = None
         self._inflight: list[SaveHandle] = []  # durable persists, oldest first
         self._lock = threading.Lock()
+        self._deleting = threading.Lock()  # a delete and the start of a save exclude each other
+        # Names this process's save attempts, the same on every rank (saves are called in the
+        # same order everywhere): what a killed earlier job left in a step's directory is ignored.
+        self._session = _session_token(process_group) if self.world_size > 1 else ""
+        self._saves = 0
         self._closed = False
         overlap.install()  # block=False saves make the next optimizer step wait for their copies
         exiting.register(self)  # a save in flight at exit is finished, not lost
@@ -352,6 +357,8 @@ class Checkpointer:
             raise FmstoreError("the checkpointer is closed")
         step_dir(step)  # checks the step
         t0 = time.perf_counter()
+        with self._deleting:  # a delete in progress may remove the files this save would reference
+            pass
         self._raise_unreported()
         prepared = stateful.for_save(state)
         tensors, tree, local = flatten(prepared.state, self.rank)
@@ -399,8 +406,10 @@ class Checkpointer:
             handle = SaveHandle(step, _done(info), staged, stall)
             self._last = handle
             return handle
+        self._saves += 1
+        token = f"{self._session}:{self._saves}"
         job = _SaveJob(
-            step, staged, pieces, sorted(tensors), tree, dict(meta or {}), targets, kept is not None
+            step, staged, pieces, sorted(tensors), tree, dict(meta or {}), targets, kept is not None, token
         )
         future = self._persist.submit(self._persist_job, job)
         handle = SaveHandle(step, future, staged, stall)
@@ -471,7 +480,7 @@ class Checkpointer:
         try:
             job.staged.wait()
             items = self._items.items(job.staged.tensors, job.pieces)
-            args = (job.step, items, job.names, job.tree, job.meta)
+            args = (job.step, items, job.names, job.tree, job.meta, job.token)
             if self._level_pool is None or len(job.levels) == 1:
                 runs = [_run(job.levels[0].write, *args)]
             else:  # each level from the staged copy, concurrently: S3 does not wait for NVMe
@@ -516,7 +525,12 @@ class Checkpointer:
     def delete(self, step: int, *, level: str | None = None) -> None:
         """Remove committed snapshot ``step`` from every level (or ``level``) holding it: its
         manifest first (from then on it does not exist), then the files no other committed
-        snapshot references.  Waits for saves in flight, which may reference its files."""
+        snapshot references.  Waits for saves in flight, which may reference its files; a save
+        called meanwhile waits for the delete."""
+        with self._deleting:
+            self._delete(step, level)
+
+    def _delete(self, step: int, level: str | None) -> None:
         self._wait_all()
         found = False
         if self.memory is not None and level in (None, HOST):
@@ -768,6 +782,7 @@ class _SaveJob:
     meta: dict[str, Any]
     levels: list[SnapshotLevel]  # durable levels that take this step
     in_memory: bool  # a host-memory copy was kept too
+    token: str  # this save attempt, the same on every rank
 
 
 def _done(value: Any) -> Future[Any]:
@@ -806,6 +821,19 @@ def _run(fn: Any, *args: Any) -> Any:
         return fn(*args)
     except BaseException as e:  # noqa: BLE001 - handed back to the caller, who re-raises
         return e
+
+
+def _session_token(process_group: Any) -> str:
+    """A token rank 0 draws and every rank of the group receives (one object broadcast, when the
+    checkpointer is made: all ranks make theirs together, as they save together)."""
+    import uuid
+
+    import torch.distributed as dist
+
+    src = 0 if process_group is None else dist.get_global_rank(process_group, 0)
+    box = [uuid.uuid4().hex if dist.get_rank(process_group) == 0 else None]
+    dist.broadcast_object_list(box, src=src, group=process_group)
+    return str(box[0])
 
 
 def _rank_and_world(process_group: Any) -> tuple[int, int]:

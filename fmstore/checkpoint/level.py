@@ -158,21 +158,32 @@ class SnapshotLevel:
     # ------------------------------------------------------------------ save
 
     def write(
-        self, step: int, items: list[WriteItem], names: list[str], tree: dict[str, Any], meta: dict[str, Any]
+        self,
+        step: int,
+        items: list[WriteItem],
+        names: list[str],
+        tree: dict[str, Any],
+        meta: dict[str, Any],
+        token: str = "",
     ) -> Written:
-        """Write this rank's changed tensors, report, and (rank 0) commit the manifest."""
+        """Write this rank's changed tensors, report, and (rank 0) commit the manifest.
+
+        ``token`` names this save attempt, the same on every rank: reports and aborts left in
+        the step's directory by an attempt that died (a killed job saving the same step again
+        after its restart) carry another token and are ignored, never merged."""
         rel_dir = step_dir(step)
         try:
             local = self.write_local(step, items)
         except BaseException as e:
             if self.world_size > 1:  # tell the coordinator instead of leaving it waiting
-                self._report(rel_dir, {"error": f"rank {self.rank}: {type(e).__name__}: {e}"})
+                self._report(rel_dir, {"token": token, "error": f"rank {self.rank}: {type(e).__name__}: {e}"})
             raise
         entries, files = local.entries, local.files
         if self.world_size > 1:
             self._report(
                 rel_dir,
                 {
+                    "token": token,
                     "error": None,
                     "names": names,
                     "files": files,
@@ -181,10 +192,10 @@ class SnapshotLevel:
                 },
             )
             if self.rank != 0:
-                self._wait_for_commit(rel_dir)
+                self._wait_for_commit(rel_dir, token)
                 self._last_manifest = None  # only rank 0 holds it; read it back when needed
                 return Written(local.bytes_written, len(entries), local.tensors_written)
-            entries, files, per_rank = self._merge_reports(rel_dir, step)
+            entries, files, per_rank = self._merge_reports(rel_dir, step, token)
             tree = json.loads(json.dumps(tree))  # merged into a copy: the caller's tree stays this rank's
             for r, nodes in per_rank.items():
                 merge_per_rank(tree, r, nodes)
@@ -285,21 +296,29 @@ class SnapshotLevel:
             delay = min(delay * 1.5, 0.5)
 
     def _merge_reports(
-        self, rel_dir: str, step: int
+        self, rel_dir: str, step: int, token: str
     ) -> tuple[dict[str, TensorEntry], dict[str, int], dict[int, list[Any]]]:
-        """Coordinator: wait for every rank's report, then merge them into one tensor table."""
+        """Coordinator: wait for every rank's report of this attempt, then merge them into one
+        tensor table."""
         reports: dict[int, dict[str, Any]] = {}
 
         def all_in() -> dict[int, dict[str, Any]] | None:
             for r in range(self.world_size):
-                if r not in reports and self.storage.exists(f"{rel_dir}/rank-{r:05d}.json"):
-                    reports[r] = json.loads(self.storage.read_bytes(f"{rel_dir}/rank-{r:05d}.json"))
+                rel = f"{rel_dir}/rank-{r:05d}.json"
+                if r not in reports and self.storage.exists(rel):
+                    try:
+                        rep = json.loads(self.storage.read_bytes(rel))
+                    except FileNotFoundError:  # replaced meanwhile: read it at the next poll
+                        continue
+                    if rep.get("token", "") == token:  # else a dead attempt's: its rank rewrites it
+                        reports[r] = rep
             return reports if len(reports) == self.world_size else None
 
         self._poll(f"all {self.world_size} ranks to report step {step} to {self.name!r}", all_in)
         failed = [rep["error"] for rep in reports.values() if rep.get("error")]
         if failed:
-            self.storage.write(f"{rel_dir}/aborted.json", [json.dumps({"errors": failed}).encode()])
+            body = {"token": token, "errors": failed}
+            self.storage.write(f"{rel_dir}/aborted.json", [json.dumps(body).encode()])
             raise FmstoreError(f"step {step} not committed to {self.name!r}: {'; '.join(failed)}")
         entries: dict[str, TensorEntry] = {}
         files: dict[str, int] = {}
@@ -333,13 +352,19 @@ class SnapshotLevel:
         per_rank = {r: rep.get("per_rank", []) for r, rep in reports.items() if r != 0}
         return entries, files, per_rank
 
-    def _wait_for_commit(self, rel_dir: str) -> None:
+    def _wait_for_commit(self, rel_dir: str, token: str) -> None:
         def committed() -> bool | None:
             if self.storage.exists(f"{rel_dir}/{MANIFEST}"):
                 return True
             if self.storage.exists(f"{rel_dir}/aborted.json"):
-                body = json.loads(self.storage.read_bytes(f"{rel_dir}/aborted.json"))
-                raise FmstoreError(f"{rel_dir} not committed to {self.name!r}: {'; '.join(body['errors'])}")
+                try:
+                    body = json.loads(self.storage.read_bytes(f"{rel_dir}/aborted.json"))
+                except FileNotFoundError:
+                    return None
+                if body.get("token", "") == token:  # not a dead attempt's
+                    raise FmstoreError(
+                        f"{rel_dir} not committed to {self.name!r}: {'; '.join(body['errors'])}"
+                    )
             return None
 
         self._poll(f"rank 0 to commit {rel_dir} to {self.name!r}", committed)
