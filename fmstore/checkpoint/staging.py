@@ -53,7 +53,7 @@ class Staged:
     tensors: list[StagedTensor]
     event: torch.cuda.Event | None
     releases: list[Callable[[], None]] = field(default_factory=list)
-    copies: Future[None] | None = None  # deferred CPU copies, run by a background thread
+    copies: Future[None] | None = None  # deferred copies, made or queued by a background thread
     _refs: int = 1
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -63,15 +63,16 @@ class Staged:
 
     def done(self) -> bool:
         """Whether every copy has landed (without waiting)."""
-        gpu = self.event is None or self.event.query()
-        return gpu and (self.copies is None or self.copies.done())
+        if self.copies is not None and not self.copies.done():
+            return False
+        return self.event is None or self.event.query()
 
     def wait(self) -> None:
         """Block until every copy has landed in host memory."""
+        if self.copies is not None:
+            self.copies.result()  # the copier has queued (or made) its copies: the event is final
         if self.event is not None:
             self.event.synchronize()
-        if self.copies is not None:
-            self.copies.result()
 
     def retain(self) -> Staged:
         with self._lock:
@@ -98,6 +99,8 @@ class Staged:
 SMALL = 256 << 10
 #: Offsets of packed tensors are multiples of this (any dtype's alignment).
 ALIGN = 64
+#: Deferred device-to-host copies are queued in groups of this many bytes (see ``_copy_later``).
+FEED_BYTES = 16 << 20
 
 
 class Stager:
@@ -108,7 +111,7 @@ class Stager:
         self.pinned = cuda if pinned is None else pinned
         self.pool = BufferPool(pinned=self.pinned)
         self._stream = torch.cuda.Stream() if cuda else None
-        self._cpu_copier: ThreadPoolExecutor | None = None
+        self._copier: ThreadPoolExecutor | None = None
 
     def stage(
         self,
@@ -129,6 +132,7 @@ class Stager:
         deferred = deferred or set()
         slots: dict[str, int] = {}
         cpu_later: list[tuple[torch.Tensor, torch.Tensor]] = []
+        gpu_later: list[tuple[torch.Tensor, torch.Tensor]] = []  # fed to the copy engine in groups
         try:
             if on_device and self._stream is not None:
                 # Copy after the work the caller already queued (e.g. the optimizer step).
@@ -161,9 +165,13 @@ class Stager:
                         continue
                     buf, release = self.pool.acquire(src.numel())
                     staged.releases.append(release)
-                    staged.tensors[-1].data = self._copy(buf[: src.numel()], src, later, cpu_later)
+                    staged.tensors[-1].data = dst = buf[: src.numel()]
+                    if later and src.device.type == "cuda" and self._stream is not None:
+                        gpu_later.append((dst, src))
+                    else:
+                        self._copy(dst, src, later, cpu_later)
                 for group in small.values():
-                    self._copy_packed(group, staged, slots)
+                    self._copy_packed(group, staged, slots, gpu_later if later else None)
             if encode_jobs:
                 from ..codec import gpu as gpu_codec
 
@@ -181,13 +189,13 @@ class Stager:
                         staged.tensors[i].codec = []
                 for (i, _), data in zip(encode_jobs, streams):
                     staged.tensors[i].data = data
-            if on_device and self._stream is not None:
+            if on_device and self._stream is not None and not gpu_later:
                 staged.event = torch.cuda.Event()
                 staged.event.record(self._stream)
-            if cpu_later:
-                if self._cpu_copier is None:
-                    self._cpu_copier = ThreadPoolExecutor(1, thread_name_prefix="fmstore-stage")
-                staged.copies = self._cpu_copier.submit(_copy_all, cpu_later)
+            if cpu_later or gpu_later:
+                if self._copier is None:
+                    self._copier = ThreadPoolExecutor(1, thread_name_prefix="fmstore-stage")
+                staged.copies = self._copier.submit(self._copy_later, cpu_later, gpu_later, staged)
         except BaseException:
             staged.release()
             raise
@@ -220,9 +228,11 @@ class Stager:
         group: list[tuple[str, torch.Tensor, torch.Tensor]],
         staged: Staged,
         slots: dict[str, int],
+        gpu_later: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         """Small tensors of one device through one host buffer: packed on their device (one
-        concatenation), one copy; each staged tensor is a slice at an aligned offset."""
+        concatenation), one copy; each staged tensor is a slice at an aligned offset.  With
+        ``gpu_later``, a GPU group's copy is left to the feeder, after the concatenation."""
         offsets, pos = [], 0
         for _, _, src in group:
             offsets.append(pos)
@@ -240,7 +250,11 @@ class Stager:
 
         if group[0][2].device.type == "cuda" and self._stream is not None:
             with torch.cuda.stream(self._stream):  # ordered after the caller's work, as the others
-                buf[:pos].copy_(packed(), non_blocking=True)
+                flat = packed()
+                if gpu_later is None:
+                    buf[:pos].copy_(flat, non_blocking=True)
+            if gpu_later is not None:
+                gpu_later.append((buf[:pos], flat))
             for _, _, src in group:
                 src.record_stream(self._stream)
         else:  # small: copied now, also when deferred
@@ -255,9 +269,41 @@ class Stager:
             done.record(self._stream)
             torch.cuda.current_stream(on_device[0].device).wait_event(done)
 
+    def _copy_later(
+        self,
+        cpu: list[tuple[torch.Tensor, torch.Tensor]],
+        gpu: list[tuple[torch.Tensor, torch.Tensor]],
+        staged: Staged,
+    ) -> None:
+        """The deferred copies, in a background thread.  Device-to-host copies are queued in
+        groups of about :data:`FEED_BYTES`, one in flight at a time: a synchronous transfer
+        the training step makes meanwhile (an ``.item()`` in a model's forward, a ``.cpu()``)
+        waits until the link is idle, so a queue kept full would hold it until the whole
+        state is copied; between two groups it goes through."""
+        _copy_all(cpu)
+        if not gpu:
+            return
+        assert self._stream is not None
+        with torch.cuda.device(gpu[0][1].device), torch.cuda.stream(self._stream):
+            inflight: list[torch.cuda.Event] = []
+            queued = 0
+            for dst, src in gpu:
+                dst.copy_(src, non_blocking=True)
+                src.record_stream(self._stream)  # the source's memory stays until copied
+                queued += src.numel()
+                if queued >= FEED_BYTES:
+                    done = torch.cuda.Event()
+                    done.record(self._stream)
+                    inflight.append(done)
+                    queued = 0
+                    inflight.pop(0).synchronize()  # the link goes idle: a waiting transfer passes
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        staged.event = event
+
     def close(self) -> None:
-        if self._cpu_copier is not None:
-            self._cpu_copier.shutdown(wait=True)
+        if self._copier is not None:
+            self._copier.shutdown(wait=True)
         self.pool.clear()
 
 
