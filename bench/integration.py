@@ -10,8 +10,9 @@ The peers save at the same durable interval: Lightning's ``ModelCheckpoint`` wit
 The model is a GPT-2 built from a config (``--size``: ``tiny`` for a smoke run, ``small`` for a
 CPU, ``1b`` = 1.07 B parameters for a GPU), trained in bf16 on a GPU (fp32 on a CPU) with AdamW
 on random tokens.  Per run: the mean step time over ``--steps`` steps after ``--warmup``
-(synchronized at both ends), and the median of the per-step times; ratios are against the run
-without checkpoints.  Raw limits measured in the same process: the training state's copy to
+(synchronized at both ends), and the median of the per-step times.  A discarded warm-up run
+first, then ``--repeats`` rounds of every run in an order rotated each round; the medians over
+rounds are compared with the run without checkpoints.  Raw limits measured in the same process: the training state's copy to
 pinned host memory (GPU) or to host memory (CPU), and an fsync'd write of the same bytes to
 ``--dir``.  Also: how long a host-memory save waits while a durable persist is in flight.
 
@@ -27,7 +28,6 @@ import math
 import os
 import shutil
 import statistics
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -315,6 +315,9 @@ def main() -> None:
     )
     ap.add_argument("--trainer", choices=["lightning", "hf", "both"], default="both")
     ap.add_argument("--dir", default="fmstore-data/bench-integration")
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="rounds of every run, the order rotated each round"
+    )
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     machine_info(args.dir, DEVICE)
@@ -339,31 +342,49 @@ def main() -> None:
         "lightning": ["none", "fmstore", "TorchCheckpointIO", "AsyncCheckpointIO"],
         "hf": ["none", "fmstore", "Trainer.save"],
     }
-    results: list[Result] = []
     fixed_k = None if args.k == "auto" else int(args.k)
     for trainer in ["lightning", "hf"] if args.trainer == "both" else [args.trainer]:
-        for name in runs[trainer]:
-            if name != "none":
-                base = next(x for x in results if x.trainer == trainer and x.name == "none")
-                args.k = fixed_k or max(2, math.ceil(2 * raw["write"] / base.mean))
-            else:
-                args.k = fixed_k or 10
+        runner = run_lightning if trainer == "lightning" else run_hf
+
+        def one(name: str, k: int, trainer: str = trainer, runner: Any = runner) -> Result:
+            args.k = k
             workdir = os.path.join(args.dir, f"{trainer}-{name}")
             shutil.rmtree(workdir, ignore_errors=True)
             os.makedirs(workdir)
-            r = (run_lightning if trainer == "lightning" else run_hf)(name, args, workdir)
-            results.append(r)
-            base = next(x for x in results if x.trainer == trainer and x.name == "none")
+            try:
+                return runner(name, args, workdir)
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+                gc.collect()
+                if CUDA:
+                    torch.cuda.empty_cache()
+
+        one("none", 10)  # warm-up, discarded: a process's first run is slower (allocator, threads)
+        base = one("none", 10)
+        k = fixed_k or max(2, math.ceil(2 * raw["write"] / base.mean))
+        rounds: dict[str, list[Result]] = {name: [] for name in runs[trainer]}
+        rounds["none"].append(base)
+        order = list(runs[trainer])
+        for rnd in range(args.repeats):
+            for name in order[rnd % len(order) :] + order[: rnd % len(order)]:  # rotated each round
+                if rnd == 0 and name == "none":
+                    continue
+                r = one(name, k)
+                rounds[name].append(r)
+                print(
+                    f"  round {rnd + 1}: {trainer} {name:<18} {r.mean * 1e3:8.1f} ms/step  {r.note}",
+                    flush=True,
+                )
+        none = statistics.median(r.mean for r in rounds["none"])
+        for name in runs[trainer]:
+            mean = statistics.median(r.mean for r in rounds[name])
+            median = statistics.median(r.median for r in rounds[name])
             print(
-                f"{trainer:<10} {name:<18} {r.mean * 1e3:8.1f} ms/step (median {r.median * 1e3:7.1f})  "
-                f"{r.mean / base.mean:5.3f}x no checkpoints  k={args.k if name != 'none' else '-'}  {r.note}",
+                f"{trainer:<10} {name:<18} {mean * 1e3:8.1f} ms/step (median step {median * 1e3:7.1f})  "
+                f"{mean / none:5.3f}x no checkpoints  k={k if name != 'none' else '-'}  ({len(rounds[name])} runs)",
                 flush=True,
             )
-            shutil.rmtree(workdir, ignore_errors=True)
-            gc.collect()
-            if CUDA:
-                torch.cuda.empty_cache()
-    print("ratios are mean step time / the same trainer's run without checkpoints", file=sys.stderr)
+    print("ratios: median over rounds of the mean step time, over the same trainer's run without checkpoints")
 
 
 if __name__ == "__main__":
