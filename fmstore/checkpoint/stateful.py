@@ -40,8 +40,8 @@ def is_stateful(value: Any) -> bool:
 
 
 class RNGState:
-    """The random number generators of this process: torch's (CPU, and each CUDA device once
-    CUDA is initialized), numpy's global one and Python's ``random``.
+    """The random number generators of this process: torch's (CPU, and each CUDA device where
+    CUDA is available), numpy's global one and Python's ``random``.
 
     Put one in a checkpoint's state (``{"model": m, "optim": o, "rng": RNGState()}``): it is
     saved per rank, so every rank of a distributed job gets its own generators back.
@@ -58,7 +58,9 @@ class RNGState:
         out: dict[str, Any] = {}
         if self.torch_cpu:
             out["torch"] = torch.get_rng_state()
-        if self.cuda and torch.cuda.is_available() and torch.cuda.is_initialized():
+        if self.cuda and torch.cuda.is_available():
+            # Whenever CUDA is there (initializing it if need be), so a save and a load agree on
+            # the keys whether or not the program had touched the GPU yet.
             out["cuda"] = list(torch.cuda.get_rng_state_all())
         if self.numpy:
             kind, keys, pos, has_gauss, gauss = np.random.get_state()
