@@ -235,13 +235,7 @@ class TieredStore:
 
     def flush(self) -> None:
         """Wait until all background demotion and write-back is done; re-raise its errors."""
-        while True:
-            with self._lock:
-                pending = list(self._pending)
-            if not pending:
-                break
-            wait(pending)
-        self._raise_errors()
+        self._wait_pending(None)
 
     def delete(self, key: str) -> None:
         """Remove ``key`` from every tier."""
@@ -323,7 +317,9 @@ class TieredStore:
             else None
         )
 
-    def _exit_wait(self, timeout: float | None) -> bool:
+    def _wait_pending(self, timeout: float | None) -> bool:
+        """Wait (up to ``timeout`` s) for the background moves, new ones included; once none is
+        left, re-raise their errors.  Whether none is left."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._lock:
@@ -335,6 +331,8 @@ class TieredStore:
             if left is not None and left <= 0:
                 return False
             wait(pending, timeout=left)
+
+    _exit_wait = _wait_pending  # fmstore.exiting's protocol
 
     def __enter__(self) -> TieredStore:
         return self

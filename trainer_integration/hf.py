@@ -61,7 +61,7 @@ from transformers.trainer_callback import ExportableState
 from fmstore import Checkpointer, ConfigError, Policy, RNGState
 from fmstore.checkpoint import LoadMismatchError, SaveHandle, overlap
 from fmstore.checkpoint.memory import HOST
-from fmstore.checkpoint.tree import unflatten
+from fmstore.checkpoint.tree import subtree, unflatten
 from fmstore.tiers.files import write_atomic
 
 __all__ = ["FmstoreCallback", "TRAINER_STATE_NAME", "LOADERS"]
@@ -340,8 +340,7 @@ class FmstoreCallback(TrainerCallback):
         ck = self.checkpointer
         durable = [lvl for lvl in ck.level_names() if lvl != HOST and step in ck.steps(lvl)]
         if durable:
-            tree = ck.manifest(step, level=durable[0]).tree
-            node = dict(tree.get("items", [])).get(TRAINER_STATE) if tree.get("t") == "dict" else None
+            node = subtree(ck.manifest(step, level=durable[0]).tree, (TRAINER_STATE,))
             value = unflatten(node, {}) if node is not None else None
         else:  # only in this process's host memory (a second train() in the same process)
             value = ck.load(step=step, level=HOST).get(TRAINER_STATE)

@@ -39,7 +39,7 @@ from .sharding import LoadMismatchError, Piece, check_target, dtensor_region, is
 from .staging import Staged, Stager
 from .storage import SnapshotStorage
 from .tree import compare, flatten, subtree, tensor_leaves, unflatten
-from .writing import MOMENTS, ItemBuilder
+from .writing import MOMENTS, ItemBuilder, completed
 
 #: CUDA tensors smaller than this are staged raw and compressed by the CPU chain in the
 #: background: launching a GPU encode costs about 0.1 ms of host time per tensor, more than
@@ -365,7 +365,7 @@ class Checkpointer:
         targets = self._targets(step, levels)
         if not targets and self.memory is None:  # no level takes this step: nothing to stage
             info = SnapshotInfo(step, "", 0, 0, len(tensors), 0, [])
-            handle = SaveHandle(step, _done(info), None, time.perf_counter() - t0)
+            handle = SaveHandle(step, completed(info), None, time.perf_counter() - t0)
             self._last = handle
             return handle
         pieces = pieces_to_save(
@@ -403,7 +403,7 @@ class Checkpointer:
         if not targets:  # host memory only: committed already, nothing to persist
             staged.release()  # the memory level holds its own reference
             info = SnapshotInfo(step, HOST, staged.nbytes, 0, len(pieces), 0, [HOST])
-            handle = SaveHandle(step, _done(info), staged, stall)
+            handle = SaveHandle(step, completed(info), staged, stall)
             self._last = handle
             return handle
         self._saves += 1
@@ -424,8 +424,10 @@ class Checkpointer:
     def _raise_unreported(self) -> None:
         """Raise (once) the error of a finished persist nobody has seen yet; forget finished ones."""
         with self._lock:
+            # One look at each handle: one that finishes meanwhile stays for the next call
+            # (asking done() twice could drop it unreported).
             done = [h for h in self._inflight if h.done()]
-            self._inflight = [h for h in self._inflight if not h.done()]
+            self._inflight = [h for h in self._inflight if h not in done]
         for h in done:
             error = h._unreported_error()
             if error is not None:
@@ -433,13 +435,12 @@ class Checkpointer:
 
     def _make_room(self) -> None:
         while True:
+            self._raise_unreported()  # leaves only the persists still running
             with self._lock:
-                pending = [h for h in self._inflight if not h.done()]
+                pending = list(self._inflight)
             if len(pending) < self.max_persists:
-                self._raise_unreported()
                 return
             wait_futures([pending[0]._future])
-            self._raise_unreported()
 
     def _gpu_encode(self, name: str, t: torch.Tensor) -> int | None:
         """The element width to encode ``t`` with on its GPU before staging, or None."""
@@ -707,13 +708,17 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _wait_all(self, *, raise_error: bool = False) -> None:
-        """Wait for every durable persist in flight (raising the first unseen error if asked)."""
+    def _wait_all(self, *, raise_error: bool = False, timeout: float | None = None) -> bool:
+        """Wait (up to ``timeout`` s) for every durable persist in flight, raising the first
+        unseen error if asked; whether they are all done."""
         with self._lock:
             pending = list(self._inflight)
-        wait_futures([h._future for h in pending])
+        _, not_done = wait_futures([h._future for h in pending], timeout=timeout)
+        if not_done:
+            return False
         if raise_error:
             self._raise_unreported()
+        return True
 
     def wait(self) -> SnapshotInfo | None:
         """Wait for the saves in flight; raises the first error no caller has seen, else returns
@@ -754,13 +759,7 @@ class Checkpointer:
         return f"the commit of step {steps} to {self.storage.url!r}"
 
     def _exit_wait(self, timeout: float | None) -> bool:
-        with self._lock:
-            pending = list(self._inflight)
-        _, not_done = wait_futures([h._future for h in pending], timeout=timeout)
-        if not_done:
-            return False
-        self._raise_unreported()
-        return True
+        return self._wait_all(raise_error=True, timeout=timeout)
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -783,12 +782,6 @@ class _SaveJob:
     levels: list[SnapshotLevel]  # durable levels that take this step
     in_memory: bool  # a host-memory copy was kept too
     token: str  # this save attempt, the same on every rank
-
-
-def _done(value: Any) -> Future[Any]:
-    f: Future[Any] = Future()
-    f.set_result(value)
-    return f
 
 
 def _keys_message(step: int, missing: list[str], unexpected: list[str], shown: int = 8) -> str:

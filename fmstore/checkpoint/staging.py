@@ -285,18 +285,16 @@ class Stager:
             return
         assert self._stream is not None
         with torch.cuda.device(gpu[0][1].device), torch.cuda.stream(self._stream):
-            inflight: list[torch.cuda.Event] = []
             queued = 0
             for dst, src in gpu:
                 dst.copy_(src, non_blocking=True)
                 src.record_stream(self._stream)  # the source's memory stays until copied
                 queued += src.numel()
                 if queued >= FEED_BYTES:
-                    done = torch.cuda.Event()
-                    done.record(self._stream)
-                    inflight.append(done)
+                    group = torch.cuda.Event()
+                    group.record(self._stream)
+                    group.synchronize()  # the link goes idle: a waiting transfer passes
                     queued = 0
-                    inflight.pop(0).synchronize()  # the link goes idle: a waiting transfer passes
             event = torch.cuda.Event()
             event.record(self._stream)
         staged.event = event

@@ -157,6 +157,16 @@ def unflatten(tree: dict[str, Any], tensors: dict[str, torch.Tensor], rank: int 
     raise FmstoreError(f"unknown node kind {kind!r} in a snapshot's state tree")
 
 
+def _children(node: dict[str, Any]) -> list[tuple[Any, dict[str, Any]]]:
+    """(key or index, child) of a dict or list/tuple node; none for any other node."""
+    kind = node["t"]
+    if kind in ("dict", "odict"):
+        return [(k, v) for k, v in node["items"]]
+    if kind in ("list", "tuple"):
+        return list(enumerate(node["items"]))
+    return []
+
+
 def _walk(tree: dict[str, Any], rank: int) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
     """(path, node) of every leaf of a tree; of a per-rank subtree, this rank's (its path
     without the rank part)."""
@@ -168,10 +178,8 @@ def _walk(tree: dict[str, Any], rank: int) -> Iterator[tuple[tuple[Any, ...], di
             sub = node["ranks"].get(str(rank))
             if sub is not None:
                 stack.append((path, sub))
-        elif kind in ("dict", "odict"):
-            stack.extend(((*path, k), v) for k, v in reversed(node["items"]))
-        elif kind in ("list", "tuple"):
-            stack.extend(((*path, i), v) for i, v in reversed(list(enumerate(node["items"]))))
+        elif kind in ("dict", "odict", "list", "tuple"):
+            stack.extend(((*path, k), v) for k, v in reversed(_children(node)))
         else:
             yield path, node
 
@@ -190,15 +198,11 @@ def per_rank_nodes(tree: dict[str, Any]) -> list[tuple[list[Any], dict[str, Any]
     out: list[tuple[list[Any], dict[str, Any]]] = []
 
     def walk(node: dict[str, Any], path: list[Any]) -> None:
-        kind = node["t"]
-        if kind == "per_rank":
+        if node["t"] == "per_rank":
             out.append((path, node))
-        elif kind in ("dict", "odict"):
-            for k, v in node["items"]:
-                walk(v, [*path, k])
-        elif kind in ("list", "tuple"):
-            for i, v in enumerate(node["items"]):
-                walk(v, [*path, i])
+            return
+        for k, v in _children(node):
+            walk(v, [*path, k])
 
     walk(tree, [])
     return out
@@ -235,7 +239,7 @@ def compare(
 
     def keys(tree: dict[str, Any]) -> dict[tuple[Any, ...], str]:
         out = {p: kind for p, kind in leaves(tree, rank).items() if kind == "tensor" or not inside(p)}
-        out.update({o: "stateful" for o in opaque if _has_path(tree, o, rank)})
+        out.update({o: "stateful" for o in opaque if subtree(tree, o, rank) is not None})
         return out
 
     a, b = keys(saved), keys(target)
@@ -247,22 +251,10 @@ def compare(
 def subtree(tree: dict[str, Any], path: tuple[Any, ...], rank: int = 0) -> dict[str, Any] | None:
     """The node at ``path`` (this rank's, through per-rank nodes), or None."""
     node: dict[str, Any] | None = tree
-    for k in path:
+    for k in (*path, None):
         if node is not None and node["t"] == "per_rank":
             node = node["ranks"].get(str(rank))
-        if node is None:
-            return None
-        if node["t"] in ("dict", "odict"):
-            found = [v for key, v in node["items"] if key == k]
-            node = found[0] if found else None
-        elif node["t"] in ("list", "tuple") and isinstance(k, int) and k < len(node["items"]):
-            node = node["items"][k]
-        else:
-            return None
-    if node is not None and node["t"] == "per_rank":
-        node = node["ranks"].get(str(rank))
+        if node is None or k is None:
+            break
+        node = next((v for key, v in _children(node) if key == k), None)
     return node
-
-
-def _has_path(tree: dict[str, Any], path: tuple[Any, ...], rank: int) -> bool:
-    return subtree(tree, path, rank) is not None

@@ -93,13 +93,13 @@ class ItemBuilder:
                 continue
             if self.compression and self.codec == "huffman" and st.nbytes:
                 enc = _huffman_cpu(st, self.codec_pool)
-                digest = _done(fmhs_digest(enc.segments[0], st.nbytes, p.name))
+                digest = completed(fmhs_digest(enc.segments[0], st.nbytes, p.name))
                 items.append(WriteItem(st, p, digest, lambda _, e=enc: e))
                 continue
             if self.quantizes(p.name, st.dtype):
                 # Lossy: the checksum is of the bytes a load will give back.
                 enc, digests = _quantized(st, self.hash_pool)
-                items.append(WriteItem(st, p, _done(digests), lambda _, e=enc: e))
+                items.append(WriteItem(st, p, completed(digests), lambda _, e=enc: e))
                 continue
             digest = self.hash_pool.submit(digest_all, [st.data])
             items.append(WriteItem(st, p, digest, self._encoder if self.compression else None))
@@ -110,7 +110,8 @@ class ItemBuilder:
         return encode(st.data, torch.empty(0, dtype=st.dtype).element_size(), pool=self.codec_pool)
 
 
-def _done(value: Any) -> Future[Any]:
+def completed(value: Any) -> Future[Any]:
+    """A future already holding ``value``."""
     f: Future[Any] = Future()
     f.set_result(value)
     return f
