@@ -93,6 +93,7 @@ class Result:
     mean: float  # s per step
     median: float
     note: str = ""
+    slowest: str = ""
 
 
 class StepTimes:
@@ -101,17 +102,27 @@ class StepTimes:
     def __init__(self, warmup: int, steps: int) -> None:
         self.warmup, self.last = warmup, warmup + steps
         self.marks: list[float] = []
+        self.steps: list[int] = []
 
     def mark(self, step: int) -> None:
         if step in (self.warmup, self.last):
             sync()
         if step >= self.warmup:
             self.marks.append(time.perf_counter())
+            self.steps.append(step)
 
     def result(self, trainer: str, name: str, note: str = "") -> Result:
         steps = [b - a for a, b in zip(self.marks, self.marks[1:])]
+        # Where the time goes: the three slowest steps (a durable save's step, a stall).
+        slow = sorted(zip(steps, self.steps[1:]), reverse=True)[:3]
+        slowest = ", ".join(f"step {s} {t * 1e3:.0f} ms" for t, s in slow)
         return Result(
-            trainer, name, (self.marks[-1] - self.marks[0]) / len(steps), statistics.median(steps), note
+            trainer,
+            name,
+            (self.marks[-1] - self.marks[0]) / len(steps),
+            statistics.median(steps),
+            note,
+            slowest,
         )
 
 
@@ -318,6 +329,13 @@ def main() -> None:
     ap.add_argument(
         "--repeats", type=int, default=1, help="rounds of every run, the order rotated each round"
     )
+    ap.add_argument(
+        "--saves",
+        type=int,
+        default=2,
+        help="the measured window is made long enough to hold this many durable saves (--steps or more)",
+    )
+    ap.add_argument("--only", default="", help="comma-separated run names (default: all)")
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     machine_info(args.dir, DEVICE)
@@ -326,7 +344,7 @@ def main() -> None:
     d, layers, *_ = SIZES[args.size]
     print(
         f"model:   GPT-2 {args.size} (n_embd {d}, {layers} layers), {DTYPE}, AdamW; state {format_size(nbytes)}; "
-        f"{args.steps} steps after {args.warmup}; durable every k={args.k} steps"
+        f"at least {args.steps} steps after {args.warmup}; durable every k={args.k} steps"
     )
     print(
         f"raw:     state to {'pinned ' if CUDA else ''}host memory {raw['copy'] * 1e3:.1f} ms "
@@ -359,24 +377,28 @@ def main() -> None:
                 if CUDA:
                     torch.cuda.empty_cache()
 
-        one("none", 10)  # warm-up, discarded: a process's first run is slower (allocator, threads)
-        base = one("none", 10)
-        k = fixed_k or max(2, math.ceil(2 * raw["write"] / base.mean))
-        rounds: dict[str, list[Result]] = {name: [] for name in runs[trainer]}
-        rounds["none"].append(base)
-        order = list(runs[trainer])
+        # A warm-up run, discarded (a process's first run is slower: allocator, threads); it
+        # also gives the step time that k is chosen from.
+        steps = args.steps
+        warm = one("none", 10)
+        k = fixed_k or max(2, math.ceil(2 * raw["write"] / warm.mean))
+        # The window holds --saves durable saves of every run (the peers save only every k).
+        args.steps = max(steps, args.saves * k)
+        print(f"{trainer}: k={k}, {args.steps} steps after {args.warmup}", flush=True)
+        names = [n for n in runs[trainer] if not args.only or n in args.only.split(",") or n == "none"]
+        rounds: dict[str, list[Result]] = {name: [] for name in names}
         for rnd in range(args.repeats):
-            for name in order[rnd % len(order) :] + order[: rnd % len(order)]:  # rotated each round
-                if rnd == 0 and name == "none":
-                    continue
+            for name in names[rnd % len(names) :] + names[: rnd % len(names)]:  # rotated each round
                 r = one(name, k)
                 rounds[name].append(r)
                 print(
-                    f"  round {rnd + 1}: {trainer} {name:<18} {r.mean * 1e3:8.1f} ms/step  {r.note}",
+                    f"  round {rnd + 1}: {trainer} {name:<18} {r.mean * 1e3:8.1f} ms/step  {r.note}"
+                    f"  slowest: {r.slowest}",
                     flush=True,
                 )
+        args.steps = steps
         none = statistics.median(r.mean for r in rounds["none"])
-        for name in runs[trainer]:
+        for name in names:
             mean = statistics.median(r.mean for r in rounds[name])
             median = statistics.median(r.median for r in rounds[name])
             print(
