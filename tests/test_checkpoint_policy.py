@@ -24,6 +24,7 @@ from fmstore import (
     TieredStore,
 )
 from fmstore.checkpoint import ChecksumError, LoadMismatchError, SnapshotNotFoundError
+from fmstore.tiers.host import size_class
 
 
 def make_state(step: int) -> dict:
@@ -135,6 +136,27 @@ def test_host_memory_copy_is_independent_of_the_live_tensors(tmp_path: Path) -> 
         assert h4.wait().levels == ["host"]
         reserved = ck._stager.pool.reserved
     assert ck._stager.pool.reserved == 0 and reserved > 0  # close() gives host memory back
+
+
+def test_first_save_pins_the_steady_state_host_memory(tmp_path: Path) -> None:
+    """The pool holds, from the first save on, the buffers of every snapshot saves keep at once
+    (host_memory=1, the one being staged, max_persists=1 persist): a durable save later in the
+    run allocates nothing (pinning gigabytes mid-run stalled a GPU step for seconds)."""
+    with Checkpointer(tmp_path, policy=Policy(host_memory=1, every=3), max_persists=1) as ck:
+        ck.save(1, make_state(1)).wait()
+        pool = ck._stager.pool
+        one_set = sum(size_class(n) for n in ck._reserved_for)
+        assert pool.reserved == 3 * one_set
+        allocations = pool.allocations
+        handles = [ck.save(step, make_state(step), block=False) for step in range(2, 8)]
+        for h in handles:
+            h.wait()
+        assert pool.allocations == allocations and pool.reserved == 3 * one_set
+        assert ck.steps(level="local") == [3, 6]
+        assert_equal_state(ck.load(step=6), make_state(6))
+    with Checkpointer(tmp_path / "durable-only", max_persists=2) as ck:  # no host memory: 1 + 2
+        ck.save(1, make_state(1)).wait()
+        assert ck._stager.pool.reserved == 3 * sum(size_class(n) for n in ck._reserved_for)
 
 
 def test_levels_all_and_unknown_level(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ import torch
 from .. import exiting
 from ..blob import dtype_from_name
 from ..codec import huffman
-from ..errors import ConfigError, CorruptBlobError, FmstoreError
+from ..errors import CapacityError, ConfigError, CorruptBlobError, FmstoreError
 from ..store import TieredStore
 from . import overlap, stateful
 from .level import SnapshotLevel, SnapshotNotFoundError, Written
@@ -244,6 +244,7 @@ class Checkpointer:
         self.incremental = incremental
         self.timeout = timeout
         self._stager = Stager()
+        self._reserved_for: list[int] | None = None  # the buffer sizes the pool was last reserved for
         self._persist = ThreadPoolExecutor(1, thread_name_prefix="fmstore-persist")
         self._hash_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="fmstore-hash")
         # Its own threads: an encode is asked for from level threads and fans out chunks.
@@ -388,6 +389,7 @@ class Checkpointer:
             guarded = stateful.guarded_tensors(prepared.slots) | overlap.guarded_pointers()
             deferred = {p.name for p in pieces if p.local.numel() and p.local.data_ptr() in guarded}
         staged = self._stager.stage({p.name: p.local for p in pieces}, gpu_encode, deferred)
+        self._reserve(staged)
         kept = None
         if self.memory is not None:
             items = {p.name: MemoryItem(p.global_shape, p.offsets) for p in pieces}
@@ -432,6 +434,29 @@ class Checkpointer:
             error = h._unreported_error()
             if error is not None:
                 raise error
+
+    def _reserve(self, staged: Staged) -> None:
+        """Pin now the host buffers that saves will hold at once in the steady state: the
+        snapshots kept in host memory, the one being staged, and the durable persists in flight
+        (each holds its snapshot's buffers until written).  Otherwise the pool grows at the
+        first durable save, seconds of pinning in the middle of training."""
+        sizes = sorted(staged.sizes)
+        if sizes == self._reserved_for:
+            return
+        self._reserved_for = sizes
+        sets = (
+            (self.memory.keep if self.memory is not None else 0)
+            + 1
+            + (self.max_persists if self.levels else 0)
+        )
+        try:
+            self._stager.pool.reserve(sizes, sets)
+        except CapacityError as e:  # this save is staged; later ones pin as they go
+            warnings.warn(
+                f"fmstore: could not pin ahead the host memory of {sets} snapshots ({e}); "
+                "saves will allocate it when first needed",
+                stacklevel=3,
+            )
 
     def _make_room(self) -> None:
         while True:

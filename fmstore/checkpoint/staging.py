@@ -54,6 +54,7 @@ class Staged:
     event: torch.cuda.Event | None
     releases: list[Callable[[], None]] = field(default_factory=list)
     copies: Future[None] | None = None  # deferred copies, made or queued by a background thread
+    sizes: list[int] = field(default_factory=list)  # the bytes asked of the pool, buffer by buffer
     _refs: int = 1
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -153,7 +154,7 @@ class Stager:
                     if width:
                         from ..codec import gpu as gpu_codec
 
-                        buf, release = self.pool.acquire(gpu_codec.huff_host_bytes(src.numel(), width))
+                        buf, release = self._acquire(staged, gpu_codec.huff_host_bytes(src.numel(), width))
                         staged.releases.append(release)
                         encode_jobs.append((len(staged.tensors), (src, width, buf, None)))
                         codec = [f"planes{width}", "huff"]
@@ -163,7 +164,7 @@ class Stager:
                     if src.numel() <= SMALL and src.device.type in ("cpu", "cuda"):
                         small.setdefault(src.device.type, []).append((name, t, src))
                         continue
-                    buf, release = self.pool.acquire(src.numel())
+                    buf, release = self._acquire(staged, src.numel())
                     staged.releases.append(release)
                     staged.tensors[-1].data = dst = buf[: src.numel()]
                     if later and src.device.type == "cuda" and self._stream is not None:
@@ -203,6 +204,10 @@ class Stager:
         staged.tensors = [staged.tensors[slots[n]] for n in tensors]
         return staged
 
+    def _acquire(self, staged: Staged, nbytes: int) -> tuple[torch.Tensor, Callable[[], None]]:
+        staged.sizes.append(nbytes)
+        return self.pool.acquire(nbytes)
+
     def _copy(
         self,
         dst: torch.Tensor,
@@ -237,7 +242,7 @@ class Stager:
         for _, _, src in group:
             offsets.append(pos)
             pos += -(-src.numel() // ALIGN) * ALIGN  # aligned: a slice views as any dtype
-        buf, release = self.pool.acquire(max(pos, 1))
+        buf, release = self._acquire(staged, max(pos, 1))
         staged.releases.append(release)
 
         def packed() -> torch.Tensor:

@@ -41,6 +41,7 @@ class BufferPool:
         self.reserved = 0  # bytes allocated, in use or idle
         self.idle = 0
         self.allocations = 0  # how many buffers were ever allocated (reuse shows as few)
+        self._count: dict[int, int] = {}  # buffers allocated per size class, in use or idle
 
     def acquire(self, nbytes: int) -> tuple[torch.Tensor, Callable[[], None]]:
         cls = size_class(nbytes)
@@ -50,17 +51,47 @@ class BufferPool:
                 buf = bucket.pop()
                 self.idle -= cls
                 return buf, lambda: self._release(buf)
-            if self.limit is not None and self.reserved + cls > self.limit:
-                self._trim(self.reserved + cls - self.limit)
-            self.reserved += cls
-            self.allocations += 1
+            self._account(cls)
+        buf = self._allocate(cls)
+        return buf, lambda: self._release(buf)
+
+    def reserve(self, sizes: list[int], sets: int) -> int:
+        """Allocate ahead what ``sets`` buffers of each of ``sizes`` held at once would need,
+        so the buffers are pinned now rather than when that many are first in use (pinning
+        gigabytes takes seconds and stalls CUDA calls meanwhile).  Returns the bytes allocated."""
+        want: dict[int, int] = {}
+        for n in sizes:
+            cls = size_class(n)
+            want[cls] = want.get(cls, 0) + sets
+        added = 0
+        for cls, n in want.items():
+            while True:
+                with self._lock:
+                    if self._count.get(cls, 0) >= n:
+                        break
+                    if self.limit is not None and self.reserved + cls > self.limit:
+                        return added  # the limit decides: no idle buffer is freed for a reserve
+                    self._account(cls)
+                self._release(self._allocate(cls))
+                added += cls
+        return added
+
+    def _account(self, cls: int) -> None:
+        """Count a buffer about to be allocated (lock held)."""
+        if self.limit is not None and self.reserved + cls > self.limit:
+            self._trim(self.reserved + cls - self.limit)
+        self.reserved += cls
+        self.allocations += 1
+        self._count[cls] = self._count.get(cls, 0) + 1
+
+    def _allocate(self, cls: int) -> torch.Tensor:
         try:
-            buf = torch.empty(cls, dtype=torch.uint8, pin_memory=self.pinned)
+            return torch.empty(cls, dtype=torch.uint8, pin_memory=self.pinned)
         except RuntimeError as e:
             with self._lock:
                 self.reserved -= cls
+                self._count[cls] -= 1
             raise CapacityError(f"cannot allocate {format_size(cls)} of host memory: {e}") from None
-        return buf, lambda: self._release(buf)
 
     def _release(self, buf: torch.Tensor) -> None:
         cls = buf.numel()
@@ -77,6 +108,7 @@ class BufferPool:
             while bucket and want > 0:
                 bucket.pop()
                 self.reserved -= cls
+                self._count[cls] -= 1
                 self.idle -= cls
                 want -= cls
             if not bucket:
