@@ -9,8 +9,10 @@ The peers save at the same durable interval: Lightning's ``ModelCheckpoint`` wit
 
 The model is a GPT-2 built from a config (``--size``: ``tiny`` for a smoke run, ``small`` for a
 CPU, ``1b`` = 1.07 B parameters for a GPU), trained in bf16 on a GPU (fp32 on a CPU) with AdamW
-on random tokens.  Per run: the mean step time over ``--steps`` steps after ``--warmup``
-(synchronized at both ends), and the median of the per-step times.  A discarded warm-up run
+on random tokens.  Per run: the mean step time over a window of ``--saves`` whole durable
+cycles (from step k on; ``--steps`` after ``--warmup`` is the warm-up run's), synchronized at both
+ends, so every run pays for the same number of durable saves, and the median of the per-step
+times.  A discarded warm-up run
 first, then ``--repeats`` rounds of every run in an order rotated each round; the medians over
 rounds are compared with the run without checkpoints.  Raw limits measured in the same process: the training state's copy to
 pinned host memory (GPU) or to host memory (CPU), and an fsync'd write of the same bytes to
@@ -332,8 +334,8 @@ def main() -> None:
     ap.add_argument(
         "--saves",
         type=int,
-        default=2,
-        help="the measured window is made long enough to hold this many durable saves (--steps or more)",
+        default=1,
+        help="the measured window: this many whole durable cycles of k steps, from step k on",
     )
     ap.add_argument("--only", default="", help="comma-separated run names (default: all)")
     args = ap.parse_args()
@@ -344,7 +346,7 @@ def main() -> None:
     d, layers, *_ = SIZES[args.size]
     print(
         f"model:   GPT-2 {args.size} (n_embd {d}, {layers} layers), {DTYPE}, AdamW; state {format_size(nbytes)}; "
-        f"at least {args.steps} steps after {args.warmup}; durable every k={args.k} steps"
+        f"warm-up run {args.steps} steps after {args.warmup}; durable every k={args.k} steps"
     )
     print(
         f"raw:     state to {'pinned ' if CUDA else ''}host memory {raw['copy'] * 1e3:.1f} ms "
@@ -382,8 +384,12 @@ def main() -> None:
         steps = args.steps
         warm = one("none", 10)
         k = fixed_k or max(2, math.ceil(2 * raw["write"] / warm.mean))
-        # The window holds --saves durable saves of every run (the peers save only every k).
-        args.steps = max(steps, args.saves * k)
+        # The window is --saves whole durable cycles (the peers save only every k): from just
+        # after the save at step k (its write runs on into the window) to the save at step
+        # (saves + 1) k (whose write would run on after it).
+        warmup = args.warmup
+        args.warmup = max(warmup, k)
+        args.steps = args.saves * k
         print(f"{trainer}: k={k}, {args.steps} steps after {args.warmup}", flush=True)
         names = [n for n in runs[trainer] if not args.only or n in args.only.split(",") or n == "none"]
         rounds: dict[str, list[Result]] = {name: [] for name in names}
@@ -396,7 +402,7 @@ def main() -> None:
                     f"  slowest: {r.slowest}",
                     flush=True,
                 )
-        args.steps = steps
+        args.steps, args.warmup = steps, warmup
         none = statistics.median(r.mean for r in rounds["none"])
         for name in names:
             mean = statistics.median(r.mean for r in rounds[name])
