@@ -337,13 +337,8 @@ def main() -> None:
         default=1,
         help="the measured window: this many whole durable cycles of k steps, from step k on",
     )
-    ap.add_argument("--feed", choices=["thread", "gaps"], default=None, help="fmstore's copy pacing")
     ap.add_argument("--only", default="", help="comma-separated run names (default: all)")
     args = ap.parse_args()
-    if args.feed:
-        from fmstore.checkpoint import staging
-
-        staging.FEED = args.feed
     os.makedirs(args.dir, exist_ok=True)
     machine_info(args.dir, DEVICE)
     nbytes = state_bytes(args.size)

@@ -102,10 +102,6 @@ SMALL = 256 << 10
 ALIGN = 64
 #: Deferred device-to-host copies are queued in groups of this many bytes (see ``_copy_later``).
 FEED_BYTES = 16 << 20
-#: How the deferred device-to-host groups are paced: "thread" (a thread queues one group once
-#: the last has landed) or "gaps" (all queued at once, an idle kernel of GAP_CYCLES between).
-FEED = "thread"
-GAP_CYCLES = 40_000  # about 20 us at an H200's clock
 
 
 class Stager:
@@ -194,9 +190,6 @@ class Stager:
                         staged.tensors[i].codec = []
                 for (i, _), data in zip(encode_jobs, streams):
                     staged.tensors[i].data = data
-            if gpu_later and FEED == "gaps":
-                self._queue_with_gaps(gpu_later)
-                gpu_later = []
             if on_device and self._stream is not None and not gpu_later:
                 staged.event = torch.cuda.Event()
                 staged.event.record(self._stream)
@@ -280,22 +273,6 @@ class Stager:
             done = torch.cuda.Event()
             done.record(self._stream)
             torch.cuda.current_stream(on_device[0].device).wait_event(done)
-
-    def _queue_with_gaps(self, gpu: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """The deferred device-to-host copies, all queued now on the side stream, with a short
-        idle kernel after every :data:`FEED_BYTES`: while it runs the copy engine has nothing
-        of ours, so a synchronous transfer of the training step goes through (the thread of
-        ``_copy_later`` does the same by waiting for each group, and needs the GIL to go on)."""
-        assert self._stream is not None
-        with torch.cuda.device(gpu[0][1].device), torch.cuda.stream(self._stream):
-            queued = 0
-            for dst, src in gpu:
-                dst.copy_(src, non_blocking=True)
-                src.record_stream(self._stream)
-                queued += src.numel()
-                if queued >= FEED_BYTES:
-                    torch.cuda._sleep(GAP_CYCLES)
-                    queued = 0
 
     def _copy_later(
         self,
