@@ -5,8 +5,6 @@ Tensors move between GPU memory, pinned host memory, local NVMe and object stora
 """
 
 from ._source_tree import install as _install_source_tree
-from .blob import BlobInfo
-from .checkpoint import Checkpointer, Level, Policy, RNGState, SaveHandle, SnapshotInfo
 from .errors import (
     BlobNotFoundError,
     CapacityError,
@@ -15,13 +13,46 @@ from .errors import (
     FmstoreError,
     InvalidKeyError,
 )
-from .store import PrefetchHandle, TieredStore
-from .tiers import DeviceTier, HostTier, LocalTier, ObjectTier, Tier
 from .units import format_size, parse_size
 
 __version__ = "0.1.0"
 
 _install_source_tree()  # a checkout run with PYTHONPATH=. finds fmstore.kernels / fmstore.integrations
+
+# The rest import torch: loaded on first use, so ``import fmstore`` (and ``fmstore --help``) stays
+# fast and the errors above can be caught without importing torch.
+_LAZY = {
+    "BlobInfo": "blob",
+    "Checkpointer": "checkpoint",
+    "Level": "checkpoint",
+    "Policy": "checkpoint",
+    "RNGState": "checkpoint",
+    "SaveHandle": "checkpoint",
+    "SnapshotInfo": "checkpoint",
+    "PrefetchHandle": "store",
+    "TieredStore": "store",
+    "DeviceTier": "tiers",
+    "HostTier": "tiers",
+    "LocalTier": "tiers",
+    "ObjectTier": "tiers",
+    "Tier": "tiers",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fmstore' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "Checkpointer",

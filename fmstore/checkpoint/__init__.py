@@ -11,7 +11,9 @@ from .checkpointer import (
 )
 from .manifest import Manifest, ManifestError
 from .policy import Level, Policy
+from .snapshot import Problem, Root, ShardInfo, Snapshot, TensorInfo
 from .stateful import RNGState, is_stateful
+from .storage import RootNotFoundError
 from .tree import UnsupportedValueError
 from .writing import MOMENTS
 
@@ -31,4 +33,10 @@ __all__ = [
     "StateKeysError",
     "RNGState",
     "is_stateful",
+    "Root",
+    "Snapshot",
+    "TensorInfo",
+    "ShardInfo",
+    "Problem",
+    "RootNotFoundError",
 ]

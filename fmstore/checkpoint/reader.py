@@ -34,7 +34,15 @@ QUANT_CODEC = "int8-absmax256"
 
 
 class ChecksumError(CorruptBlobError):
-    """Bytes read back do not match the checksum recorded when they were saved."""
+    """Bytes read back do not match the checksum recorded when they were saved.  ``tensor``,
+    ``file`` and ``chunk`` (the index of the checksum chunk, None for a whole-stream check)
+    say where."""
+
+    def __init__(
+        self, message: str, tensor: str | None = None, file: str | None = None, chunk: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.tensor, self.file, self.chunk = tensor, file, chunk
 
 
 @dataclass
@@ -199,9 +207,13 @@ class SnapshotReader:
             try:
                 storage.read_ranges(file, ranges)
             except FileNotFoundError:
-                raise CorruptBlobError(f"snapshot step {step}: shard file {file!r} is missing") from None
+                raise _in_file(
+                    CorruptBlobError(f"snapshot step {step}: shard file {file!r} is missing"), file
+                ) from None
             except CorruptBlobError as e:
-                raise CorruptBlobError(f"snapshot step {step}: shard file {file!r}: {e}") from None
+                raise _in_file(
+                    CorruptBlobError(f"snapshot step {step}: shard file {file!r}: {e}"), file
+                ) from None
         for name, shard, blob, out in plan.decodes:
             try:
                 if shard.codec == [QUANT_CODEC]:
@@ -212,7 +224,9 @@ class SnapshotReader:
                     continue
                 decode(memoryview(blob.numpy()), out, pool=storage.pool, name=name)
             except CorruptBlobError as e:
-                raise CorruptBlobError(f"snapshot step {step}: shard file {shard.file!r}: {e}") from None
+                raise _in_file(
+                    CorruptBlobError(f"snapshot step {step}: shard file {shard.file!r}: {e}"), shard.file
+                ) from None
         verify_all(plan.checks, step, storage.pool)
         for dest, block in plan.copies:
             dest.copy_(block)
@@ -220,6 +234,11 @@ class SnapshotReader:
             dest.copy_(host, non_blocking=dest.device.type == "cuda")
         if plan.finals and torch.cuda.is_available():
             torch.cuda.synchronize()  # before the pooled buffers go back to the pool
+
+
+def _in_file(e: CorruptBlobError, file: str) -> CorruptBlobError:
+    e.file = file  # type: ignore[attr-defined]  # which file, for a verify report
+    return e
 
 
 def verify_all(checks: list[tuple[str, Shard, torch.Tensor, int]], step: int, pool: Executor | None) -> None:
@@ -244,7 +263,10 @@ def verify_all(checks: list[tuple[str, Shard, torch.Tensor, int]], step: int, po
         if index >= len(shard.chunks) or h != shard.chunks[index]:
             raise ChecksumError(
                 f"snapshot step {step}: tensor {name!r} in {shard.file!r} does not match its checksum "
-                f"(chunk {index}, bytes {shard.begin + offset}..{shard.begin + offset + len(mv)})"
+                f"(chunk {index}, bytes {shard.begin + offset}..{shard.begin + offset + len(mv)})",
+                name,
+                shard.file,
+                index,
             )
 
 
@@ -259,7 +281,9 @@ def _decode_fmhs(
     if huffman.stream_digest(raw, out.numel(), name) != shard.checksum:
         raise ChecksumError(
             f"snapshot step {step}: tensor {name!r} in {shard.file!r} does not match its checksum "
-            "(its chunk checks differ from the manifest's)"
+            "(its chunk checks differ from the manifest's)",
+            name,
+            shard.file,
         )
     if out.device.type == "cuda":
         from ..codec import gpu as gpu_codec

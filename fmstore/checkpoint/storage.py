@@ -16,10 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..blob import byte_view
-from ..errors import CorruptBlobError
+from ..errors import CorruptBlobError, FmstoreError
 from ..keys import TMP_MARKER
 from ..tiers.files import chunks, read_ranges_into, write_atomic
 from ..tiers.object import gather_bytes, open_fs, s3_put
+
+
+class RootNotFoundError(FmstoreError):
+    """A checkpoint root that is not there (opened for reading)."""
 
 
 class SnapshotStorage:
@@ -34,8 +38,10 @@ class SnapshotStorage:
         part_size: int = 32 << 20,
         concurrency: int = 8,
         fs: tuple[Any, str] | None = None,
+        create: bool = True,
     ) -> None:
-        """``fs``: an already open (filesystem, path) to use for ``root`` (an ObjectTier's)."""
+        """``fs``: an already open (filesystem, path) to use for ``root`` (an ObjectTier's);
+        ``create=False``: a local root that does not exist is an error, not made (readers)."""
         root = os.fspath(root)
         self.url = root
         self.local = fs is None and ("://" not in root or root.startswith("file://"))
@@ -44,7 +50,11 @@ class SnapshotStorage:
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="fmstore-ckpt-io")
         if self.local:
             self.root = os.path.abspath(root.removeprefix("file://"))
-            os.makedirs(self.root, exist_ok=True)
+            if create:
+                os.makedirs(self.root, exist_ok=True)
+            elif not os.path.isdir(self.root):
+                self.pool.shutdown()
+                raise RootNotFoundError(f"no checkpoint root at {root!r} (not a directory)")
             self.fs = None
         else:
             self.fs, self.root = fs if fs is not None else open_fs(root, storage_options)

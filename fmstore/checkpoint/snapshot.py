@@ -1,0 +1,292 @@
+"""Committed snapshots opened for reading, outside any :class:`Checkpointer`.
+
+A :class:`Root` is a checkpoint root (a local directory or a URL, with ``storage_options``) seen
+by a reader: its committed steps, the steps a writer left without a manifest, and each step's
+:class:`Snapshot`.  A snapshot lists its tensors (dtype, global shape, shards, codec chain,
+stored against raw bytes, and where the bytes live: a tensor that did not change is stored in
+an earlier snapshot's file and referenced), reads one tensor or a slice of it, and verifies
+every checksum.  The ``fmstore`` command and :meth:`Checkpointer.load` read through the same
+:class:`~fmstore.checkpoint.reader.SnapshotReader`.
+
+    >>> with Root("fmstore-data/ckpt") as root:                       # doctest: +SKIP
+    ...     snap = root.snapshot()                                      # the newest step
+    ...     w = snap.read("model/w")                                    # a CPU tensor
+    ...     bad = snap.verify()                                         # [] when intact
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..blob import dtype_from_name
+from ..errors import CorruptBlobError
+from .level import SnapshotLevel, SnapshotNotFoundError, numel
+from .manifest import MANIFEST, Manifest, parse_step_dir, step_dir
+from .reader import ChecksumError, Region, SnapshotReader
+from .storage import SnapshotStorage
+from .tree import unflatten
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One saved piece of a tensor and where its bytes are."""
+
+    offsets: tuple[int, ...]
+    lengths: tuple[int, ...]
+    file: str  # relative to the root
+    begin: int
+    end: int
+    codec: tuple[str, ...]  # empty: raw
+    referenced: bool  # the bytes are in an earlier snapshot's file (an incremental reference)
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    shards: tuple[ShardInfo, ...]
+
+    @property
+    def raw_bytes(self) -> int:
+        return numel(self.shape) * torch.empty(0, dtype=dtype_from_name(self.dtype)).element_size()
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(s.stored_bytes for s in self.shards)
+
+    @property
+    def referenced_bytes(self) -> int:
+        """Stored bytes that live in earlier snapshots' files."""
+        return sum(s.stored_bytes for s in self.shards if s.referenced)
+
+    @property
+    def codecs(self) -> list[str]:
+        """The distinct codec chains of its shards, each as ``a+b`` (``raw`` for none)."""
+        return sorted({"+".join(s.codec) or "raw" for s in self.shards})
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "raw_bytes": self.raw_bytes,
+            "stored_bytes": self.stored_bytes,
+            "referenced_bytes": self.referenced_bytes,
+            "codecs": self.codecs,
+            "shards": [
+                {
+                    "offsets": list(s.offsets),
+                    "lengths": list(s.lengths),
+                    "file": s.file,
+                    "begin": s.begin,
+                    "end": s.end,
+                    "codec": list(s.codec),
+                    "referenced": s.referenced,
+                }
+                for s in self.shards
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A tensor that failed verification: which, in which file, and why."""
+
+    tensor: str
+    file: str | None
+    chunk: int | None
+    message: str
+
+
+class Snapshot:
+    """One committed snapshot of a root (see the module docstring)."""
+
+    def __init__(self, storage: SnapshotStorage, manifest: Manifest) -> None:
+        self.storage = storage
+        self.manifest = manifest
+        self._reader = SnapshotReader(storage, manifest)
+
+    @property
+    def step(self) -> int:
+        return self.manifest.step
+
+    @property
+    def url(self) -> str:
+        return f"{self.storage.url.rstrip('/')}/{step_dir(self.step)}"
+
+    @property
+    def created(self) -> float:
+        return self.manifest.created
+
+    @property
+    def world_size(self) -> int:
+        return self.manifest.world_size
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.manifest.meta
+
+    @property
+    def written_bytes(self) -> int:
+        """The bytes of the files this snapshot wrote itself (incremental references excluded)."""
+        return sum(self.manifest.files.values())
+
+    def tensors(self, pattern: str | None = None) -> list[TensorInfo]:
+        """Its tensors in name order; ``pattern``: only names matching this glob (``model/*``)."""
+        own = step_dir(self.step) + "/"
+        out = []
+        for name in sorted(self.manifest.tensors):
+            if pattern is not None and not fnmatch.fnmatchcase(name, pattern):
+                continue
+            e = self.manifest.tensors[name]
+            shards = tuple(
+                ShardInfo(
+                    tuple(s.offsets),
+                    tuple(s.lengths),
+                    s.file,
+                    s.begin,
+                    s.end,
+                    tuple(s.codec),
+                    not s.file.startswith(own),
+                )
+                for s in e.shards
+            )
+            out.append(TensorInfo(name, e.dtype, tuple(e.shape), shards))
+        return out
+
+    def tensor(self, name: str) -> TensorInfo:
+        if name not in self.manifest.tensors:
+            raise SnapshotNotFoundError(
+                f"snapshot step {self.step} under {self.storage.url!r} has no tensor {name!r}"
+            )
+        return next(t for t in self.tensors(pattern=name) if t.name == name)
+
+    def read(
+        self,
+        name: str,
+        *,
+        offsets: tuple[int, ...] | None = None,
+        shape: tuple[int, ...] | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Tensor ``name`` (whole, or the slice of ``shape`` starting at ``offsets``), verified,
+        into ``out`` or a new CPU tensor."""
+        entry = self.manifest.tensors.get(name)
+        if entry is None:
+            raise SnapshotNotFoundError(
+                f"snapshot step {self.step} under {self.storage.url!r} has no tensor {name!r}"
+            )
+        gshape = tuple(entry.shape)
+        offsets = tuple(offsets) if offsets is not None else (0,) * len(gshape)
+        shape = tuple(shape) if shape is not None else tuple(g - o for g, o in zip(gshape, offsets))
+        if (
+            len(offsets) != len(gshape)
+            or len(shape) != len(gshape)
+            or any(o < 0 or n < 0 or o + n > g for o, n, g in zip(offsets, shape, gshape))
+        ):
+            raise SnapshotNotFoundError(
+                f"tensor {name!r} of shape {list(gshape)} has no region at offsets {list(offsets)} of shape {list(shape)}"
+            )
+        dest = out if out is not None else torch.empty(shape, dtype=dtype_from_name(entry.dtype))
+        self._reader.read([Region(name, offsets, dest)])
+        return dest
+
+    def state(self) -> Any:
+        """The whole saved state (rank 0's view of per-rank values), tensors on the CPU."""
+        out = {name: self.read(name) for name in self.manifest.tensors}
+        return unflatten(self.manifest.tree, out, 0)
+
+    def verify(
+        self,
+        names: list[str] | None = None,
+        *,
+        threads: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Problem]:
+        """Read back every tensor (or ``names``) and check every chunk of it, tensors in
+        parallel; the tensors that fail, each with its file and chunk ([] when all are intact).
+        ``progress(nbytes)`` is called as each tensor's stored bytes are checked."""
+        infos = {t.name: t for t in self.tensors()}
+        todo = [infos[n] for n in (names if names is not None else sorted(infos))]
+
+        def one(t: TensorInfo) -> Problem | None:
+            try:
+                self.read(t.name)
+            except ChecksumError as e:
+                return Problem(t.name, e.file, e.chunk, str(e))
+            except CorruptBlobError as e:  # a missing or truncated file, a bad codec header
+                files = sorted({s.file for s in t.shards})
+                return Problem(
+                    t.name, getattr(e, "file", None) or (files[0] if len(files) == 1 else None), None, str(e)
+                )
+            finally:
+                if progress is not None:
+                    progress(t.stored_bytes)
+            return None
+
+        workers = threads or min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="fmstore-verify") as pool:
+            return [p for p in pool.map(one, todo) if p is not None]
+
+    def __repr__(self) -> str:
+        return f"Snapshot({self.url!r}, {len(self.manifest.tensors)} tensors)"
+
+
+class Root:
+    """A checkpoint root opened for reading (``url``: a directory, ``file://``, ``s3://``, ...)."""
+
+    def __init__(self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
+        self.storage = SnapshotStorage(url, storage_options, create=False)
+        self._level = SnapshotLevel("root", self.storage)
+
+    @property
+    def url(self) -> str:
+        return self.storage.url
+
+    def steps(self) -> list[int]:
+        """Committed steps, oldest first."""
+        return self._level.steps()
+
+    def incomplete(self) -> list[int]:
+        """Steps with a directory but no manifest: being written now, or left by a crash."""
+        out = []
+        for name in self.storage.list_dir():
+            step = parse_step_dir(name)
+            if step is not None and not self.storage.exists(f"{name}/{MANIFEST}"):
+                out.append(step)
+        return sorted(out)
+
+    def snapshot(self, step: int | None = None) -> Snapshot:
+        """The committed snapshot of ``step`` (default: the newest)."""
+        return Snapshot(self.storage, self._level.manifest(step))
+
+    def snapshots(self) -> Iterator[Snapshot]:
+        for step in self.steps():
+            try:
+                yield self.snapshot(step)
+            except SnapshotNotFoundError:  # removed since the listing (retention)
+                continue
+
+    def close(self) -> None:
+        self.storage.close()
+
+    def __enter__(self) -> Root:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:  # the URL only: storage_options may hold credentials
+        return f"Root({self.url!r})"
