@@ -266,7 +266,7 @@ def test_incremental_and_lossless(tmp_path):
     dcp.save(state, storage_writer=FmstoreStorageWriter(lossless, 1, compression="lossless"))
     with Checkpointer(lossless) as ck2:
         entry = ck2.manifest(1).tensors["model/0.weight"]
-    assert entry.shards[0].codec == ["planes4", "zstd"]
+    assert entry.shards[0].codec == [{"name": "planes-zstd", "configuration": {"width": 4}}]
     check_round_trip(state, model, opt, storage_reader=FmstoreStorageReader(lossless))
 
     # Lossy only where asked: Adam's moments as blockwise int8, the weights untouched.
@@ -275,7 +275,7 @@ def test_incremental_and_lossless(tmp_path):
     with Checkpointer(quantized) as ck3:
         m = ck3.manifest(1)
         out = ck3.load()
-    assert m.tensors["optim/state/0.weight/exp_avg"].shards[0].codec == ["int8-absmax256"]
+    assert m.tensors["optim/state/0.weight/exp_avg"].shards[0].codec == [{"name": "int8-absmax", "configuration": {"block": 256}}]
     assert m.tensors["model/0.weight"].shards[0].codec == []
     assert_same(out["model"], state["model"])
     moment = state["optim"]["state"]["0.weight"]["exp_avg"]

@@ -48,7 +48,9 @@ GPU_ENCODE_MIN_BYTES = 4 << 20
 #: ``compression=`` values: None (raw) or the lossless chain.
 COMPRESSION: dict[str | None, str | None] = {None: None, "lossless": "lossless"}
 #: ``codec=`` values: which lossless chain (see ``Checkpointer``).
-CODECS = ("auto", "zstd", "huffman")
+CODECS = ("auto", "planes-zstd", "fmhs")
+#: Earlier names of the same codecs, still accepted.
+_CODEC_ALIASES = {"zstd": "planes-zstd", "huffman": "fmhs"}
 
 __all__ = [
     "Checkpointer",
@@ -165,7 +167,7 @@ class Checkpointer:
         quantize: glob patterns of tensor names (as flattened: ``optim/state/0/exp_avg``) to
             store lossily as blockwise int8 (absmax per 256 values; float tensors only), e.g.
             :data:`MOMENTS` for Adam's moments.  Never applied unless asked; the manifest
-            records it (codec ``int8-absmax256``) and a load gives the dequantized values.
+            records it (codec ``int8-absmax``) and a load gives the dequantized values.
         compression: ``"lossless"`` encodes each written tensor with a codec chain; the
             manifest records the chain and load decodes.  Default None: stored raw.
         codec: which lossless chain.  ``"auto"`` (default): a CUDA tensor of at least
@@ -173,9 +175,9 @@ class Checkpointer:
             device-to-host copy (byte planes + per-chunk Huffman, the FMHS stream of
             ``kernels/huffman.cu``), so fewer bytes cross PCIe; a CPU tensor, a smaller one, or
             any when the kernels cannot be built, gets the CPU chain (byte planes + per-chunk
-            zstd) in the background persist.  ``"zstd"``: always the CPU chain.
-            ``"huffman"``: always FMHS (on the CPU reference for CPU tensors: slow, for
-            checks).  With a host-memory level the raw copy is staged (a restore needs it),
+            zstd) in the background persist.  ``"planes-zstd"``: always the CPU chain.
+            ``"fmhs"``: always FMHS (on the CPU reference for CPU tensors: slow, for
+            checks).  (``"zstd"`` and ``"huffman"``, the earlier names, are still accepted.)  With a host-memory level the raw copy is staged (a restore needs it),
             and the CPU chain runs in the background.  The GPU encode needs transient GPU
             memory of about twice the largest tensor; if it fails (out of memory, say), those
             tensors are staged raw, with a warning.
@@ -206,10 +208,10 @@ class Checkpointer:
         codec: str = "auto",
         max_persists: int = 1,
     ) -> None:
+        codec = _CODEC_ALIASES.get(codec, codec)
         if codec not in CODECS:
             raise ConfigError(f"codec must be one of {list(CODECS)}, got {codec!r}")
         self.codec = codec
-        self._gpu_codec: bool | None = None  # whether the GPU kernels load; found on first use
         if compression not in COMPRESSION:
             raise ConfigError(
                 f"compression must be one of {sorted(COMPRESSION, key=str)}, got {compression!r}"
@@ -382,7 +384,9 @@ class Checkpointer:
         if self.memory is not None and self.memory.get(step) is not None:
             raise FmstoreError(f"step {step} is already committed in host memory; it is never overwritten")
         gpu_encode = (
-            self._gpu_encode if self.compression and self.memory is None and self.codec != "zstd" else None
+            self._gpu_encode
+            if self.compression and self.memory is None and self.codec != "planes-zstd"
+            else None
         )
         deferred = None
         if not block:
@@ -478,18 +482,9 @@ class Checkpointer:
 
     def _gpu_codec_loads(self) -> bool:
         """Whether the GPU codec's kernels load here (tried once; a warning if they do not)."""
-        if self._gpu_codec is None:
-            try:
-                from ..kernels import load
+        from ..codec import gpu
 
-                load("huffman")
-                self._gpu_codec = True
-            except Exception as e:  # no nvcc, or a build failure: the CPU chain still works
-                warnings.warn(
-                    f"fmstore: GPU codec unavailable, (de)compressing on the CPU: {e}", stacklevel=4
-                )
-                self._gpu_codec = False
-        return self._gpu_codec
+        return gpu.kernels_load()
 
     def _targets(self, step: int, levels: Sequence[str] | str | None) -> list[SnapshotLevel]:
         if levels == "all":
@@ -725,9 +720,7 @@ class Checkpointer:
                 offsets = (0,) * len(gshape)
             out[name] = target if target is not None else dest
             regions.append(Region(name, offsets, dest))
-        reader = SnapshotReader(
-            lvl.storage, manifest, pool=self._stager.pool, gpu_decodes=self._gpu_codec_loads
-        )
+        reader = SnapshotReader(lvl.storage, manifest, pool=self._stager.pool)
         reader.read(regions)
         return unflatten(manifest.tree, out, self.rank)
 

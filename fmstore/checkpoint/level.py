@@ -457,7 +457,7 @@ class _Entry:
     code: str
     shape: list[int]
     nbytes: int
-    codec: list[str]
+    codec: list[dict]
 
 
 def _body(item: WriteItem) -> tuple[_Entry, list[memoryview | bytes]]:

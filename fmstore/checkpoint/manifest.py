@@ -20,12 +20,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import FmstoreError
+from ..codec import registry
+from ..codec.registry import CodecConfigError
+from ..errors import CorruptBlobError, FmstoreError
 
 FORMAT = "fmstore.snapshot"
 #: Checksum chunk: a partial read (resharding) verifies just the chunks it touches.
 CHUNK_SIZE = 16 << 20
-VERSION = 1
+#: 2: codecs as {"name", "configuration"} entries (1: chains of strings, still read).
+VERSION = 2
+READS = (1, 2)
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d{10})$")
 _FILE = re.compile(r"^step-(\d{10})/[A-Za-z0-9._-]+\.safetensors$")
@@ -56,7 +60,7 @@ class Shard:
     begin: int  # byte range in the file
     end: int
     checksum: str  # "xxh3_128:<hex>" over the chunk digests: equal iff every chunk is
-    codec: list[str] = field(default_factory=list)  # empty: stored raw
+    codec: list[dict[str, Any]] = field(default_factory=list)  # [] raw, else [{"name", "configuration"}]
     chunk_size: int = 0  # the original bytes are checked in chunks of this many bytes...
     chunks: list[str] = field(default_factory=list)  # ...each with its xxh3_128 hex digest
 
@@ -90,13 +94,16 @@ class Manifest:
             raise ManifestError(f"{where}: manifest is not JSON ({e})") from None
         if not isinstance(body, dict) or body.get("format") != FORMAT:
             raise ManifestError(f"{where}: not an fmstore snapshot manifest")
-        if body.get("version") != VERSION:
+        version = body.get("version")
+        if version not in READS:
             raise ManifestError(
-                f"{where}: manifest version {body.get('version')!r}; this fmstore reads version {VERSION}"
+                f"{where}: manifest version {version!r}; this fmstore reads versions {list(READS)}"
             )
         try:
             tensors = {
-                name: TensorEntry(e["dtype"], list(e["shape"]), [Shard(**s) for s in e["shards"]])
+                name: TensorEntry(
+                    e["dtype"], list(e["shape"]), [_shard(s, version, where) for s in e["shards"]]
+                )
                 for name, e in body["tensors"].items()
             }
             m = cls(
@@ -108,7 +115,9 @@ class Manifest:
                 created=float(body.get("created", 0.0)),
                 meta=dict(body.get("meta", {})),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except CodecConfigError as e:
+            raise ManifestError(str(e)) from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ManifestError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
         m.validate(where)
         return m
@@ -129,6 +138,31 @@ class Manifest:
                     raise ManifestError(f"{where}: tensor {name!r}: shard rank does not match shape")
                 if any(o < 0 or n < 0 or o + n > g for o, n, g in zip(s.offsets, s.lengths, entry.shape)):
                     raise ManifestError(f"{where}: tensor {name!r}: a shard lies outside shape {entry.shape}")
+                if len(s.codec) > 1:
+                    raise ManifestError(f"{where}: tensor {name!r}: a pipeline of {len(s.codec)} codecs")
+                if s.codec:
+                    try:
+                        codec = registry.get(s.codec[0], f"{where}: tensor {name!r}")
+                        codec.check(dtype_itemsize(entry.dtype), f"{where}: tensor {name!r}")
+                    except CodecConfigError as e:
+                        raise ManifestError(str(e)) from None
 
     def referenced_files(self) -> set[str]:
         return {s.file for e in self.tensors.values() for s in e.shards}
+
+
+def _shard(body: dict[str, Any], version: int, where: str) -> Shard:
+    shard = Shard(**body)
+    if version == 1:  # chains of strings: ["planes4", "zstd"] and the like
+        shard.codec = registry.from_legacy(list(shard.codec), where)
+    return shard
+
+
+def dtype_itemsize(dtype: str) -> int:
+    """Bytes per element of a manifest dtype name (``float32``)."""
+    from ..blob import dtype_from_name
+
+    try:
+        return dtype_from_name(dtype).itemsize
+    except CorruptBlobError:
+        raise ManifestError(f"unknown dtype {dtype!r}") from None

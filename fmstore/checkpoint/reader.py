@@ -11,26 +11,21 @@ and serving all read through here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..blob import as_bytes_tensor, as_memoryview, dtype_from_name
-from ..codec import decode, huffman
-from ..codec.quant import BLOCK as QUANT_BLOCK
-from ..codec.quant import dequantize as dequantize_int8
+from ..blob import as_memoryview, dtype_from_name
+from ..codec import registry
+from ..codec.registry import Codec
 from ..errors import CorruptBlobError, FmstoreError
 from ..tiers.host import BufferPool
 from .level import numel
 from .manifest import Manifest, ManifestError, Shard
 from .sharding import intersect, plan_read
 from .storage import SnapshotStorage
-
-#: The manifest's codec for blockwise int8 (absmax per 256 values).
-QUANT_CODEC = "int8-absmax256"
 
 
 class ChecksumError(CorruptBlobError):
@@ -59,7 +54,7 @@ class _Plan:
     reads: dict[str, list[tuple[int, memoryview]]] = field(default_factory=dict)  # file -> ranges
     checks: list[tuple[str, Shard, torch.Tensor, int]] = field(default_factory=list)  # chunks to verify
     copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (dest view, block)
-    decodes: list[tuple[str, Shard, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    decodes: list[tuple[str, Shard, Codec, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     finals: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (host, dest)
     releases: list[Any] = field(default_factory=list)  # pooled buffers to give back
 
@@ -73,14 +68,11 @@ class SnapshotReader:
         manifest: Manifest,
         *,
         pool: BufferPool | None = None,
-        gpu_decodes: Callable[[], bool] = lambda: False,
     ) -> None:
-        """``pool``: host buffers (pinned, with CUDA) for data bound for a GPU or a view;
-        ``gpu_decodes()``: whether FMHS shards may be decoded on the GPU."""
+        """``pool``: host buffers (pinned, with CUDA) for data bound for a GPU or a view."""
         self.storage = storage
         self.manifest = manifest
         self.pool = pool or BufferPool(pinned=False)
-        self._gpu_decodes = gpu_decodes
 
     def read(self, regions: list[Region]) -> None:
         """Fill every region's destination; a damaged or missing byte raises, naming the
@@ -105,16 +97,17 @@ class SnapshotReader:
         itemsize = torch.empty(0, dtype=dtype).element_size()
         dest, region_off = r.dest, tuple(r.offsets)
         region_len = tuple(dest.shape)
-        if self._decodes_on_gpu(entry.shards, dest, region_off):
-            # One FMHS shard for the whole of a CUDA destination: its coded bytes go up
-            # (from pinned memory) and decode in place, rather than decoding on the GPU,
-            # copying the raw bytes down and up again.
+        gpu_codec = _decodes_on_gpu(entry.shards, dest, region_off)
+        if gpu_codec is not None:
+            # One shard for the whole of a CUDA destination, in a codec that decodes there:
+            # its coded bytes go up (from pinned memory) and decode in place, rather than
+            # decoding on the CPU and copying the raw bytes up.
             (shard,) = entry.shards
             blob, release = self.pool.acquire(shard.end - shard.begin)
             plan.releases.append(release)
             blob = blob[: shard.end - shard.begin]
             plan.reads.setdefault(shard.file, []).append((shard.begin, memoryview(blob.numpy())))
-            plan.decodes.append((r.name, shard, blob, dest.reshape(-1).view(torch.uint8)))
+            plan.decodes.append((r.name, shard, gpu_codec, blob, dest.reshape(-1).view(torch.uint8)))
             return
         if dest.device.type == "cpu" and dest.is_contiguous():
             host = dest
@@ -160,16 +153,6 @@ class SnapshotReader:
                 f"{numel(region_len)} elements needed here"
             )
 
-    def _decodes_on_gpu(self, shards: list[Shard], dest: torch.Tensor, region_off: tuple[int, ...]) -> bool:
-        if len(shards) != 1 or not shards[0].codec or shards[0].codec[-1] != "huff":
-            return False
-        shard = shards[0]
-        if dest.device.type != "cuda" or not dest.is_contiguous() or dest.numel() == 0:
-            return False
-        if tuple(shard.offsets) != region_off or tuple(shard.lengths) != tuple(dest.shape):
-            return False
-        return self._gpu_decodes()
-
     @staticmethod
     def _plan_encoded(
         name: str,
@@ -184,14 +167,13 @@ class SnapshotReader:
     ) -> None:
         """An encoded shard is read whole and decoded: into the destination when it is the
         whole region, else into a buffer the overlap is copied from."""
-        if shard.codec not in ([f"planes{itemsize}", "zstd"], [f"planes{itemsize}", "huff"], [QUANT_CODEC]):
-            raise ManifestError(f"tensor {name!r} in {shard.file!r}: unknown codec chain {shard.codec}")
+        codec = _codec(name, shard, itemsize)
         blob = torch.empty(shard.end - shard.begin, dtype=torch.uint8)
         plan.reads.setdefault(shard.file, []).append((shard.begin, memoryview(blob.numpy())))
         n = numel(shard.lengths) * itemsize
         out = host.reshape(-1).view(torch.uint8) if whole else torch.empty(n, dtype=torch.uint8)
-        plan.decodes.append((name, shard, blob, out))
-        if shard.codec[-1] != "huff":  # an FMHS decode checks every chunk itself
+        plan.decodes.append((name, shard, codec, blob, out))
+        if codec.checksum == "chunks":  # "stream": the decoder checks every chunk itself
             plan.checks.append((name, shard, out, 0))
         if not whole:
             rp = plan_read(tuple(shard.offsets), tuple(shard.lengths), ov[0], ov[1], itemsize)
@@ -214,15 +196,20 @@ class SnapshotReader:
                 raise _in_file(
                     CorruptBlobError(f"snapshot step {step}: shard file {file!r}: {e}"), file
                 ) from None
-        for name, shard, blob, out in plan.decodes:
+        for name, shard, codec, blob, out in plan.decodes:
+            dtype = dtype_from_name(self.manifest.tensors[name].dtype)
             try:
-                if shard.codec == [QUANT_CODEC]:
-                    _dequantize_into(blob, out, self.manifest.tensors[name].dtype, name)
-                    continue
-                if shard.codec[-1] == "huff":
-                    _decode_fmhs(blob, out, shard, name, step, storage.pool)
-                    continue
-                decode(memoryview(blob.numpy()), out, pool=storage.pool, name=name)
+                if codec.checksum == "stream":  # the stream's chunk checks, against the manifest's
+                    if codec.digest(blob.numpy(), out.numel(), name) != shard.checksum:
+                        raise ChecksumError(
+                            f"snapshot step {step}: tensor {name!r} in {shard.file!r} does not match its "
+                            "checksum (its chunk checks differ from the manifest's)",
+                            name,
+                            shard.file,
+                        )
+                codec.decode(blob, out, dtype=dtype, name=name, pool=storage.pool)
+            except ChecksumError:
+                raise
             except CorruptBlobError as e:
                 raise _in_file(
                     CorruptBlobError(f"snapshot step {step}: shard file {shard.file!r}: {e}"), shard.file
@@ -270,57 +257,29 @@ def verify_all(checks: list[tuple[str, Shard, torch.Tensor, int]], step: int, po
             )
 
 
-def _decode_fmhs(
-    blob: torch.Tensor, out: torch.Tensor, shard: Shard, name: str, step: int, pool: Executor
-) -> None:
-    """Decode an FMHS-coded shard into ``out`` (host memory, or a CUDA tensor: decoded in
-    place): on the GPU where the kernels load (the CPU reference otherwise); every chunk is
-    checked, and the checks against the manifest."""
-    width = int(shard.codec[0][len("planes") :])
-    raw = blob.numpy()
-    if huffman.stream_digest(raw, out.numel(), name) != shard.checksum:
-        raise ChecksumError(
-            f"snapshot step {step}: tensor {name!r} in {shard.file!r} does not match its checksum "
-            "(its chunk checks differ from the manifest's)",
-            name,
-            shard.file,
-        )
-    if out.device.type == "cuda":
-        from ..codec import gpu as gpu_codec
-
-        try:
-            gpu_codec.huff_decode(blob.to(out.device, non_blocking=True), out, width, name=name)
-            return
-        except CorruptBlobError:
-            raise
-        except Exception:  # noqa: BLE001 - e.g. no GPU memory for the planes: the CPU reference
-            host = torch.empty(out.numel(), dtype=torch.uint8)
-            huffman.decode(raw, host, name=name, pool=pool)
-            out.copy_(host)
-            return
-    if torch.cuda.is_available():
-        try:
-            from ..codec import gpu as gpu_codec
-
-            dev = torch.empty(out.numel(), dtype=torch.uint8, device="cuda")
-            gpu_codec.huff_decode(blob.to("cuda", non_blocking=False), dev, width, name=name)
-            out.copy_(dev)
-            return
-        except CorruptBlobError:
-            raise
-        except Exception:  # noqa: BLE001 - no kernels here: the CPU reference decodes the same bytes
-            pass
-    huffman.decode(raw, out, name=name, pool=pool)
+def _codec(name: str, shard: Shard, itemsize: int) -> Codec:
+    """The codec of an encoded shard (the manifest checked it when it was read)."""
+    try:
+        codec = registry.get(shard.codec[0], f"tensor {name!r} in {shard.file!r}")
+        codec.check(itemsize, f"tensor {name!r} in {shard.file!r}")
+    except registry.CodecConfigError as e:
+        raise ManifestError(str(e)) from None
+    return codec
 
 
-def _dequantize_into(blob: torch.Tensor, out: torch.Tensor, dtype: str, name: str) -> None:
-    target = dtype_from_name(dtype)
-    n = out.numel() // torch.empty(0, dtype=target).element_size()
-    nblocks = -(-n // QUANT_BLOCK)
-    if blob.numel() != n + 4 * nblocks:
-        raise CorruptBlobError(
-            f"tensor {name!r}: int8 blob of {blob.numel()} bytes, expected {n + 4 * nblocks}"
-        )
-    codes = blob[:n].view(torch.int8)
-    scales = blob[n:].clone().view(torch.float32)  # at an offset of n bytes: not 4-byte aligned
-    out.copy_(as_bytes_tensor(dequantize_int8(codes, scales).to(target)))
+def _decodes_on_gpu(shards: list[Shard], dest: torch.Tensor, region_off: tuple[int, ...]) -> Codec | None:
+    """The codec to decode straight into CUDA ``dest`` with, where one shard covers it and
+    its codec decodes on a GPU here."""
+    if len(shards) != 1 or not shards[0].codec or dest.device.type != "cuda":
+        return None
+    shard = shards[0]
+    if not dest.is_contiguous() or dest.numel() == 0:
+        return None
+    if tuple(shard.offsets) != region_off or tuple(shard.lengths) != tuple(dest.shape):
+        return None
+    codec = _codec("", shard, dest.element_size())
+    if "cuda" not in codec.devices:
+        return None
+    from ..codec import gpu
+
+    return codec if gpu.kernels_load() else None

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..blob import dtype_from_name
+from ..codec import registry
 from ..errors import CorruptBlobError
 from .level import SnapshotLevel, SnapshotNotFoundError, numel
 from .manifest import MANIFEST, Manifest, parse_step_dir, step_dir
@@ -43,8 +44,13 @@ class ShardInfo:
     file: str  # relative to the root
     begin: int
     end: int
-    codec: tuple[str, ...]  # empty: raw
+    codec: tuple[dict[str, Any], ...]  # the manifest's codec entries ({"name", "configuration"}); empty: raw
     referenced: bool  # the bytes are in an earlier snapshot's file (an incremental reference)
+
+    @property
+    def codec_label(self) -> str:
+        """``raw``, or the codec as ``name/configuration values`` (``fmhs/2``)."""
+        return "+".join(registry.get(c).label for c in self.codec) or "raw"
 
     @property
     def stored_bytes(self) -> int:
@@ -73,8 +79,8 @@ class TensorInfo:
 
     @property
     def codecs(self) -> list[str]:
-        """The distinct codec chains of its shards, each as ``a+b`` (``raw`` for none)."""
-        return sorted({"+".join(s.codec) or "raw" for s in self.shards})
+        """The distinct codecs of its shards (``raw``, ``planes-zstd/4``, ``fmhs/2``, ...)."""
+        return sorted({s.codec_label for s in self.shards})
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -158,7 +164,7 @@ class Snapshot:
                     s.file,
                     s.begin,
                     s.end,
-                    tuple(s.codec),
+                    tuple(dict(c) for c in s.codec),
                     not s.file.startswith(own),
                 )
                 for s in e.shards

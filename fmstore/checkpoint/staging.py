@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..blob import as_bytes_tensor
+from ..codec.registry import Fmhs
 from ..tiers.host import BufferPool
 
 
@@ -33,7 +34,7 @@ class StagedTensor:
     dtype: torch.dtype
     shape: tuple[int, ...]
     data: torch.Tensor  # flat uint8 view of a pooled host buffer, exactly nbytes long
-    codec: list[str] = field(default_factory=list)  # empty: the raw bytes; else how data is coded
+    codec: list[dict] = field(default_factory=list)  # []: the raw bytes; else how data is coded
 
     @property
     def nbytes(self) -> int:
@@ -157,7 +158,7 @@ class Stager:
                         buf, release = self._acquire(staged, gpu_codec.huff_host_bytes(src.numel(), width))
                         staged.releases.append(release)
                         encode_jobs.append((len(staged.tensors), (src, width, buf, None)))
-                        codec = [f"planes{width}", "huff"]
+                        codec = [Fmhs(width).to_json()]
                         staged.tensors.append(StagedTensor(name, t.dtype, tuple(t.shape), buf[:0], codec))
                         continue
                     staged.tensors.append(StagedTensor(name, t.dtype, tuple(t.shape), src[:0]))

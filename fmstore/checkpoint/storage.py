@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import Sequence
+import queue
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..blob import byte_view
 from ..errors import CorruptBlobError, FmstoreError
 from ..keys import TMP_MARKER
-from ..tiers.files import chunks, read_ranges_into, write_atomic
+from ..tiers.files import _fsync_dir, _pwrite_all, chunks, read_ranges_into, tmp_name, write_atomic
 from ..tiers.object import gather_bytes, open_fs, s3_put
 
 
@@ -78,6 +79,130 @@ class SnapshotStorage:
         else:
             self.fs.pipe_file(path, gather_bytes(views, 0, total))
         return total
+
+    def write_streamed(
+        self,
+        rel: str,
+        size: int,
+        fill: Callable[[int, memoryview], None],
+        *,
+        part_size: int | None = None,
+    ) -> int:
+        """Write ``rel`` (``size`` bytes) part by part, for files too large to hold in memory:
+        ``fill(offset, buf)`` puts the file's bytes at ``offset`` into ``buf`` (called from
+        worker threads, a few parts at once).  At most ``concurrency`` parts of ``part_size``
+        bytes (default this storage's ``part_size``) are in memory at a time.  Visible only
+        once complete, like :meth:`write`: local, a temporary file fsync'd and renamed; S3, a
+        multipart upload (one PUT when it fits a part), aborted on failure; other fsspec back
+        ends one ``pipe_file`` up to a part, else ``fs.open(path, "wb")`` (their own commit)."""
+        part = max(1, part_size or self.part_size)
+        path = self.path(rel)
+        if self.local:
+            self._write_streamed_local(path, size, fill, part)
+        elif self._s3:
+            part = max(part, 5 << 20, -(-size // 10_000))  # S3: parts of >= 5 MiB, at most 10,000
+            self._sync(self._s3_put_streamed(path, size, fill, part))
+        elif size <= part:
+            buf = bytearray(size)
+            fill(0, memoryview(buf))
+            self.fs.pipe_file(path, bytes(buf))
+        else:
+            buf = bytearray(part)
+            with self.fs.open(path, "wb") as f:
+                for a, b in chunks(0, size, part):
+                    mv = memoryview(buf)[: b - a]
+                    fill(a, mv)
+                    f.write(mv)
+        return size
+
+    def _write_streamed_local(
+        self, path: str, size: int, fill: Callable[[int, memoryview], None], part: int
+    ) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = tmp_name(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(max(1, self.concurrency)):  # the parts in memory at once
+            free.put(bytearray(min(part, size)))
+
+        def one(a: int, b: int) -> None:
+            buf = free.get()
+            try:
+                mv = memoryview(buf)[: b - a]
+                fill(a, mv)
+                _pwrite_all(fd, mv, a, True)
+            finally:
+                free.put(buf)
+
+        try:
+            try:
+                futures = [self.pool.submit(one, a, b) for a, b in chunks(0, size, part)]
+                errors = [f.exception() for f in futures]
+                for e in errors:
+                    if e is not None:
+                        raise e
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        _fsync_dir(os.path.dirname(path))
+
+    async def _s3_put_streamed(
+        self, path: str, size: int, fill: Callable[[int, memoryview], None], part: int
+    ) -> None:
+        fs = self.fs
+        bucket, key, _ = fs.split_path(path)
+        loop = asyncio.get_running_loop()
+
+        async def filled(a: int, b: int) -> bytearray:
+            buf = bytearray(b - a)
+            await loop.run_in_executor(self.pool, fill, a, memoryview(buf))
+            return buf
+
+        try:
+            if size <= part:
+                body = await filled(0, size)
+                await fs._call_s3("put_object", Bucket=bucket, Key=key, Body=body)
+                return
+            mpu = await fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+            upload_id = mpu["UploadId"]
+            gate = asyncio.Semaphore(max(1, self.concurrency))
+
+            async def upload(number: int, a: int, b: int) -> dict[str, Any]:
+                async with gate:  # at most `concurrency` parts in memory at once
+                    body = await filled(a, b)
+                    out = await fs._call_s3(
+                        "upload_part", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+                    )
+                    return {"PartNumber": number, "ETag": out["ETag"]}
+
+            try:
+                parts = await asyncio.gather(
+                    *(upload(i + 1, a, b) for i, (a, b) in enumerate(chunks(0, size, part)))
+                )
+                await fs._call_s3(
+                    "complete_multipart_upload",
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": list(parts)},
+                )
+            except BaseException:
+                try:  # the object never appeared; free the parts the server holds
+                    await asyncio.shield(
+                        fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+                    )
+                except Exception:
+                    pass
+                raise
+        finally:
+            fs.invalidate_cache(path)
 
     # ------------------------------------------------------------------ read
 

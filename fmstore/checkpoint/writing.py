@@ -18,12 +18,13 @@ import numpy as np
 import torch
 
 from ..blob import as_bytes_tensor, as_memoryview
-from ..codec import Encoded, encode, huffman
+from ..codec import Encoded
+from ..codec.quant import BLOCK as QUANT_BLOCK
 from ..codec.quant import dequantize as dequantize_int8
 from ..codec.quant import quantize as quantize_int8
+from ..codec.registry import Fmhs, Int8Absmax, PlanesZstd
 from .level import WriteItem
 from .manifest import CHUNK_SIZE
-from .reader import QUANT_CODEC
 from .sharding import Piece
 from .staging import StagedTensor
 
@@ -91,7 +92,7 @@ class ItemBuilder:
                 digest = self.hash_pool.submit(fmhs_digest, st.data, st.raw_nbytes, p.name)
                 items.append(WriteItem(st, p, digest, lambda _, e=enc: e))
                 continue
-            if self.compression and self.codec == "huffman" and st.nbytes:
+            if self.compression and self.codec == "fmhs" and st.nbytes:
                 enc = _huffman_cpu(st, self.codec_pool)
                 digest = completed(fmhs_digest(enc.segments[0], st.nbytes, p.name))
                 items.append(WriteItem(st, p, digest, lambda _, e=enc: e))
@@ -107,7 +108,8 @@ class ItemBuilder:
 
     def _encoder(self, st: Any) -> Encoded:
         """The CPU codec chain for one staged tensor, its chunks spread over the codec pool."""
-        return encode(st.data, torch.empty(0, dtype=st.dtype).element_size(), pool=self.codec_pool)
+        codec = PlanesZstd(st.dtype.itemsize)
+        return Encoded(codec.encode(st.data, pool=self.codec_pool), [codec.to_json()])
 
 
 def completed(value: Any) -> Future[Any]:
@@ -120,12 +122,12 @@ def completed(value: Any) -> Future[Any]:
 def fmhs_digest(stream: Any, nbytes: int, name: str) -> list[tuple[str, list[str]]]:
     """The manifest checksum of an FMHS-coded tensor (its chunk checks; no chunk digests)."""
     view = stream.numpy() if isinstance(stream, torch.Tensor) else np.frombuffer(stream, dtype=np.uint8)
-    return [(huffman.stream_digest(view, nbytes, name), [])]
+    return [(Fmhs.digest(view, nbytes, name), [])]
 
 
 def _huffman_cpu(st: Any, pool: Executor) -> Encoded:
-    width = torch.empty(0, dtype=st.dtype).element_size()
-    return Encoded([huffman.encode(st.data, width, pool=pool)], [f"planes{width}", "huff"])
+    codec = Fmhs(st.dtype.itemsize)
+    return Encoded(codec.encode(st.data, pool=pool), [codec.to_json()])
 
 
 def _quantized(st: Any, pool: Executor) -> tuple[Encoded, list[tuple[str, list[str]]]]:
@@ -136,4 +138,4 @@ def _quantized(st: Any, pool: Executor) -> tuple[Encoded, list[tuple[str, list[s
     back = dequantize_int8(codes, scales).to(st.dtype)
     digest = digest_all([as_bytes_tensor(back)], pool)
     blob = [memoryview(codes.numpy()).cast("B"), memoryview(scales.numpy()).cast("B")]
-    return Encoded(blob, [QUANT_CODEC]), digest
+    return Encoded(blob, [Int8Absmax(QUANT_BLOCK).to_json()]), digest

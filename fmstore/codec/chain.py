@@ -49,7 +49,7 @@ class Encoded:
     """An encoded tensor: ``segments`` concatenated are the blob; ``codec`` names the chain."""
 
     segments: list[bytes | memoryview]
-    codec: list[str]
+    codec: list[Any]  # the manifest's codec entries (see registry), or a chain's stage names
 
     @property
     def nbytes(self) -> int:

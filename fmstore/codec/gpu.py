@@ -18,6 +18,30 @@ def _lib(name: str = "planes"):  # noqa: ANN202 - a ctypes library
     return load(name)
 
 
+_kernels_load: bool | None = None
+
+
+def kernels_load() -> bool:
+    """Whether the GPU codec can run here: CUDA present and its kernels built and loaded
+    (tried once per process; a warning says why not)."""
+    global _kernels_load
+    if _kernels_load is None:
+        if not torch.cuda.is_available():
+            _kernels_load = False
+            return False
+        from ..kernels import KernelBuildError
+
+        try:
+            _lib("huffman")
+            _kernels_load = True
+        except (KernelBuildError, OSError) as e:  # no nvcc, a failed build: the CPU codec works
+            import warnings
+
+            warnings.warn(f"fmstore: GPU codec unavailable, (de)compressing on the CPU: {e}", stacklevel=3)
+            _kernels_load = False
+    return _kernels_load
+
+
 def _check(t: torch.Tensor, what: str) -> None:
     if t.device.type != "cuda" or t.dtype != torch.uint8 or t.dim() != 1 or not t.is_contiguous():
         raise ValueError(f"{what}: expected a flat contiguous uint8 CUDA tensor")
