@@ -50,7 +50,7 @@ class Region:
 
 
 @dataclass
-class _Plan:
+class ReadPlan:
     reads: dict[str, list[tuple[int, memoryview]]] = field(default_factory=dict)  # file -> ranges
     checks: list[tuple[str, Shard, torch.Tensor, int]] = field(default_factory=list)  # chunks to verify
     copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (dest view, block)
@@ -77,113 +77,17 @@ class SnapshotReader:
     def read(self, regions: list[Region]) -> None:
         """Fill every region's destination; a damaged or missing byte raises, naming the
         tensor and file (nothing is placed in a destination before its bytes are verified)."""
-        plan = _Plan()
+        plan = ReadPlan()
         try:
-            for r in regions:
-                self._plan(r, plan)
+            plan_regions(self.manifest, regions, self.pool, plan)
             self._run(plan)
         finally:
             for release in plan.releases:
                 release()
 
-    # ------------------------------------------------------------------ planning
-
-    def _plan(self, r: Region, plan: _Plan) -> None:
-        step = self.manifest.step
-        entry = self.manifest.tensors.get(r.name)
-        if entry is None:
-            raise FmstoreError(f"snapshot step {step} has no tensor {r.name!r}")
-        dtype = dtype_from_name(entry.dtype)
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        dest, region_off = r.dest, tuple(r.offsets)
-        region_len = tuple(dest.shape)
-        gpu_codec = _decodes_on_gpu(entry.shards, dest, region_off)
-        if gpu_codec is not None:
-            # One shard for the whole of a CUDA destination, in a codec that decodes there:
-            # its coded bytes go up (from pinned memory) and decode in place, rather than
-            # decoding on the CPU and copying the raw bytes up.
-            (shard,) = entry.shards
-            blob, release = self.pool.acquire(shard.end - shard.begin)
-            plan.releases.append(release)
-            blob = blob[: shard.end - shard.begin]
-            plan.reads.setdefault(shard.file, []).append((shard.begin, memoryview(blob.numpy())))
-            plan.decodes.append((r.name, shard, gpu_codec, blob, dest.reshape(-1).view(torch.uint8)))
-            return
-        if dest.device.type == "cpu" and dest.is_contiguous():
-            host = dest
-        else:  # read into a pooled (pinned, with CUDA) buffer, then one copy to the destination
-            nbytes = numel(region_len) * itemsize
-            raw, release = self.pool.acquire(nbytes)
-            plan.releases.append(release)
-            host = raw[:nbytes].view(dtype).view(region_len)
-            plan.finals.append((host, dest))
-        covered = 0
-        for shard in entry.shards:
-            ov = intersect(region_off, region_len, tuple(shard.offsets), tuple(shard.lengths))
-            if ov is None:
-                continue
-            covered += numel(ov[1])
-            whole = tuple(shard.offsets) == region_off and tuple(shard.lengths) == region_len
-            if shard.codec:
-                self._plan_encoded(r.name, shard, host, whole, ov, region_off, dtype, itemsize, plan)
-                continue
-            if shard.end - shard.begin != numel(shard.lengths) * itemsize:
-                raise ManifestError(
-                    f"tensor {r.name!r}: {shard.end - shard.begin} bytes recorded in {shard.file!r}"
-                )
-            if whole:  # the common case: straight into the destination's memory
-                buf = host.reshape(-1).view(torch.uint8)
-                if buf.numel():
-                    plan.reads.setdefault(shard.file, []).append((shard.begin, memoryview(buf.numpy())))
-                plan.checks.append((r.name, shard, buf, 0))
-                continue
-            rp = plan_read(tuple(shard.offsets), tuple(shard.lengths), ov[0], ov[1], itemsize)
-            cs = shard.chunk_size or (shard.end - shard.begin)
-            a0 = rp.start // cs * cs
-            a1 = min(shard.end - shard.begin, -(-rp.end // cs) * cs)
-            buf = torch.empty(a1 - a0, dtype=torch.uint8)
-            plan.reads.setdefault(shard.file, []).append((shard.begin + a0, memoryview(buf.numpy())))
-            plan.checks.append((r.name, shard, buf, a0))
-            block = buf[rp.start - a0 : rp.end - a0].view(dtype).view(rp.view_shape)[rp.slices]
-            dslices = tuple(slice(o - b, o - b + n) for o, b, n in zip(ov[0], region_off, ov[1]))
-            plan.copies.append((host[dslices] if dslices else host, block))
-        if covered != numel(region_len):
-            raise FmstoreError(
-                f"snapshot step {step}: tensor {r.name!r}: saved shards cover {covered} of the "
-                f"{numel(region_len)} elements needed here"
-            )
-
-    @staticmethod
-    def _plan_encoded(
-        name: str,
-        shard: Shard,
-        host: torch.Tensor,
-        whole: bool,
-        ov: tuple[tuple[int, ...], tuple[int, ...]],
-        region_off: tuple[int, ...],
-        dtype: torch.dtype,
-        itemsize: int,
-        plan: _Plan,
-    ) -> None:
-        """An encoded shard is read whole and decoded: into the destination when it is the
-        whole region, else into a buffer the overlap is copied from."""
-        codec = _codec(name, shard, itemsize)
-        blob = torch.empty(shard.end - shard.begin, dtype=torch.uint8)
-        plan.reads.setdefault(shard.file, []).append((shard.begin, memoryview(blob.numpy())))
-        n = numel(shard.lengths) * itemsize
-        out = host.reshape(-1).view(torch.uint8) if whole else torch.empty(n, dtype=torch.uint8)
-        plan.decodes.append((name, shard, codec, blob, out))
-        if codec.checksum == "chunks":  # "stream": the decoder checks every chunk itself
-            plan.checks.append((name, shard, out, 0))
-        if not whole:
-            rp = plan_read(tuple(shard.offsets), tuple(shard.lengths), ov[0], ov[1], itemsize)
-            block = out[rp.start : rp.end].view(dtype).view(rp.view_shape)[rp.slices]
-            dslices = tuple(slice(o - r, o - r + k) for o, r, k in zip(ov[0], region_off, ov[1]))
-            plan.copies.append((host[dslices] if dslices else host, block))
-
     # ------------------------------------------------------------------ running
 
-    def _run(self, plan: _Plan) -> None:
+    def _run(self, plan: ReadPlan) -> None:
         step, storage = self.manifest.step, self.storage
         for file, ranges in plan.reads.items():
             try:
@@ -221,6 +125,113 @@ class SnapshotReader:
             dest.copy_(host, non_blocking=dest.device.type == "cuda")
         if plan.finals and torch.cuda.is_available():
             torch.cuda.synchronize()  # before the pooled buffers go back to the pool
+
+
+def plan_regions(
+    manifest: Manifest, regions: list[Region], pool: BufferPool, plan: ReadPlan | None = None
+) -> ReadPlan:
+    """What reading ``regions`` of ``manifest``'s snapshot takes: the byte ranges of each file,
+    the decodes, the chunk checks and the copies into the destinations.  A pure function of
+    the manifest and the regions (no I/O; pooled buffers are taken for data bound for a GPU,
+    and listed in the plan's ``releases``)."""
+    plan = plan if plan is not None else ReadPlan()
+    for r in regions:
+        _plan(manifest, r, pool, plan)
+    return plan
+
+
+def _plan(manifest: Manifest, r: Region, pool: BufferPool, plan: ReadPlan) -> None:
+    step = manifest.step
+    entry = manifest.tensors.get(r.name)
+    if entry is None:
+        raise FmstoreError(f"snapshot step {step} has no tensor {r.name!r}")
+    dtype = dtype_from_name(entry.dtype)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    dest, region_off = r.dest, tuple(r.offsets)
+    region_len = tuple(dest.shape)
+    gpu_codec = _decodes_on_gpu(entry.shards, dest, region_off)
+    if gpu_codec is not None:
+        # One shard for the whole of a CUDA destination, in a codec that decodes there:
+        # its coded bytes go up (from pinned memory) and decode in place, rather than
+        # decoding on the CPU and copying the raw bytes up.
+        (shard,) = entry.shards
+        blob, release = pool.acquire(shard.end - shard.begin)
+        plan.releases.append(release)
+        blob = blob[: shard.end - shard.begin]
+        plan.reads.setdefault(shard.file, []).append((shard.begin, memoryview(blob.numpy())))
+        plan.decodes.append((r.name, shard, gpu_codec, blob, dest.reshape(-1).view(torch.uint8)))
+        return
+    if dest.device.type == "cpu" and dest.is_contiguous():
+        host = dest
+    else:  # read into a pooled (pinned, with CUDA) buffer, then one copy to the destination
+        nbytes = numel(region_len) * itemsize
+        raw, release = pool.acquire(nbytes)
+        plan.releases.append(release)
+        host = raw[:nbytes].view(dtype).view(region_len)
+        plan.finals.append((host, dest))
+    covered = 0
+    for shard in entry.shards:
+        ov = intersect(region_off, region_len, tuple(shard.offsets), tuple(shard.lengths))
+        if ov is None:
+            continue
+        covered += numel(ov[1])
+        whole = tuple(shard.offsets) == region_off and tuple(shard.lengths) == region_len
+        if shard.codec:
+            _plan_encoded(r.name, shard, host, whole, ov, region_off, dtype, itemsize, plan)
+            continue
+        if shard.end - shard.begin != numel(shard.lengths) * itemsize:
+            raise ManifestError(
+                f"tensor {r.name!r}: {shard.end - shard.begin} bytes recorded in {shard.file!r}"
+            )
+        if whole:  # the common case: straight into the destination's memory
+            buf = host.reshape(-1).view(torch.uint8)
+            if buf.numel():
+                plan.reads.setdefault(shard.file, []).append((shard.begin, memoryview(buf.numpy())))
+            plan.checks.append((r.name, shard, buf, 0))
+            continue
+        rp = plan_read(tuple(shard.offsets), tuple(shard.lengths), ov[0], ov[1], itemsize)
+        cs = shard.chunk_size or (shard.end - shard.begin)
+        a0 = rp.start // cs * cs
+        a1 = min(shard.end - shard.begin, -(-rp.end // cs) * cs)
+        buf = torch.empty(a1 - a0, dtype=torch.uint8)
+        plan.reads.setdefault(shard.file, []).append((shard.begin + a0, memoryview(buf.numpy())))
+        plan.checks.append((r.name, shard, buf, a0))
+        block = buf[rp.start - a0 : rp.end - a0].view(dtype).view(rp.view_shape)[rp.slices]
+        dslices = tuple(slice(o - b, o - b + n) for o, b, n in zip(ov[0], region_off, ov[1]))
+        plan.copies.append((host[dslices] if dslices else host, block))
+    if covered != numel(region_len):
+        raise FmstoreError(
+            f"snapshot step {step}: tensor {r.name!r}: saved shards cover {covered} of the "
+            f"{numel(region_len)} elements needed here"
+        )
+
+
+def _plan_encoded(
+    name: str,
+    shard: Shard,
+    host: torch.Tensor,
+    whole: bool,
+    ov: tuple[tuple[int, ...], tuple[int, ...]],
+    region_off: tuple[int, ...],
+    dtype: torch.dtype,
+    itemsize: int,
+    plan: ReadPlan,
+) -> None:
+    """An encoded shard is read whole and decoded: into the destination when it is the
+    whole region, else into a buffer the overlap is copied from."""
+    codec = _codec(name, shard, itemsize)
+    blob = torch.empty(shard.end - shard.begin, dtype=torch.uint8)
+    plan.reads.setdefault(shard.file, []).append((shard.begin, memoryview(blob.numpy())))
+    n = numel(shard.lengths) * itemsize
+    out = host.reshape(-1).view(torch.uint8) if whole else torch.empty(n, dtype=torch.uint8)
+    plan.decodes.append((name, shard, codec, blob, out))
+    if codec.checksum == "chunks":  # "stream": the decoder checks every chunk itself
+        plan.checks.append((name, shard, out, 0))
+    if not whole:
+        rp = plan_read(tuple(shard.offsets), tuple(shard.lengths), ov[0], ov[1], itemsize)
+        block = out[rp.start : rp.end].view(dtype).view(rp.view_shape)[rp.slices]
+        dslices = tuple(slice(o - r, o - r + k) for o, r, k in zip(ov[0], region_off, ov[1]))
+        plan.copies.append((host[dslices] if dslices else host, block))
 
 
 def _in_file(e: CorruptBlobError, file: str) -> CorruptBlobError:
