@@ -125,3 +125,37 @@ def make_tier(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[TierFac
     yield factory
     for t in made:
         t.close()
+
+
+# ----------------------------------------------------------------- the fmstore command
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.stdout)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> CliResult:
+    """``python -m fmstore.cli ARGS`` in a fresh process (the repository on PYTHONPATH, the
+    extra ``env`` variables set), as a user would run ``fmstore ARGS``."""
+    import subprocess
+    import sys
+
+    full = dict(os.environ, PYTHONPATH=REPO, **(env or {}))
+    out = subprocess.run(
+        [sys.executable, "-m", "fmstore.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full,
+        timeout=timeout,
+    )
+    return CliResult(out.returncode, out.stdout, out.stderr)
