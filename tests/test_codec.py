@@ -37,7 +37,7 @@ def round_trip(data: torch.Tensor, width: int, **kw) -> tuple[torch.Tensor, int]
     enc = encode(data, width, **kw)
     blob = b"".join(bytes(s) for s in enc.segments)
     out = torch.empty_like(data)
-    decode(blob, out, base=kw.get("base"), pool=kw.get("pool"))
+    decode(blob, out, pool=kw.get("pool"))
     return out, len(blob)
 
 
@@ -67,20 +67,6 @@ def test_planes_and_xor_are_inverses() -> None:
     assert torch.equal(xor(data[1:], other[1:]), data[1:] ^ other[1:])  # unaligned views
     with pytest.raises(ValueError, match="whole number"):
         split(data[:3], 2)
-
-
-def test_xor_delta_against_a_base_snapshot() -> None:
-    base = weights_like(torch.float32, 50_000)
-    moved = base + 1e-4 * weights_like(torch.float32, 50_000, seed=1)  # a small update
-    data, ref = as_bytes_tensor(moved), as_bytes_tensor(base)
-    out, delta_size = round_trip(data, 4, base=ref)
-    assert torch.equal(out, data)
-    _, plain_size = round_trip(data, 4)
-    assert delta_size < plain_size  # unchanged sign/exponent/high mantissa bits XOR to zero
-    enc = encode(data, 4, base=ref)
-    assert enc.codec == ["xor", "planes4", "zstd"]
-    with pytest.raises(CodecError, match="base snapshot"):
-        decode(b"".join(bytes(s) for s in enc.segments), torch.empty_like(data))
 
 
 def test_damage_is_reported_by_chunk() -> None:
@@ -142,8 +128,8 @@ def test_checkpointer_lossless_round_trip_and_format(tmp_path) -> None:
         info = ck.save(1, state).wait()
         assert_equal_state(ck.load(), state)
         m = ck.manifest()
-        assert m.tensors["trained"].shards[0].codec == ["planes2", "zstd"]
-        assert m.tensors["weights/torch.float32"].shards[0].codec == ["planes4", "zstd"]
+        assert m.tensors["trained"].shards[0].codec == [{"name": "planes-zstd", "configuration": {"width": 2}}]
+        assert m.tensors["weights/torch.float32"].shards[0].codec == [{"name": "planes-zstd", "configuration": {"width": 4}}]
     assert info.bytes_written < raw_info.bytes_written - 100_000  # the bf16 weights shrank
     shard = tmp_path / "z" / "step-0000000001" / "shard-r00000.safetensors"
     with safe_open(str(shard), "pt") as f:  # still a valid safetensors file: U8 entries
@@ -238,9 +224,9 @@ def test_resume_from_int8_moments_keeps_the_loss(tmp_path) -> None:
     with Checkpointer(tmp_path / "int8", compression="lossless", quantize=MOMENTS) as ck:
         lossy = ck.save(100, state).wait()
         codecs = {n: e.shards[0].codec for n, e in ck.manifest().tensors.items()}
-    assert codecs["optim/state/0/exp_avg"] == codecs["optim/state/3/exp_avg_sq"] == ["int8-absmax256"]
-    assert codecs["model/0.weight"] == ["planes4", "zstd"]  # weights stay lossless
-    assert codecs["optim/state/0/step"] == ["planes4", "zstd"]  # only the patterns asked for
+    assert codecs["optim/state/0/exp_avg"] == codecs["optim/state/3/exp_avg_sq"] == [{"name": "int8-absmax", "configuration": {"block": 256}}]
+    assert codecs["model/0.weight"] == [{"name": "planes-zstd", "configuration": {"width": 4}}]  # weights stay lossless
+    assert codecs["optim/state/0/step"] == [{"name": "planes-zstd", "configuration": {"width": 4}}]  # only the patterns asked for
     assert lossy.bytes_written < 0.6 * exact.bytes_written
     losses, moments = [], []
     for root in ("exact", "int8"):
@@ -264,7 +250,7 @@ def test_quantized_odd_sizes_and_dtypes(tmp_path) -> None:
         ck.save(1, state).wait()
         out = ck.load()
         codecs = {n: e.shards[0].codec for n, e in ck.manifest().tensors.items()}
-    assert codecs == {"m/odd": ["int8-absmax256"], "m/bf": ["int8-absmax256"], "m/w": []}
+    assert codecs == {"m/odd": [{"name": "int8-absmax", "configuration": {"block": 256}}], "m/bf": [{"name": "int8-absmax", "configuration": {"block": 256}}], "m/w": []}
     assert torch.equal(out["m"]["odd"], dequantize(*quantize(state["m"]["odd"])))
     assert torch.equal(out["m"]["bf"], dequantize(*quantize(state["m"]["bf"].float())).to(torch.bfloat16))
     assert torch.equal(out["m"]["w"], state["m"]["w"])
@@ -284,8 +270,8 @@ def test_checkpointer_fmhs_chain_on_cpu(tmp_path) -> None:
         assert torch.equal(out["frozen"], frozen) and torch.equal(out["w"], state["w"]) and out["n"] == 3
         assert torch.equal(out["ids"], state["ids"])
         m = ck.manifest()
-        assert m.tensors["frozen"].shards[0].codec == ["planes2", "huff"]
-        assert m.tensors["w"].shards[0].codec == ["planes4", "huff"]
+        assert m.tensors["frozen"].shards[0].codec == [{"name": "fmhs", "configuration": {"width": 2}}]
+        assert m.tensors["w"].shards[0].codec == [{"name": "fmhs", "configuration": {"width": 4}}]
         assert m.tensors["frozen"].shards[0].checksum.startswith("fmh1:")
         second = ck.save(2, {**state, "w": weights_like(torch.float32, 5000, 2)}).wait()
         assert second.tensors_written == 1 < first.tensors_written  # frozen: referenced
@@ -311,7 +297,7 @@ def test_checkpointer_codec_choice(tmp_path) -> None:
 
     with Checkpointer(tmp_path, compression="lossless") as ck:  # auto: CPU tensors get zstd
         ck.save(1, {"w": weights_like(torch.bfloat16, 1000)}).wait()
-        assert ck.manifest().tensors["w"].shards[0].codec == ["planes2", "zstd"]
+        assert ck.manifest().tensors["w"].shards[0].codec == [{"name": "planes-zstd", "configuration": {"width": 2}}]
     with pytest.raises(ConfigError, match="codec"):
         Checkpointer(tmp_path, compression="lossless", codec="lz4")
 
@@ -330,8 +316,8 @@ def test_checkpointer_encodes_on_the_gpu(tmp_path) -> None:
     with Checkpointer(tmp_path, compression="lossless") as ck:
         info = ck.save(1, state).wait()
         m = ck.manifest()
-        assert m.tensors["w"].shards[0].codec == ["planes2", "huff"]
-        assert m.tensors["b"].shards[0].codec == ["planes4", "zstd"]  # 280 KB: under the minimum
+        assert m.tensors["w"].shards[0].codec == [{"name": "fmhs", "configuration": {"width": 2}}]
+        assert m.tensors["b"].shards[0].codec == [{"name": "planes-zstd", "configuration": {"width": 4}}]  # 280 KB: under the minimum
         out = ck.load(device="cuda")
         assert all(torch.equal(out[k], state[k]) for k in state)
         s = m.tensors["w"].shards[0]
@@ -364,7 +350,7 @@ def test_gpu_encode_failure_stages_raw(tmp_path, monkeypatch) -> None:
     with Checkpointer(tmp_path, compression="lossless") as ck:
         with pytest.warns(UserWarning, match="GPU compression failed"):
             ck.save(1, state).wait()
-        assert ck.manifest().tensors["w"].shards[0].codec == ["planes2", "zstd"]
+        assert ck.manifest().tensors["w"].shards[0].codec == [{"name": "planes-zstd", "configuration": {"width": 2}}]
         assert torch.equal(ck.load(device="cuda")["w"], state["w"])
 
 
@@ -379,7 +365,7 @@ def test_gpu_decode_failure_falls_back_to_the_cpu(tmp_path, monkeypatch) -> None
     state = {"w": weights_like(torch.bfloat16, 3_000_000).cuda()}
     with Checkpointer(tmp_path, compression="lossless") as ck:
         ck.save(1, state).wait()
-        assert ck.manifest().tensors["w"].shards[0].codec == ["planes2", "huff"]
+        assert ck.manifest().tensors["w"].shards[0].codec == [{"name": "fmhs", "configuration": {"width": 2}}]
 
     def boom(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise RuntimeError("CUDA out of memory (simulated)")
@@ -387,3 +373,218 @@ def test_gpu_decode_failure_falls_back_to_the_cpu(tmp_path, monkeypatch) -> None
     monkeypatch.setattr(gpu_codec, "huff_decode", boom)
     with Checkpointer(tmp_path, compression="lossless") as ck:
         assert torch.equal(ck.load(device="cuda")["w"], state["w"])
+
+
+
+# ------------------------------------------------- the FMHS chain's compiled CPU decoder (_fmhs)
+
+FMHS_DTYPES = [
+    torch.uint8,
+    torch.bfloat16,
+    torch.float16,
+    torch.float32,
+    torch.int64,
+    torch.complex64,  # width 8
+    torch.complex128,  # width 16
+]
+
+
+def _native_or_skip(monkeypatch):  # noqa: ANN001, ANN202
+    """The extension module, with FMSTORE_NO_NATIVE unset for this test; a skip only where
+    fmstore was installed without building it."""
+    import importlib.util
+
+    from fmstore.codec import native
+
+    monkeypatch.delenv("FMSTORE_NO_NATIVE", raising=False)
+    if importlib.util.find_spec("fmstore.codec._fmhs") is None:
+        pytest.skip("fmstore.codec._fmhs is not built (no C compiler when fmstore was installed)")
+    lib = native.load()
+    assert lib is not None, "the extension is built but native.load() does not use it"
+    return lib
+
+
+def _fmhs_decode(stream: bytes, out: torch.Tensor, numpy_path: bool, monkeypatch, **kw) -> str | None:  # noqa: ANN001
+    """Decode through one path; None, or the CodecError's message."""
+    from fmstore.codec import huffman
+
+    if numpy_path:
+        monkeypatch.setenv("FMSTORE_NO_NATIVE", "1")
+    else:
+        monkeypatch.delenv("FMSTORE_NO_NATIVE", raising=False)
+    try:
+        huffman.decode(stream, out, **kw)
+    except CodecError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("dtype", FMHS_DTYPES, ids=str)
+@pytest.mark.parametrize("n", [0, 1, 7, 1023, 65_537, 300_001])
+def test_fmhs_native_decode_matches_reference(dtype: torch.dtype, n: int, monkeypatch) -> None:
+    """The compiled decoder gives the numpy reference's bytes (the original ones), on every
+    width, odd and empty sizes, one segment or several, with and without a pool."""
+    from fmstore.codec import huffman
+
+    _native_or_skip(monkeypatch)
+    data = as_bytes_tensor(weights_like(dtype, n, seed=n))
+    width = torch.empty(0, dtype=dtype).element_size()
+    stream = huffman.encode(data, width)
+    ref = torch.full_like(data, 0x5A)
+    assert _fmhs_decode(stream, ref, True, monkeypatch) is None
+    assert torch.equal(ref, data)
+    with ThreadPoolExecutor(2) as pool:
+        for kw in ({}, {"pool": pool}):
+            out = torch.full_like(data, 0xA5)
+            assert _fmhs_decode(stream, out, False, monkeypatch, **kw) is None
+            assert torch.equal(out, ref), kw
+
+
+def test_fmhs_native_xor_delta_and_skewed_planes(monkeypatch) -> None:
+    """An XOR delta, a plane of one value (an incomplete code: half the windows hold none), a
+    plane of three values, random bytes (raw chunks): the same bytes on both paths."""
+    from fmstore.codec import huffman
+
+    _native_or_skip(monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    w = weights_like(torch.float32, 400_000)
+    base, moved = as_bytes_tensor(w), as_bytes_tensor(w * 1.0001)  # a small update
+    cases = [
+        (huffman.encode(moved, 4, base=base), moved, base),
+        (
+            huffman.encode(torch.zeros(700_001, dtype=torch.uint8), 1),
+            torch.zeros(700_001, dtype=torch.uint8),
+            None,
+        ),
+    ]
+    three = torch.randint(0, 3, (900_000,), dtype=torch.uint8, generator=g)
+    noise = torch.randint(0, 256, (600_000,), dtype=torch.uint8, generator=g)
+    cases += [(huffman.encode(three, 2), three, None), (huffman.encode(noise, 4), noise, None)]
+    for stream, want, b in cases:
+        for numpy_path in (True, False):
+            out = torch.empty_like(want)
+            assert _fmhs_decode(stream, out, numpy_path, monkeypatch, base=b) is None
+            assert torch.equal(out, want), (numpy_path, want.numel())
+
+
+def test_fmhs_native_is_the_decoder_in_use(monkeypatch) -> None:
+    """After an install (pip install -e . builds the extension in place), huffman.decode
+    goes through fmstore.codec._fmhs, its row blocks spread over the pool."""
+    import sys
+
+    from fmstore.codec import huffman, native
+
+    lib = _native_or_skip(monkeypatch)
+    assert lib is sys.modules["fmstore.codec._fmhs"] and native.load() is lib
+    assert lib.ABI == native.ABI and lib.CHUNK == huffman.CHUNK
+    calls = []
+    real = lib.decode_rows
+
+    def counting(*args):  # noqa: ANN002, ANN202
+        calls.append(args[2:])
+        return real(*args)
+
+    monkeypatch.setattr(lib, "decode_rows", counting)
+    data = as_bytes_tensor(weights_like(torch.bfloat16, 3_000_000))  # 6 MB: 5 segments
+    stream = huffman.encode(data, 2)
+    out = torch.empty_like(data)
+    with ThreadPoolExecutor(2) as pool:
+        huffman.decode(stream, out, pool=pool)
+    assert torch.equal(out, data)
+    assert len(calls) >= 5
+
+
+def test_fmhs_missing_extension_warns_once(monkeypatch) -> None:
+    """Without the extension (as after an install with no C compiler; simulated here), the
+    numpy reference decodes, with exactly one warning per process that says why."""
+    import sys
+    import warnings
+
+    from fmstore.codec import huffman, native
+
+    monkeypatch.delenv("FMSTORE_NO_NATIVE", raising=False)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_mod", None)
+    monkeypatch.setitem(sys.modules, "fmstore.codec._fmhs", None)  # the import fails
+    data = as_bytes_tensor(weights_like(torch.bfloat16, 200_001))
+    stream = huffman.encode(data, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            out = torch.empty_like(data)
+            huffman.decode(stream, out)
+            assert torch.equal(out, data)
+    mine = [w for w in caught if "fmstore.codec._fmhs" in str(w.message)]
+    assert len(mine) == 1, [str(w.message) for w in caught]
+    assert "not built" in str(mine[0].message) and "numpy" in str(mine[0].message)
+    assert native.load() is None
+
+
+def test_fmhs_native_damage_matches_reference(monkeypatch) -> None:
+    """Damage anywhere (a flipped bit in each chunk's payload, a stream stuck where no code
+    starts, a chunk table entry, a truncated or foreign blob) raises a CorruptBlobError with
+    the same words on both paths, naming the tensor, segment, chunk and plane."""
+    import re
+    import struct
+
+    import numpy as np
+
+    from fmstore import CorruptBlobError
+    from fmstore.codec import huffman
+
+    _native_or_skip(monkeypatch)
+    bf = as_bytes_tensor(weights_like(torch.bfloat16, 300_000))  # 2 segments
+    zeros = torch.zeros(300_000, dtype=torch.uint8)
+    bad_streams: list[tuple[bytearray, torch.Tensor]] = []
+    for data, width in ((bf, 2), (zeros, 1)):
+        clean = huffman.encode(data, width)
+        stream = np.frombuffer(clean, dtype=np.uint8)
+        for _, _, at, size in huffman.read_directory(stream, data.numel()):
+            _, _, _, start, table = huffman.read_header(stream[at : at + size])
+            for c, (off, stored, _, _) in enumerate(table):
+                flips = (
+                    (stored // 2, 0x10),
+                    (stored - 4, 0x01),
+                    (stored * 3 // 4, 0x80),
+                    (3, 0x88),
+                    (129, 0x40),
+                )
+                for pos, bit in flips:  # mid-stream, at its end, in the code lengths, a sub-block's bits
+                    bad = bytearray(clean)
+                    bad[at + start + int(off) + int(pos)] ^= bit
+                    bad_streams.append((bad, data))
+                entry = at + huffman.HEADER + huffman.ENTRY * c
+                for field, value in ((12, 7), (8, int(stored) + 4), (0, size), (16, 12345)):
+                    bad = bytearray(clean)  # mode 7, a stored size off by 4, an offset outside, a check
+                    fmt = "<I" if field in (8, 12) else "<Q"
+                    bad[entry + field : entry + field + struct.calcsize(fmt)] = struct.pack(fmt, value)
+                    bad_streams.append((bad, data))
+        bad_streams.append((bytearray(clean[:-5]), data))
+        bad_streams.append((bytearray(b"nope" + clean[4:]), data))
+    assert len(bad_streams) > 40
+    kinds = set()
+    for bad, data in bad_streams:
+        words, outs = [], []
+        for numpy_path in (True, False):
+            outs.append(torch.zeros_like(data))
+            words.append(_fmhs_decode(bytes(bad), outs[-1], numpy_path, monkeypatch, name="w"))
+        assert words[0] == words[1], words
+        if words[0] is None:  # a bit neither needs (a code length of an absent value, padding)
+            assert torch.equal(outs[0], data) and torch.equal(outs[1], data)
+            continue
+        if "chunk" in words[0]:
+            assert re.match(r"tensor 'w': segment \d+, chunk \d+ \(plane \d+\) ", words[0]), words[0]
+        kinds.add(re.sub(r"\d+", "N", words[0].split(") ")[-1]))
+    assert issubclass(CodecError, CorruptBlobError)
+    for kind in (
+        "sub-block at symbol N is damaged",
+        "check mismatch",
+        "unknown mode",
+        "raw size",
+        "outside",
+        "bad code table",
+        "sizes disagree",
+        "bad magic",
+        "truncated",
+    ):
+        assert any(kind in k for k in kinds), (kind, kinds)

@@ -1,10 +1,12 @@
 """The codec chains that shrink checkpoint bytes.
 
-- ``chain`` (``encode``/``decode``): the CPU chain, XOR delta, byte-plane split, per-chunk
-  zstd or raw (FMC1 blobs), encoded in the background persist.
+- ``registry``: the codecs by name, as manifests record them (``planes-zstd``, ``fmhs``,
+  ``int8-absmax``), each with its checksum meaning, devices and lossiness.
+- ``chain`` (``encode``/``decode``): the CPU chain, byte-plane split, per-chunk zstd or raw
+  (FMC1 blobs), encoded in the background persist.
 - ``huffman``: the GPU chain's FMHS format (byte planes, per-chunk canonical Huffman or raw)
   and its CPU reference, byte for byte what ``kernels/huffman.cu`` writes; ``gpu`` wraps the
-  kernels, ``native`` builds the compiled CPU decoder.
+  kernels, ``native`` loads the compiled CPU decoder (an extension built at install).
 - ``planes`` and ``quant``: the CPU references of the split/merge/XOR and int8 kernels.
 """
 

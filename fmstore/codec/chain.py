@@ -1,5 +1,6 @@
-"""The lossless codec chain for one tensor's bytes: [XOR delta] -> byte planes -> per-chunk
-entropy coding (zstd) or raw, decided by each chunk's measured byte entropy.
+"""The lossless codec chain for one tensor's bytes: byte planes -> per-chunk entropy coding
+(zstd) or raw, decided by each chunk's measured byte entropy.  (An XOR-delta stage against the
+previous snapshot was measured and removed: ``bench/xor_delta.py``, ``bench/RESULTS.md``.)
 
 Encoded blob layout (little-endian)::
 
@@ -26,7 +27,6 @@ import numpy as np
 import torch
 
 from ..errors import CorruptBlobError, FmstoreError
-from .planes import xor
 
 MAGIC = b"FMC1"
 #: Chunk of one plane coded on its own: big enough for zstd, small enough to parallelize.
@@ -105,21 +105,9 @@ def _encode_chunk(chunk: np.ndarray) -> tuple[str, bytes | memoryview]:
     return "raw", memoryview(chunk)
 
 
-def encode(
-    data: torch.Tensor,
-    width: int,
-    *,
-    base: torch.Tensor | None = None,
-    chunk: int = CHUNK,
-    pool: Executor | None = None,
-) -> Encoded:
-    """Encode flat uint8 CPU ``data`` of ``width``-byte elements (XOR'd with ``base`` first
-    when given: a delta against the same tensor in an earlier snapshot)."""
-    stages = []
-    if base is not None:
-        data = xor(data, base)
-        stages.append("xor")
-    stages += [f"planes{width}", "zstd"]
+def encode(data: torch.Tensor, width: int, *, chunk: int = CHUNK, pool: Executor | None = None) -> Encoded:
+    """Encode flat uint8 CPU ``data`` of ``width``-byte elements."""
+    stages = [f"planes{width}", "zstd"]
     rows = data.numpy().reshape(-1, width) if width else data.numpy()[:0]
     ranges = [(a, min(a + chunk, rows.shape[0])) for a in range(0, rows.shape[0], chunk)]
 
@@ -164,7 +152,6 @@ def decode(
     blob: memoryview | bytes,
     out: torch.Tensor,
     *,
-    base: torch.Tensor | None = None,
     pool: Executor | None = None,
     name: str = "",
 ) -> torch.Tensor:
@@ -175,8 +162,8 @@ def decode(
     where = f"tensor {name!r}: " if name else ""
     if nbytes != out.numel():
         raise CodecError(f"{where}encoded {nbytes} bytes, the target holds {out.numel()}")
-    if "xor" in header["stages"] and base is None:
-        raise CodecError(f"{where}is an XOR delta; its base snapshot's bytes are needed")
+    if header.get("stages") != [f"planes{width}", "zstd"]:
+        raise CodecError(f"{where}unknown codec stages {header.get('stages')!r}")
     # Each chunk decodes straight into its column of the output's rows (no plane buffer);
     # the chunks of one run of elements go to one worker.
     rows = out.numpy().reshape(-1, width)
@@ -219,6 +206,4 @@ def decode(
     else:
         for jobs in groups.values():
             group(jobs)
-    if base is not None and "xor" in header["stages"]:
-        xor(out, base, out=out)
     return out

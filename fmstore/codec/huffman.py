@@ -42,6 +42,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from concurrent.futures import Executor
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -324,29 +325,120 @@ def decode(
     pool: Executor | None = None,
 ) -> torch.Tensor:
     """Decode an ``FMHS`` stream into flat uint8 CPU ``out``; a damaged chunk is named.
-    Huffman chunks go to the compiled decoder (``native.py``) where it builds, spread over
-    ``pool``; otherwise to the numpy one, the reference."""
+    Where the compiled decoder is built (``native.py``), every segment decodes there, its
+    row blocks spread over ``pool`` (on the calling thread without one); otherwise the numpy
+    decoder, the reference, does it."""
+    from . import native
+
     stream = blob if isinstance(blob, np.ndarray) else np.frombuffer(blob, dtype=np.uint8)
-    for i, (a, b, at, size) in enumerate(read_directory(stream, out.numel(), name)):
-        _decode_blob(stream[at : at + size], out[a:b], name, i, base is not None, pool)
+    directory = read_directory(stream, out.numel(), name)
+    lib = native.load()  # the compiled decoder; None: the numpy one
+    if lib is not None:
+        _decode_native(lib, stream, directory, out, name, base is not None, pool)
+    else:
+        for i, (a, b, at, size) in enumerate(directory):
+            _decode_blob(stream[at : at + size], out[a:b], name, i, base is not None, pool)
     if base is not None:
         xor(out, base, out=out)
     return out
 
 
-def _decode_blob(
-    raw: np.ndarray, out: torch.Tensor, name: str, seg: int, have_base: bool, pool: Executor | None
-) -> None:
-    from . import native
-
-    lib = native.load()  # the compiled decoder; None: the numpy one below
-    native_jobs: list[tuple[int, int, int, int, np.ndarray]] = []
+def _blob_header(
+    raw: np.ndarray, out: torch.Tensor, name: str, seg: int, have_base: bool
+) -> tuple[int, int, int, int, np.ndarray]:
+    """read_header's answer for segment ``seg``'s blob, checked against its target."""
     nbytes, width, flags, start, table = read_header(raw, name)
     where = (f"tensor {name!r}: " if name else "") + f"segment {seg}, "
     if nbytes != out.numel():
         raise CodecError(f"{where}encoded {nbytes} bytes, the target holds {out.numel()}")
     if flags & FLAG_XOR and not have_base:
         raise CodecError(f"{where}is an XOR delta; its base snapshot's bytes are needed")
+    return nbytes, width, flags, start, table
+
+
+#: Output bytes per call of the compiled decoder, about: large enough that the call's cost
+#: (~10 us) is small, small enough that two threads share a tensor of a few MB evenly.
+NATIVE_JOB_BYTES = 1 << 20
+
+
+def _decode_native(
+    lib: ModuleType,
+    stream: np.ndarray,
+    directory: list[tuple[int, int, int, int]],
+    out: torch.Tensor,
+    name: str,
+    have_base: bool,
+    pool: Executor | None,
+) -> None:
+    """Every segment through the compiled decoder (``fmhs_cpu.c``: structure checks, tables,
+    sub-blocks, chunk checks and the plane interleave, without the GIL), in calls of a few
+    row blocks each, on ``pool``.  The error raised is the one the reference raises: the
+    first segment's that fails, and within it the least by the reference's order."""
+    flat = out.numpy()
+    jobs: list[tuple[int, np.ndarray, np.ndarray, int, int]] = []
+    late: CodecError | None = None  # a segment's bad header: raised if none before it fails
+    for i, (a, b, at, size) in enumerate(directory):
+        raw = stream[at : at + size]
+        try:
+            nbytes, width, _, _, _ = _blob_header(raw, out[a:b], name, i, have_base)
+        except CodecError as e:
+            late = e
+            break
+        per_plane = -(-(nbytes // width) // CHUNK)
+        step = max(1, NATIVE_JOB_BYTES // (CHUNK * width))
+        for r in range(0, per_plane, step):
+            jobs.append((i, raw, flat[a:b], r, min(per_plane, r + step)))
+
+    def run(job: tuple[int, np.ndarray, np.ndarray, int, int]):
+        return lib.decode_rows(job[1], job[2], job[3], job[4])
+
+    if pool is not None and len(jobs) > 1:
+        results = list(pool.map(run, jobs))
+    else:
+        results = [run(j) for j in jobs]
+    failed = [(jobs[k][0], r) for k, r in enumerate(results) if r is not None]
+    if failed:
+        seg = min(s for s, _ in failed)
+        phase = {1: 1, 2: 1, 3: 1, 4: 1, 6: 1, 5: 2, 7: 3}
+        code, c, detail = min(
+            (r for s, r in failed if s == seg), key=lambda r: (phase.get(r[0], 0), r[1], r[2])
+        )
+        a, b, at, _ = directory[seg]
+        raise _native_error(code, c, detail, stream[at:], b - a, name, seg)
+    if late is not None:
+        raise late
+
+
+def _native_error(
+    code: int, c: int, detail: int, raw: np.ndarray, nbytes: int, name: str, seg: int
+) -> CodecError:
+    """The reference's words for the compiled decoder's error ``code`` in chunk ``c``."""
+    where = (f"tensor {name!r}: " if name else "") + f"segment {seg}, "
+    width = int(struct.unpack("<I", raw[16:20].tobytes())[0])
+    per_plane = max(1, -(-(nbytes // width) // CHUNK))
+    at = f"{where}chunk {c} (plane {c // per_plane})"
+    if code == 1:
+        return CodecError(f"{at} lies outside the blob (truncated?)")
+    if code == 6:
+        return CodecError(f"{at} has unknown mode {detail}")
+    why = {
+        2: f"raw size {detail}",
+        3: "bad code table",
+        4: "sizes disagree",
+        5: f"sub-block at symbol {detail} is damaged",
+        7: "check mismatch (damaged)",
+    }.get(code)
+    if why is None:
+        return CodecError(f"{where}FMH1 blob is not decodable (compiled decoder error {code})")
+    return CodecError(f"{at} does not decode: {why}")
+
+
+def _decode_blob(
+    raw: np.ndarray, out: torch.Tensor, name: str, seg: int, have_base: bool, pool: Executor | None
+) -> None:
+    """The reference decoder of one segment's blob (numpy)."""
+    nbytes, width, flags, start, table = _blob_header(raw, out, name, seg, have_base)
+    where = (f"tensor {name!r}: " if name else "") + f"segment {seg}, "
     n = nbytes // width
     jobs = list(_chunks(n, width))
     rows = out.numpy().reshape(-1, width)
@@ -365,9 +457,6 @@ def _decode_blob(
             continue
         if mode != HUFF:
             raise CodecError(f"{where}chunk {c} (plane {p}) has unknown mode {mode}")
-        if lib is not None:
-            native_jobs.append((c, p, a, m, body))
-            continue
         nsub = -(-m // SUB)
         lens = _unpack_lengths(body[:128])
         if lens.max() > MAX_LEN or (2.0 ** -lens[lens > 0].astype(np.float64)).sum() > 1:
@@ -385,18 +474,6 @@ def _decode_blob(
             )
     if subs:
         _decode_subs(payload, subs, np.concatenate(tables), rows, n, where)
-
-    def run(job: tuple[int, int, int, int, np.ndarray]) -> None:
-        c, p, a, m, body = job
-        sym = np.empty(m, dtype=np.uint8)
-        rc = lib.fmhs_decode_huff(body.ctypes.data, body.size, m, sym.ctypes.data)
-        if rc:
-            why = {3: "bad code table", 4: "sizes disagree"}.get(rc, "a sub-block is damaged")
-            raise CodecError(f"{where}chunk {c} (plane {p}) does not decode: {why}")
-        rows[a : a + m, p] = sym
-
-    if native_jobs:  # ctypes lets go of the GIL: chunks decode in parallel
-        list(pool.map(run, native_jobs)) if pool is not None else [run(j) for j in native_jobs]
     for c, ((p, a, m), entry) in enumerate(zip(jobs, table)):
         if chunk_check(np.ascontiguousarray(rows[a : a + m, p])) != int(entry[3]) & ((1 << 64) - 1):
             raise CodecError(f"{where}chunk {c} (plane {p}) does not decode: check mismatch (damaged)")

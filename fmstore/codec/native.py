@@ -1,54 +1,60 @@
-"""The compiled CPU helper of the FMHS chain (``fmhs_cpu.c``): built with the system's C
-compiler on first use into the kernel cache (``$FMSTORE_KERNEL_CACHE``, default
-``~/.cache/fmstore/kernels``) and loaded with ctypes.  Optional: where no compiler is found,
-or the build fails, :func:`load` returns None and the numpy code in ``huffman.py`` (the
-reference) decodes instead."""
+"""The compiled CPU decoder of the FMHS chain: the extension module ``fmstore.codec._fmhs``,
+built from ``fmhs_cpu.c`` by setuptools when fmstore is installed (``setup.py``;
+``pip install -e .`` builds it in place).  Optional: where the install had no C compiler the
+extension is missing, :func:`load` warns once (naming why) and returns None, and the numpy
+code in ``huffman.py`` (the reference) decodes instead.  ``FMSTORE_NO_NATIVE=1`` also says
+no, without a warning: tests use it to run the numpy path."""
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
+import importlib
 import os
-import shutil
-import subprocess
 import threading
-from pathlib import Path
+import warnings
+from types import ModuleType
 
-SOURCE = Path(__file__).resolve().parent / "fmhs_cpu.c"
+#: The version of fmhs_cpu.c's interface this file speaks (its ``ABI``): an editable install
+#: whose .so predates a change of the C source is refused rather than misread.
+ABI = 1
 _lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
+_mod: ModuleType | None = None
 _tried = False
 
 
-def load() -> ctypes.CDLL | None:
-    """The helper library, or None where it cannot be built (``FMSTORE_NO_NATIVE=1`` also
-    says no: tests use it to run the numpy path)."""
-    global _lib, _tried
+def load() -> ModuleType | None:
+    """The extension module, or None where it is not built (or ``FMSTORE_NO_NATIVE`` is set)."""
+    global _mod, _tried
     if os.environ.get("FMSTORE_NO_NATIVE"):
         return None
+    if _tried:
+        return _mod
     with _lock:
-        if _tried:
-            return _lib
-        _tried = True
-        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-        if cc is None:
-            return None
-        digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-        cache = Path(os.environ.get("FMSTORE_KERNEL_CACHE", Path.home() / ".cache" / "fmstore" / "kernels"))
-        lib = cache / f"fmhs_cpu-{digest}.so"
-        try:
-            if not lib.exists():
-                cache.mkdir(parents=True, exist_ok=True)
-                tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-                cmd = [cc, "-O3", "-shared", "-fPIC", str(SOURCE), "-o", str(tmp)]
-                if subprocess.run(cmd, capture_output=True, timeout=120).returncode != 0:
-                    return None
-                os.replace(tmp, lib)
-            handle = ctypes.CDLL(str(lib))
-        except (OSError, subprocess.SubprocessError):
-            return None
-        fn = handle.fmhs_decode_huff
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-        fn.restype = ctypes.c_int
-        _lib = handle
-        return _lib
+        if not _tried:
+            _mod, why = _import()
+            _tried = True
+            if why:
+                warnings.warn(
+                    f"fmstore: {why}; FMHS streams decode with the numpy reference instead, "
+                    "tens of times slower (reinstall fmstore where a C compiler is found to build it)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+    return _mod
+
+
+def _import() -> tuple[ModuleType | None, str]:
+    """(the module, "") or (None, why it cannot be used)."""
+    from . import huffman
+
+    try:
+        _fmhs = importlib.import_module(f"{__package__}._fmhs")
+    except ImportError as e:
+        return None, f"the compiled FMHS decoder fmstore.codec._fmhs is not built ({e})"
+    got = (_fmhs.ABI, _fmhs.CHUNK, _fmhs.SUB, _fmhs.MAX_LEN)
+    want = (ABI, huffman.CHUNK, huffman.SUB, huffman.MAX_LEN)
+    if got != want:
+        return None, (
+            f"the compiled FMHS decoder {_fmhs.__file__} was built from another version of "
+            f"fmhs_cpu.c (ABI, CHUNK, SUB, MAX_LEN {got}, {want} expected)"
+        )
+    return _fmhs, ""
