@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import queue
+import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -178,7 +178,12 @@ class SnapshotStorage:
                 async with gate:  # at most `concurrency` parts in memory at once
                     body = await filled(a, b)
                     out = await fs._call_s3(
-                        "upload_part", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+                        "upload_part",
+                        Bucket=bucket,
+                        Key=key,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        Body=body,
                     )
                     return {"PartNumber": number, "ETag": out["ETag"]}
 
