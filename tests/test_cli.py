@@ -177,3 +177,12 @@ def test_version_1_manifest_still_loads_and_unknown_codec_is_refused(tmp_path: P
     path.write_text(json.dumps(body))  # a 2-byte codec on a float32 tensor
     with Checkpointer(tmp_path) as ck, pytest.raises(ManifestError, match="does not fit 4-byte elements"):
         ck.load(step=2)
+
+
+def test_ls_after_cp_of_one_step_shows_carried_files_not_a_crash(tmp_path: Path) -> None:
+    make_root(tmp_path / "src")
+    assert run_cli("cp", tmp_path / "src", tmp_path / "dst", "--step", "2").returncode == 0
+    body = run_cli("ls", tmp_path / "dst", "--json").json()
+    assert [s["step"] for s in body["snapshots"]] == [2]
+    assert body["incomplete"] == [] and body["carried"] == [1]  # step 1's file holds the embedding
+    assert "files used by later steps" in run_cli("ls", tmp_path / "dst").stdout

@@ -375,6 +375,11 @@ class Root:
                 out.append(step)
         return sorted(out)
 
+    def files(self, step: int) -> list[str]:
+        """The files under ``step``'s directory, relative to the root (temp files left out)."""
+        name = step_dir(step)
+        return [f"{name}/{f}" for f in self.storage.list_dir(name)]
+
     def snapshot(self, step: int | None = None) -> Snapshot:
         """The committed snapshot of ``step`` (default: the newest)."""
         return Snapshot(self.storage, self._level.manifest(step))

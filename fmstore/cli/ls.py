@@ -21,7 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def listing(root: Any) -> dict[str, Any]:
     """What ``ls --json`` prints: the root, its committed snapshots and its incomplete steps."""
     snaps = []
+    referenced: set[str] = set()
     for snap in root.snapshots():
+        referenced |= snap.manifest.referenced_files()
         tensors = snap.tensors()
         snaps.append(
             {
@@ -36,7 +38,13 @@ def listing(root: Any) -> dict[str, Any]:
                 "codecs": sorted({c for t in tensors for c in t.codecs}),
             }
         )
-    return {"root": root.url, "snapshots": snaps, "incomplete": root.incomplete()}
+    # A directory without a manifest whose files committed snapshots reference holds data an
+    # incremental snapshot uses (e.g. copied by ``fmstore cp`` with one step): not a failed save.
+    incomplete, carried = [], []
+    for step in root.incomplete():
+        files = root.files(step)
+        (carried if files and all(f in referenced for f in files) else incomplete).append(step)
+    return {"root": root.url, "snapshots": snaps, "incomplete": incomplete, "carried": carried}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         )
     for step in out["incomplete"]:
         rows.append([str(step), "-", "-", "-", "-", "-", "incomplete (no manifest)"])
+    for step in out["carried"]:
+        rows.append([str(step), "-", "-", "-", "-", "-", "no manifest; files used by later steps"])
     rows.sort(key=lambda r: int(r[0]))
     if not rows:
         print(f"{out['root']}: no snapshots")
