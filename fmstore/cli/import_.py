@@ -13,7 +13,7 @@ Read the tensors of SRC (a .safetensors file, a model.safetensors.index.json, or
 holding either: a Hugging Face model folder, single-file or sharded) and save them as
 snapshot --step N under ROOT through fmstore's Checkpointer, committed like any other.
 
-Each tensor is saved as PREFIX + its name ('/'-separated parts become nested keys, so the
+Each tensor is saved as P + its name ('/'-separated parts become nested keys, so the
 names come out exactly so): with the default --prefix model/, lm_head.weight is saved as
 model/lm_head.weight, as a state {"model": hf_model} would have it, and
 Checkpointer(ROOT).load({"model": model}) restores the model.  A config.json next to the
@@ -41,8 +41,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from safetensors import safe_open
-
     from ..checkpoint import Checkpointer, RootNotFoundError
     from ..errors import ConfigError, FmstoreError
     from ..units import format_size
@@ -50,39 +48,20 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     files, config = source_files(args.src, RootNotFoundError)
-    tensors: dict[str, object] = {}
-    where: dict[str, str] = {}
-    file_meta: dict[str, str] = {}
-    for path in files:
-        try:
-            with safe_open(path, framework="pt") as f:
-                file_meta = file_meta or dict(f.metadata() or {})
-                for name in f.keys():
-                    if name in tensors:
-                        raise FmstoreError(
-                            f"tensor {name!r} is in both {where[name]!r} and {os.path.basename(path)!r}"
-                        )
-                    tensors[name] = f.get_tensor(name)
-                    where[name] = os.path.basename(path)
-        except FmstoreError:
-            raise
-        except Exception as e:  # safetensors' own errors: a truncated or malformed file
-            raise FmstoreError(f"cannot read {path!r} as safetensors: {e}") from None
-    if not tensors:
-        raise FmstoreError(f"{args.src!r} holds no tensors")
-    state = nest(tensors, args.prefix, ConfigError)
-    meta: dict[str, object] = {"imported_from": os.path.abspath(args.src)}
-    if config is not None:
-        meta["hf_config"] = config
-    if file_meta:
-        meta["source_metadata"] = file_meta
-    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())  # type: ignore[attr-defined]
     ck = Checkpointer(args.root, storage_options=storage_options(args), no_dist=True)
     try:
-        if args.step in ck.steps():
+        if args.step in ck.steps():  # before anything is read
             raise FmstoreError(
                 f"step {args.step} is already committed under {ck.storage.url!r}; it is never overwritten"
             )
+        tensors, file_meta = read_tensors(files)
+        state = nest(tensors, args.prefix, ConfigError)
+        meta: dict[str, object] = {"imported_from": os.path.abspath(args.src)}
+        if config is not None:
+            meta["hf_config"] = config
+        if file_meta:
+            meta["source_metadata"] = file_meta
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())  # type: ignore[attr-defined]
         info = ck.save(args.step, state, meta=meta).wait()
     finally:
         ck.close()
@@ -110,6 +89,36 @@ def run(args: argparse.Namespace) -> int:
     first = next(iter(tensors))
     print(f"  names: {args.prefix}<name>, e.g. {args.prefix}{first}")
     return 0
+
+
+def read_tensors(files: list[str]) -> tuple[dict[str, object], dict[str, str]]:
+    """Every tensor of the files by name (a name in two files is an error), and the first
+    file's ``__metadata__``."""
+    from safetensors import safe_open
+
+    from ..errors import FmstoreError
+
+    tensors: dict[str, object] = {}
+    where: dict[str, str] = {}
+    file_meta: dict[str, str] = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as f:
+                file_meta = file_meta or dict(f.metadata() or {})
+                for name in f.keys():
+                    if name in tensors:
+                        raise FmstoreError(
+                            f"tensor {name!r} is in both {where[name]!r} and {os.path.basename(path)!r}"
+                        )
+                    tensors[name] = f.get_tensor(name)
+                    where[name] = os.path.basename(path)
+        except FmstoreError:
+            raise
+        except Exception as e:  # safetensors' own errors: a truncated or malformed file
+            raise FmstoreError(f"cannot read {path!r} as safetensors: {e}") from None
+    if not tensors:
+        raise FmstoreError(f"{', '.join(files)} hold(s) no tensors")
+    return tensors, file_meta
 
 
 def source_files(src: str, not_found: type[Exception]) -> tuple[list[str], dict | None]:
