@@ -32,17 +32,10 @@ from safetensors import safe_open
 
 from fmstore.checkpoint import Checkpointer, Root
 from fmstore.cli import main as fmstore_main
+from fmstore.cli._export_io import fsync_path
 from fmstore.units import format_size, parse_size
 
 TARGET = 0.8
-
-
-def fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def main() -> int:
@@ -100,8 +93,8 @@ def main() -> int:
         for f in shards:
             dst = os.path.join(raw_dir, os.path.basename(f))
             shutil.copyfile(f, dst)
-            fsync(dst)
-        fsync(raw_dir)
+            fsync_path(dst)
+        fsync_path(raw_dir)
         return raw_bytes
 
     def export() -> int:

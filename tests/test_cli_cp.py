@@ -101,17 +101,6 @@ def dst_options(s3: Any) -> list[str]:
     ]
 
 
-def test_commands_do_not_import_torch() -> None:
-    code = (
-        "import sys\n"
-        "import fmstore.cli.cp, fmstore.cli.gc, fmstore.cli.du\n"
-        "from fmstore.cli import build_parser\n"
-        "build_parser().format_help()\n"
-        "assert 'torch' not in sys.modules\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=REPO))
-
-
 # ---------------------------------------------------------------------- cp
 
 

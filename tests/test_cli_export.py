@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -19,21 +20,13 @@ from fmstore import Checkpointer
 from fmstore.checkpoint import Root
 from fmstore.cli import main
 
+cli = run_cli  # conftest: `python -m fmstore.cli ARGS` in a fresh process
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 
 transformers = pytest.importorskip("transformers")
 zarr = pytest.importorskip("zarr")
-
-
-def cli(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fmstore.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**ENV, **(env or {})},
-        timeout=timeout,
-    )
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:

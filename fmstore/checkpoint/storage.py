@@ -20,7 +20,7 @@ from ..blob import byte_view
 from ..errors import CorruptBlobError, FmstoreError
 from ..keys import TMP_MARKER
 from ..tiers.files import _fsync_dir, _pwrite_all, chunks, read_ranges_into, tmp_name, write_atomic
-from ..tiers.object import gather_bytes, open_fs, s3_put
+from ..tiers.object import gather_bytes, open_fs, s3_put, s3_put_parts
 
 
 class RootNotFoundError(FmstoreError):
@@ -156,8 +156,6 @@ class SnapshotStorage:
     async def _s3_put_streamed(
         self, path: str, size: int, fill: Callable[[int, memoryview], None], part: int
     ) -> None:
-        fs = self.fs
-        bucket, key, _ = fs.split_path(path)
         loop = asyncio.get_running_loop()
 
         async def filled(a: int, b: int) -> bytearray:
@@ -165,49 +163,7 @@ class SnapshotStorage:
             await loop.run_in_executor(self.pool, fill, a, memoryview(buf))
             return buf
 
-        try:
-            if size <= part:
-                body = await filled(0, size)
-                await fs._call_s3("put_object", Bucket=bucket, Key=key, Body=body)
-                return
-            mpu = await fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key)
-            upload_id = mpu["UploadId"]
-            gate = asyncio.Semaphore(max(1, self.concurrency))
-
-            async def upload(number: int, a: int, b: int) -> dict[str, Any]:
-                async with gate:  # at most `concurrency` parts in memory at once
-                    body = await filled(a, b)
-                    out = await fs._call_s3(
-                        "upload_part",
-                        Bucket=bucket,
-                        Key=key,
-                        UploadId=upload_id,
-                        PartNumber=number,
-                        Body=body,
-                    )
-                    return {"PartNumber": number, "ETag": out["ETag"]}
-
-            try:
-                parts = await asyncio.gather(
-                    *(upload(i + 1, a, b) for i, (a, b) in enumerate(chunks(0, size, part)))
-                )
-                await fs._call_s3(
-                    "complete_multipart_upload",
-                    Bucket=bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                    MultipartUpload={"Parts": list(parts)},
-                )
-            except BaseException:
-                try:  # the object never appeared; free the parts the server holds
-                    await asyncio.shield(
-                        fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
-                    )
-                except Exception:
-                    pass
-                raise
-        finally:
-            fs.invalidate_cache(path)
+        await s3_put_parts(self.fs, path, size, filled, part, self.concurrency)
 
     # ------------------------------------------------------------------ read
 

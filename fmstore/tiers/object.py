@@ -10,7 +10,7 @@ standard AWS variables and are never logged.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -275,28 +275,45 @@ class ObjectTier(Tier):
 async def s3_put(
     fs: Any, path: str, segments: Sequence[bytes | memoryview], part_size: int, concurrency: int
 ) -> None:
-    """Upload the concatenation of ``segments`` as one S3 object, visible only when complete.
-
-    Small objects are one PUT; larger ones a multipart upload whose parts (cut across
-    segments without concatenating them) go ``concurrency`` at a time; the completion is the
-    commit, and a failed upload is aborted.
-    """
-    bucket, key, _ = fs.split_path(path)
+    """Upload the concatenation of ``segments`` as one S3 object, visible only when complete
+    (parts cut across segments without concatenating them; see :func:`s3_put_parts`)."""
     views = [byte_view(seg) for seg in segments]
     total = sum(len(v) for v in views)
+
+    async def body(start: int, end: int) -> bytes:
+        return gather_bytes(views, start, end)
+
+    await s3_put_parts(fs, path, total, body, part_size, concurrency)
+
+
+async def s3_put_parts(
+    fs: Any,
+    path: str,
+    total: int,
+    body: Callable[[int, int], Awaitable[bytes | bytearray]],
+    part_size: int,
+    concurrency: int,
+) -> None:
+    """Upload ``total`` bytes as one S3 object, ``body(start, end)`` giving each part's bytes.
+
+    Small objects are one PUT; larger ones a multipart upload whose parts go ``concurrency``
+    at a time (so at most that many are in memory); the completion is the commit, and a
+    failed upload is aborted.
+    """
+    bucket, key, _ = fs.split_path(path)
     try:
         if total <= part_size:
-            await fs._call_s3("put_object", Bucket=bucket, Key=key, Body=gather_bytes(views, 0, total))
+            await fs._call_s3("put_object", Bucket=bucket, Key=key, Body=await body(0, total))
             return
         mpu = await fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key)
         upload_id = mpu["UploadId"]
-        gate = asyncio.Semaphore(concurrency)
+        gate = asyncio.Semaphore(max(1, concurrency))
 
         async def upload(number: int, start: int, end: int) -> dict[str, Any]:
             async with gate:  # at most `concurrency` parts in memory at once
-                body = gather_bytes(views, start, end)
+                data = await body(start, end)
                 out = await fs._call_s3(
-                    "upload_part", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+                    "upload_part", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data
                 )
                 return {"PartNumber": number, "ETag": out["ETag"]}
 
