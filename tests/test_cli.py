@@ -143,6 +143,14 @@ def test_s3_root(s3, tmp_path: Path) -> None:
     assert run_cli("verify", url, "--all", env=s3.env).returncode == 0
     rows = run_cli("diff", url, "1", "2", "--json", env=s3.env).json()["tensors"]
     assert {r["tensor"]: r["status"] for r in rows}["model/w"] == "changed"
+    names = [t["name"] for t in run_cli("inspect", url, "--json", env=s3.env).json()["tensors"]]
+    assert names == ["model/bias", "model/emb", "model/w"]
+    # import onto an S3 root: a safetensors file exported from it comes back as a new step
+    out = tmp_path / "w.safetensors"
+    assert run_cli("export", url, "--format", "safetensors", out, env=s3.env).returncode == 0
+    again = s3.url(f"cli-import-{os.getpid()}")
+    assert run_cli("import", out, again, "--step", "5", env=s3.env).returncode == 0
+    assert [s["step"] for s in run_cli("ls", again, "--json", env=s3.env).json()["snapshots"]] == [5]
 
 
 def test_snapshot_reads_slices_and_whole_state(tmp_path: Path) -> None:
