@@ -17,12 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..blob import as_bytes_tensor, as_memoryview
-from ..codec import Encoded
+from ..blob import as_memoryview
+from ..codec import Encoded, registry
 from ..codec.quant import BLOCK as QUANT_BLOCK
-from ..codec.quant import dequantize as dequantize_int8
-from ..codec.quant import quantize as quantize_int8
-from ..codec.registry import Fmhs, Int8Absmax, PlanesZstd
+from ..codec.registry import Codec, Fmhs, Int8Absmax, PlanesZstd
 from .level import WriteItem
 from .manifest import CHUNK_SIZE
 from .sharding import Piece
@@ -83,33 +81,42 @@ class ItemBuilder:
 
     def items(self, staged: Sequence[StagedTensor], pieces: Sequence[Piece]) -> list[WriteItem]:
         """One item per (staged tensor, piece) pair this rank writes."""
-        items = []
-        for st, p in zip(staged, pieces):
-            if not p.writes:
-                continue
-            if st.codec:  # encoded on the GPU while staging
-                enc = Encoded([memoryview(st.data.numpy())], list(st.codec))
-                digest = self.hash_pool.submit(fmhs_digest, st.data, st.raw_nbytes, p.name)
-                items.append(WriteItem(st, p, digest, lambda _, e=enc: e))
-                continue
-            if self.compression and self.codec == "fmhs" and st.nbytes:
-                enc = _huffman_cpu(st, self.codec_pool)
-                digest = completed(fmhs_digest(enc.segments[0], st.nbytes, p.name))
-                items.append(WriteItem(st, p, digest, lambda _, e=enc: e))
-                continue
-            if self.quantizes(p.name, st.dtype):
-                # Lossy: the checksum is of the bytes a load will give back.
-                enc, digests = _quantized(st, self.hash_pool)
-                items.append(WriteItem(st, p, completed(digests), lambda _, e=enc: e))
-                continue
-            digest = self.hash_pool.submit(digest_all, [st.data])
-            items.append(WriteItem(st, p, digest, self._encoder if self.compression else None))
-        return items
+        return [self._item(st, p, self.codec_for(p.name, st)) for st, p in zip(staged, pieces) if p.writes]
 
-    def _encoder(self, st: Any) -> Encoded:
-        """The CPU codec chain for one staged tensor, its chunks spread over the codec pool."""
-        codec = PlanesZstd(st.dtype.itemsize)
-        return Encoded(codec.encode(st.data, pool=self.codec_pool), [codec.to_json()])
+    def codec_for(self, name: str, st: StagedTensor) -> Codec | None:
+        """How a tensor is stored: as its GPU encode while staging left it, as int8 where a
+        ``quantize`` pattern names it, with the lossless codec when compressing, else raw."""
+        if st.codec:
+            return registry.get(st.codec[0])
+        if self.quantizes(name, st.dtype):
+            return Int8Absmax(QUANT_BLOCK)
+        if not self.compression or not st.nbytes:
+            return None
+        return (Fmhs if self.codec == "fmhs" else PlanesZstd)(st.dtype.itemsize)
+
+    def _item(self, st: StagedTensor, p: Piece, codec: Codec | None) -> WriteItem:
+        """The item's checksum follows what its codec's checksum means (``Codec.checksum``)."""
+        if codec is None:
+            return WriteItem(st, p, self.hash_pool.submit(digest_all, [st.data]), None)
+        if st.codec:  # encoded on the GPU while staging: the staged bytes are the stream
+            enc = Encoded([memoryview(st.data.numpy())], list(st.codec))
+            digest = self.hash_pool.submit(stream_digest, codec, st.data, st.raw_nbytes, p.name)
+            return WriteItem(st, p, digest, lambda _, e=enc: e)
+        if codec.checksum == "chunks" and not codec.lossy:
+            # The raw bytes' checksums, hashed while the persist encodes (later, in background).
+            def encoder(s: StagedTensor, c: Codec = codec) -> Encoded:
+                return Encoded(c.encode(s.data, dtype=s.dtype, pool=self.codec_pool), [c.to_json()])
+
+            return WriteItem(st, p, self.hash_pool.submit(digest_all, [st.data]), encoder)
+        enc = Encoded(codec.encode(st.data, dtype=st.dtype, pool=self.codec_pool), [codec.to_json()])
+        if codec.checksum == "stream":
+            digest = completed(stream_digest(codec, enc.segments[0], st.nbytes, p.name))
+        else:  # lossy: the checksums of the bytes a load gives back
+            back = torch.empty(st.nbytes, dtype=torch.uint8)
+            blob = torch.frombuffer(bytearray(b"".join(bytes(x) for x in enc.segments)), dtype=torch.uint8)
+            codec.decode(blob, back, dtype=st.dtype, name=p.name, pool=None)
+            digest = completed(digest_all([back], self.hash_pool))
+        return WriteItem(st, p, digest, lambda _, e=enc: e)
 
 
 def completed(value: Any) -> Future[Any]:
@@ -119,23 +126,7 @@ def completed(value: Any) -> Future[Any]:
     return f
 
 
-def fmhs_digest(stream: Any, nbytes: int, name: str) -> list[tuple[str, list[str]]]:
-    """The manifest checksum of an FMHS-coded tensor (its chunk checks; no chunk digests)."""
+def stream_digest(codec: Codec, stream: Any, nbytes: int, name: str) -> list[tuple[str, list[str]]]:
+    """The manifest checksum of a stream-checked codec's blob (its chunk checks; no chunk digests)."""
     view = stream.numpy() if isinstance(stream, torch.Tensor) else np.frombuffer(stream, dtype=np.uint8)
-    return [(Fmhs.digest(view, nbytes, name), [])]
-
-
-def _huffman_cpu(st: Any, pool: Executor) -> Encoded:
-    codec = Fmhs(st.dtype.itemsize)
-    return Encoded(codec.encode(st.data, pool=pool), [codec.to_json()])
-
-
-def _quantized(st: Any, pool: Executor) -> tuple[Encoded, list[tuple[str, list[str]]]]:
-    """The int8 blob (codes, then float32 scales) of a staged float tensor, and the digest of
-    the bytes its load will return."""
-    x = st.data.view(st.dtype).to(torch.float32)
-    codes, scales = quantize_int8(x)
-    back = dequantize_int8(codes, scales).to(st.dtype)
-    digest = digest_all([as_bytes_tensor(back)], pool)
-    blob = [memoryview(codes.numpy()).cast("B"), memoryview(scales.numpy()).cast("B")]
-    return Encoded(blob, [Int8Absmax(QUANT_BLOCK).to_json()]), digest
+    return [(codec.digest(view, nbytes, name), [])]

@@ -65,6 +65,12 @@ class Codec:
     def check(self, itemsize: int, where: str) -> None:
         """That this configuration fits a tensor of ``itemsize``-byte elements."""
 
+    def encode(
+        self, data: torch.Tensor, *, dtype: torch.dtype, pool: Executor | None = None
+    ) -> list[bytes | memoryview]:
+        """The coded form of flat uint8 CPU ``data`` (a tensor of ``dtype``), as segments."""
+        raise NotImplementedError
+
     def decode(
         self, blob: torch.Tensor, out: torch.Tensor, *, dtype: torch.dtype, name: str, pool: Executor | None
     ) -> None:
@@ -165,7 +171,9 @@ class PlanesZstd(Codec):
     def check(self, itemsize: int, where: str) -> None:
         _fits(self, self.width, itemsize, where)
 
-    def encode(self, data: torch.Tensor, *, pool: Executor | None = None) -> list[bytes | memoryview]:
+    def encode(
+        self, data: torch.Tensor, *, dtype: torch.dtype, pool: Executor | None = None
+    ) -> list[bytes | memoryview]:
         from .chain import encode
 
         return encode(data, self.width, pool=pool).segments
@@ -198,7 +206,9 @@ class Fmhs(Codec):
     def check(self, itemsize: int, where: str) -> None:
         _fits(self, self.width, itemsize, where)
 
-    def encode(self, data: torch.Tensor, *, pool: Executor | None = None) -> list[bytes | memoryview]:
+    def encode(
+        self, data: torch.Tensor, *, dtype: torch.dtype, pool: Executor | None = None
+    ) -> list[bytes | memoryview]:
         from .huffman import encode
 
         return [encode(data, self.width, pool=pool)]
@@ -257,6 +267,14 @@ class Int8Absmax(Codec):
         if itemsize not in (2, 4):
             raise CodecConfigError(f"{where}: codec {self!r} stores float tensors only")
 
+    def encode(
+        self, data: torch.Tensor, *, dtype: torch.dtype, pool: Executor | None = None
+    ) -> list[bytes | memoryview]:
+        from .quant import quantize
+
+        codes, scales = quantize(data.view(dtype).to(torch.float32), self.block)
+        return [memoryview(codes.numpy()).cast("B"), memoryview(scales.numpy()).cast("B")]
+
     def decode(
         self, blob: torch.Tensor, out: torch.Tensor, *, dtype: torch.dtype, name: str, pool: Executor | None
     ) -> None:
@@ -271,4 +289,4 @@ class Int8Absmax(Codec):
             )
         codes = blob[:n].view(torch.int8)
         scales = blob[n:].clone().view(torch.float32)  # at an offset of n bytes: not 4-byte aligned
-        out.copy_(as_bytes_tensor(dequantize(codes, scales).to(dtype)))
+        out.copy_(as_bytes_tensor(dequantize(codes, scales, self.block).to(dtype)))
