@@ -159,3 +159,13 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
         timeout=timeout,
     )
     return CliResult(out.returncode, out.stdout, out.stderr)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a process group's rendezvous (another process may
+    take it before the ranks bind it: test runs on one machine at the same time can collide)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

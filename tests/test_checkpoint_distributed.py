@@ -8,12 +8,12 @@ getting exactly its local shard, bit-exact.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from fmstore import Checkpointer
 
@@ -98,14 +98,8 @@ def _load_worker(rank: int, world: int, port: int, root: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(fn, world: int, root: str, *extra) -> None:
-    mp.spawn(fn, args=(world, _free_port(), root, *extra), nprocs=world, join=True)
+    mp.spawn(fn, args=(world, free_port(), root, *extra), nprocs=world, join=True)
 
 
 def test_save_on_4_ranks_load_on_1_2_3(tmp_path):

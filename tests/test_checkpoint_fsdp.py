@@ -14,8 +14,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import free_port
 from safetensors.torch import load_file, save_file
-from test_checkpoint_distributed import _free_port, _init
+from test_checkpoint_distributed import _init
 
 from fmstore import Checkpointer, Policy
 
@@ -114,12 +115,12 @@ def test_fsdp2_save_on_4_load_on_2(tmp_path):
 
     root = str(tmp_path / "ckpt")
     os.makedirs(root)
-    mp.spawn(_save_worker, args=(4, _free_port(), root), nprocs=4, join=True)
+    mp.spawn(_save_worker, args=(4, free_port(), root), nprocs=4, join=True)
     with Checkpointer(root) as ck:
         m = ck.manifest(3)
         assert m.world_size == 4
         assert len(m.tensors["model/0.weight"].shards) == 4  # saved sharded, not gathered
-    mp.spawn(_load_worker, args=(2, _free_port(), root), nprocs=2, join=True)
+    mp.spawn(_load_worker, args=(2, free_port(), root), nprocs=2, join=True)
 
 
 def _save_stateful_worker(rank: int, world: int, port: int, root: str) -> None:
@@ -171,13 +172,13 @@ def test_fsdp2_stateful_model_and_fresh_optimizer_load_sharded_and_plain(tmp_pat
 
     root = str(tmp_path / "ckpt")
     os.makedirs(root)
-    mp.spawn(_save_stateful_worker, args=(2, _free_port(), root), nprocs=2, join=True)
+    mp.spawn(_save_stateful_worker, args=(2, free_port(), root), nprocs=2, join=True)
     with Checkpointer(root) as ck:
         m = ck.manifest(2)
         assert len(m.tensors["model/0.weight"].shards) == 2
         assert "optim/state/0.weight/exp_avg" in m.tensors  # keyed by parameter name
         assert {"rng/rank-0/torch", "rng/rank-1/torch"} <= set(m.tensors)
-    mp.spawn(_load_stateful_worker, args=(2, _free_port(), root), nprocs=2, join=True)
+    mp.spawn(_load_stateful_worker, args=(2, free_port(), root), nprocs=2, join=True)
 
     torch.manual_seed(0)
     plain = torch.nn.Sequential(

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import free_port
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -55,12 +55,6 @@ def job_cmd(root: Path, out: Path, *extra: str, args: tuple[str, ...] = ARGS, ra
         *args,
         *extra,
     ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def job_env(tmp: Path) -> dict[str, str]:

@@ -3,24 +3,18 @@ SIGTERM (also when only one rank of two is told), and a resumed run ends bit-exa
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load_file
 
 from fmstore import Checkpointer
 
 JOB = Path(__file__).with_name("loop_job.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def job(root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
