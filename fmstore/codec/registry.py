@@ -145,31 +145,28 @@ def from_legacy(chain: list[str], where: str = "") -> list[dict[str, Any]]:
     raise CodecConfigError(f"{at}unknown codec chain {chain}")
 
 
-def _width(width: Any, allowed: tuple[int, ...]) -> int:
-    if not isinstance(width, int) or isinstance(width, bool) or width not in allowed:
-        raise ValueError(f"width must be one of {list(allowed)}")
-    return width
-
-
-def _fits(codec: Codec, width: int, itemsize: int, where: str) -> None:
-    if width != itemsize:
-        raise CodecConfigError(f"{where}: codec {codec!r} does not fit {itemsize}-byte elements")
-
-
-@register
-class PlanesZstd(Codec):
-    """The CPU chain (:mod:`fmstore.codec.chain`): byte planes, each chunk zstd or raw."""
-
-    name = "planes-zstd"
+class _ByteWidth(Codec):
+    """A codec of byte planes: configured by the element width it splits (1, 2, 4, 8, 16 bytes,
+    which must be the tensor's)."""
 
     def __init__(self, width: int) -> None:
-        self.width = _width(width, (1, 2, 4, 8, 16))
+        if not isinstance(width, int) or isinstance(width, bool) or width not in (1, 2, 4, 8, 16):
+            raise ValueError("width must be one of [1, 2, 4, 8, 16]")
+        self.width = width
 
     def configuration(self) -> dict[str, Any]:
         return {"width": self.width}
 
     def check(self, itemsize: int, where: str) -> None:
-        _fits(self, self.width, itemsize, where)
+        if self.width != itemsize:
+            raise CodecConfigError(f"{where}: codec {self!r} does not fit {itemsize}-byte elements")
+
+
+@register
+class PlanesZstd(_ByteWidth):
+    """The CPU chain (:mod:`fmstore.codec.chain`): byte planes, each chunk zstd or raw."""
+
+    name = "planes-zstd"
 
     def encode(
         self, data: torch.Tensor, *, dtype: torch.dtype, pool: Executor | None = None
@@ -187,24 +184,13 @@ class PlanesZstd(Codec):
 
 
 @register
-class Fmhs(Codec):
+class Fmhs(_ByteWidth):
     """FMHS (:mod:`fmstore.codec.huffman`): what the GPU encoder writes; decodes on a GPU where
     the kernels load, else on the CPU."""
 
     name = "fmhs"
     checksum = "stream"
     devices = frozenset({"cpu", "cuda"})
-
-    def __init__(self, width: int) -> None:
-        from .huffman import WIDTHS
-
-        self.width = _width(width, WIDTHS)
-
-    def configuration(self) -> dict[str, Any]:
-        return {"width": self.width}
-
-    def check(self, itemsize: int, where: str) -> None:
-        _fits(self, self.width, itemsize, where)
 
     def encode(
         self, data: torch.Tensor, *, dtype: torch.dtype, pool: Executor | None = None
