@@ -19,7 +19,7 @@ from typing import Any
 from ..blob import byte_view
 from ..errors import CorruptBlobError, FmstoreError
 from ..keys import TMP_MARKER
-from ..tiers.files import _fsync_dir, _pwrite_all, chunks, read_ranges_into, tmp_name, write_atomic
+from ..tiers.files import _pwrite_all, chunks, read_ranges_into, write_atomic, write_atomic_with
 from ..tiers.object import gather_bytes, open_fs, s3_put, s3_put_parts
 
 
@@ -118,40 +118,26 @@ class SnapshotStorage:
     def _write_streamed_local(
         self, path: str, size: int, fill: Callable[[int, memoryview], None], part: int
     ) -> None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = tmp_name(path)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         for _ in range(max(1, self.concurrency)):  # the parts in memory at once
             free.put(bytearray(min(part, size)))
 
-        def one(a: int, b: int) -> None:
-            buf = free.get()
-            try:
-                mv = memoryview(buf)[: b - a]
-                fill(a, mv)
-                _pwrite_all(fd, mv, a, True)
-            finally:
-                free.put(buf)
+        def write(fd: int) -> None:
+            def one(a: int, b: int) -> None:
+                buf = free.get()
+                try:
+                    mv = memoryview(buf)[: b - a]
+                    fill(a, mv)
+                    _pwrite_all(fd, mv, a, True)
+                finally:
+                    free.put(buf)
 
-        try:
-            try:
-                futures = [self.pool.submit(one, a, b) for a, b in chunks(0, size, part)]
-                errors = [f.exception() for f in futures]
-                for e in errors:
-                    if e is not None:
-                        raise e
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        _fsync_dir(os.path.dirname(path))
+            futures = [self.pool.submit(one, a, b) for a, b in chunks(0, size, part)]
+            for e in [f.exception() for f in futures]:
+                if e is not None:
+                    raise e
+
+        write_atomic_with(path, write)
 
     async def _s3_put_streamed(
         self, path: str, size: int, fill: Callable[[int, memoryview], None], part: int

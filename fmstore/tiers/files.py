@@ -13,7 +13,7 @@ import ctypes
 import errno
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
@@ -132,6 +132,24 @@ def write_atomic(
     Segments are written in place from the caller's memory (no concatenated copy), each cut
     into ``chunk`` pieces that the ``pool`` writes in parallel.
     """
+    total = 0
+
+    def write(fd: int) -> None:
+        nonlocal total
+        pieces = []
+        for seg in segments:
+            mv = byte_view(seg)
+            pieces += [(fd, mv[a:b], total + a, fsync) for a, b in chunks(0, len(mv), chunk)]
+            total += len(mv)
+        _run_chunked(pool, _pwrite_all, pieces)
+
+    write_atomic_with(path, write, fsync=fsync)
+    return total
+
+
+def write_atomic_with(path: str, write: Callable[[int], None], *, fsync: bool = True) -> None:
+    """Crash-safe ``path``: ``write(fd)`` fills a temp file beside it, which is fsync'd and
+    renamed over ``path`` (the directory fsync'd too); on any error the temp file goes."""
     directory = os.path.dirname(path)
     tmp = tmp_name(path)
     for attempt in range(5):
@@ -144,15 +162,9 @@ def write_atomic(
             # its mkdir (FileExistsError), or between makedirs and open: make it again.
             if attempt == 4:
                 raise
-    total = 0
     try:
         try:
-            pieces = []
-            for seg in segments:
-                mv = byte_view(seg)
-                pieces += [(fd, mv[a:b], total + a, fsync) for a, b in chunks(0, len(mv), chunk)]
-                total += len(mv)
-            _run_chunked(pool, _pwrite_all, pieces)
+            write(fd)
             if fsync:
                 os.fsync(fd)
         finally:
@@ -166,7 +178,6 @@ def write_atomic(
         raise
     if fsync:
         _fsync_dir(directory)
-    return total
 
 
 def read_ranges_into(
