@@ -194,3 +194,12 @@ def test_ls_after_cp_of_one_step_shows_carried_files_not_a_crash(tmp_path: Path)
     assert [s["step"] for s in body["snapshots"]] == [2]
     assert body["incomplete"] == [] and body["carried"] == [1]  # step 1's file holds the embedding
     assert "files used by later steps" in run_cli("ls", tmp_path / "dst").stdout
+
+
+def test_snapshot_tensor_names_are_not_globs(tmp_path: Path) -> None:
+    with Checkpointer(tmp_path) as ck:
+        ck.save(1, {"m": {"layers[0]": torch.ones(3), "layers0": torch.zeros(3)}})
+    with Root(tmp_path) as root:
+        snap = root.snapshot()
+        assert snap.tensor("m/layers[0]").name == "m/layers[0]"  # "[0]" is no character class here
+        assert [t.name for t in snap.tensors("m/layers[0]")] == ["m/layers0"]  # a pattern is one

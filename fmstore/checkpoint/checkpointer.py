@@ -478,13 +478,9 @@ class Checkpointer:
             return None
         if self._items.quantizes(name, t.dtype):
             return None
-        return width if self._gpu_codec_loads() else None
-
-    def _gpu_codec_loads(self) -> bool:
-        """Whether the GPU codec's kernels load here (tried once; a warning if they do not)."""
         from ..codec import gpu
 
-        return gpu.kernels_load()
+        return width if gpu.kernels_load() else None
 
     def _targets(self, step: int, levels: Sequence[str] | str | None) -> list[SnapshotLevel]:
         if levels == "all":

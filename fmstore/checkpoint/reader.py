@@ -149,7 +149,7 @@ def _plan(manifest: Manifest, r: Region, pool: BufferPool, plan: ReadPlan) -> No
     itemsize = torch.empty(0, dtype=dtype).element_size()
     dest, region_off = r.dest, tuple(r.offsets)
     region_len = tuple(dest.shape)
-    gpu_codec = _decodes_on_gpu(entry.shards, dest, region_off)
+    gpu_codec = _decodes_on_gpu(r.name, entry.shards, dest, region_off)
     if gpu_codec is not None:
         # One shard for the whole of a CUDA destination, in a codec that decodes there:
         # its coded bytes go up (from pinned memory) and decode in place, rather than
@@ -278,7 +278,9 @@ def _codec(name: str, shard: Shard, itemsize: int) -> Codec:
     return codec
 
 
-def _decodes_on_gpu(shards: list[Shard], dest: torch.Tensor, region_off: tuple[int, ...]) -> Codec | None:
+def _decodes_on_gpu(
+    name: str, shards: list[Shard], dest: torch.Tensor, region_off: tuple[int, ...]
+) -> Codec | None:
     """The codec to decode straight into CUDA ``dest`` with, where one shard covers it and
     its codec decodes on a GPU here."""
     if len(shards) != 1 or not shards[0].codec or dest.device.type != "cuda":
@@ -288,7 +290,7 @@ def _decodes_on_gpu(shards: list[Shard], dest: torch.Tensor, region_off: tuple[i
         return None
     if tuple(shard.offsets) != region_off or tuple(shard.lengths) != tuple(dest.shape):
         return None
-    codec = _codec("", shard, dest.element_size())
+    codec = _codec(name, shard, dest.element_size())
     if "cuda" not in codec.devices:
         return None
     from ..codec import gpu

@@ -32,7 +32,7 @@ from ..blob import dtype_from_name
 from ..codec import registry
 from ..errors import CorruptBlobError
 from .level import SnapshotLevel, SnapshotNotFoundError, numel
-from .manifest import MANIFEST, Manifest, ManifestError, Shard, parse_step_dir, step_dir
+from .manifest import MANIFEST, Manifest, ManifestError, Shard, TensorEntry, parse_step_dir, step_dir
 from .reader import ChecksumError, Region, SnapshotReader
 from .storage import SnapshotStorage
 from .tree import unflatten
@@ -154,33 +154,37 @@ class Snapshot:
 
     def tensors(self, pattern: str | None = None) -> list[TensorInfo]:
         """Its tensors in name order; ``pattern``: only names matching this glob (``model/*``)."""
-        own = step_dir(self.step) + "/"
-        out = []
-        for name in sorted(self.manifest.tensors):
-            if pattern is not None and not fnmatch.fnmatchcase(name, pattern):
-                continue
-            e = self.manifest.tensors[name]
-            shards = tuple(
-                ShardInfo(
-                    tuple(s.offsets),
-                    tuple(s.lengths),
-                    s.file,
-                    s.begin,
-                    s.end,
-                    tuple(dict(c) for c in s.codec),
-                    not s.file.startswith(own),
-                )
-                for s in e.shards
-            )
-            out.append(TensorInfo(name, e.dtype, tuple(e.shape), shards))
-        return out
+        names = sorted(self.manifest.tensors)
+        if pattern is not None:
+            names = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        return [self._info(n, self.manifest.tensors[n]) for n in names]
 
     def tensor(self, name: str) -> TensorInfo:
-        if name not in self.manifest.tensors:
+        return self._info(name, self._entry(name))
+
+    def _entry(self, name: str) -> TensorEntry:
+        entry = self.manifest.tensors.get(name)
+        if entry is None:
             raise SnapshotNotFoundError(
                 f"snapshot step {self.step} under {self.storage.url!r} has no tensor {name!r}"
             )
-        return next(t for t in self.tensors(pattern=name) if t.name == name)
+        return entry
+
+    def _info(self, name: str, e: TensorEntry) -> TensorInfo:
+        own = step_dir(self.step) + "/"
+        shards = tuple(
+            ShardInfo(
+                tuple(s.offsets),
+                tuple(s.lengths),
+                s.file,
+                s.begin,
+                s.end,
+                tuple(dict(c) for c in s.codec),
+                not s.file.startswith(own),
+            )
+            for s in e.shards
+        )
+        return TensorInfo(name, e.dtype, tuple(e.shape), shards)
 
     def read(
         self,
@@ -192,11 +196,7 @@ class Snapshot:
     ) -> torch.Tensor:
         """Tensor ``name`` (whole, or the slice of ``shape`` starting at ``offsets``), verified,
         into ``out`` or a new CPU tensor."""
-        entry = self.manifest.tensors.get(name)
-        if entry is None:
-            raise SnapshotNotFoundError(
-                f"snapshot step {self.step} under {self.storage.url!r} has no tensor {name!r}"
-            )
+        entry = self._entry(name)
         gshape = tuple(entry.shape)
         offsets = tuple(offsets) if offsets is not None else (0,) * len(gshape)
         shape = tuple(shape) if shape is not None else tuple(g - o for g, o in zip(gshape, offsets))

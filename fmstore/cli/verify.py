@@ -28,12 +28,11 @@ def run(args: argparse.Namespace) -> int:
     report = []
     with open_root(args.root, args) as root:
         snaps = list(root.snapshots()) if args.all else [root.snapshot(args.step)]
-        total = sum(t.stored_bytes for s in snaps for t in s.tensors())
+        sizes = [sum(t.stored_bytes for t in s.tensors()) for s in snaps]
         t0 = time.perf_counter()
-        with progress(total, "verify") as bar:
-            for snap in snaps:
+        with progress(sum(sizes), "verify") as bar:
+            for snap, nbytes in zip(snaps, sizes):
                 problems = snap.verify(threads=args.threads, progress=bar.update)
-                nbytes = sum(t.stored_bytes for t in snap.tensors())
                 report.append(
                     {
                         "step": snap.step,

@@ -55,13 +55,6 @@ class Codec:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "configuration": self.configuration()}
 
-    def decoded_nbytes(self, shape: list[int], itemsize: int) -> int:
-        """The bytes a decode of a shard of ``shape`` gives back (its raw bytes)."""
-        n = 1
-        for d in shape:
-            n *= d
-        return n * itemsize
-
     def check(self, itemsize: int, where: str) -> None:
         """That this configuration fits a tensor of ``itemsize``-byte elements."""
 
@@ -77,12 +70,6 @@ class Codec:
         """Decode uint8 CPU ``blob`` into flat uint8 ``out`` (CPU, or CUDA where the codec
         decodes there); damage raises :class:`~fmstore.errors.CorruptBlobError` naming it."""
         raise NotImplementedError
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Codec) and self.to_json() == other.to_json()
-
-    def __hash__(self) -> int:
-        return hash((self.name, tuple(sorted(self.configuration().items()))))
 
     def __repr__(self) -> str:
         cfg = ", ".join(f"{k}={v!r}" for k, v in self.configuration().items())
