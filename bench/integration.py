@@ -101,10 +101,15 @@ class Result:
 class StepTimes:
     """Per-step wall times (host side), synchronized at the end of the warm-up and of the last step."""
 
-    def __init__(self, warmup: int, steps: int) -> None:
+    def __init__(self, warmup: int, steps: int, sample: bool = False) -> None:
         self.warmup, self.last = warmup, warmup + steps
         self.marks: list[float] = []
         self.steps: list[int] = []
+        self.sampler: Any = None
+        if sample:  # --sample: where the slowest steps' time goes (the training thread's stacks)
+            from stack_sampler import StackSampler  # bench/stack_sampler.py
+
+            self.sampler = StackSampler()
 
     def mark(self, step: int) -> None:
         if step in (self.warmup, self.last):
@@ -118,6 +123,14 @@ class StepTimes:
         # Where the time goes: the three slowest steps (a durable save's step, a stall).
         slow = sorted(zip(steps, self.steps[1:]), reverse=True)[:3]
         slowest = ", ".join(f"step {s} {t * 1e3:.0f} ms" for t, s in slow)
+        if self.sampler is not None:
+            self.sampler.stop()
+            mid = sorted(zip(steps, self.steps[1:]))[len(steps) // 2]
+            for t, s in [*slow, mid]:
+                i = self.steps.index(s)
+                slowest += f"\n  step {s} ({t * 1e3:.0f} ms):\n" + self.sampler.report(
+                    self.marks[i - 1], self.marks[i]
+                )
         return Result(
             trainer,
             name,
@@ -137,7 +150,7 @@ def run_lightning(name: str, args: argparse.Namespace, workdir: str) -> Result:
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
     from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
-    times = StepTimes(args.warmup, args.steps)
+    times = StepTimes(args.warmup, args.steps, args.sample and name != "none")
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
@@ -211,7 +224,7 @@ def run_hf(name: str, args: argparse.Namespace, workdir: str) -> Result:
     from fmstore.integrations.hf import FmstoreCallback
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    times = StepTimes(args.warmup, args.steps)
+    times = StepTimes(args.warmup, args.steps, args.sample and name != "none")
 
     class Timer(TrainerCallback):
         def on_step_end(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -338,6 +351,11 @@ def main() -> None:
         help="the measured window: this many whole durable cycles of k steps, from step k on",
     )
     ap.add_argument("--only", default="", help="comma-separated run names (default: all)")
+    ap.add_argument(
+        "--sample",
+        action="store_true",
+        help="sample the training thread's stack every 4 ms; print where the slowest steps went",
+    )
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     machine_info(args.dir, DEVICE)

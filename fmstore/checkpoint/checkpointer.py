@@ -28,6 +28,7 @@ from .. import exiting
 from ..blob import dtype_from_name
 from ..codec import huffman
 from ..errors import CapacityError, ConfigError, CorruptBlobError, FmstoreError
+from ..gcpause import paused_gc
 from ..store import TieredStore
 from . import overlap, stateful
 from .level import SnapshotLevel, SnapshotNotFoundError, Written
@@ -359,6 +360,17 @@ class Checkpointer:
         if self._closed:
             raise FmstoreError("the checkpointer is closed")
         step_dir(step)  # checks the step
+        with paused_gc():  # its objects are freed by refcount before a collection promotes them
+            return self._save(step, state, block, meta, levels)
+
+    def _save(
+        self,
+        step: int,
+        state: Any,
+        block: bool,
+        meta: dict[str, Any] | None,
+        levels: Sequence[str] | str | None,
+    ) -> SaveHandle:
         t0 = time.perf_counter()
         with self._deleting:  # a delete in progress may remove the files this save would reference
             pass
@@ -496,7 +508,8 @@ class Checkpointer:
     def _persist_job(self, job: _SaveJob) -> SnapshotInfo:
         try:
             job.staged.wait()
-            items = self._items.items(job.staged.tensors, job.pieces)
+            with paused_gc():
+                items = self._items.items(job.staged.tensors, job.pieces)
             args = (job.step, items, job.names, job.tree, job.meta, job.token)
             if self._level_pool is None or len(job.levels) == 1:
                 runs = [_run(job.levels[0].write, *args)]

@@ -22,6 +22,7 @@ import torch
 from ..blob import SAFETENSORS_CODES, dtype_name
 from ..codec import Encoded
 from ..errors import FmstoreError
+from ..gcpause import paused_gc
 from .manifest import CHUNK_SIZE, MANIFEST, Manifest, Shard, TensorEntry, parse_step_dir, step_dir
 from .sharding import Piece
 from .staging import StagedTensor
@@ -262,7 +263,8 @@ class SnapshotLevel:
             files=files,
             meta=meta,
         )
-        raw = manifest.to_json()
+        with paused_gc():  # a manifest's JSON is thousands of short-lived objects
+            raw = manifest.to_json()
         self.storage.write(f"{step_dir(step)}/{MANIFEST}", [raw])
         self._last_manifest = manifest
         if self.keep_last is not None and self.rank == 0:
