@@ -368,7 +368,8 @@ def test_gpu_decode_failure_falls_back_to_the_cpu(tmp_path, monkeypatch) -> None
         assert ck.manifest().tensors["w"].shards[0].codec == [{"name": "fmhs", "configuration": {"width": 2}}]
 
     def boom(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        raise RuntimeError("CUDA out of memory (simulated)")
+        # What torch raises when the decode's planes find no room; other errors propagate.
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(gpu_codec, "huff_decode", boom)
     with Checkpointer(tmp_path, compression="lossless") as ck:

@@ -16,6 +16,7 @@ import torch
 
 from fmstore import Checkpointer, Policy, RNGState
 from fmstore.checkpoint import SnapshotNotFoundError, StateKeysError
+from fmstore.tiers.host import size_class
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,9 +132,12 @@ def test_missing_snapshot_leaves_a_fresh_optimizer_untouched(tmp_path):
     assert len(opt.state) == 0
 
 
-def test_non_blocking_save_overlaps_and_keeps_the_step(tmp_path):
+@pytest.mark.parametrize("list_later", [False, True], ids=["listed-in-save", "listed-by-feeder"])
+def test_non_blocking_save_overlaps_and_keeps_the_step(tmp_path, list_later):
     """block=False: the copy runs while the next forward/backward does; the next optimizer step
-    waits for it, so the snapshot holds the weights of the step it was taken at."""
+    waits for it, so the snapshot holds the weights of the step it was taken at.  With a GPU
+    the feeder thread also lists the parameters and optimizer state (their buffers and views:
+    most of a save's Python work), off the training thread; ``list_later`` runs that path here."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(512, 2048), torch.nn.BatchNorm1d(2048), torch.nn.Linear(2048, 512)
@@ -144,12 +148,20 @@ def test_non_blocking_save_overlaps_and_keeps_the_step(tmp_path):
     opt.step()
     opt.zero_grad()
     before = weights(model)
-    with Checkpointer(tmp_path) as ck:
+    state_bytes = sum(t.numel() * t.element_size() for t in before.values()) + sum(
+        t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+    )
+    with Checkpointer(tmp_path, max_persists=1) as ck:
+        ck._stager.list_later = list_later
         handle = ck.save(1, {"model": model, "optim": opt}, block=False)
         model(x).pow(2).mean().backward()  # updates BatchNorm's running stats: copied before this
         opt.step()  # waits for the parameters' copies first
         handle.wait()
         assert not torch.equal(model[0].weight, before["0.weight"])
+        assert handle.nbytes == state_bytes
+        # The first save pinned the steady state's buffers (one being staged + one persist),
+        # also when the feeder acquired them.
+        assert ck._stager.pool.reserved == 2 * sum(size_class(n) for n in ck._reserved_for)
         fresh = torch.nn.Sequential(
             torch.nn.Linear(512, 2048), torch.nn.BatchNorm1d(2048), torch.nn.Linear(2048, 512)
         )

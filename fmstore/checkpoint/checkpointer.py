@@ -104,9 +104,13 @@ class SaveHandle:
         self._future = future
         self._staged = staged
         self.stall_seconds = stall_s  # time save() blocked the caller
-        self.nbytes = staged.nbytes if staged is not None else 0
         self.persist_seconds: float | None = None
         self._reported = False  # its error reached the caller once (wait, the next save, close)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data this rank staged (waits until the staging has listed them)."""
+        return self._staged.nbytes if self._staged is not None else 0
 
     def done(self) -> bool:
         return self._future.done()
@@ -248,6 +252,7 @@ class Checkpointer:
         self.timeout = timeout
         self._stager = Stager()
         self._reserved_for: list[int] | None = None  # the buffer sizes the pool was last reserved for
+        self._reserving = threading.Lock()  # a reserve runs in save() or in the feeder thread
         self._persist = ThreadPoolExecutor(1, thread_name_prefix="fmstore-persist")
         self._hash_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="fmstore-hash")
         # Its own threads: an encode is asked for from level threads and fans out chunks.
@@ -404,8 +409,7 @@ class Checkpointer:
         if not block:
             guarded = stateful.guarded_tensors(prepared.slots) | overlap.guarded_pointers()
             deferred = {p.name for p in pieces if p.local.numel() and p.local.data_ptr() in guarded}
-        staged = self._stager.stage({p.name: p.local for p in pieces}, gpu_encode, deferred)
-        self._reserve(staged)
+        staged = self._stager.stage({p.name: p.local for p in pieces}, gpu_encode, deferred, self._reserve)
         kept = None
         if self.memory is not None:
             items = {p.name: MemoryItem(p.global_shape, p.offsets) for p in pieces}
@@ -420,7 +424,8 @@ class Checkpointer:
         stall = time.perf_counter() - t0
         if not targets:  # host memory only: committed already, nothing to persist
             staged.release()  # the memory level holds its own reference
-            info = SnapshotInfo(step, HOST, staged.nbytes, 0, len(pieces), 0, [HOST])
+            nbytes = sum(p.local.numel() * p.local.element_size() for p in pieces)
+            info = SnapshotInfo(step, HOST, nbytes, 0, len(pieces), 0, [HOST])
             handle = SaveHandle(step, completed(info), staged, stall)
             self._last = handle
             return handle
@@ -456,10 +461,14 @@ class Checkpointer:
         snapshots kept in host memory, the one being staged, and the durable persists in flight
         (each holds its snapshot's buffers until written).  Otherwise the pool grows at the
         first durable save, seconds of pinning in the middle of training."""
-        sizes = sorted(staged.sizes)
-        if sizes == self._reserved_for:
-            return
-        self._reserved_for = sizes
+        with self._reserving:  # called by save(), or by the feeder thread (Stager.stage's on_listed)
+            sizes = sorted(staged.sizes)
+            if sizes == self._reserved_for:
+                return
+            self._reserved_for = sizes
+            self._reserve_sets(sizes)
+
+    def _reserve_sets(self, sizes: list[int]) -> None:
         sets = (
             (self.memory.keep if self.memory is not None else 0)
             + 1

@@ -25,6 +25,7 @@ import torch
 
 from ..blob import as_bytes_tensor
 from ..codec.registry import Fmhs
+from ..gcpause import paused_gc
 from ..tiers.host import BufferPool
 
 
@@ -55,13 +56,22 @@ class Staged:
     event: torch.cuda.Event | None
     releases: list[Callable[[], None]] = field(default_factory=list)
     copies: Future[None] | None = None  # deferred copies, made or queued by a background thread
+    # Whether the feeder thread also lists the deferred tensors: ``tensors``, ``sizes`` and
+    # ``nbytes`` are complete once ``copies`` is done (``wait_listed``).
+    listed_later: bool = False
     sizes: list[int] = field(default_factory=list)  # the bytes asked of the pool, buffer by buffer
     _refs: int = 1
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def nbytes(self) -> int:
+        self.wait_listed()
         return sum(t.nbytes for t in self.tensors)
+
+    def wait_listed(self) -> None:
+        """Block until ``tensors`` lists every staged tensor (see ``listed_later``)."""
+        if self.listed_later and self.copies is not None:
+            self.copies.result()
 
     def done(self) -> bool:
         """Whether every copy has landed (without waiting)."""
@@ -88,11 +98,14 @@ class Staged:
             self._refs -= 1
             if self._refs > 0:
                 return
-            releases, self.releases = self.releases, []
         try:
-            self.wait()  # a buffer goes back only once nothing copies into it any more
+            # A buffer goes back only once nothing copies into it any more (and once the
+            # feeder, when it lists the deferred tensors, has acquired all of them).
+            self.wait()
         except BaseException:  # noqa: BLE001 - the copy's error is the save's, reported there
             pass
+        with self._lock:
+            releases, self.releases = self.releases, []
         for r in releases:
             r()
 
@@ -114,19 +127,26 @@ class Stager:
         self.pool = BufferPool(pinned=self.pinned)
         self._stream = torch.cuda.Stream() if cuda else None
         self._copier: ThreadPoolExecutor | None = None
+        # Whether the feeder thread lists the deferred tensors too (``_stage_later``): with a
+        # GPU the caller mostly waits for the device meanwhile, so that Python work is free; on
+        # a CPU it would only contend for the GIL with training (tests set it to cover it).
+        self.list_later = self._stream is not None
 
     def stage(
         self,
         tensors: dict[str, torch.Tensor],
         gpu_encode: Callable[[str, torch.Tensor], int | None] | None = None,
         deferred: set[str] | None = None,
+        on_listed: Callable[[Staged], None] | None = None,
     ) -> Staged:
         """Copy ``tensors`` to pooled host memory.  Where ``gpu_encode(name, tensor)`` gives an
         element width, the tensor is encoded on its GPU first (FMHS stream, see
         :mod:`fmstore.codec.huffman`) and only the encoded bytes cross PCIe; that copy has
         landed when this returns.  Tensors of at most :data:`SMALL` bytes are packed into one
         buffer per device (one copy instead of hundreds: a model's biases, norms and Adam's
-        step counters).  ``deferred``: see the module docstring."""
+        step counters).  ``deferred``: see the module docstring.  ``on_listed(staged)`` is
+        called once every buffer is acquired (by the feeder thread, before the copies count as
+        done, when it lists the deferred tensors)."""
         staged = Staged([], None)
         encode_jobs: list[tuple[int, tuple]] = []  # GPU encodes, run together as one pipeline
         on_device = [t for t in tensors.values() if t.device.type == "cuda"]
@@ -135,6 +155,8 @@ class Stager:
         slots: dict[str, int] = {}
         cpu_later: list[tuple[torch.Tensor, torch.Tensor]] = []
         gpu_later: list[tuple[torch.Tensor, torch.Tensor]] = []  # fed to the copy engine in groups
+        listed_later = False
+        rest: list[tuple[str, torch.Tensor]] = []
         try:
             if on_device and self._stream is not None:
                 # Copy after the work the caller already queued (e.g. the optimizer step).
@@ -143,35 +165,19 @@ class Stager:
             for later in (False, True):
                 if later and ordered:
                     self._order_before_caller(on_device)
+                    if self.list_later and gpu_encode is None and any(n in deferred for n in tensors):
+                        # The rest (views, buffers, copies: most of a save's Python work) is
+                        # the feeder thread's, off the caller's critical path (issue 10).
+                        rest = [(n, t) for n, t in tensors.items() if n in deferred]
+                        listed_later = True
+                        break
                 small: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
                 for name, t in tensors.items():
                     if (name in deferred) != later:
                         continue
-                    slots[name] = len(staged.tensors)
-                    src = as_bytes_tensor(t)
-                    width = (
-                        gpu_encode(name, t) if gpu_encode is not None and src.device.type == "cuda" else None
+                    self._stage_one(
+                        name, t, later, staged, slots, small, cpu_later, gpu_later, gpu_encode, encode_jobs
                     )
-                    if width:
-                        from ..codec import gpu as gpu_codec
-
-                        buf, release = self._acquire(staged, gpu_codec.huff_host_bytes(src.numel(), width))
-                        staged.releases.append(release)
-                        encode_jobs.append((len(staged.tensors), (src, width, buf, None)))
-                        codec = [Fmhs(width).to_json()]
-                        staged.tensors.append(StagedTensor(name, t.dtype, tuple(t.shape), buf[:0], codec))
-                        continue
-                    staged.tensors.append(StagedTensor(name, t.dtype, tuple(t.shape), src[:0]))
-                    if src.numel() <= SMALL and src.device.type in ("cpu", "cuda"):
-                        small.setdefault(src.device.type, []).append((name, t, src))
-                        continue
-                    buf, release = self._acquire(staged, src.numel())
-                    staged.releases.append(release)
-                    staged.tensors[-1].data = dst = buf[: src.numel()]
-                    if later and src.device.type == "cuda" and self._stream is not None:
-                        gpu_later.append((dst, src))
-                    else:
-                        self._copy(dst, src, later, cpu_later)
                 for group in small.values():
                     self._copy_packed(group, staged, slots, gpu_later if later else None)
             if encode_jobs:
@@ -192,18 +198,92 @@ class Stager:
                 for (i, _), data in zip(encode_jobs, streams):
                     staged.tensors[i].data = data
             if on_device and self._stream is not None and not gpu_later:
-                staged.event = torch.cuda.Event()
+                staged.event = torch.cuda.Event()  # (a feeder that copies later records a later one)
                 staged.event.record(self._stream)
+            if listed_later:
+                staged.listed_later = True
+                order = list(tensors)
+                staged.copies = self._feeder().submit(
+                    self._stage_later, rest, staged, slots, order, on_listed
+                )
+                return staged
             if cpu_later or gpu_later:
-                if self._copier is None:
-                    self._copier = ThreadPoolExecutor(1, thread_name_prefix="fmstore-stage")
-                staged.copies = self._copier.submit(self._copy_later, cpu_later, gpu_later, staged)
+                staged.copies = self._feeder().submit(self._copy_later, cpu_later, gpu_later, staged)
         except BaseException:
             staged.release()
             raise
         # The tensors in their given order (the persist pairs them with the save's pieces).
         staged.tensors = [staged.tensors[slots[n]] for n in tensors]
+        if on_listed is not None:
+            on_listed(staged)
         return staged
+
+    def _feeder(self) -> ThreadPoolExecutor:
+        if self._copier is None:
+            self._copier = ThreadPoolExecutor(1, thread_name_prefix="fmstore-stage")
+        return self._copier
+
+    def _stage_one(
+        self,
+        name: str,
+        t: torch.Tensor,
+        later: bool,
+        staged: Staged,
+        slots: dict[str, int],
+        small: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]],
+        cpu_later: list[tuple[torch.Tensor, torch.Tensor]],
+        gpu_later: list[tuple[torch.Tensor, torch.Tensor]],
+        gpu_encode: Callable[[str, torch.Tensor], int | None] | None,
+        encode_jobs: list[tuple[int, tuple]],
+    ) -> None:
+        """One tensor's staged entry: a GPU encode job, a member of its device's packed small
+        buffer, or its own pooled buffer with its copy made, queued or left for the feeder."""
+        slots[name] = len(staged.tensors)
+        src = as_bytes_tensor(t)
+        width = gpu_encode(name, t) if gpu_encode is not None and src.device.type == "cuda" else None
+        if width:
+            from ..codec import gpu as gpu_codec
+
+            buf, release = self._acquire(staged, gpu_codec.huff_host_bytes(src.numel(), width))
+            staged.releases.append(release)
+            encode_jobs.append((len(staged.tensors), (src, width, buf, None)))
+            codec = [Fmhs(width).to_json()]
+            staged.tensors.append(StagedTensor(name, t.dtype, tuple(t.shape), buf[:0], codec))
+            return
+        staged.tensors.append(StagedTensor(name, t.dtype, tuple(t.shape), src[:0]))
+        if src.numel() <= SMALL and src.device.type in ("cpu", "cuda"):
+            small.setdefault(src.device.type, []).append((name, t, src))
+            return
+        buf, release = self._acquire(staged, src.numel())
+        staged.releases.append(release)
+        staged.tensors[-1].data = dst = buf[: src.numel()]
+        if later and src.device.type == "cuda" and self._stream is not None:
+            gpu_later.append((dst, src))
+        else:
+            self._copy(dst, src, later, cpu_later)
+
+    def _stage_later(
+        self,
+        rest: list[tuple[str, torch.Tensor]],
+        staged: Staged,
+        slots: dict[str, int],
+        order: list[str],
+        on_listed: Callable[[Staged], None] | None,
+    ) -> None:
+        """The deferred tensors' part of :meth:`stage`, in the feeder thread: their entries and
+        buffers, then their copies (see :meth:`_copy_later`); the list is complete after it."""
+        small: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+        cpu_later: list[tuple[torch.Tensor, torch.Tensor]] = []
+        gpu_later: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with paused_gc():
+            for name, t in rest:
+                self._stage_one(name, t, True, staged, slots, small, cpu_later, gpu_later, None, [])
+            for group in small.values():
+                self._copy_packed(group, staged, slots, gpu_later)
+            staged.tensors = [staged.tensors[slots[n]] for n in order]
+        if on_listed is not None:
+            on_listed(staged)
+        self._copy_later(cpu_later, gpu_later, staged)
 
     def _acquire(self, staged: Staged, nbytes: int) -> tuple[torch.Tensor, Callable[[], None]]:
         staged.sizes.append(nbytes)
