@@ -271,6 +271,7 @@ class Checkpointer:
         )
         self._last: SaveHandle | None = None
         self._inflight: list[SaveHandle] = []  # durable persists, oldest first
+        self._unreported: list[BaseException] = []  # errors of finished persists, to raise once
         self._lock = threading.Lock()
         self._deleting = threading.Lock()  # a delete and the start of a save exclude each other
         # Names this process's save attempts, the same on every rank (saves are called in the
@@ -360,13 +361,25 @@ class Checkpointer:
 
         ``levels`` ("all" or level names) writes to those durable levels whatever their
         ``every`` (e.g. the last snapshot of a run).  Errors of the background persist surface
-        on ``handle.wait()``, or else once on the next ``save``.
+        on ``handle.wait()``, or else once on the next ``save`` (which saves its own step
+        first, then raises the earlier error with a note saying so) or ``close``.
         """
         if self._closed:
             raise FmstoreError("the checkpointer is closed")
         step_dir(step)  # checks the step
         with paused_gc():  # its objects are freed by refcount before a collection promotes them
-            return self._save(step, state, block, meta, levels)
+            handle = self._save(step, state, block, meta, levels)
+        # An earlier persist's error nobody has seen: this step is saved all the same, then the
+        # error is raised (once) here.
+        with self._lock:
+            earlier = self._unreported.pop(0) if self._unreported else None
+        if earlier is not None:
+            earlier.add_note(
+                f"fmstore: this is the error of an earlier save, raised once; save({step}) itself "
+                "went ahead (Checkpointer.wait() waits for it)"
+            )
+            raise earlier
+        return handle
 
     def _save(
         self,
@@ -379,7 +392,7 @@ class Checkpointer:
         t0 = time.perf_counter()
         with self._deleting:  # a delete in progress may remove the files this save would reference
             pass
-        self._raise_unreported()
+        self._collect_unreported()
         prepared = stateful.for_save(state)
         tensors, tree, local = flatten(prepared.state, self.rank)
         targets = self._targets(step, levels)
@@ -444,17 +457,22 @@ class Checkpointer:
         self._last = handle
         return handle
 
-    def _raise_unreported(self) -> None:
-        """Raise (once) the error of a finished persist nobody has seen yet; forget finished ones."""
+    def _collect_unreported(self) -> None:
+        """Keep the errors of finished persists nobody has seen yet; forget finished ones."""
         with self._lock:
             # One look at each handle: one that finishes meanwhile stays for the next call
             # (asking done() twice could drop it unreported).
             done = [h for h in self._inflight if h.done()]
             self._inflight = [h for h in self._inflight if h not in done]
-        for h in done:
-            error = h._unreported_error()
-            if error is not None:
-                raise error
+            self._unreported += [e for e in (h._unreported_error() for h in done) if e is not None]
+
+    def _raise_unreported(self) -> None:
+        """Raise (once) the error of a finished persist nobody has seen yet."""
+        self._collect_unreported()
+        with self._lock:
+            error = self._unreported.pop(0) if self._unreported else None
+        if error is not None:
+            raise error
 
     def _reserve(self, staged: Staged) -> None:
         """Pin now the host buffers that saves will hold at once in the steady state: the
@@ -485,7 +503,7 @@ class Checkpointer:
 
     def _make_room(self) -> None:
         while True:
-            self._raise_unreported()  # leaves only the persists still running
+            self._collect_unreported()  # leaves only the persists still running
             with self._lock:
                 pending = list(self._inflight)
             if len(pending) < self.max_persists:
