@@ -12,6 +12,7 @@ from .errors import (
     CorruptBlobError,
     FmstoreError,
     InvalidKeyError,
+    StorageError,
 )
 from .units import format_size, parse_size
 
@@ -75,6 +76,7 @@ __all__ = [
     "ConfigError",
     "CorruptBlobError",
     "InvalidKeyError",
+    "StorageError",
     "parse_size",
     "format_size",
 ]

@@ -31,6 +31,12 @@ class CapacityError(FmstoreError):
     """A value does not fit: larger than a tier's capacity, or no room could be made."""
 
 
+class StorageError(FmstoreError, OSError):
+    """A storage operation failed (disk full, permissions, I/O): the message names the step or
+    file and the URL; ``errno`` is the original's, which is ``__cause__``.  An ``OSError``, so
+    ``except OSError`` keeps working."""
+
+
 class CorruptBlobError(FmstoreError):
     """Stored bytes that do not form a complete, well-formed blob (truncated, bad header)."""
 

@@ -21,7 +21,7 @@ import torch
 
 from ..blob import SAFETENSORS_CODES, dtype_name
 from ..codec import Encoded
-from ..errors import FmstoreError
+from ..errors import FmstoreError, StorageError
 from ..gcpause import paused_gc
 from .manifest import CHUNK_SIZE, MANIFEST, Manifest, Shard, TensorEntry, parse_step_dir, step_dir
 from .sharding import Piece
@@ -173,38 +173,84 @@ class SnapshotLevel:
         the step's directory by an attempt that died (a killed job saving the same step again
         after its restart) carry another token and are ignored, never merged."""
         rel_dir = step_dir(step)
+        doing = f"writing {rel_dir}/shard-r{self.rank:05d}.safetensors"
+        local: LocalWrite | None = None
         try:
-            local = self.write_local(step, items)
-        except BaseException as e:
-            if self.world_size > 1:  # tell the coordinator instead of leaving it waiting
-                self._report(rel_dir, {"token": token, "error": f"rank {self.rank}: {type(e).__name__}: {e}"})
+            try:
+                local = self.write_local(step, items)
+            except BaseException as e:
+                if self.world_size > 1:  # tell the coordinator instead of leaving it waiting
+                    self._report(
+                        rel_dir, {"token": token, "error": f"rank {self.rank}: {type(e).__name__}: {e}"}
+                    )
+                raise
+            entries, files = local.entries, local.files
+            if self.world_size > 1:
+                doing = f"writing {rel_dir}/rank-{self.rank:05d}.json"
+                self._report(
+                    rel_dir,
+                    {
+                        "token": token,
+                        "error": None,
+                        "names": names,
+                        "files": files,
+                        "entries": {n: asdict(e) for n, e in entries.items()},
+                        "per_rank": per_rank_nodes(tree) if self.rank != 0 else [],
+                    },
+                )
+                if self.rank != 0:
+                    doing = f"waiting for rank 0 to commit {rel_dir}"
+                    self._wait_for_commit(rel_dir, token)
+                    self._last_manifest = None  # only rank 0 holds it; read it back when needed
+                    return Written(local.bytes_written, len(entries), local.tensors_written)
+                doing = f"merging the ranks' reports of {rel_dir}"
+                entries, files, per_rank = self._merge_reports(rel_dir, step, token)
+                tree = json.loads(json.dumps(tree))  # merged into a copy: the caller's tree stays this rank's
+                for r, nodes in per_rank.items():
+                    merge_per_rank(tree, r, nodes)
+            doing = f"writing {rel_dir}/{MANIFEST}"
+            written = local.bytes_written + self.commit(step, entries, files, tree, meta)
+        except OSError as e:
+            self._discard(step, local, token)
+            raise StorageError(
+                e.errno, f"step {step} not saved to {self.url!r}: {doing} failed: {e.strerror or e}"
+            ) from e
+        except BaseException:
+            self._discard(step, local, token)
             raise
-        entries, files = local.entries, local.files
-        if self.world_size > 1:
-            self._report(
-                rel_dir,
-                {
-                    "token": token,
-                    "error": None,
-                    "names": names,
-                    "files": files,
-                    "entries": {n: asdict(e) for n, e in entries.items()},
-                    "per_rank": per_rank_nodes(tree) if self.rank != 0 else [],
-                },
-            )
-            if self.rank != 0:
-                self._wait_for_commit(rel_dir, token)
-                self._last_manifest = None  # only rank 0 holds it; read it back when needed
-                return Written(local.bytes_written, len(entries), local.tensors_written)
-            entries, files, per_rank = self._merge_reports(rel_dir, step, token)
-            tree = json.loads(json.dumps(tree))  # merged into a copy: the caller's tree stays this rank's
-            for r, nodes in per_rank.items():
-                merge_per_rank(tree, r, nodes)
-        written = local.bytes_written + self.commit(step, entries, files, tree, meta)
         if self.world_size > 1:
             for r in range(self.world_size):
                 self.storage.delete(f"{rel_dir}/rank-{r:05d}.json")
         return Written(written, len(entries), local.tensors_written)
+
+    def _discard(self, step: int, local: LocalWrite | None, token: str) -> None:
+        """After a failed save: delete the shard files this rank wrote for it, unless the step
+        got committed after all (a failure after the manifest, e.g. in retention) or another
+        rank may still commit it (this rank's wait for the coordinator ran out: the files stay
+        for gc).  Best effort: the save's own error is what the caller sees."""
+        if local is None or not local.files:
+            return
+        try:
+            if self.committed(step):
+                return
+            if self.world_size > 1:
+                aborted = self._aborted(step_dir(step), token)
+                if self.rank != 0 and not aborted:
+                    return
+                if self.rank == 0 and not aborted:  # tell the other ranks, so they clean up too
+                    body = {"token": token, "errors": [f"rank 0: the commit of step {step} failed"]}
+                    self.storage.write(f"{step_dir(step)}/aborted.json", [json.dumps(body).encode()])
+            for rel in local.files:
+                self.storage.delete(rel)
+        except Exception:  # noqa: BLE001 - a full or failing disk may refuse this too
+            pass
+
+    def _aborted(self, rel_dir: str, token: str) -> bool:
+        try:
+            body = json.loads(self.storage.read_bytes(f"{rel_dir}/aborted.json"))
+        except (FileNotFoundError, ValueError):
+            return False
+        return isinstance(body, dict) and body.get("token", "") == token
 
     def write_local(self, step: int, items: list[WriteItem]) -> LocalWrite:
         """Write this rank's shard file: the items whose bytes the base snapshot does not hold

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..blob import byte_view
-from ..errors import CorruptBlobError, FmstoreError
+from ..errors import ConfigError, CorruptBlobError, FmstoreError, StorageError
 from ..keys import TMP_MARKER
 from ..tiers.files import _pwrite_all, chunks, read_ranges_into, write_atomic, write_atomic_with
 from ..tiers.object import gather_bytes, open_fs, s3_put, s3_put_parts
@@ -49,18 +49,54 @@ class SnapshotStorage:
         self.part_size = part_size
         self.concurrency = concurrency
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="fmstore-ckpt-io")
-        if self.local:
-            self.root = os.path.abspath(root.removeprefix("file://"))
-            if create:
-                os.makedirs(self.root, exist_ok=True)
-            elif not os.path.isdir(self.root):
-                self.pool.shutdown()
-                raise RootNotFoundError(f"no checkpoint root at {root!r} (not a directory)")
-            self.fs = None
-        else:
-            self.fs, self.root = fs if fs is not None else open_fs(root, storage_options)
-            protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-            self._s3 = "s3" in protocols or "s3a" in protocols
+        try:
+            if self.local:
+                self.root = os.path.abspath(root.removeprefix("file://"))
+                self.fs = None
+                self._open_local(create)
+            else:
+                self.fs, self.root = fs if fs is not None else open_fs(root, storage_options)
+                protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+                self._s3 = "s3" in protocols or "s3a" in protocols
+                if self._s3 and fs is None:
+                    self._check_bucket()
+        except BaseException:
+            self.pool.shutdown()
+            raise
+
+    def _open_local(self, create: bool) -> None:
+        if os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise ConfigError(f"checkpoint root {self.url!r} is a file, not a directory")
+        if not create:
+            if not os.path.isdir(self.root):
+                raise RootNotFoundError(f"no checkpoint root at {self.url!r} (not a directory)")
+            return
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as e:
+            raise StorageError(
+                e.errno, f"cannot create checkpoint root {self.url!r}: {e.strerror or e}"
+            ) from e
+
+    def _check_bucket(self) -> None:
+        """A missing or misspelt bucket, or credentials it refuses, is an error now: listing it
+        would otherwise look like a root with no checkpoints, and a job that resumes "if there
+        is a checkpoint" would silently start from scratch."""
+        bucket = self.root.split("/", 1)[0]
+        try:
+            self.fs.info(bucket)  # (exists() answers False for a refused request too)
+        except FileNotFoundError:
+            raise RootNotFoundError(f"no bucket {bucket!r} for checkpoint root {self.url!r}") from None
+        except PermissionError as e:
+            raise StorageError(
+                e.errno,
+                f"access to bucket {bucket!r} of checkpoint root {self.url!r} is denied "
+                "(check the credentials: the AWS_* variables or storage_options)",
+            ) from e
+        except OSError as e:
+            raise StorageError(
+                e.errno, f"cannot reach checkpoint root {self.url!r}: {type(e).__name__}"
+            ) from e
 
     def path(self, rel: str) -> str:
         return os.path.join(self.root, *rel.split("/")) if self.local else f"{self.root}/{rel}"
