@@ -128,8 +128,12 @@ def test_checkpointer_lossless_round_trip_and_format(tmp_path) -> None:
         info = ck.save(1, state).wait()
         assert_equal_state(ck.load(), state)
         m = ck.manifest()
-        assert m.tensors["trained"].shards[0].codec == [{"name": "planes-zstd", "configuration": {"width": 2}}]
-        assert m.tensors["weights/torch.float32"].shards[0].codec == [{"name": "planes-zstd", "configuration": {"width": 4}}]
+        assert m.tensors["trained"].shards[0].codec == [
+            {"name": "planes-zstd", "configuration": {"width": 2}}
+        ]
+        assert m.tensors["weights/torch.float32"].shards[0].codec == [
+            {"name": "planes-zstd", "configuration": {"width": 4}}
+        ]
     assert info.bytes_written < raw_info.bytes_written - 100_000  # the bf16 weights shrank
     shard = tmp_path / "z" / "step-0000000001" / "shard-r00000.safetensors"
     with safe_open(str(shard), "pt") as f:  # still a valid safetensors file: U8 entries
@@ -224,9 +228,17 @@ def test_resume_from_int8_moments_keeps_the_loss(tmp_path) -> None:
     with Checkpointer(tmp_path / "int8", compression="lossless", quantize=MOMENTS) as ck:
         lossy = ck.save(100, state).wait()
         codecs = {n: e.shards[0].codec for n, e in ck.manifest().tensors.items()}
-    assert codecs["optim/state/0/exp_avg"] == codecs["optim/state/3/exp_avg_sq"] == [{"name": "int8-absmax", "configuration": {"block": 256}}]
-    assert codecs["model/0.weight"] == [{"name": "planes-zstd", "configuration": {"width": 4}}]  # weights stay lossless
-    assert codecs["optim/state/0/step"] == [{"name": "planes-zstd", "configuration": {"width": 4}}]  # only the patterns asked for
+    assert (
+        codecs["optim/state/0/exp_avg"]
+        == codecs["optim/state/3/exp_avg_sq"]
+        == [{"name": "int8-absmax", "configuration": {"block": 256}}]
+    )
+    assert codecs["model/0.weight"] == [
+        {"name": "planes-zstd", "configuration": {"width": 4}}
+    ]  # weights stay lossless
+    assert codecs["optim/state/0/step"] == [
+        {"name": "planes-zstd", "configuration": {"width": 4}}
+    ]  # only the patterns asked for
     assert lossy.bytes_written < 0.6 * exact.bytes_written
     losses, moments = [], []
     for root in ("exact", "int8"):
@@ -250,7 +262,11 @@ def test_quantized_odd_sizes_and_dtypes(tmp_path) -> None:
         ck.save(1, state).wait()
         out = ck.load()
         codecs = {n: e.shards[0].codec for n, e in ck.manifest().tensors.items()}
-    assert codecs == {"m/odd": [{"name": "int8-absmax", "configuration": {"block": 256}}], "m/bf": [{"name": "int8-absmax", "configuration": {"block": 256}}], "m/w": []}
+    assert codecs == {
+        "m/odd": [{"name": "int8-absmax", "configuration": {"block": 256}}],
+        "m/bf": [{"name": "int8-absmax", "configuration": {"block": 256}}],
+        "m/w": [],
+    }
     assert torch.equal(out["m"]["odd"], dequantize(*quantize(state["m"]["odd"])))
     assert torch.equal(out["m"]["bf"], dequantize(*quantize(state["m"]["bf"].float())).to(torch.bfloat16))
     assert torch.equal(out["m"]["w"], state["m"]["w"])
@@ -297,7 +313,9 @@ def test_checkpointer_codec_choice(tmp_path) -> None:
 
     with Checkpointer(tmp_path, compression="lossless") as ck:  # auto: CPU tensors get zstd
         ck.save(1, {"w": weights_like(torch.bfloat16, 1000)}).wait()
-        assert ck.manifest().tensors["w"].shards[0].codec == [{"name": "planes-zstd", "configuration": {"width": 2}}]
+        assert ck.manifest().tensors["w"].shards[0].codec == [
+            {"name": "planes-zstd", "configuration": {"width": 2}}
+        ]
     with pytest.raises(ConfigError, match="codec"):
         Checkpointer(tmp_path, compression="lossless", codec="lz4")
 
@@ -317,7 +335,9 @@ def test_checkpointer_encodes_on_the_gpu(tmp_path) -> None:
         info = ck.save(1, state).wait()
         m = ck.manifest()
         assert m.tensors["w"].shards[0].codec == [{"name": "fmhs", "configuration": {"width": 2}}]
-        assert m.tensors["b"].shards[0].codec == [{"name": "planes-zstd", "configuration": {"width": 4}}]  # 280 KB: under the minimum
+        assert m.tensors["b"].shards[0].codec == [
+            {"name": "planes-zstd", "configuration": {"width": 4}}
+        ]  # 280 KB: under the minimum
         out = ck.load(device="cuda")
         assert all(torch.equal(out[k], state[k]) for k in state)
         s = m.tensors["w"].shards[0]
@@ -350,7 +370,9 @@ def test_gpu_encode_failure_stages_raw(tmp_path, monkeypatch) -> None:
     with Checkpointer(tmp_path, compression="lossless") as ck:
         with pytest.warns(UserWarning, match="GPU compression failed"):
             ck.save(1, state).wait()
-        assert ck.manifest().tensors["w"].shards[0].codec == [{"name": "planes-zstd", "configuration": {"width": 2}}]
+        assert ck.manifest().tensors["w"].shards[0].codec == [
+            {"name": "planes-zstd", "configuration": {"width": 2}}
+        ]
         assert torch.equal(ck.load(device="cuda")["w"], state["w"])
 
 
@@ -374,7 +396,6 @@ def test_gpu_decode_failure_falls_back_to_the_cpu(tmp_path, monkeypatch) -> None
     monkeypatch.setattr(gpu_codec, "huff_decode", boom)
     with Checkpointer(tmp_path, compression="lossless") as ck:
         assert torch.equal(ck.load(device="cuda")["w"], state["w"])
-
 
 
 # ------------------------------------------------- the FMHS chain's compiled CPU decoder (_fmhs)

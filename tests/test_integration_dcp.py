@@ -275,7 +275,9 @@ def test_incremental_and_lossless(tmp_path):
     with Checkpointer(quantized) as ck3:
         m = ck3.manifest(1)
         out = ck3.load()
-    assert m.tensors["optim/state/0.weight/exp_avg"].shards[0].codec == [{"name": "int8-absmax", "configuration": {"block": 256}}]
+    assert m.tensors["optim/state/0.weight/exp_avg"].shards[0].codec == [
+        {"name": "int8-absmax", "configuration": {"block": 256}}
+    ]
     assert m.tensors["model/0.weight"].shards[0].codec == []
     assert_same(out["model"], state["model"])
     moment = state["optim"]["state"]["0.weight"]["exp_avg"]

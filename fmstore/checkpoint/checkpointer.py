@@ -32,7 +32,7 @@ from ..gcpause import paused_gc
 from ..store import TieredStore
 from . import overlap, stateful
 from .level import SnapshotLevel, SnapshotNotFoundError, Written
-from .manifest import Manifest, step_dir
+from .manifest import Manifest, ManifestError, step_dir
 from .memory import HOST, MemoryItem, MemoryLevel, MemorySnapshot, restore
 from .policy import Policy, resolve
 from .reader import ChecksumError, Region, SnapshotReader
@@ -651,7 +651,7 @@ class Checkpointer:
         # The snapshot exists: only now are fresh optimizers given state to fill (where it has some).
         prepared = None
         if state is not None:
-            saved = snap.tree if snap is not None else holders[0].manifest(step).tree
+            saved = snap.tree if snap is not None else _first_tree(holders, step)
             prepared = stateful.for_load(state, lambda path: subtree(saved, path, self.rank))
         try:
             out = self._restore(snap, holders, step, prepared, device, level, strict)
@@ -703,7 +703,7 @@ class Checkpointer:
                 manifest = lvl.manifest(step)
                 names = self._check_keys(step, manifest.tree, target_tree, opaque, strict)
                 return self._load_from(lvl, manifest, targets, names, device)
-            except CorruptBlobError as e:
+            except (CorruptBlobError, ManifestError) as e:  # a manifest failing validation is damage too
                 if i + 1 == len(holders):
                     raise
                 warnings.warn(
@@ -740,6 +740,10 @@ class Checkpointer:
     ) -> Any:
         regions: list[Region] = []
         out: dict[str, torch.Tensor] = {}
+        reader = SnapshotReader(lvl.storage, manifest, pool=self._stager.pool)
+        # The files of the tensors allocated here whole, checked against their real sizes
+        # before the allocation (a manifest records the sizes of its own files only).
+        reader.check_files(n for n in manifest.tensors if (names is None or n in names) and n not in targets)
         for name, entry in manifest.tensors.items():
             if names is not None and name not in names:
                 continue
@@ -756,7 +760,6 @@ class Checkpointer:
                 offsets = (0,) * len(gshape)
             out[name] = target if target is not None else dest
             regions.append(Region(name, offsets, dest))
-        reader = SnapshotReader(lvl.storage, manifest, pool=self._stager.pool)
         reader.read(regions)
         return unflatten(manifest.tree, out, self.rank)
 
@@ -836,6 +839,18 @@ class _SaveJob:
     levels: list[SnapshotLevel]  # durable levels that take this step
     in_memory: bool  # a host-memory copy was kept too
     token: str  # this save attempt, the same on every rank
+
+
+def _first_tree(holders: list[SnapshotLevel], step: int) -> dict[str, Any]:
+    """The state tree of ``step`` from the first level whose manifest reads; a damaged one is
+    skipped here as the load skips it (which warns), the last one's error is raised."""
+    for i, lvl in enumerate(holders):
+        try:
+            return lvl.manifest(step).tree
+        except (CorruptBlobError, ManifestError):
+            if i + 1 == len(holders):
+                raise
+    raise AssertionError("unreachable")
 
 
 def _keys_message(step: int, missing: list[str], unexpected: list[str], shown: int = 8) -> str:

@@ -9,7 +9,9 @@ The manifest records, for every tensor, its global shape and dtype and each save
 slice (offsets/lengths), the file holding its bytes (possibly in an earlier snapshot, for
 data that did not change), the byte range in that file, the codec chain and a checksum of
 the original bytes; plus the JSON tree of the whole state.  Paths are relative to the root
-and checked on load: a manifest cannot point outside the checkpoint.
+and checked on load: a manifest cannot point outside the checkpoint.  Everything else a load
+trusts (dtypes, shapes, byte ranges, chunk sizes, coded sizes, the tree) is validated when
+the manifest is read, before anything is allocated or read for it (:meth:`Manifest.validate`).
 """
 
 from __future__ import annotations
@@ -23,10 +25,16 @@ from typing import Any
 from ..codec import registry
 from ..codec.registry import CodecConfigError
 from ..errors import CorruptBlobError, FmstoreError
+from .tree import path_text
 
 FORMAT = "fmstore.snapshot"
 #: Checksum chunk: a partial read (resharding) verifies just the chunks it touches.
 CHUNK_SIZE = 16 << 20
+#: The chunk sizes a manifest may record: a load makes one hash job per chunk, and hashes
+#: a chunk in one piece.
+MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 4 << 10, 1 << 30
+#: How deep a state tree may nest (rebuilding it recurses; real states are a few levels).
+MAX_TREE_DEPTH = 200
 #: 2: codecs as {"name", "configuration"} entries (1: chains of strings, still read).
 VERSION = 2
 READS = (1, 2)
@@ -92,6 +100,8 @@ class Manifest:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise ManifestError(f"{where}: manifest is not JSON ({e})") from None
+        except RecursionError:  # the parser's own limit, on hostile nesting
+            raise ManifestError(f"{where}: manifest JSON is nested too deeply") from None
         if not isinstance(body, dict) or body.get("format") != FORMAT:
             raise ManifestError(f"{where}: not an fmstore snapshot manifest")
         version = body.get("version")
@@ -123,32 +133,168 @@ class Manifest:
         return m
 
     def validate(self, where: str) -> None:
-        """Every file a shard names is a shard file of this or an earlier snapshot of the root."""
+        """Everything a load trusts before it allocates or reads: each shard names a shard file
+        of this or an earlier snapshot of the root, lies inside its tensor's shape, and its byte
+        range, checksum chunks and codec fit its size; the shards cover the tensor; the tree is
+        well formed and names only tensors of the table.  A shard in an earlier snapshot's file
+        is checked against that file's real size when a load opens it (the reader)."""
         for name, entry in self.tensors.items():
+            at = f"{where}: tensor {name!r}"
+            if not isinstance(entry.dtype, str):
+                raise ManifestError(f"{at}: dtype {entry.dtype!r} is not a dtype name")
+            try:
+                itemsize = dtype_itemsize(entry.dtype)
+            except ManifestError:
+                raise ManifestError(f"{at}: unknown dtype {entry.dtype!r}") from None
+            if not _ints(entry.shape):
+                raise ManifestError(f"{at}: shape {entry.shape!r} is not a list of ints >= 0")
+            held = 0
             for s in entry.shards:
-                m = _FILE.match(s.file) if isinstance(s.file, str) else None
-                if m is None or int(m.group(1)) > self.step:
-                    raise ManifestError(
-                        f"{where}: tensor {name!r} names file {s.file!r}, which is not a shard file "
-                        "of this snapshot or an earlier one under the same root"
-                    )
-                if not (0 <= s.begin <= s.end):
-                    raise ManifestError(f"{where}: tensor {name!r} has a bad byte range {s.begin}..{s.end}")
-                if len(s.offsets) != len(entry.shape) or len(s.lengths) != len(entry.shape):
-                    raise ManifestError(f"{where}: tensor {name!r}: shard rank does not match shape")
-                if any(o < 0 or n < 0 or o + n > g for o, n, g in zip(s.offsets, s.lengths, entry.shape)):
-                    raise ManifestError(f"{where}: tensor {name!r}: a shard lies outside shape {entry.shape}")
-                if len(s.codec) > 1:
-                    raise ManifestError(f"{where}: tensor {name!r}: a pipeline of {len(s.codec)} codecs")
-                if s.codec:
-                    try:
-                        codec = registry.get(s.codec[0], f"{where}: tensor {name!r}")
-                        codec.check(dtype_itemsize(entry.dtype), f"{where}: tensor {name!r}")
-                    except CodecConfigError as e:
-                        raise ManifestError(str(e)) from None
+                self._validate_shard(at, entry, s, itemsize)
+                held += _numel(s.lengths)
+            # Shards may repeat a region (replicas), never leave one out: a tensor is at most
+            # as large as its shards, which are bounded by the bytes stored for them.
+            if held < _numel(entry.shape):
+                raise ManifestError(
+                    f"{at}: its shards hold {held} of the {_numel(entry.shape)} elements of shape {entry.shape}"
+                )
+        _validate_tree(self.tree, self.tensors, where)
+
+    def _validate_shard(self, at: str, entry: TensorEntry, s: Shard, itemsize: int) -> None:
+        m = _FILE.match(s.file) if isinstance(s.file, str) else None
+        if m is None or int(m.group(1)) > self.step:
+            raise ManifestError(
+                f"{at} names file {s.file!r}, which is not a shard file "
+                "of this snapshot or an earlier one under the same root"
+            )
+        if not _int(s.begin) or not _int(s.end) or not (0 <= s.begin <= s.end):
+            raise ManifestError(f"{at} has a bad byte range {s.begin!r}..{s.end!r}")
+        if int(m.group(1)) == self.step:  # a file this snapshot wrote: its size is recorded
+            size = self.files.get(s.file)
+            if size is None or s.end > size:
+                raise ManifestError(
+                    f"{at}: bytes {s.begin}..{s.end} of {s.file!r} lie outside the file "
+                    f"({'not in the files' if size is None else f'{size} bytes'} this snapshot records)"
+                )
+        if not _ints(s.offsets) or not _ints(s.lengths):
+            raise ManifestError(f"{at}: shard offsets/lengths are not lists of ints >= 0")
+        if len(s.offsets) != len(entry.shape) or len(s.lengths) != len(entry.shape):
+            raise ManifestError(f"{at}: shard rank does not match shape")
+        if any(o + n > g for o, n, g in zip(s.offsets, s.lengths, entry.shape)):
+            raise ManifestError(f"{at}: a shard lies outside shape {entry.shape}")
+        if not isinstance(s.checksum, str) or not isinstance(s.chunks, list):
+            raise ManifestError(f"{at}: shard checksum/chunks are malformed")
+        if not isinstance(s.codec, list) or len(s.codec) > 1:
+            raise ManifestError(f"{at}: codec {s.codec!r} is not a list of at most one codec")
+        nbytes = _numel(s.lengths) * itemsize
+        stored = s.end - s.begin
+        checksum = "chunks"
+        if not s.codec:
+            if stored != nbytes:
+                raise ManifestError(
+                    f"{at}: {stored} bytes recorded in {s.file!r} for a raw shard of {nbytes} bytes"
+                )
+        else:
+            try:
+                codec = registry.get(s.codec[0], at)
+                codec.check(itemsize, at)
+                codec.check_sizes(stored, nbytes, itemsize, f"{at} in {s.file!r}")
+            except CodecConfigError as e:
+                raise ManifestError(str(e)) from None
+            checksum = codec.checksum
+        if checksum == "chunks":  # the reader hashes the (decoded) bytes in these chunks
+            cs = s.chunk_size
+            if not _int(cs) or not MIN_CHUNK_SIZE <= cs <= MAX_CHUNK_SIZE:
+                raise ManifestError(
+                    f"{at}: chunk_size {cs!r} in {s.file!r} is not in [{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}]"
+                )
+            if len(s.chunks) != -(-nbytes // cs):
+                raise ManifestError(
+                    f"{at}: {len(s.chunks)} chunk digests in {s.file!r} for {nbytes} bytes "
+                    f"in chunks of {cs} (want {-(-nbytes // cs)})"
+                )
 
     def referenced_files(self) -> set[str]:
         return {s.file for e in self.tensors.values() for s in e.shards}
+
+
+def _int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _ints(xs: Any) -> bool:
+    """A list of ints >= 0 (a shape, offsets, lengths)."""
+    return isinstance(xs, list) and all(_int(x) and x >= 0 for x in xs)
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _validate_tree(tree: Any, tensors: dict[str, TensorEntry], where: str) -> None:
+    """The state tree: nodes of the kinds :mod:`.tree` writes, at most ``MAX_TREE_DEPTH``
+    deep (rebuilding it recurses), each tensor leaf naming an entry of ``tensors``.  Walked
+    with a stack, so a hostile tree cannot exhaust the interpreter's."""
+    stack: list[tuple[tuple[Any, ...], int, Any]] = [((), 1, tree)]
+    while stack:
+        path, depth, node = stack.pop()
+        problem = (
+            _node_problem(node, tensors)
+            if depth <= MAX_TREE_DEPTH
+            else f"nested deeper than {MAX_TREE_DEPTH}"
+        )
+        if problem is not None:
+            raise ManifestError(f"{where}: state tree at {path_text(path)!r}: {problem}")
+        kind = node["t"]
+        if kind == "per_rank":
+            stack.extend((path, depth + 1, sub) for sub in node["ranks"].values())
+        elif kind in ("dict", "odict"):
+            stack.extend(((*path, k), depth + 1, v) for k, v in node["items"])
+        elif kind in ("list", "tuple"):
+            stack.extend(((*path, i), depth + 1, v) for i, v in enumerate(node["items"]))
+
+
+def _node_problem(node: Any, tensors: dict[str, TensorEntry]) -> str | None:
+    """What is wrong with one node of a state tree (its children are checked on their own)."""
+    kind = node.get("t") if isinstance(node, dict) else None
+    if kind in ("tensor", "ndarray"):
+        name = node.get("name")
+        if not isinstance(name, str) or name not in tensors:
+            return f"names tensor {name!r}, which the manifest does not have"
+    elif kind == "per_rank":
+        if not isinstance(node.get("ranks"), dict):
+            return "a per-rank node without ranks"
+    elif kind in ("dict", "odict"):
+        items, meta = node.get("items"), node.get("metadata", [])
+        if not isinstance(items, list) or not all(_pair(kv) and _key(kv[0]) for kv in items):
+            return f"a {kind} node whose items are not [key, node] pairs"
+        if not isinstance(meta, list) or not all(map(_pair, meta)):
+            return f"a {kind} node whose metadata is not [key, value] pairs"
+    elif kind in ("list", "tuple"):
+        if not isinstance(node.get("items"), list):
+            return f"a {kind} node without items"
+    elif kind == "value":
+        if "v" not in node:
+            return "a value node without a value"
+    elif kind == "float":
+        try:
+            float(node.get("v"))
+        except (TypeError, ValueError):
+            return f"a float node of {node.get('v')!r}"
+    else:
+        return f"unknown node kind {kind!r}" if kind is not None else "not a tree node"
+    return None
+
+
+def _pair(x: Any) -> bool:
+    return isinstance(x, list) and len(x) == 2
+
+
+def _key(k: Any) -> bool:
+    return isinstance(k, str) or _int(k)
 
 
 def _shard(body: dict[str, Any], version: int, where: str) -> Shard:

@@ -5,12 +5,17 @@ the destination's shape) and where the values go (a CPU or CUDA tensor, a view o
 or a DTensor's local shard).  Every saved shard that overlaps the region is read: where the
 overlap is a run of whole rows only those bytes, rounded out to the checksum chunks covering
 them; encoded shards whole, then decoded.  Every byte read is checked against the manifest's
-checksums before it reaches its destination.  The checkpointer's load, the torch DCP reader
-and serving all read through here.
+checksums before it reaches its destination.  Each shard file is first checked once (its real
+size, and the data offsets of its safetensors header, against the manifest's byte ranges), so
+no buffer is allocated for bytes the file does not hold.  The checkpointer's load, the torch
+DCP reader and serving all read through here.
 """
 
 from __future__ import annotations
 
+import json
+import threading
+from collections.abc import Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +31,11 @@ from .level import numel
 from .manifest import Manifest, ManifestError, Shard
 from .sharding import intersect, plan_read
 from .storage import SnapshotStorage
+
+#: The longest safetensors header a shard file may have (safetensors' own limit).
+MAX_HEADER = 100_000_000
+#: The first read of a shard file: its header length and, for all but huge tables, its header.
+HEAD_READ = 64 << 10
 
 
 class ChecksumError(CorruptBlobError):
@@ -73,10 +83,21 @@ class SnapshotReader:
         self.storage = storage
         self.manifest = manifest
         self.pool = pool or BufferPool(pinned=False)
+        self._lock = threading.Lock()
+        self._checked: set[str] = set()  # shard files whose size and header were checked
+        self._by_file: dict[str, list[tuple[str, Shard]]] | None = None
 
     def read(self, regions: list[Region]) -> None:
         """Fill every region's destination; a damaged or missing byte raises, naming the
         tensor and file (nothing is placed in a destination before its bytes are verified)."""
+        files = set()
+        for r in regions:
+            entry = self.manifest.tensors.get(r.name)
+            for s in entry.shards if entry is not None else []:  # an unknown name: the plan says so
+                if intersect(tuple(r.offsets), tuple(r.dest.shape), tuple(s.offsets), tuple(s.lengths)):
+                    files.add(s.file)
+        for file in sorted(files):  # before the plan allocates buffers for the ranges
+            self.check_file(file)
         plan = ReadPlan()
         try:
             plan_regions(self.manifest, regions, self.pool, plan)
@@ -84,6 +105,36 @@ class SnapshotReader:
         finally:
             for release in plan.releases:
                 release()
+
+    def check_files(self, names: Iterable[str]) -> None:
+        """:meth:`check_file` every file holding a shard of tensors ``names``: what a caller
+        does before it allocates whole tensors for them."""
+        files = {s.file for n in names if (e := self.manifest.tensors.get(n)) for s in e.shards}
+        for file in sorted(files):
+            self.check_file(file)
+
+    def check_file(self, file: str) -> None:
+        """That shard file ``file`` holds the byte range of every shard the manifest puts
+        there, by its real size (a manifest records the sizes of its own files only) and by
+        the data offsets of its safetensors header.  Once per file and reader: one size query
+        and one small read; a mismatch is a :class:`CorruptBlobError` naming file and tensor."""
+        with self._lock:
+            if file in self._checked:
+                return
+            if self._by_file is None:
+                self._by_file = {}
+                for name, entry in self.manifest.tensors.items():
+                    for s in entry.shards:
+                        self._by_file.setdefault(s.file, []).append((name, s))
+            shards = self._by_file.get(file, [])
+        try:
+            check_shard_file(self.storage, file, shards, self.manifest.step)
+        except FileNotFoundError:
+            raise _in_file(
+                CorruptBlobError(f"snapshot step {self.manifest.step}: shard file {file!r} is missing"), file
+            ) from None
+        with self._lock:
+            self._checked.add(file)
 
     # ------------------------------------------------------------------ running
 
@@ -232,6 +283,55 @@ def _plan_encoded(
         block = out[rp.start : rp.end].view(dtype).view(rp.view_shape)[rp.slices]
         dslices = tuple(slice(o - r, o - r + k) for o, r, k in zip(ov[0], region_off, ov[1]))
         plan.copies.append((host[dslices] if dslices else host, block))
+
+
+def check_shard_file(storage: SnapshotStorage, file: str, shards: list[tuple[str, Shard]], step: int) -> None:
+    """See :meth:`SnapshotReader.check_file` (``shards``: (tensor, shard) of those in ``file``)."""
+    at = f"snapshot step {step}: shard file {file!r}"
+    size = storage.size(file)
+    # The real size first: it is what bounds the buffers a load allocates for these ranges.
+    for name, s in shards:
+        if s.end > size:
+            raise _in_file(
+                CorruptBlobError(
+                    f"{at}: tensor {name!r} is at bytes {s.begin}..{s.end}, the file has {size} "
+                    "(truncated file?)"
+                ),
+                file,
+            )
+    head = bytearray(min(size, HEAD_READ))
+    try:
+        storage.read_ranges(file, [(0, memoryview(head))])
+        n = int.from_bytes(head[:8], "little") if size >= 8 else -1
+        if not 0 < n <= min(MAX_HEADER, size - 8):
+            raise CorruptBlobError(f"a safetensors header of {n} bytes in a file of {size}")
+        raw = head[8 : 8 + n]
+        if len(raw) < n:  # a long tensor table: the rest of the header
+            rest = bytearray(n - len(raw))
+            storage.read_ranges(file, [(len(head), memoryview(rest))])
+            raw += rest
+        header = json.loads(bytes(raw))
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+    except CorruptBlobError as e:
+        raise _in_file(CorruptBlobError(f"{at}: bad safetensors header ({e})"), file) from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise _in_file(CorruptBlobError(f"{at}: safetensors header is not JSON ({e})"), file) from None
+    spans = set()
+    for key, value in header.items():
+        offsets = value.get("data_offsets") if isinstance(value, dict) and key != "__metadata__" else None
+        if isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int for x in offsets):
+            spans.add((offsets[0], offsets[1]))
+    base = 8 + n  # safetensors' data offsets count from the end of the header
+    for name, s in shards:
+        if (s.begin - base, s.end - base) not in spans:
+            raise _in_file(
+                CorruptBlobError(
+                    f"{at}: its safetensors header lists no tensor at bytes {s.begin}..{s.end}, "
+                    f"where the manifest has tensor {name!r}"
+                ),
+                file,
+            )
 
 
 def _in_file(e: CorruptBlobError, file: str) -> CorruptBlobError:

@@ -58,6 +58,19 @@ class Codec:
     def check(self, itemsize: int, where: str) -> None:
         """That this configuration fits a tensor of ``itemsize``-byte elements."""
 
+    #: The most decoded bytes one coded byte of this format can give: a manifest claiming more
+    #: is refused before a load allocates the decoded size.
+    max_ratio: ClassVar[int] = 1
+
+    def check_sizes(self, coded: int, decoded: int, itemsize: int, where: str) -> None:
+        """That ``coded`` stored bytes can decode to ``decoded`` bytes of ``itemsize``-byte
+        elements in this format (a bound, or the exact size where the format fixes it)."""
+        if coded <= 0 or decoded > coded * self.max_ratio:
+            raise CodecConfigError(
+                f"{where}: {coded} bytes coded with {self!r} cannot decode to {decoded} bytes "
+                f"(at most {self.max_ratio} per coded byte)"
+            )
+
     def encode(
         self, data: torch.Tensor, *, dtype: torch.dtype, pool: Executor | None = None
     ) -> list[bytes | memoryview]:
@@ -154,6 +167,8 @@ class PlanesZstd(_ByteWidth):
     """The CPU chain (:mod:`fmstore.codec.chain`): byte planes, each chunk zstd or raw."""
 
     name = "planes-zstd"
+    # A zstd block decodes to at most 128 KiB and takes at least 4 bytes (an RLE block).
+    max_ratio = 32768
 
     def encode(
         self, data: torch.Tensor, *, dtype: torch.dtype, pool: Executor | None = None
@@ -178,6 +193,8 @@ class Fmhs(_ByteWidth):
     name = "fmhs"
     checksum = "stream"
     devices = frozenset({"cpu", "cuda"})
+    # A chunk is raw or Huffman-coded with codes of at least one bit: at most 8 symbols a byte.
+    max_ratio = 8
 
     def encode(
         self, data: torch.Tensor, *, dtype: torch.dtype, pool: Executor | None = None
@@ -239,6 +256,14 @@ class Int8Absmax(Codec):
     def check(self, itemsize: int, where: str) -> None:
         if itemsize not in (2, 4):
             raise CodecConfigError(f"{where}: codec {self!r} stores float tensors only")
+
+    def check_sizes(self, coded: int, decoded: int, itemsize: int, where: str) -> None:
+        n = decoded // itemsize  # the format's size is exact: a code per value, a scale per block
+        want = n + 4 * -(-n // self.block)
+        if coded != want:
+            raise CodecConfigError(
+                f"{where}: {coded} bytes coded with {self!r}, {want} expected for {n} values"
+            )
 
     def encode(
         self, data: torch.Tensor, *, dtype: torch.dtype, pool: Executor | None = None
