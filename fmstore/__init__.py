@@ -13,6 +13,7 @@ from .errors import (
     FmstoreError,
     InvalidKeyError,
     StorageError,
+    WaitTimeoutError,
 )
 from .units import format_size, parse_size
 
@@ -77,6 +78,7 @@ __all__ = [
     "CorruptBlobError",
     "InvalidKeyError",
     "StorageError",
+    "WaitTimeoutError",
     "parse_size",
     "format_size",
 ]

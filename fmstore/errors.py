@@ -36,6 +36,16 @@ class StorageError(FmstoreError, OSError):
     file and the URL; ``errno`` is the original's, which is ``__cause__``.  An ``OSError``, so
     ``except OSError`` keeps working."""
 
+    @classmethod
+    def of(cls, cause: OSError, message: str) -> StorageError:
+        """The error for ``cause`` with ``message`` (``[Errno N]`` first where it has one)."""
+        return cls(cause.errno, message) if cause.errno is not None else cls(message)
+
+
+class WaitTimeoutError(FmstoreError, TimeoutError):
+    """A wait with a ``timeout`` (a save's ``handle.wait``, a prefetch's ``wait``) ran out; what
+    it waited for goes on in the background."""
+
 
 class CorruptBlobError(FmstoreError):
     """Stored bytes that do not form a complete, well-formed blob (truncated, bad header)."""

@@ -27,7 +27,7 @@ import torch
 
 from . import exiting
 from .blob import BlobInfo, Value, describe
-from .errors import BlobNotFoundError, CapacityError, ConfigError, FmstoreError
+from .errors import BlobNotFoundError, CapacityError, ConfigError, FmstoreError, WaitTimeoutError
 from .keys import check_key
 from .tiers.base import Tier
 from .units import format_size, parse_size
@@ -65,7 +65,7 @@ class PrefetchHandle:
         """Block until every key is promoted; re-raises the first error."""
         finished, pending = wait(self.futures, timeout=timeout)
         if pending:
-            raise TimeoutError(f"prefetch of {len(self.futures)} keys not done after {timeout} s")
+            raise WaitTimeoutError(f"prefetch of {len(self.futures)} keys not done after {timeout} s")
         for f in self.futures:
             f.result()
 

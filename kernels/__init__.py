@@ -18,6 +18,8 @@ import subprocess
 import threading
 from pathlib import Path
 
+from fmstore.errors import FmstoreError
+
 HERE = Path(__file__).resolve().parent
 SOURCES = {"planes": HERE / "planes.cu", "quant": HERE / "quant.cu", "huffman": HERE / "huffman.cu"}
 #: Each library's C functions: name -> argument types (all return an int cudaError_t).
@@ -30,7 +32,22 @@ SIGNATURES = {
     },
     "quant": {"fmstore_quantize": [_P, _P, _P, _I64, _P], "fmstore_dequantize": [_P, _P, _P, _I64, _P]},
     "huffman": {
-        "fmstore_huff_encode": [_P, ctypes.c_int, ctypes.c_int, _P, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _P],
+        "fmstore_huff_encode": [
+            _P,
+            ctypes.c_int,
+            ctypes.c_int,
+            _P,
+            _P,
+            _I64,
+            _I64,
+            _I64,
+            _P,
+            _I64,
+            _P,
+            _P,
+            _P,
+            _P,
+        ],
         "fmstore_huff_decode": [_P, _I64, ctypes.c_int, _P, _P, _I64, _P, _I64, _P, _P, _P, _P, _P],
         "fmstore_huff_scratch_bytes": [_I64, _I64, _I64],
         "fmstore_huff_max_bytes": [_I64, ctypes.c_int],
@@ -42,8 +59,9 @@ _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL] = {}
 
 
-class KernelBuildError(RuntimeError):
-    """The CUDA toolchain is missing or a kernel does not compile."""
+class KernelBuildError(FmstoreError, RuntimeError):
+    """The CUDA toolchain is missing or a kernel does not compile (an fmstore error; still a
+    ``RuntimeError`` for code that caught it as one)."""
 
 
 def find_nvcc() -> str:

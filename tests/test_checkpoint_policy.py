@@ -207,7 +207,9 @@ def test_one_level_failing_leaves_the_others_committed(
         monkeypatch.setattr(archive.storage, "write", broken)
         h = ck.save(1, make_state(1))
         with pytest.raises(
-            FmstoreError, match=r"committed to 'local' but not to: 'archive': OSError: disk full"
+            FmstoreError,
+            match=r"committed to 'local' but not to: 'archive': StorageError: step 1 not saved to "
+            r"'.*archive': writing step-0000000001/shard-r00000.safetensors failed: disk full",
         ):
             h.wait()
         assert ck.where(1) == ["local"]

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from fmstore import Checkpointer, ConfigError, FmstoreError, StorageError
+from fmstore import Checkpointer, ConfigError, FmstoreError, StorageError, WaitTimeoutError
+from fmstore.checkpoint import SnapshotNotFoundError
 from fmstore.checkpoint.storage import RootNotFoundError
 
 
@@ -88,3 +90,83 @@ def test_wrong_credentials_are_an_fmstore_error_naming_the_url(s3):
     with pytest.raises(StorageError, match="denied") as err:
         Checkpointer(url, storage_options=options)
     assert url in str(err.value) and "not-the-secret-key" not in str(err.value)
+
+
+def test_a_load_that_loses_a_race_with_retention_loads_the_newer_step(tmp_path):
+    """A reader reads step 1's manifest, then the writer commits step 2 and retention
+    (keep_last=1) deletes step 1 before the reader reads its shard.  Before, the load failed
+    with "shard file ... is missing" (CorruptBlobError); now it loads the newest step."""
+    writer = Checkpointer(tmp_path, keep_last=1)
+    writer.save(1, {"w": torch.ones(1000)}).wait()
+    reader = Checkpointer(tmp_path)
+    level = reader.levels[0]
+    read_manifest = level.manifest
+    raced: list[int] = []
+
+    def manifest_then_retention(step=None):
+        m = read_manifest(step)
+        if not raced:  # the first read only: the writer commits step 2 meanwhile
+            raced.append(m.step)
+            writer.save(2, {"w": torch.full((1000,), 2.0)}).wait()
+        return m
+
+    level.manifest = manifest_then_retention
+    out = reader.load()
+    assert raced == [1] and writer.steps() == [2]
+    assert torch.equal(out["w"], torch.full((1000,), 2.0))
+    # Asked for step 1 by name, it is gone: "not found", never "corrupt".
+    raced.clear()
+    writer.save(3, {"w": torch.full((1000,), 3.0)}).wait()
+    raced.append(0)  # no more races
+    with pytest.raises(SnapshotNotFoundError):
+        reader.load(step=1)
+    writer.close()
+    reader.close()
+
+
+def test_a_shard_deleted_under_a_named_step_is_not_found_not_corrupt(tmp_path):
+    """The step asked for by name is deleted (retention) between its manifest and its shard:
+    SnapshotNotFoundError, never CorruptBlobError (which means damaged bytes)."""
+    writer = Checkpointer(tmp_path, keep_last=1)
+    writer.save(1, {"w": torch.ones(1000)}).wait()
+    reader = Checkpointer(tmp_path)
+    level = reader.levels[0]
+    read_manifest = level.manifest
+
+    def manifest_then_retention(step=None):
+        m = read_manifest(step)
+        if m.step == 1:
+            writer.save(2, {"w": torch.zeros(1000)}).wait()
+        return m
+
+    level.manifest = manifest_then_retention
+    with pytest.raises(SnapshotNotFoundError, match="deleted while"):
+        reader.load(step=1)
+    writer.close()
+    reader.close()
+
+
+def test_waits_that_run_out_are_fmstore_errors(tmp_path, monkeypatch):
+    """A timed-out handle.wait() is an fmstore error (before: the built-in TimeoutError), still
+    a TimeoutError; the save goes on and commits."""
+    release = threading.Event()
+    with Checkpointer(tmp_path) as ck:
+        write = ck.storage.write
+
+        def held(rel, segments):
+            assert release.wait(60)
+            return write(rel, segments)
+
+        monkeypatch.setattr(ck.storage, "write", held)
+        handle = ck.save(1, {"w": torch.ones(3)})
+        with pytest.raises(WaitTimeoutError, match="step 1 not committed after 0.05 s") as err:
+            handle.wait(timeout=0.05)
+        assert isinstance(err.value, TimeoutError)
+        release.set()
+        assert handle.wait().step == 1
+
+
+def test_a_kernel_build_error_is_an_fmstore_error() -> None:
+    from fmstore.kernels import KernelBuildError
+
+    assert issubclass(KernelBuildError, FmstoreError) and issubclass(KernelBuildError, RuntimeError)

@@ -27,7 +27,7 @@ import torch
 from .. import exiting
 from ..blob import dtype_from_name
 from ..codec import huffman
-from ..errors import CapacityError, ConfigError, CorruptBlobError, FmstoreError
+from ..errors import CapacityError, ConfigError, CorruptBlobError, FmstoreError, WaitTimeoutError
 from ..gcpause import paused_gc
 from ..store import TieredStore
 from . import overlap, stateful
@@ -120,7 +120,7 @@ class SaveHandle:
         try:
             error = self._future.exception(timeout)
         except FutureTimeout:
-            raise TimeoutError(f"step {self.step} not committed after {timeout} s") from None
+            raise WaitTimeoutError(f"step {self.step} not committed after {timeout} s") from None
         if error is not None:
             self._reported = True
             raise error
@@ -625,9 +625,21 @@ class Checkpointer:
         Without ``state`` a new state of whole tensors is built on ``device`` (default CPU).
         A copy in host memory serves only the sharding it was saved with; a damaged copy on
         one durable level is skipped (with a warning) for the next level holding the step.
+        A load of the latest snapshot that loses a race with another process's retention (the
+        step is deleted while it is read) loads the newer latest one instead.
         """
+        for attempt in range(RETENTION_RETRIES):
+            try:
+                return self._load_once(state, step, device, level, strict)
+            except SnapshotDeletedError:
+                if step is not None or attempt + 1 == RETENTION_RETRIES:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _load_once(self, state: Any, step: int | None, device: Any, level: str | None, strict: bool) -> Any:
         levels = self._levels(level)
         snap = None
+        listed = False  # whether the step is the newest one listed (vs. one asked for)
         if self.memory is not None and level in (None, HOST):
             mem_steps = self.memory.steps()
             want = step if step is not None else (mem_steps[-1] if mem_steps else None)
@@ -639,11 +651,14 @@ class Checkpointer:
         if snap is None:
             self._wait_all(raise_error=False)  # a failed save is its handle's (and the next save's) to report
             if step is None:
+                listed = True
                 have = sorted({s for lvl in levels for s in lvl.steps()})
                 if not have:
                     raise SnapshotNotFoundError(f"no committed snapshot under {self._where_text(levels)}")
                 step = have[-1]
         holders = [lvl for lvl in levels if lvl.committed(step)] if level != HOST else []
+        if snap is None and not holders and listed:
+            raise SnapshotDeletedError(f"step {step} was deleted (retention) after it was listed")
         if snap is None and not holders:
             raise SnapshotNotFoundError(
                 f"no committed snapshot for step {step} under {self._where_text(levels)} (have {self.steps(level)})"
@@ -703,9 +718,19 @@ class Checkpointer:
                 manifest = lvl.manifest(step)
                 names = self._check_keys(step, manifest.tree, target_tree, opaque, strict)
                 return self._load_from(lvl, manifest, targets, names, device)
-            except (CorruptBlobError, ManifestError) as e:  # a manifest failing validation is damage too
+            except (CorruptBlobError, ManifestError, SnapshotNotFoundError) as e:
+                # A manifest failing validation is damage too; a step that is no longer
+                # committed was deleted meanwhile (retention), which is not damage.
+                deleted = not lvl.committed(step)
                 if i + 1 == len(holders):
+                    if deleted:
+                        raise SnapshotDeletedError(
+                            f"step {step} was deleted while it was being loaded from {lvl.url!r} "
+                            "(retention: keep_last of the process writing there)"
+                        ) from e
                     raise
+                if deleted:
+                    continue
                 warnings.warn(
                     f"step {step} on level {lvl.name!r} is damaged ({e}); restoring it from {holders[i + 1].name!r}",
                     stacklevel=3,
@@ -841,14 +866,24 @@ class _SaveJob:
     token: str  # this save attempt, the same on every rank
 
 
+class SnapshotDeletedError(SnapshotNotFoundError):
+    """The snapshot was deleted (another process's retention) while it was being loaded."""
+
+
+#: Loads of the latest snapshot that lose a race with retention, before giving up.
+RETENTION_RETRIES = 5
+
+
 def _first_tree(holders: list[SnapshotLevel], step: int) -> dict[str, Any]:
     """The state tree of ``step`` from the first level whose manifest reads; a damaged one is
     skipped here as the load skips it (which warns), the last one's error is raised."""
     for i, lvl in enumerate(holders):
         try:
             return lvl.manifest(step).tree
-        except (CorruptBlobError, ManifestError):
+        except (CorruptBlobError, ManifestError, SnapshotNotFoundError) as e:
             if i + 1 == len(holders):
+                if not lvl.committed(step):
+                    raise SnapshotDeletedError(f"step {step} was deleted while it was being loaded") from e
                 raise
     raise AssertionError("unreachable")
 

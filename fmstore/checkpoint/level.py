@@ -212,8 +212,8 @@ class SnapshotLevel:
             written = local.bytes_written + self.commit(step, entries, files, tree, meta)
         except OSError as e:
             self._discard(step, local, token)
-            raise StorageError(
-                e.errno, f"step {step} not saved to {self.url!r}: {doing} failed: {e.strerror or e}"
+            raise StorageError.of(
+                e, f"step {step} not saved to {self.url!r}: {doing} failed: {e.strerror or e}"
             ) from e
         except BaseException:
             self._discard(step, local, token)

@@ -74,9 +74,7 @@ class SnapshotStorage:
         try:
             os.makedirs(self.root, exist_ok=True)
         except OSError as e:
-            raise StorageError(
-                e.errno, f"cannot create checkpoint root {self.url!r}: {e.strerror or e}"
-            ) from e
+            raise StorageError.of(e, f"cannot create checkpoint root {self.url!r}: {e.strerror or e}") from e
 
     def _check_bucket(self) -> None:
         """A missing or misspelt bucket, or credentials it refuses, is an error now: listing it
@@ -88,15 +86,13 @@ class SnapshotStorage:
         except FileNotFoundError:
             raise RootNotFoundError(f"no bucket {bucket!r} for checkpoint root {self.url!r}") from None
         except PermissionError as e:
-            raise StorageError(
-                e.errno,
+            raise StorageError.of(
+                e,
                 f"access to bucket {bucket!r} of checkpoint root {self.url!r} is denied "
                 "(check the credentials: the AWS_* variables or storage_options)",
             ) from e
         except OSError as e:
-            raise StorageError(
-                e.errno, f"cannot reach checkpoint root {self.url!r}: {type(e).__name__}"
-            ) from e
+            raise StorageError.of(e, f"cannot reach checkpoint root {self.url!r}: {type(e).__name__}") from e
 
     def path(self, rel: str) -> str:
         return os.path.join(self.root, *rel.split("/")) if self.local else f"{self.root}/{rel}"
