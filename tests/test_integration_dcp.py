@@ -10,6 +10,7 @@ reads what ``Checkpointer.save`` wrote.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 from typing import Any
@@ -27,7 +28,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorSt
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
-from fmstore import Checkpointer, ConfigError, FmstoreError, RNGState
+from fmstore import Checkpointer, ConfigError, FmstoreError, RNGState, StorageError
 from fmstore.checkpoint import MOMENTS, ChecksumError, UnsupportedValueError
 
 # dcp.save / dcp.load in a process without torch.distributed say so with a warning.
@@ -292,7 +293,9 @@ def test_failed_write_commits_nothing(tmp_path):
     blocker.mkdir(parents=True)  # the shard file cannot be renamed into place
     with pytest.raises(CheckpointException) as info:
         dcp.save(state, storage_writer=FmstoreStorageWriter(root, 3))
-    assert type(info.value.failures[0][0]) is IsADirectoryError
+    error = info.value.failures[0][0]  # fmstore's error naming the file, the OS's as its cause
+    assert type(error) is StorageError and error.errno == errno.EISDIR
+    assert isinstance(error.__cause__, IsADirectoryError) and "shard-r00000.safetensors" in str(error)
     assert Checkpointer(str(root)).steps() == []
     assert not (root / "step-0000000003" / "manifest.json").exists()
     blocker.rmdir()
@@ -452,7 +455,9 @@ def _sharded_worker(rank: int, world: int, port: int, root: str) -> None:
         with pytest.raises(CheckpointException) as info:
             dcp.save(state, storage_writer=FmstoreStorageWriter(root, 2, incremental=False))
         assert list(info.value.failures) == [1]
-        assert type(info.value.failures[1][0]) is IsADirectoryError
+        error = info.value.failures[1][0]
+        # (gathered from rank 1 pickled: the errno survives, the __cause__ does not)
+        assert type(error) is StorageError and error.errno == errno.EISDIR
     finally:
         dist.destroy_process_group()
 

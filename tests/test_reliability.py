@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -170,3 +172,33 @@ def test_a_kernel_build_error_is_an_fmstore_error() -> None:
     from fmstore.kernels import KernelBuildError
 
     assert issubclass(KernelBuildError, FmstoreError) and issubclass(KernelBuildError, RuntimeError)
+
+
+@pytest.mark.s3
+def test_a_frozen_s3_server_fails_calls_within_the_bound(tmp_path):
+    """A server that accepts connections and never answers (SIGSTOP): steps() (load() lists
+    the same way) and construction fail with a StorageError naming the URL within a bound set by
+    read_timeout and S3_ATTEMPTS (before: botocore's 60 s reads, retried, blocked for 7
+    minutes).  read_timeout is 1 s here, through storage_options, which also checks that a
+    user's config_kwargs win; the default bound is measured in docs/RELIABILITY.md."""
+    from fmstore.testing import start_seaweedfs
+    from fmstore.tiers.object import S3_ATTEMPTS
+
+    with start_seaweedfs(str(tmp_path / "weed"), bucket="fmstore-frozen") as server:
+        url = "s3://fmstore-frozen/run"
+        opts = {**server.storage_options(), "config_kwargs": {"read_timeout": 1}}
+        ck = Checkpointer(url, storage_options=opts)
+        ck.save(1, {"w": torch.ones(10)}).wait()
+        bound = 3 * S3_ATTEMPTS + 5  # about 2 x read_timeout an attempt, s3fs' backoff, slack
+        os.killpg(server.process.pid, signal.SIGSTOP)
+        try:
+            for call in (ck.steps, lambda: Checkpointer(url, storage_options=opts)):
+                t0 = time.monotonic()
+                with pytest.raises(StorageError) as err:
+                    call()
+                assert time.monotonic() - t0 < bound, call
+                assert url in str(err.value) and server.secret_key not in str(err.value)
+        finally:
+            os.killpg(server.process.pid, signal.SIGCONT)
+        assert ck.steps() == [1]  # answering again: nothing was lost
+        ck.close()

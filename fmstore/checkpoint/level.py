@@ -212,8 +212,10 @@ class SnapshotLevel:
             written = local.bytes_written + self.commit(step, entries, files, tree, meta)
         except OSError as e:
             self._discard(step, local, token)
+            cause = e.__cause__ if isinstance(e, StorageError) and isinstance(e.__cause__, OSError) else e
+            reason = cause.strerror or cause
             raise StorageError.of(
-                e, f"step {step} not saved to {self.url!r}: {doing} failed: {e.strerror or e}"
+                e, f"step {step} not saved to {self.url!r}: {doing} failed: {reason}"
             ) from e
         except BaseException:
             self._discard(step, local, token)

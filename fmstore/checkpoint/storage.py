@@ -9,12 +9,13 @@ checkpoint; what to write is decided by the checkpointer.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import queue
 import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from ..blob import byte_view
 from ..errors import ConfigError, CorruptBlobError, FmstoreError, StorageError
@@ -27,8 +28,42 @@ class RootNotFoundError(FmstoreError):
     """A checkpoint root that is not there (opened for reading)."""
 
 
+#: Packages whose exceptions are storage faults (an object store's client stack), not bugs.
+_CLIENT_PACKAGES = {"botocore", "aiobotocore", "aiohttp", "urllib3", "fsspec", "s3fs", "gcsfs", "adlfs"}
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _storage_errors(verb: str) -> Callable[[_F], _F]:
+    """Turn a storage call's faults into :class:`StorageError` naming the file and the URL (the
+    original as ``__cause__``).  A missing file stays ``FileNotFoundError`` (callers ask for it),
+    fmstore's own errors pass, and anything else (a bug) is not hidden."""
+
+    def wrap(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def call(self: SnapshotStorage, rel: str = "", *args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(self, rel, *args, **kwargs)
+            except (FileNotFoundError, FmstoreError):
+                raise
+            except OSError as e:
+                where = f"{verb} {rel or '.'!r} under {self.url!r}"
+                raise StorageError.of(e, f"{where} failed: {e.strerror or e}") from e
+            except Exception as e:
+                if type(e).__module__.split(".")[0] not in _CLIENT_PACKAGES:
+                    raise
+                where = f"{verb} {rel or '.'!r} under {self.url!r}"
+                raise StorageError(f"{where} failed: {type(e).__name__}: {e}") from e
+
+        return call  # type: ignore[return-value]
+
+    return wrap
+
+
 class SnapshotStorage:
-    """Files under ``root`` (a path, ``file://``, ``s3://``, ``memory://``, ...)."""
+    """Files under ``root`` (a path, ``file://``, ``s3://``, ``memory://``, ...).  Its faults are
+    :class:`StorageError` s naming the file and URL; S3 requests are time-bounded (see
+    :data:`fmstore.tiers.object.S3_CONFIG`)."""
 
     def __init__(
         self,
@@ -99,6 +134,7 @@ class SnapshotStorage:
 
     # ------------------------------------------------------------------ write
 
+    @_storage_errors("writing")
     def write(self, rel: str, segments: Sequence[bytes | memoryview]) -> int:
         """Write ``rel`` as the concatenation of ``segments``; visible only once complete."""
         path = self.path(rel)
@@ -112,6 +148,7 @@ class SnapshotStorage:
             self.fs.pipe_file(path, gather_bytes(views, 0, total))
         return total
 
+    @_storage_errors("writing")
     def write_streamed(
         self,
         rel: str,
@@ -185,6 +222,7 @@ class SnapshotStorage:
 
     # ------------------------------------------------------------------ read
 
+    @_storage_errors("reading")
     def read_bytes(self, rel: str) -> bytes:
         """A whole (small) file; ``FileNotFoundError`` if it is not there."""
         if self.local:
@@ -192,6 +230,7 @@ class SnapshotStorage:
                 return f.read()
         return self.fs.cat_file(self.path(rel))
 
+    @_storage_errors("reading")
     def read_ranges(self, rel: str, ranges: Sequence[tuple[int, memoryview]]) -> None:
         """Fill each ``(offset, dest)`` with the file's bytes there; short data is an error."""
         path = self.path(rel)
@@ -225,6 +264,7 @@ class SnapshotStorage:
             )
         dest[:] = data
 
+    @_storage_errors("asking the size of")
     def size(self, rel: str) -> int:
         if self.local:
             return os.path.getsize(self.path(rel))
@@ -232,11 +272,13 @@ class SnapshotStorage:
 
     # ------------------------------------------------------------------ listing and deleting
 
+    @_storage_errors("looking for")
     def exists(self, rel: str) -> bool:
         if self.local:
             return os.path.exists(self.path(rel))
         return bool(self.fs.exists(self.path(rel)))
 
+    @_storage_errors("listing")
     def list_dir(self, rel: str = "") -> list[str]:
         """Names directly under ``rel`` (files and directories), temp files left out."""
         if self.local:
@@ -253,6 +295,7 @@ class SnapshotStorage:
                 return []
         return sorted(n for n in names if TMP_MARKER not in n)
 
+    @_storage_errors("deleting")
     def delete(self, rel: str) -> None:
         try:
             if self.local:
@@ -262,6 +305,7 @@ class SnapshotStorage:
         except FileNotFoundError:
             pass
 
+    @_storage_errors("deleting")
     def delete_dir(self, rel: str) -> None:
         """Remove a snapshot directory and everything in it (temp files of dead writers too)."""
         if self.local:

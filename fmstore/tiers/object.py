@@ -58,8 +58,29 @@ def open_fs(url: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]
         ) from None
     except ImportError as e:
         raise ConfigError(f"URL scheme {scheme!r} needs a package that is not installed: {e}") from None
-    fs, root = url_to_fs(url, **(storage_options or {}))
+    options = dict(storage_options or {})
+    if scheme in ("s3", "s3a"):
+        # Time-bounded requests: botocore's defaults (60 s per read, retried, and s3fs retrying
+        # those 5 times) left a save blocked for minutes behind a server that stopped answering.
+        # storage_options' own config_kwargs win.
+        options["config_kwargs"] = {**S3_CONFIG, **(options.get("config_kwargs") or {})}
+    fs, root = url_to_fs(url, **options)
+    if scheme in ("s3", "s3a"):
+        fs.retries = S3_ATTEMPTS
     return fs, root.rstrip("/")
+
+
+#: botocore settings for S3 requests unless storage_options' ``config_kwargs`` say otherwise: a
+#: connection that does not open in 5 s, or a response that stops for 10 s, fails the try.
+S3_CONFIG: dict[str, Any] = {
+    "connect_timeout": 5,
+    "read_timeout": 10,
+    "retries": {"max_attempts": 1, "mode": "standard"},
+}
+#: Attempts of one S3 call (s3fs retries timeouts and throttling with backoff).  Measured with a
+#: SIGSTOPped SeaweedFS (docs/RELIABILITY.md): one attempt takes about 2 x read_timeout, so a
+#: call to a server that accepts connections and never answers fails in about a minute.
+S3_ATTEMPTS = 3
 
 
 class ObjectTier(Tier):
