@@ -90,6 +90,19 @@ def load(root: Path, **kw: Any) -> Any:
 # ----------------------------------------------------------------- a. chunk_size and chunks
 
 
+def refused_everywhere(root: Path, load_pattern: str, text: str) -> None:
+    """A load (naming the manifest), the snapshot reader and ``fmstore verify`` (exit 4) each
+    refuse the manifest, the last two saying ``text``."""
+    with pytest.raises(ManifestError, match=load_pattern) as err:
+        load(root)
+    assert str(manifest_path(root)) in str(err.value)
+    with pytest.raises(ManifestError) as err:
+        snapshot(root)
+    assert text in str(err.value)
+    out = run_cli("verify", root)
+    assert out.returncode == 4 and text in out.stderr
+
+
 def test_a_chunk_size_and_chunk_count_are_validated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     w = torch.randn(1 << 20)  # 4 MiB: one 16 MiB checksum chunk
     save(tmp_path, {"w": w})
@@ -101,13 +114,7 @@ def test_a_chunk_size_and_chunk_count_are_validated(tmp_path: Path, monkeypatch:
     data[-5] ^= 0x40
     shard_file.write_bytes(bytes(data))
     edit(tmp_path, lambda b: shard_of(b, "w").update(chunk_size=-1))
-    with pytest.raises(ManifestError, match=r"tensor 'w'.*chunk_size -1") as err:
-        load(tmp_path)
-    assert str(manifest_path(tmp_path)) in str(err.value)
-    with pytest.raises(ManifestError, match="chunk_size -1"):
-        snapshot(tmp_path)
-    out = run_cli("verify", tmp_path)
-    assert out.returncode == 4 and "chunk_size -1" in out.stderr
+    refused_everywhere(tmp_path, r"tensor 'w'.*chunk_size -1", "chunk_size -1")
     data[-5] ^= 0x40
     shard_file.write_bytes(bytes(data))
 
@@ -290,13 +297,7 @@ def test_c_state_tree_is_validated(tmp_path: Path) -> None:
 def test_d_unknown_dtype_names_the_tensor(tmp_path: Path, dtype: Any) -> None:
     save(tmp_path, {"enc": {"w": torch.ones(4)}})
     edit(tmp_path, lambda b: b["tensors"]["enc/w"].update(dtype=dtype))
-    with pytest.raises(ManifestError, match=r"tensor 'enc/w'.*dtype") as err:
-        load(tmp_path)
-    assert str(manifest_path(tmp_path)) in str(err.value)
-    with pytest.raises(ManifestError, match="tensor 'enc/w'"):
-        snapshot(tmp_path)
-    out = run_cli("verify", tmp_path)
-    assert out.returncode == 4 and "enc/w" in out.stderr
+    refused_everywhere(tmp_path, r"tensor 'enc/w'.*dtype", "enc/w")
 
 
 # ----------------------------------------------------------------- e. shard safetensors headers
