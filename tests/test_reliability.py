@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmstore import Checkpointer, ConfigError, FmstoreError, StorageError, WaitTimeoutError
+from fmstore import Checkpointer, ConfigError, FmstoreError, Policy, StorageError, WaitTimeoutError
 from fmstore.checkpoint import SnapshotNotFoundError
 from fmstore.checkpoint.storage import RootNotFoundError
 
@@ -202,3 +202,38 @@ def test_a_frozen_s3_server_fails_calls_within_the_bound(tmp_path):
             os.killpg(server.process.pid, signal.SIGCONT)
         assert ck.steps() == [1]  # answering again: nothing was lost
         ck.close()
+
+
+@pytest.mark.parametrize("memory", [1, 0], ids=["host-memory", "no-host-memory"])
+def test_when_busy_skip_never_waits_for_a_stuck_persist(tmp_path, monkeypatch, memory):
+    """when_busy='skip': with step 2's persist stuck, step 4's save returns at once with a
+    warning instead of waiting (the default, 'wait', waits); host memory still keeps it."""
+    release, writing = threading.Event(), threading.Event()
+    policy = Policy(host_memory=memory, every=2)
+    with Checkpointer(tmp_path, policy=policy, when_busy="skip") as ck:
+        write = ck.storage.write
+
+        def stuck(rel, segments):
+            writing.set()
+            assert release.wait(60)
+            return write(rel, segments)
+
+        monkeypatch.setattr(ck.storage, "write", stuck)
+        durable = ck.save(2, {"w": torch.full((10,), 2.0)})
+        assert writing.wait(60)
+        with pytest.warns(UserWarning, match=r"step 4 is not written to \['local'\].*when_busy='skip'"):
+            h = ck.save(4, {"w": torch.full((10,), 4.0)})
+        assert h.done() and h.wait().levels == (["host"] if memory else [])
+        assert not durable.done()
+        if memory:
+            assert torch.equal(ck.load(step=4)["w"], torch.full((10,), 4.0))
+        release.set()
+        assert durable.wait().levels[-1] == "local"
+        monkeypatch.undo()
+        assert ck.steps(level="local") == [2]
+        assert ck.save(6, {"w": torch.zeros(10)}).wait().levels[-1] == "local"  # not busy: written
+
+
+def test_when_busy_is_checked():
+    with pytest.raises(ConfigError, match="when_busy must be 'wait' or 'skip'"):
+        Checkpointer("unused-root", when_busy="drop")

@@ -189,6 +189,12 @@ class Checkpointer:
         max_persists: durable persists (writing or waiting to) that saves may leave behind them;
             a save to a durable level waits for the oldest beyond that.  A save kept only in
             host memory never waits for one.  Each holds its staged copy of the state.
+        when_busy: what a save for a durable level does while ``max_persists`` persists are
+            still in flight.  ``"wait"`` (default) waits for the oldest: every step the policy
+            names is written, and storage I/O is time-bounded (a stuck S3 request fails in
+            about a minute), so the wait is too.  ``"skip"``: the step goes to no durable level
+            (a warning says so; a host-memory level still keeps it), so training never waits
+            on storage.  Single process only; a save with ``levels=`` given always waits.
 
     State values may be Stateful (``state_dict()`` / ``load_state_dict()``: modules,
     optimizers, LR schedulers, :class:`RNGState`): see :meth:`save` and :meth:`load`.  A save
@@ -212,6 +218,7 @@ class Checkpointer:
         timeout: float = 1800.0,
         codec: str = "auto",
         max_persists: int = 1,
+        when_busy: str = "wait",
     ) -> None:
         codec = _CODEC_ALIASES.get(codec, codec)
         if codec not in CODECS:
@@ -230,8 +237,13 @@ class Checkpointer:
         if not isinstance(max_persists, int) or isinstance(max_persists, bool) or max_persists < 1:
             raise ConfigError(f"max_persists must be an int >= 1, got {max_persists!r}")
         self.max_persists = max_persists
+        if when_busy not in ("wait", "skip"):
+            raise ConfigError(f"when_busy must be 'wait' or 'skip', got {when_busy!r}")
+        self.when_busy = when_busy
         host_memory, specs = resolve(root, storage_options, keep_last, policy)
         self.rank, self.world_size = (0, 1) if no_dist else _rank_and_world(process_group)
+        if when_busy == "skip" and self.world_size > 1:  # the ranks would have to skip alike
+            raise ConfigError("when_busy='skip' is for a single process; with several ranks use 'wait'")
         self.levels = [
             SnapshotLevel(
                 spec.name,
@@ -396,6 +408,14 @@ class Checkpointer:
         prepared = stateful.for_save(state)
         tensors, tree, local = flatten(prepared.state, self.rank)
         targets = self._targets(step, levels)
+        if targets and levels is None and self.when_busy == "skip" and self._busy():
+            warnings.warn(
+                f"fmstore: step {step} is not written to {[lvl.name for lvl in targets]}: "
+                f"{self.max_persists} persist(s) of earlier steps still running (when_busy='skip')"
+                + ("; it is kept in host memory" if self.memory is not None else ""),
+                stacklevel=3,
+            )
+            targets = []
         if not targets and self.memory is None:  # no level takes this step: nothing to stage
             info = SnapshotInfo(step, "", 0, 0, len(tensors), 0, [])
             handle = SaveHandle(step, completed(info), None, time.perf_counter() - t0)
@@ -500,6 +520,12 @@ class Checkpointer:
                 "saves will allocate it when first needed",
                 stacklevel=3,
             )
+
+    def _busy(self) -> bool:
+        """Whether ``max_persists`` durable persists are still in flight."""
+        self._collect_unreported()
+        with self._lock:
+            return len(self._inflight) >= self.max_persists
 
     def _make_room(self) -> None:
         while True:
