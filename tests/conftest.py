@@ -10,6 +10,7 @@ server is an error, not a skip.
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -169,3 +170,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@dataclass
+class HeldWrites:
+    """A storage's writes held until ``release`` is set; ``writing`` is set once one is held."""
+
+    writing: threading.Event
+    release: threading.Event
+
+
+def hold_writes(monkeypatch: pytest.MonkeyPatch, storage: Any) -> HeldWrites:
+    """Make every ``storage.write`` wait for ``release`` (a persist stuck in its write)."""
+    held = HeldWrites(threading.Event(), threading.Event())
+    write = storage.write
+
+    def stuck(rel: str, segments: Any) -> int:
+        held.writing.set()
+        assert held.release.wait(60)
+        return write(rel, segments)
+
+    monkeypatch.setattr(storage, "write", stuck)
+    return held

@@ -471,41 +471,13 @@ def test_prefix_and_select_errors(saved, tmp_path, capsys):
     assert main(["export", str(saved["root"]), out, "-f", "zarr", "--config", "c.json"]) == 2
     assert not os.listdir(tmp_path)
     # an explicit prefix on a selection that has it; '' keeps the names
-    assert (
-        main(
-            [
-                "export",
-                str(saved["root"]),
-                out,
-                "-f",
-                "safetensors",
-                "--select",
-                "extra/*",
-                "--prefix",
-                "extra/",
-            ]
-        )
-        == 0
-    )
-    assert set(load_file(out)) == set(saved["extra"])
-    assert (
-        main(
-            [
-                "export",
-                str(saved["root"]),
-                out,
-                "-f",
-                "safetensors",
-                "--select",
-                "extra/*",
-                "--prefix",
-                "",
-                "--force",
-            ]
-        )
-        == 0
-    )
-    assert set(load_file(out)) == {f"extra/{k}" for k in saved["extra"]}
+    for prefix, names, again in [
+        ("extra/", set(saved["extra"]), []),
+        ("", {f"extra/{k}" for k in saved["extra"]}, ["--force"]),
+    ]:
+        args = ["export", str(saved["root"]), out, "-f", "safetensors", "--select", "extra/*"]
+        assert main([*args, "--prefix", prefix, *again]) == 0
+        assert set(load_file(out)) == names
 
 
 def test_help_and_no_torch_at_import():

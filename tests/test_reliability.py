@@ -6,12 +6,12 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import hold_writes
 
 from fmstore import Checkpointer, ConfigError, FmstoreError, Policy, StorageError, WaitTimeoutError
 from fmstore.checkpoint import SnapshotNotFoundError
@@ -151,20 +151,13 @@ def test_a_shard_deleted_under_a_named_step_is_not_found_not_corrupt(tmp_path):
 def test_waits_that_run_out_are_fmstore_errors(tmp_path, monkeypatch):
     """A timed-out handle.wait() is an fmstore error (before: the built-in TimeoutError), still
     a TimeoutError; the save goes on and commits."""
-    release = threading.Event()
     with Checkpointer(tmp_path) as ck:
-        write = ck.storage.write
-
-        def held(rel, segments):
-            assert release.wait(60)
-            return write(rel, segments)
-
-        monkeypatch.setattr(ck.storage, "write", held)
+        held = hold_writes(monkeypatch, ck.storage)
         handle = ck.save(1, {"w": torch.ones(3)})
         with pytest.raises(WaitTimeoutError, match="step 1 not committed after 0.05 s") as err:
             handle.wait(timeout=0.05)
         assert isinstance(err.value, TimeoutError)
-        release.set()
+        held.release.set()
         assert handle.wait().step == 1
 
 
@@ -208,26 +201,18 @@ def test_a_frozen_s3_server_fails_calls_within_the_bound(tmp_path):
 def test_when_busy_skip_never_waits_for_a_stuck_persist(tmp_path, monkeypatch, memory):
     """when_busy='skip': with step 2's persist stuck, step 4's save returns at once with a
     warning instead of waiting (the default, 'wait', waits); host memory still keeps it."""
-    release, writing = threading.Event(), threading.Event()
     policy = Policy(host_memory=memory, every=2)
     with Checkpointer(tmp_path, policy=policy, when_busy="skip") as ck:
-        write = ck.storage.write
-
-        def stuck(rel, segments):
-            writing.set()
-            assert release.wait(60)
-            return write(rel, segments)
-
-        monkeypatch.setattr(ck.storage, "write", stuck)
+        held = hold_writes(monkeypatch, ck.storage)
         durable = ck.save(2, {"w": torch.full((10,), 2.0)})
-        assert writing.wait(60)
+        assert held.writing.wait(60)
         with pytest.warns(UserWarning, match=r"step 4 is not written to \['local'\].*when_busy='skip'"):
             h = ck.save(4, {"w": torch.full((10,), 4.0)})
         assert h.done() and h.wait().levels == (["host"] if memory else [])
         assert not durable.done()
         if memory:
             assert torch.equal(ck.load(step=4)["w"], torch.full((10,), 4.0))
-        release.set()
+        held.release.set()
         assert durable.wait().levels[-1] == "local"
         monkeypatch.undo()
         assert ck.steps(level="local") == [2]

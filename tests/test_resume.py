@@ -7,12 +7,12 @@ import random
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import hold_writes
 
 from fmstore import Checkpointer, Policy, RNGState
 from fmstore.checkpoint import SnapshotNotFoundError, StateKeysError
@@ -171,27 +171,18 @@ def test_non_blocking_save_overlaps_and_keeps_the_step(tmp_path, list_later):
 
 
 def test_host_memory_save_does_not_wait_for_a_durable_one(tmp_path, monkeypatch):
-    release = threading.Event()
-    writing = threading.Event()
     ck = Checkpointer(tmp_path, policy=Policy(host_memory=1, every=4))
-    write = ck.storage.write
-
-    def slow(rel, segments):
-        writing.set()
-        assert release.wait(60)
-        return write(rel, segments)
-
-    monkeypatch.setattr(ck.storage, "write", slow)
+    held = hold_writes(monkeypatch, ck.storage)
     state = {"w": torch.zeros(1 << 16)}
     durable = ck.save(4, state)
-    assert writing.wait(60)  # step 4's persist is writing, and stays blocked
+    assert held.writing.wait(60)  # step 4's persist is writing, and stays blocked
     for s in (5, 6, 7):  # host-memory snapshots only: none waits for step 4's write
         state["w"].fill_(s)
         h = ck.save(s, state)
         assert h.done() and h.wait().levels == ["host"]
     assert not durable.done()
     assert torch.equal(ck.load()["w"], torch.full((1 << 16,), 7.0))  # from host memory
-    release.set()
+    held.release.set()
     assert durable.wait().levels == ["host", "local"]  # kept in host memory at save time, too
     monkeypatch.undo()
     assert torch.equal(ck.load(step=4, level="local")["w"], torch.zeros(1 << 16))

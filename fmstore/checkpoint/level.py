@@ -236,7 +236,7 @@ class SnapshotLevel:
             if self.committed(step):
                 return
             if self.world_size > 1:
-                aborted = self._aborted(step_dir(step), token)
+                aborted = self._abort_of(step_dir(step), token) is not None
                 if self.rank != 0 and not aborted:
                     return
                 if self.rank == 0 and not aborted:  # tell the other ranks, so they clean up too
@@ -247,12 +247,14 @@ class SnapshotLevel:
         except Exception:  # noqa: BLE001 - a full or failing disk may refuse this too
             pass
 
-    def _aborted(self, rel_dir: str, token: str) -> bool:
+    def _abort_of(self, rel_dir: str, token: str) -> dict[str, Any] | None:
+        """The abort this save attempt's coordinator left in ``rel_dir``, if any (one a dead
+        attempt left carries another token and is ignored)."""
         try:
             body = json.loads(self.storage.read_bytes(f"{rel_dir}/aborted.json"))
-        except (FileNotFoundError, ValueError):
-            return False
-        return isinstance(body, dict) and body.get("token", "") == token
+        except FileNotFoundError:
+            return None
+        return body if isinstance(body, dict) and body.get("token", "") == token else None
 
     def write_local(self, step: int, items: list[WriteItem]) -> LocalWrite:
         """Write this rank's shard file: the items whose bytes the base snapshot does not hold
@@ -406,15 +408,9 @@ class SnapshotLevel:
         def committed() -> bool | None:
             if self.storage.exists(f"{rel_dir}/{MANIFEST}"):
                 return True
-            if self.storage.exists(f"{rel_dir}/aborted.json"):
-                try:
-                    body = json.loads(self.storage.read_bytes(f"{rel_dir}/aborted.json"))
-                except FileNotFoundError:
-                    return None
-                if body.get("token", "") == token:  # not a dead attempt's
-                    raise FmstoreError(
-                        f"{rel_dir} not committed to {self.name!r}: {'; '.join(body['errors'])}"
-                    )
+            abort = self._abort_of(rel_dir, token)
+            if abort is not None:
+                raise FmstoreError(f"{rel_dir} not committed to {self.name!r}: {'; '.join(abort['errors'])}")
             return None
 
         self._poll(f"rank 0 to commit {rel_dir} to {self.name!r}", committed)
