@@ -750,10 +750,7 @@ class Checkpointer:
                 deleted = not lvl.committed(step)
                 if i + 1 == len(holders):
                     if deleted:
-                        raise SnapshotDeletedError(
-                            f"step {step} was deleted while it was being loaded from {lvl.url!r} "
-                            "(retention: keep_last of the process writing there)"
-                        ) from e
+                        raise _deleted_while_loading(lvl, step) from e
                     raise
                 if deleted:
                     continue
@@ -900,6 +897,13 @@ class SnapshotDeletedError(SnapshotNotFoundError):
 RETENTION_RETRIES = 5
 
 
+def _deleted_while_loading(lvl: SnapshotLevel, step: int) -> SnapshotDeletedError:
+    return SnapshotDeletedError(
+        f"step {step} was deleted while it was being loaded from {lvl.url!r} "
+        "(retention: keep_last of the process writing there)"
+    )
+
+
 def _first_tree(holders: list[SnapshotLevel], step: int) -> dict[str, Any]:
     """The state tree of ``step`` from the first level whose manifest reads; a damaged one is
     skipped here as the load skips it (which warns), the last one's error is raised."""
@@ -909,7 +913,7 @@ def _first_tree(holders: list[SnapshotLevel], step: int) -> dict[str, Any]:
         except (CorruptBlobError, ManifestError, SnapshotNotFoundError) as e:
             if i + 1 == len(holders):
                 if not lvl.committed(step):
-                    raise SnapshotDeletedError(f"step {step} was deleted while it was being loaded") from e
+                    raise _deleted_while_loading(lvl, step) from e
                 raise
     raise AssertionError("unreachable")
 
