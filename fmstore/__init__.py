@@ -14,6 +14,7 @@ from .errors import (
     InvalidKeyError,
     StorageError,
     WaitTimeoutError,
+    WriterConflictError,
 )
 from .units import format_size, parse_size
 
@@ -78,6 +79,7 @@ __all__ = [
     "CorruptBlobError",
     "InvalidKeyError",
     "StorageError",
+    "WriterConflictError",
     "WaitTimeoutError",
     "parse_size",
     "format_size",

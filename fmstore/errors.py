@@ -53,3 +53,8 @@ class CorruptBlobError(FmstoreError):
 
 class ConfigError(FmstoreError, ValueError):
     """Bad configuration: an unknown URL scheme, a size string that does not parse, ..."""
+
+
+class WriterConflictError(FmstoreError):
+    """Another writer holds the checkpoint root (or took it over from this one): one job
+    writes a root at a time (see :mod:`fmstore.checkpoint.lease`)."""

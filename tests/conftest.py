@@ -9,6 +9,7 @@ server is an error, not a skip.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import uuid
@@ -185,10 +186,56 @@ def hold_writes(monkeypatch: pytest.MonkeyPatch, storage: Any) -> HeldWrites:
     held = HeldWrites(threading.Event(), threading.Event())
     write = storage.write
 
-    def stuck(rel: str, segments: Any) -> int:
+    def stuck(rel: str, segments: Any, **kwargs: Any) -> int:
         held.writing.set()
         assert held.release.wait(60)
-        return write(rel, segments)
+        return write(rel, segments, **kwargs)
 
     monkeypatch.setattr(storage, "write", stuck)
     return held
+
+
+#: A shard file's name in a snapshot directory: a hash of (writer, rank), then the rank.
+SHARD_NAME = r"[0-9a-f]{8}-shard-r{rank:05d}\.safetensors"
+
+
+def shard_name(rank: int = 0) -> str:
+    """A regular expression for rank ``rank``'s shard file name (any writer)."""
+    return SHARD_NAME.replace("{rank:05d}", f"{rank:05d}")
+
+
+def shard_file(step_dir: Any, rank: int = 0) -> Any:
+    """The one shard file of ``rank`` in a local snapshot directory (a ``Path``)."""
+    from pathlib import Path
+
+    found = sorted(Path(step_dir).glob(f"*-shard-r{rank:05d}.safetensors"))
+    assert len(found) == 1, f"expected one shard file of rank {rank} in {step_dir}, found {found}"
+    return found[0]
+
+
+def shard_rel(storage: Any, step: int, rank: int = 0) -> str:
+    """``step-N/<name>`` of rank ``rank``'s shard file of ``step``, found through ``storage``
+    (a SnapshotStorage: local or S3)."""
+    import re
+
+    from fmstore.checkpoint.manifest import step_dir
+
+    names = [n for n in storage.list_dir(step_dir(step)) if re.fullmatch(shard_name(rank), n)]
+    assert len(names) == 1, f"expected one shard file of rank {rank} in step {step}, found {names}"
+    return f"{step_dir(step)}/{names[0]}"
+
+
+def fail_shard_writes(monkeypatch: pytest.MonkeyPatch, err: int = errno.EISDIR) -> None:
+    """Make every local shard-file write of this process fail as the OS would (default EISDIR,
+    as a directory in the shard file's place gives; names carry a writer hash, so a test cannot
+    put one there before the save).  Patched below the storage's error translation."""
+    from fmstore.checkpoint import storage
+
+    write = storage.write_atomic
+
+    def failing(path: str, segments: Any, **kwargs: Any) -> int:
+        if path.endswith(".safetensors"):
+            raise (IsADirectoryError if err == errno.EISDIR else OSError)(err, os.strerror(err), path)
+        return write(path, segments, **kwargs)
+
+    monkeypatch.setattr(storage, "write_atomic", failing)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import shard_file, shard_rel
 
 from fmstore import Checkpointer, CorruptBlobError
 from fmstore.blob import as_bytes_tensor
@@ -142,13 +143,11 @@ def test_incremental_snapshots_write_only_changed_tensors(tmp_path):
         second = ck.save(2, {"frozen": frozen, "w": w, "step": 2}).wait()
         assert second.tensors_written == 1
         manifest_size = ck.storage.size("step-0000000002/manifest.json")
-        shard_size = ck.storage.size("step-0000000002/shard-r00000.safetensors")
+        shard_size = ck.storage.size(shard_rel(ck.storage, 2))
         assert second.bytes_written == manifest_size + shard_size
         assert (1 << 18) <= shard_size < (1 << 18) + 4096  # w and a header, not the frozen MiB
         third = ck.save(3, {"frozen": frozen, "w": w, "step": 3}).wait()
-        assert third.tensors_written == 0 and not ck.storage.exists(
-            "step-0000000003/shard-r00000.safetensors"
-        )
+        assert third.tensors_written == 0 and ck.storage.list_dir("step-0000000003") == ["manifest.json"]
         for step, expect_w in ((1, w0), (2, w), (3, w)):
             out = ck.load(step=step)
             assert (
@@ -166,8 +165,11 @@ def test_retention_and_gc_keep_every_referenced_byte(tmp_path):
             out = ck.load(step=step)
             assert torch.equal(out["frozen"], frozen) and bool((out["w"] == step).all())
         # Step 1's shard still holds "frozen" (referenced); steps 2-4 are gone entirely.
-        assert sorted(os.listdir(tmp_path)) == ["step-0000000001", "step-0000000005", "step-0000000006"]
-        assert os.listdir(tmp_path / "step-0000000001") == ["shard-r00000.safetensors"]
+        steps = [n for n in sorted(os.listdir(tmp_path)) if n != "writer.lease"]
+        assert steps == ["step-0000000001", "step-0000000005", "step-0000000006"]
+        assert [p.name for p in (tmp_path / "step-0000000001").iterdir()] == [
+            shard_file(tmp_path / "step-0000000001").name
+        ]
         assert ck.gc() == []
 
 
@@ -221,7 +223,11 @@ def test_sigkill_at_random_points_never_leaves_a_bad_snapshot(tmp_path):
             # save(N) returns after staging, having waited for this process's previous save
             # to commit: all but the last reported step are committed.
             assert steps and steps[-1] >= sorted(saved)[-2], (steps, saved)
-        uncommitted = [n for n in os.listdir(tmp_path) if not (tmp_path / n / "manifest.json").exists()]
+        uncommitted = [
+            n
+            for n in os.listdir(tmp_path)
+            if n.startswith("step-") and not (tmp_path / n / "manifest.json").exists()
+        ]
         kills_mid_save += any(int(n.split("-")[1]) > max(steps, default=-1) for n in uncommitted)
         ck.close()
         next_step = max([next_step, *(s + 1 for s in steps), *(s + 1 for s in saved)])
@@ -236,18 +242,18 @@ def test_truncated_shard_is_reported_with_file_and_others_still_load(tmp_path):
     with Checkpointer(tmp_path) as ck:
         ck.save(1, {"a": torch.randn(1000)}).wait()
         ck.save(2, {"a": torch.randn(1000)}).wait()
-        shard = tmp_path / "step-0000000002" / "shard-r00000.safetensors"
+        shard = shard_file(tmp_path / "step-0000000002")
         shard.write_bytes(shard.read_bytes()[:-100])
         with pytest.raises(CorruptBlobError) as err:
             ck.load()
-        assert "step-0000000002/shard-r00000.safetensors" in str(err.value) and "truncated" in str(err.value)
+        assert f"step-0000000002/{shard.name}" in str(err.value) and "truncated" in str(err.value)
         ck.load(step=1)  # untouched
 
 
 def test_checksum_mismatch_names_the_tensor(tmp_path):
     with Checkpointer(tmp_path) as ck:
         ck.save(1, {"layer": {"w": torch.randn(1000)}}).wait()
-        shard = tmp_path / "step-0000000001" / "shard-r00000.safetensors"
+        shard = shard_file(tmp_path / "step-0000000001")
         raw = bytearray(shard.read_bytes())
         raw[-7] ^= 0x10  # one flipped bit in the data
         shard.write_bytes(bytes(raw))
@@ -319,7 +325,7 @@ def test_background_error_surfaces_once_on_wait_or_next_save(tmp_path, monkeypat
     ck.save(1, {"w": torch.ones(3)}).wait()
     failed = threading.Event()
 
-    def broken(rel, segments):
+    def broken(rel, segments, **kwargs):
         failed.set()
         raise OSError("disk full")
 

@@ -169,3 +169,29 @@ def test_a_dead_attempts_reports_are_never_merged(tmp_path):
         out = ck.load(step=5)
         assert set(ck.manifest(5).tensors) == {"a", "b"}  # the dead attempt's "x" was not merged
     assert torch.equal(out["a"], torch.full((4,), 1.0)) and torch.equal(out["b"], torch.arange(3.0))
+
+
+def _refused_worker(rank: int, world: int, port: int, root: str) -> None:
+    from fmstore import WriterConflictError
+
+    _init(rank, world, port)
+    try:
+        ck = Checkpointer(root)
+        try:
+            ck.save(1, {"w": torch.full((100,), float(rank))})
+        except WriterConflictError as e:  # on every rank, rank 0's claim having failed
+            assert "is being written by" in str(e), str(e)
+        else:
+            raise AssertionError(f"rank {rank}: the save was not refused")
+        ck.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_job_whose_root_another_writer_holds_is_refused_on_every_rank(tmp_path):
+    root = str(tmp_path / "ckpt")
+    with Checkpointer(root) as holder:
+        holder.save(0, {"w": torch.zeros(100)}).wait()
+        _spawn(_refused_worker, 2, root)
+        assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-0000000000", "writer.lease"]
+        assert holder.steps() == [0]

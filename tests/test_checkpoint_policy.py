@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import shard_file, shard_name, shard_rel
 from test_checkpoint import assert_equal_state
 
 from fmstore import (
@@ -85,7 +86,7 @@ def test_three_levels_every_k_and_m(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             for f in ck.manifest(step, level="archive").referenced_files():
                 assert (archive / f).is_file()
         frozen_files = {s.file for s in ck.manifest(8, level="archive").tensors["model/frozen"].shards}
-        assert frozen_files == {"step-0000000004/shard-r00000.safetensors"}
+        assert frozen_files == {shard_rel(ck.levels[1].storage, 4)}
 
         # The newest snapshot comes back from host memory: no storage read at all.
         forbid_reads(monkeypatch, ck, "local", "archive")
@@ -182,14 +183,14 @@ def test_damaged_fast_copy_falls_back_to_slower_level(tmp_path: Path) -> None:
     state = make_state(3)
     with Checkpointer(tmp_path / "nvme", policy=policy) as ck:
         ck.save(3, state).wait()
-    shard = tmp_path / "nvme" / "step-0000000003" / "shard-r00000.safetensors"
+    shard = shard_file(tmp_path / "nvme" / "step-0000000003")
     raw = bytearray(shard.read_bytes())
     raw[-100] ^= 0xFF
     shard.write_bytes(bytes(raw))
     with Checkpointer(tmp_path / "nvme", policy=policy) as ck:
         with pytest.warns(UserWarning, match="level 'local' is damaged.*from 'archive'"):
             assert_equal_state(ck.load(), state)
-        with pytest.raises(ChecksumError, match="shard-r00000"):
+        with pytest.raises(ChecksumError, match=shard.name):
             ck.load(level="local")
     assert (tmp_path / "nvme" / "step-0000000003" / "manifest.json").exists()  # nothing committed is touched
 
@@ -201,7 +202,7 @@ def test_one_level_failing_leaves_the_others_committed(
     with Checkpointer(tmp_path / "nvme", policy=policy) as ck:
         archive = ck.levels[1]
 
-        def broken(rel, segments):
+        def broken(rel, segments, **kwargs):
             raise OSError("disk full")
 
         monkeypatch.setattr(archive.storage, "write", broken)
@@ -209,7 +210,7 @@ def test_one_level_failing_leaves_the_others_committed(
         with pytest.raises(
             FmstoreError,
             match=r"committed to 'local' but not to: 'archive': StorageError: step 1 not saved to "
-            r"'.*archive': writing step-0000000001/shard-r00000.safetensors failed: disk full",
+            r"'.*archive': writing step-0000000001/" + shard_name() + " failed: disk full",
         ):
             h.wait()
         assert ck.where(1) == ["local"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,9 +18,11 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import shard_file, shard_rel
 
 from fmstore import Checkpointer
 from fmstore.checkpoint import Root
+from fmstore.checkpoint.lease import LEASE
 from fmstore.checkpoint.manifest import MANIFEST
 from fmstore.cli import main
 from fmstore.cli._copy import PAUSE_ENV
@@ -76,17 +79,25 @@ def assert_loads(root: Any, states: dict[int, dict], storage_options: dict | Non
 
 
 def tree(root: Path) -> dict[str, str]:
-    """Every file under ``root`` (relative path -> sha256 of its bytes)."""
+    """Every snapshot file under ``root`` (relative path -> sha256 of its bytes; the writer's
+    lease left out: it says who wrote, not what)."""
     out = {}
     for dirpath, _, names in os.walk(root):
         for n in names:
+            if n == LEASE and Path(dirpath) == Path(root):
+                continue
             p = Path(dirpath) / n
             out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 
 
+def shard_rel_local(root: Path, step: int) -> str:
+    return f"{STEP.format(step)}/{shard_file(root / STEP.format(step)).name}"
+
+
 def disk_bytes(root: Path) -> int:
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    """The bytes of the files under ``root`` (but the writer's lease, which du leaves out)."""
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p != root / LEASE)
 
 
 def dst_options(s3: Any) -> list[str]:
@@ -126,7 +137,7 @@ def test_cp_local_to_s3_to_local_round_trip(tmp_path: Path, s3: Any, capsys, mon
     assert remote["totals"] == local["totals"] and remote["steps"] == local["steps"]
     # gc on S3: a crash-left object of an older step is listed, then deleted; nothing else.
     fs = s3.filesystem()
-    crash = f"{url.removeprefix('s3://')}/{STEP.format(15)}/shard-r00000.safetensors"
+    crash = f"{url.removeprefix('s3://')}/{STEP.format(15)}/crash-left.safetensors"
     fs.pipe_file(crash, b"x" * 1234)
     body = cli_json(capsys, "gc", url)
     assert [(d["dir"], d["bytes"]) for d in body["dirs"]] == [(STEP.format(15), 1234)]
@@ -144,8 +155,9 @@ def test_cp_single_step_carries_the_referenced_file(tmp_path: Path, capsys) -> N
     (step,) = body["steps"]
     assert step["status"] == "copied"
     files = {f["file"]: f["action"] for f in step["files"]}
-    carried = f"{STEP.format(10)}/shard-r00000.safetensors"
-    assert files == {carried: "copied", f"{STEP.format(20)}/shard-r00000.safetensors": "copied"}
+    with Root(tmp_path / "src") as src:
+        carried, own = shard_rel(src.storage, 10), shard_rel(src.storage, 20)
+    assert files == {carried: "copied", own: "copied"}
     # The earlier file is there under its own path; step 10 itself is not committed.
     assert (tmp_path / "dst" / carried).stat().st_size == (tmp_path / "src" / carried).stat().st_size
     assert not (tmp_path / "dst" / STEP.format(10) / MANIFEST).exists()
@@ -255,8 +267,8 @@ def test_cp_killed_midway_commits_nothing_and_resumes(tmp_path: Path, kind: str,
     else:
         dst, extra, env, opts = str(tmp_path / "dst"), [], {}, None
     _interrupted_cp(tmp_path, tmp_path / "src", dst, extra, env)
-    carried = f"{STEP.format(10)}/shard-r00000.safetensors"
-    own = f"{STEP.format(20)}/shard-r00000.safetensors"
+    with Root(tmp_path / "src") as src:
+        carried, own = shard_rel(src.storage, 10), shard_rel(src.storage, 20)
     with Root(dst, opts) as r:
         assert r.steps() == []  # killed: nothing committed, no manifest anywhere
         assert r.storage.exists(carried) and not r.storage.exists(own)
@@ -270,7 +282,7 @@ def test_cp_killed_midway_commits_nothing_and_resumes(tmp_path: Path, kind: str,
 def test_cp_resume_recopies_a_damaged_file(tmp_path: Path, capsys) -> None:
     states = make_root(tmp_path / "src")
     _interrupted_cp(tmp_path, tmp_path / "src", str(tmp_path / "dst"), [], {})
-    carried = tmp_path / "dst" / STEP.format(10) / "shard-r00000.safetensors"
+    carried = shard_file(tmp_path / "dst" / STEP.format(10))
     data = bytearray(carried.read_bytes())
     data[len(data) // 2] ^= 0x01  # same size, one bit off: found by the chunk check
     carried.write_bytes(bytes(data))
@@ -286,7 +298,8 @@ def test_cp_resume_clears_a_dead_copys_temp_file(tmp_path: Path, capsys) -> None
     # dead writer (pid 2**22 + 1 exceeds Linux's pid_max, so it is surely dead).
     d = tmp_path / "dst" / STEP.format(20)
     d.mkdir(exist_ok=True)
-    tmp = d / f".shard-r00000.safetensors{TMP_MARKER}{(1 << 22) + 1}-deadbeef"
+    own = shard_file(tmp_path / "src" / STEP.format(20)).name
+    tmp = d / f".{own}{TMP_MARKER}{(1 << 22) + 1}-deadbeef"
     tmp.write_bytes(b"partial")
     cli_json(capsys, "cp", tmp_path / "src", tmp_path / "dst", "--step", 20)
     assert not tmp.exists()
@@ -295,7 +308,7 @@ def test_cp_resume_clears_a_dead_copys_temp_file(tmp_path: Path, capsys) -> None
 
 def test_cp_of_a_damaged_source_commits_nothing(tmp_path: Path, capsys) -> None:
     make_root(tmp_path / "src")
-    f = tmp_path / "src" / STEP.format(30) / "shard-r00000.safetensors"
+    f = shard_file(tmp_path / "src" / STEP.format(30))
     data = bytearray(f.read_bytes())
     data[-3] ^= 0x10  # in the last tensor's bytes
     f.write_bytes(bytes(data))
@@ -339,9 +352,22 @@ def test_write_streamed_writes_part_by_part(tmp_path: Path, kind: str, request) 
         st.close()
 
 
+def fixed_shard_names(root: Path) -> None:
+    """Rename a root's shard files to the one name every writer used before names carried the
+    writer's hash (``shard-r00000.safetensors``), manifests too: two such roots collide."""
+    for d in sorted(root.glob("step-*")):
+        for f in d.glob("*-shard-r00000.safetensors"):
+            f.rename(d / "shard-r00000.safetensors")
+    for m in root.glob(f"step-*/{MANIFEST}"):
+        text = re.sub(r"[0-9a-f]{8}-shard-r00000\.safetensors", "shard-r00000.safetensors", m.read_text())
+        m.write_text(text)
+
+
 def test_cp_never_overwrites_a_committed_step(tmp_path: Path, capsys) -> None:
     make_root(tmp_path / "a", seed=0)
     other = make_root(tmp_path / "b", seed=1)  # another run: the same steps, other values
+    for run in ("a", "b"):  # as older roots were written: both runs' files have the same names
+        fixed_shard_names(tmp_path / run)
     cli_json(capsys, "cp", tmp_path / "b", tmp_path / "dst", "--step", 10)
     before = tree(tmp_path / "dst")
     rc, out = cli(capsys, "cp", tmp_path / "a", tmp_path / "dst", "--step", 10)
@@ -372,7 +398,7 @@ def test_cp_missing_step_is_not_found(tmp_path: Path, capsys) -> None:
 def crash_left(root: Path, step: int, nbytes: int = 1000) -> Path:
     d = root / STEP.format(step)
     d.mkdir()
-    (d / "shard-r00000.safetensors").write_bytes(os.urandom(nbytes))
+    (d / "crash-left.safetensors").write_bytes(os.urandom(nbytes))
     return d
 
 
@@ -387,9 +413,9 @@ def test_gc_dry_run_changes_nothing_and_yes_deletes_exactly_the_listing(tmp_path
     listed = {f["file"] for d in body["dirs"] for f in d["files"]}
     assert listed == {
         f"{STEP.format(10)}/{MANIFEST}",  # step 10's shard file stays: step 30 references emb there
-        f"{STEP.format(15)}/shard-r00000.safetensors",
+        f"{STEP.format(15)}/crash-left.safetensors",
         f"{STEP.format(20)}/{MANIFEST}",
-        f"{STEP.format(20)}/shard-r00000.safetensors",
+        shard_rel_local(tmp_path, 20),
     }
     sizes = {f["file"]: f["bytes"] for d in body["dirs"] for f in d["files"]}
     assert body["bytes"] == sum(sizes.values()) == sum((tmp_path / f).stat().st_size for f in listed)
@@ -415,7 +441,7 @@ def test_gc_without_keep_last_collects_only_crash_leftovers(tmp_path: Path, caps
     assert body["uncommitted"] == [] and [d["dir"] for d in body["dirs"]] == [STEP.format(25)]
     assert body["dirs"][0]["whole"] and body["bytes"] == 4096 and tree(tmp_path) == before
     cli_json(capsys, "gc", tmp_path, "--yes")
-    assert set(before) - set(tree(tmp_path)) == {f"{STEP.format(25)}/shard-r00000.safetensors"}
+    assert set(before) - set(tree(tmp_path)) == {f"{STEP.format(25)}/crash-left.safetensors"}
     # No committed snapshot at all: nothing is collected (every directory may be in progress).
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from conftest import shard_file, shard_name
 
 from fmstore.blob import as_bytes_tensor
 from fmstore.codec import CodecError, decode, encode, merge, read_header, split, xor
@@ -135,7 +136,7 @@ def test_checkpointer_lossless_round_trip_and_format(tmp_path) -> None:
             {"name": "planes-zstd", "configuration": {"width": 4}}
         ]
     assert info.bytes_written < raw_info.bytes_written - 100_000  # the bf16 weights shrank
-    shard = tmp_path / "z" / "step-0000000001" / "shard-r00000.safetensors"
+    shard = shard_file(tmp_path / "z" / "step-0000000001")
     with safe_open(str(shard), "pt") as f:  # still a valid safetensors file: U8 entries
         assert f.get_slice("trained").get_dtype() == "U8"
 
@@ -169,7 +170,7 @@ def test_checkpointer_damaged_compressed_shard(tmp_path) -> None:
     raw[s.end - 1000] ^= 0x40  # inside the last payload (an exponent-plane zstd chunk)
     path.write_bytes(bytes(raw))
     with Checkpointer(tmp_path) as ck:
-        with pytest.raises(CorruptBlobError, match=r"shard-r00000.safetensors.*'model/w'.*chunk \d+"):
+        with pytest.raises(CorruptBlobError, match=shard_name() + r".*'model/w'.*chunk \d+"):
             ck.load()
     with pytest.raises(ConfigError, match="compression"):
         Checkpointer(tmp_path, compression="gzip")

@@ -13,12 +13,14 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import re
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from conftest import fail_shard_writes, shard_file, shard_name, shard_rel
 from fmstore.integrations.dcp import FmstoreStorageReader, FmstoreStorageWriter
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -249,9 +251,7 @@ def test_incremental_and_lossless(tmp_path):
     assert ck.steps() == [0, 1]
     unchanged = ck.manifest(1)
     assert unchanged.files == {}  # no tensor bytes written: every shard points into step 0
-    assert {s.file for e in unchanged.tensors.values() for s in e.shards} == {
-        "step-0000000000/shard-r00000.safetensors"
-    }
+    assert {s.file for e in unchanged.tensors.values() for s in e.shards} == {shard_rel(ck.storage, 0)}
     with torch.no_grad():
         model[0].weight.add_(1.0)
     state["model"], state["optim"] = get_state_dict(model, opt)
@@ -286,19 +286,18 @@ def test_incremental_and_lossless(tmp_path):
     assert not torch.equal(got, moment) and torch.allclose(got, moment, atol=moment.abs().max().item() / 100)
 
 
-def test_failed_write_commits_nothing(tmp_path):
+def test_failed_write_commits_nothing(tmp_path, monkeypatch):
     _, _, state = training_state()
     root = tmp_path / "ckpt"
-    blocker = root / "step-0000000003" / "shard-r00000.safetensors"
-    blocker.mkdir(parents=True)  # the shard file cannot be renamed into place
+    fail_shard_writes(monkeypatch)  # as a directory in the shard file's place would
     with pytest.raises(CheckpointException) as info:
         dcp.save(state, storage_writer=FmstoreStorageWriter(root, 3))
     error = info.value.failures[0][0]  # fmstore's error naming the file, the OS's as its cause
     assert type(error) is StorageError and error.errno == errno.EISDIR
-    assert isinstance(error.__cause__, IsADirectoryError) and "shard-r00000.safetensors" in str(error)
+    assert isinstance(error.__cause__, IsADirectoryError) and re.search(shard_name(), str(error))
     assert Checkpointer(str(root)).steps() == []
     assert not (root / "step-0000000003" / "manifest.json").exists()
-    blocker.rmdir()
+    monkeypatch.undo()
     dcp.save(state, storage_writer=FmstoreStorageWriter(root, 3))  # nothing was committed: free
     assert Checkpointer(str(root)).steps() == [3]
 
@@ -450,7 +449,8 @@ def _sharded_worker(rank: int, world: int, port: int, root: str) -> None:
             assert torch.equal(bits(t), bits(full[name])), name
         # Rank 1 cannot write its shard file; rank 0 writes its own, and nothing is committed.
         if rank == 1:
-            os.makedirs(os.path.join(root, "step-0000000002", "shard-r00001.safetensors"))
+            mp = pytest.MonkeyPatch()
+            fail_shard_writes(mp)
         dist.barrier()
         with pytest.raises(CheckpointException) as info:
             dcp.save(state, storage_writer=FmstoreStorageWriter(root, 2, incremental=False))
@@ -458,6 +458,8 @@ def _sharded_worker(rank: int, world: int, port: int, root: str) -> None:
         error = info.value.failures[1][0]
         # (gathered from rank 1 pickled: the errno survives, the __cause__ does not)
         assert type(error) is StorageError and error.errno == errno.EISDIR
+        if rank == 1:
+            mp.undo()
     finally:
         dist.destroy_process_group()
 
@@ -468,7 +470,7 @@ def test_sharded_save_on_2_ranks_loads_on_1(tmp_path):
     os.makedirs(root)
     _spawn(_sharded_worker, 2, root)
     ref = load_file(str(tmp_path / "reference.safetensors"))
-    assert os.path.exists(os.path.join(root, "step-0000000002", "shard-r00000.safetensors"))
+    shard_file(os.path.join(root, "step-0000000002"))  # rank 0's own file is there
     with Checkpointer(root) as ck:
         assert ck.steps() == [1]  # step 2 failed on rank 1: not committed
         manifest = ck.manifest(1)

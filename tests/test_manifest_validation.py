@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, shard_file
 
 from fmstore import Checkpointer, CorruptBlobError, Level, Policy
 from fmstore.checkpoint import ManifestError, Root
@@ -24,7 +24,10 @@ from fmstore.checkpoint.manifest import MANIFEST
 from fmstore.checkpoint.storage import SnapshotStorage
 
 STEP1, STEP2 = "step-0000000001", "step-0000000002"
-SHARD = "shard-r00000.safetensors"
+
+
+def shard_name_in(root: Path, step_dir: str = STEP1) -> str:
+    return shard_file(root / step_dir).name
 
 
 def manifest_path(root: Path, step_dir: str = STEP1) -> Path:
@@ -109,14 +112,14 @@ def test_a_chunk_size_and_chunk_count_are_validated(tmp_path: Path, monkeypatch:
     good = manifest_path(tmp_path).read_bytes()
 
     # -1: before, no chunk was hashed at all and a flipped data byte loaded silently.
-    shard_file = tmp_path / STEP1 / SHARD
-    data = bytearray(shard_file.read_bytes())
+    shard = shard_file(tmp_path / STEP1)
+    data = bytearray(shard.read_bytes())
     data[-5] ^= 0x40
-    shard_file.write_bytes(bytes(data))
+    shard.write_bytes(bytes(data))
     edit(tmp_path, lambda b: shard_of(b, "w").update(chunk_size=-1))
     refused_everywhere(tmp_path, r"tensor 'w'.*chunk_size -1", "chunk_size -1")
     data[-5] ^= 0x40
-    shard_file.write_bytes(bytes(data))
+    shard.write_bytes(bytes(data))
 
     # 1: before, one hash job per byte (> 6 GiB for these 4 MiB); now refused before any read.
     edit(tmp_path, lambda b: shard_of(b, "w").update(chunk_size=1))
@@ -173,6 +176,7 @@ def test_b_huge_shapes_are_refused_before_any_allocation_or_read(
     raw = tmp_path / "raw"
     save(raw, {"w": torch.randn(1000)})
     good = manifest_path(raw).read_bytes()
+    SHARD = shard_name_in(raw)
     size = (raw / STEP1 / SHARD).stat().st_size
 
     def hostile(change: Callable[[dict[str, Any]], Any]) -> None:
@@ -219,7 +223,7 @@ def test_b_range_in_an_earlier_snapshots_file_is_checked_against_its_real_size(
     with Checkpointer(tmp_path) as ck:
         ck.save(1, {"frozen": frozen, "w": torch.randn(10)}).wait()
         ck.save(2, {"frozen": frozen, "w": torch.randn(10)}).wait()
-    old = f"{STEP1}/{SHARD}"
+    old = f"{STEP1}/{shard_name_in(tmp_path)}"
     assert shard_of(json.loads(manifest_path(tmp_path, STEP2).read_bytes()), "frozen")["file"] == old
     edit(tmp_path, lambda b: claim_huge(b, "frozen"), STEP2)
     snapshot(tmp_path, 2)  # valid as far as the manifest can tell: the file is not its own
@@ -306,8 +310,8 @@ def test_d_unknown_dtype_names_the_tensor(tmp_path: Path, dtype: Any) -> None:
 def test_e_shard_headers_are_checked_once_per_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     state = {"a": torch.randn(100), "b": torch.randn(50), "c": torch.arange(7)}
     save(tmp_path, state)
-    shard = tmp_path / STEP1 / SHARD
-    rel = f"{STEP1}/{SHARD}"
+    shard = shard_file(tmp_path / STEP1)
+    rel = f"{STEP1}/{shard.name}"
     good = shard.read_bytes()
     hlen = int.from_bytes(good[:8], "little")
 

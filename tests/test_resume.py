@@ -239,10 +239,10 @@ SIGTERM_SCRIPT = textwrap.dedent(
     ck = Checkpointer(sys.argv[1])
     go = threading.Event()
     write = ck.storage.write
-    def slow(rel, segments):
+    def slow(rel, segments, **kw):
         if rel.endswith("manifest.json"):
             os.kill(os.getpid(), signal.SIGTERM)  # the commit is still to be written
-        return write(rel, segments)
+        return write(rel, segments, **kw)
     ck.storage.write = slow
     ck.save(1, {"w": torch.ones(1000)})
     signal.pause()  # SIGTERM arrives while step 1 persists

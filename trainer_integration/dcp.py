@@ -118,6 +118,7 @@ class _PlanData:
     step: int
     rank: int
     names: dict[str, str]  # fqn -> fmstore tensor name, for this rank's tensor items
+    writer: str = ""  # this save's id, in its shard files' names (unique: two savers never collide)
 
 
 @dataclass(frozen=True)
@@ -229,10 +230,12 @@ class _Base:
                 self._res = _Resources(self.root, self.storage_options, self.io_threads)
             return self._res
 
-    def _level(self, rank: int = 0, incremental: bool = False) -> SnapshotLevel:
+    def _level(self, rank: int = 0, incremental: bool = False, writer: str | None = None) -> SnapshotLevel:
         # world_size=1: DCP's own collectives bring the ranks' results to the coordinator,
         # so the level's file-based reports are not used; the commit gets the real size.
-        return SnapshotLevel(_LAYER, self._resources().storage, rank=rank, incremental=incremental)
+        return SnapshotLevel(
+            _LAYER, self._resources().storage, rank=rank, incremental=incremental, writer=writer
+        )
 
     def close(self) -> None:
         """Release the storage, thread pools and staging buffers (reopened on next use)."""
@@ -350,11 +353,15 @@ class FmstoreStorageWriter(_Base, StorageWriter):
         ]
         names = _names(shapes, mappings)
         self._planned_step = step
+        writer = uuid.uuid4().hex
         return [
             dataclasses.replace(
                 p,
                 storage_data=_PlanData(
-                    step, i, {it.index.fqn: names[it.index.fqn] for it in p.items if it.index.fqn in names}
+                    step,
+                    i,
+                    {it.index.fqn: names[it.index.fqn] for it in p.items if it.index.fqn in names},
+                    writer,
                 ),
             )
             for i, p in enumerate(plans)
@@ -369,7 +376,9 @@ class FmstoreStorageWriter(_Base, StorageWriter):
                 "save through torch.distributed.checkpoint.save / async_save"
             )
         step = self.step if self.step is not None else info.step
-        level = self._level(info.rank, incremental=self.incremental)  # its base: the newest step before
+        level = self._level(
+            info.rank, self.incremental, info.writer or None
+        )  # its base: the newest step before
         _refuse_committed(step, level.steps(), self.root)
         results: list[WriteResult] = []
         tensors: dict[str, tuple[WriteItem, torch.Tensor]] = {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,6 +32,7 @@ from ..errors import CapacityError, ConfigError, CorruptBlobError, FmstoreError,
 from ..gcpause import paused_gc
 from ..store import TieredStore
 from . import overlap, stateful
+from .lease import DEFAULT_TTL, WriterConflictError
 from .level import SnapshotLevel, SnapshotNotFoundError, Written
 from .manifest import Manifest, ManifestError, step_dir
 from .memory import HOST, MemoryItem, MemoryLevel, MemorySnapshot, restore
@@ -195,6 +197,12 @@ class Checkpointer:
             about a minute), so the wait is too.  ``"skip"``: the step goes to no durable level
             (a warning says so; a host-memory level still keeps it), so training never waits
             on storage.  Single process only; a save with ``levels=`` given always waits.
+        lease_ttl: one job writes a root at a time.  Its first save claims each durable
+            root (a lock on local disks, released by the kernel if the job dies; on S3 a
+            lease object renewed every ``lease_ttl / 4`` seconds), and a second job's save,
+            ``delete()`` or ``gc()`` raises :class:`WriterConflictError` naming the holder
+            before writing anything.  An S3 lease that goes ``lease_ttl`` seconds (default
+            60) without renewal, its holder killed, is taken over.  Loading never claims.
 
     State values may be Stateful (``state_dict()`` / ``load_state_dict()``: modules,
     optimizers, LR schedulers, :class:`RNGState`): see :meth:`save` and :meth:`load`.  A save
@@ -219,6 +227,7 @@ class Checkpointer:
         codec: str = "auto",
         max_persists: int = 1,
         when_busy: str = "wait",
+        lease_ttl: float = DEFAULT_TTL,
     ) -> None:
         codec = _CODEC_ALIASES.get(codec, codec)
         if codec not in CODECS:
@@ -244,6 +253,12 @@ class Checkpointer:
         self.rank, self.world_size = (0, 1) if no_dist else _rank_and_world(process_group)
         if when_busy == "skip" and self.world_size > 1:  # the ranks would have to skip alike
             raise ConfigError("when_busy='skip' is for a single process; with several ranks use 'wait'")
+        # This job's id, the same on every rank: it names the job's shard files and its save
+        # attempts (saves are called in the same order everywhere), so what a killed earlier
+        # job or another writer left in a step's directory is never taken for this job's.
+        self._session = _session_token(process_group) if self.world_size > 1 else uuid.uuid4().hex
+        self._process_group = process_group
+        self._claimed = False
         self.levels = [
             SnapshotLevel(
                 spec.name,
@@ -254,6 +269,8 @@ class Checkpointer:
                 world_size=self.world_size,
                 incremental=incremental,
                 timeout=timeout,
+                writer=self._session,
+                lease_ttl=lease_ttl,
             )
             for spec in specs
         ]
@@ -286,9 +303,6 @@ class Checkpointer:
         self._unreported: list[BaseException] = []  # errors of finished persists, to raise once
         self._lock = threading.Lock()
         self._deleting = threading.Lock()  # a delete and the start of a save exclude each other
-        # Names this process's save attempts, the same on every rank (saves are called in the
-        # same order everywhere): what a killed earlier job left in a step's directory is ignored.
-        self._session = _session_token(process_group) if self.world_size > 1 else ""
         self._saves = 0
         self._closed = False
         overlap.install()  # block=False saves make the next optimizer step wait for their copies
@@ -425,6 +439,8 @@ class Checkpointer:
             tensors, self.rank, self.world_size, replicas=self.memory is not None, rank_local=local
         )
         if targets:
+            if not self._claimed:
+                self._claim()
             self._make_room()  # at most max_persists durable persists, so memory stays bounded
         for lvl in targets:
             if lvl.committed(step):
@@ -595,13 +611,45 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ retention
 
+    def _claim(self) -> None:
+        """Claim the durable levels' roots before this job's first write to any of them: rank 0
+        takes each root's writer lease and the other ranks learn the outcome, so that a second
+        job on a root is refused on every rank before any of them writes."""
+        error: FmstoreError | None = None
+        if self.rank == 0:
+            for lvl in self.levels:
+                try:
+                    lvl.claim()
+                except FmstoreError as e:
+                    error = e
+                    break
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            pg = self._process_group
+            box = [None if error is None else str(error)] if self.rank == 0 else [None]
+            src = 0 if pg is None else dist.get_global_rank(pg, 0)
+            dist.broadcast_object_list(box, src=src, group=pg)
+            if error is None and box[0] is not None:
+                error = WriterConflictError(f"rank 0 could not claim the checkpoint roots: {box[0]}")
+        if error is not None:
+            for lvl in self.levels:
+                if lvl.lease is not None:
+                    lvl.lease.release()
+                    lvl.lease = None
+            raise error
+        self._claimed = True
+
     def gc(self, *, keep_steps: list[int] | None = None, level: str | None = None) -> list[str]:
         """Delete files that no committed snapshot references, in every durable level (or
         ``level``), in directories older than its newest committed snapshot (newer ones may
-        still be being written).  Returns what was deleted."""
+        still be being written).  Returns what was deleted.  Deletes only as the root's writer
+        (claims it like a save; :class:`WriterConflictError` if another job writes there)."""
         self._wait_all()
         deleted = []
         for lvl in self._levels(level):
+            if self.rank == 0:
+                lvl.claim()
             deleted += lvl.gc(keep_steps=keep_steps)
         return deleted
 
@@ -620,6 +668,8 @@ class Checkpointer:
             found |= self.memory.drop(step)
         for lvl in self._levels(level) if level != HOST else []:
             if lvl.committed(step):
+                if self.rank == 0:
+                    lvl.claim()
                 lvl.drop(step)
                 found = True
         if not found:

@@ -9,9 +9,11 @@ collective could deadlock against the training thread's own.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
@@ -23,11 +25,21 @@ from ..blob import SAFETENSORS_CODES, dtype_name
 from ..codec import Encoded
 from ..errors import FmstoreError, StorageError
 from ..gcpause import paused_gc
+from .lease import DEFAULT_TTL, WriterConflictError, WriterLease
 from .manifest import CHUNK_SIZE, MANIFEST, Manifest, Shard, TensorEntry, parse_step_dir, step_dir
+from .reports import merge_reports
 from .sharding import Piece
 from .staging import StagedTensor
 from .storage import SnapshotStorage
 from .tree import merge_per_rank, per_rank_nodes
+
+#: An incremental save references unchanged tensors in a stored file only if they make up at
+#: least this much of it (else they are copied forward: see SnapshotLevel.write_local), so
+#: retention can free all but at most about 1 - LIVE_FRACTION of what older files hold.
+LIVE_FRACTION = 0.9
+#: ... and a file whose dead bytes are fewer than this is referenced whatever its fraction
+#: (a small file pins little; copying would rewrite the unchanged tensors for nothing).
+DEAD_SLACK = 1 << 20
 
 
 class SnapshotNotFoundError(FmstoreError, KeyError):
@@ -89,7 +101,12 @@ class SnapshotLevel:
         world_size: int = 1,
         incremental: bool = True,
         timeout: float = 1800.0,
+        writer: str | None = None,
+        lease_ttl: float = DEFAULT_TTL,
     ) -> None:
+        """``writer``: the id of the job writing (the same on its ranks), in its shard files'
+        names, so that no two writers ever write the same file; ``lease_ttl``: see
+        :class:`~fmstore.checkpoint.lease.WriterLease`."""
         self.name = name
         self.storage = storage
         self.every = every
@@ -98,6 +115,10 @@ class SnapshotLevel:
         self.world_size = world_size
         self.incremental = incremental
         self.timeout = timeout
+        self.writer = writer or uuid.uuid4().hex
+        self.lease_ttl = lease_ttl
+        self.lease: WriterLease | None = None  # the coordinator's claim on the root, once it saves
+        self._file_sizes: dict[str, int] = {}  # stored files' sizes, for write_local's live fractions
         self._last_manifest: Manifest | None = None
 
     @property
@@ -109,6 +130,26 @@ class SnapshotLevel:
 
     def path_of(self, step: int) -> str:
         return f"{self.url.rstrip('/')}/{step_dir(step)}"
+
+    def shard_file(self, step: int, *, kept: bool = False) -> str:
+        """This rank's shard file of ``step``: ``step-N/<hash>-shard-r<rank>.safetensors``
+        (``-kept-``: its file of unchanged tensors, see :meth:`write_local`).  The hash of
+        (writer, rank) makes the name unique to this writer, and, leading the name, spreads a
+        large job's keys over S3's key space (S3 scales request rates per key prefix: names
+        that all began "shard-r0" would share one)."""
+        h = hashlib.blake2b(f"{self.writer}:{self.rank}".encode(), digest_size=4).hexdigest()
+        return f"{step_dir(step)}/{h}-{'kept' if kept else 'shard'}-r{self.rank:05d}.safetensors"
+
+    def claim(self) -> None:
+        """Take the root's writer lease (the coordinator, before its first write); raises
+        :class:`WriterConflictError` if another writer holds it."""
+        if self.lease is None:
+            self.lease = WriterLease(self.storage, self.writer, ttl=self.lease_ttl)
+        self.lease.acquire()
+
+    def _fence(self) -> None:
+        if self.lease is not None:
+            self.lease.check()
 
     # ------------------------------------------------------------------ listing
 
@@ -173,7 +214,7 @@ class SnapshotLevel:
         the step's directory by an attempt that died (a killed job saving the same step again
         after its restart) carry another token and are ignored, never merged."""
         rel_dir = step_dir(step)
-        doing = f"writing {rel_dir}/shard-r{self.rank:05d}.safetensors"
+        doing = f"writing {self.shard_file(step)}"
         local: LocalWrite | None = None
         try:
             try:
@@ -233,7 +274,13 @@ class SnapshotLevel:
         if local is None or not local.files:
             return
         try:
-            if self.committed(step):
+            try:  # committed after all, by this writer or (lost race) another: keep what it names
+                keep = self.manifest(step).referenced_files()
+            except SnapshotNotFoundError:
+                keep = set()
+            if keep:
+                for rel in set(local.files) - keep:
+                    self.storage.delete(rel)
                 return
             if self.world_size > 1:
                 aborted = self._abort_of(step_dir(step), token) is not None
@@ -258,11 +305,21 @@ class SnapshotLevel:
 
     def write_local(self, step: int, items: list[WriteItem]) -> LocalWrite:
         """Write this rank's shard file: the items whose bytes the base snapshot does not hold
-        already (those are referenced there).  Nothing is committed."""
-        rel_dir = step_dir(step)
+        already (those are referenced there).  Nothing is committed.
+
+        An unchanged tensor is referenced only where that keeps files nearly all live: when
+        the unchanged tensors found in a stored file make up at least :data:`LIVE_FRACTION`
+        of it (or the rest is under :data:`DEAD_SLACK`).  Otherwise (a file of tensors that stay beside ones that changed) they are
+        written once more, into this step's *kept* file, a file of tensors that stay, and
+        referenced there from then on; so retention frees the changing tensors' files and
+        the root holds about one snapshot's bytes, never whole older files pinned by a few
+        of their tensors (issue 13, finding 9)."""
         base = self._base_manifest(step)
+        if base is not None:
+            self._file_sizes.update(base.files)
         entries: dict[str, TensorEntry] = {}
-        to_write = []
+        to_write: list[tuple[WriteItem, Shard]] = []
+        unchanged: dict[str, list[tuple[WriteItem, Shard, Shard]]] = {}  # stored file -> candidates
         for item in items:
             st, piece = item.staged, item.piece
             shard = Shard(list(piece.offsets), list(st.shape), "", 0, 0, "", [], CHUNK_SIZE, [])
@@ -271,29 +328,51 @@ class SnapshotLevel:
             if base is not None and _may_match(base, piece, st.dtype):
                 shard.checksum, shard.chunks = item.digest.result()[0]
                 old = _same_shard(base, piece, st.dtype, shard)
-                if old is not None:  # unchanged: point at the bytes already stored
-                    entries[piece.name] = TensorEntry(dtype_name(st.dtype), list(piece.global_shape), [old])
+                if old is not None:
+                    unchanged.setdefault(old.file, []).append((item, shard, old))
                     continue
             to_write.append((item, shard))
+        to_keep: list[tuple[WriteItem, Shard]] = []
+        for rel, found in unchanged.items():
+            size = self._file_size(rel)
+            dead = size - sum(old.end - old.begin for _, _, old in found)
+            if dead <= max((1 - LIVE_FRACTION) * size, DEAD_SLACK):  # point at the bytes stored
+                for item, _, old in found:
+                    entries[item.piece.name] = TensorEntry(
+                        dtype_name(item.staged.dtype), list(item.piece.global_shape), [old]
+                    )
+            else:
+                to_keep += [(item, shard) for item, shard, _ in found]
         files: dict[str, int] = {}
-        written = 0
-        if to_write:
-            rel = f"{rel_dir}/shard-r{self.rank:05d}.safetensors"
-            bodies = [_body(item) for item, _ in to_write]
-            header, spans = _shard_header([b for b, _ in bodies])
-            segments: list[memoryview | bytes] = [header]
-            segments += [seg for _, segs in bodies for seg in segs]
-            size = self.storage.write(rel, segments)
-            files[rel] = size
-            written += size
-            for (item, shard), (begin, end), (entry, _) in zip(to_write, spans, bodies):
-                shard.checksum, shard.chunks = item.digest.result()[0]
-                shard.file, shard.begin, shard.end = rel, begin, end
-                shard.codec = entry.codec
-                entries[item.piece.name] = TensorEntry(
-                    dtype_name(item.staged.dtype), list(item.piece.global_shape), [shard]
-                )
-        return LocalWrite(entries, files, written, len(to_write))
+        for rel, pairs in ((self.shard_file(step), to_write), (self.shard_file(step, kept=True), to_keep)):
+            if pairs:
+                files[rel] = self._write_file(rel, pairs, entries)
+        self._file_sizes.update(files)
+        return LocalWrite(entries, files, sum(files.values()), len(to_write) + len(to_keep))
+
+    def _write_file(
+        self, rel: str, pairs: list[tuple[WriteItem, Shard]], entries: dict[str, TensorEntry]
+    ) -> int:
+        """Write ``pairs`` into shard file ``rel``; their entries go into ``entries``."""
+        bodies = [_body(item) for item, _ in pairs]
+        header, spans = _shard_header([b for b, _ in bodies])
+        segments: list[memoryview | bytes] = [header]
+        segments += [seg for _, segs in bodies for seg in segs]
+        size = self.storage.write(rel, segments)
+        for (item, shard), (begin, end), (entry, _) in zip(pairs, spans, bodies):
+            shard.checksum, shard.chunks = item.digest.result()[0]
+            shard.file, shard.begin, shard.end = rel, begin, end
+            shard.codec = entry.codec
+            entries[item.piece.name] = TensorEntry(
+                dtype_name(item.staged.dtype), list(item.piece.global_shape), [shard]
+            )
+        return size
+
+    def _file_size(self, rel: str) -> int:
+        """A stored file's size: known from the manifests this level wrote or read, else asked."""
+        if rel not in self._file_sizes:
+            self._file_sizes[rel] = self.storage.size(rel)
+        return self._file_sizes[rel]
 
     def commit(
         self,
@@ -315,7 +394,14 @@ class SnapshotLevel:
         )
         with paused_gc():  # a manifest's JSON is thousands of short-lived objects
             raw = manifest.to_json()
-        self.storage.write(f"{step_dir(step)}/{MANIFEST}", [raw])
+        self._fence()
+        try:  # created, never replaced: of two writers committing one step, one wins
+            self.storage.write(f"{step_dir(step)}/{MANIFEST}", [raw], exclusive=True)
+        except FileExistsError:
+            raise WriterConflictError(
+                f"step {step} not saved to {self.url!r}: another writer committed it meanwhile "
+                "(its snapshot is kept; this save's files are removed)"
+            ) from None
         self._last_manifest = manifest
         if self.keep_last is not None and self.rank == 0:
             self.apply_retention()
@@ -359,9 +445,11 @@ class SnapshotLevel:
                 rel = f"{rel_dir}/rank-{r:05d}.json"
                 if r not in reports and self.storage.exists(rel):
                     try:
-                        rep = json.loads(self.storage.read_bytes(rel))
+                        raw = self.storage.read_bytes(rel)
                     except FileNotFoundError:  # replaced meanwhile: read it at the next poll
                         continue
+                    with paused_gc():  # a large job's reports are millions of objects, none garbage
+                        rep = json.loads(raw)
                     if rep.get("token", "") == token:  # else a dead attempt's: its rank rewrites it
                         reports[r] = rep
             return reports if len(reports) == self.world_size else None
@@ -372,37 +460,7 @@ class SnapshotLevel:
             body = {"token": token, "errors": failed}
             self.storage.write(f"{rel_dir}/aborted.json", [json.dumps(body).encode()])
             raise FmstoreError(f"step {step} not committed to {self.name!r}: {'; '.join(failed)}")
-        entries: dict[str, TensorEntry] = {}
-        files: dict[str, int] = {}
-        names: set[str] = set()
-        for r in sorted(reports):
-            rep = reports[r]
-            names |= set(rep["names"])
-            files.update(rep["files"])
-            for name, e in rep["entries"].items():
-                shards = [Shard(**sh) for sh in e["shards"]]
-                have = entries.get(name)
-                if have is None:
-                    entries[name] = TensorEntry(e["dtype"], e["shape"], shards)
-                elif have.dtype != e["dtype"] or have.shape != e["shape"]:
-                    raise FmstoreError(
-                        f"step {step}: ranks disagree on tensor {name!r}: {have.dtype} {have.shape} "
-                        f"vs {e['dtype']} {e['shape']} (rank {r})"
-                    )
-                else:
-                    boxes = {(tuple(s.offsets), tuple(s.lengths)) for s in have.shards}
-                    have.shards += [s for s in shards if (tuple(s.offsets), tuple(s.lengths)) not in boxes]
-        for name in sorted(names):
-            entry = entries.get(name)
-            covered = sum(numel(s.lengths) for s in entry.shards) if entry else 0
-            if entry is None or covered != numel(entry.shape):
-                raise FmstoreError(
-                    f"step {step} not committed: tensor {name!r} is not fully saved "
-                    f"({covered} of {numel(entry.shape) if entry else '?'} elements); a plain tensor must "
-                    "exist on every rank (it is taken to be replicated), a sharded one must be a DTensor"
-                )
-        per_rank = {r: rep.get("per_rank", []) for r, rep in reports.items() if r != 0}
-        return entries, files, per_rank
+        return merge_reports(reports, step)
 
     def _wait_for_commit(self, rel_dir: str, token: str) -> None:
         def committed() -> bool | None:
@@ -418,6 +476,7 @@ class SnapshotLevel:
     # ------------------------------------------------------------------ retention
 
     def apply_retention(self) -> None:
+        self._fence()
         steps = self.steps()
         assert self.keep_last is not None
         drop, keep = steps[: -self.keep_last], steps[-self.keep_last :]
@@ -459,6 +518,8 @@ class SnapshotLevel:
         return deleted
 
     def close(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
         self.storage.close()
 
     def __repr__(self) -> str:

@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..codec import registry
 from ..codec.registry import CodecConfigError
 from ..errors import CorruptBlobError, FmstoreError
+from ..gcpause import paused_gc
 from .tree import path_text
 
 FORMAT = "fmstore.snapshot"
@@ -72,6 +73,30 @@ class Shard:
     chunk_size: int = 0  # the original bytes are checked in chunks of this many bytes...
     chunks: list[str] = field(default_factory=list)  # ...each with its xxh3_128 hex digest
 
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Shard:
+        """The shard of a manifest's (or a rank report's) JSON object.  One with exactly the
+        fields, in order (as :meth:`Manifest.to_json` writes them), becomes the shard's
+        attributes as it is: a large job's table has a shard per rank and tensor, and the
+        constructor's keyword matching is most of the cost of reading one.  Any other object
+        goes through the constructor, which refuses unknown names and fills defaults."""
+        if type(body) is dict and len(body) == _NFIELDS and list(body) == _FIELDS:
+            shard = object.__new__(cls)
+            shard.__dict__ = body
+            return shard
+        return cls(**body)
+
+
+_FIELDS = [f.name for f in fields(Shard)]
+_NFIELDS = len(_FIELDS)
+
+
+def _shard_body(s: Shard) -> dict[str, Any]:
+    """What ``asdict`` gives for a shard (the JSON is the same), without copying its lists: its
+    own attributes, which hold exactly the fields in order unless something added one."""
+    d = s.__dict__
+    return d if len(d) == _NFIELDS else {f: getattr(s, f) for f in _FIELDS}
+
 
 @dataclass
 class TensorEntry:
@@ -91,11 +116,33 @@ class Manifest:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        body = {"format": FORMAT, "version": VERSION, **asdict(self)}
+        """The manifest's JSON: ``{"format", "version", **asdict(self)}``, compact.  Built without
+        ``asdict``, whose deep copy of every shard's lists cost more than the encoding."""
+        body = {
+            "format": FORMAT,
+            "version": VERSION,
+            "step": self.step,
+            "world_size": self.world_size,
+            "tensors": {
+                name: {"dtype": e.dtype, "shape": e.shape, "shards": [_shard_body(s) for s in e.shards]}
+                for name, e in self.tensors.items()
+            },
+            "tree": self.tree,
+            "files": self.files,
+            "created": self.created,
+            "meta": self.meta,
+        }
         return json.dumps(body, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes, *, where: str) -> Manifest:
+        # Millions of objects for a large job (a shard per rank and tensor), none of them
+        # garbage: the collector would only rescan them, many times over (2-4x the parse).
+        with paused_gc():
+            return cls._from_json(raw, where)
+
+    @classmethod
+    def _from_json(cls, raw: bytes, where: str) -> Manifest:
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
@@ -110,10 +157,11 @@ class Manifest:
                 f"{where}: manifest version {version!r}; this fmstore reads versions {list(READS)}"
             )
         try:
+            from_body = Shard.from_body
+            if version == 1:
+                from_body = lambda s: _legacy_shard(s, where)  # noqa: E731
             tensors = {
-                name: TensorEntry(
-                    e["dtype"], list(e["shape"]), [_shard(s, version, where) for s in e["shards"]]
-                )
+                name: TensorEntry(e["dtype"], list(e["shape"]), [from_body(s) for s in e["shards"]])
                 for name, e in body["tensors"].items()
             }
             m = cls(
@@ -138,6 +186,12 @@ class Manifest:
         range, checksum chunks and codec fit its size; the shards cover the tensor; the tree is
         well formed and names only tensors of the table.  A shard in an earlier snapshot's file
         is checked against that file's real size when a load opens it (the reader)."""
+        # A large job's table has a shard per rank and tensor (512 k for 1,024 ranks x 500
+        # tensors): what is the same for many shards (a file's name and size, a tensor's dtype
+        # and shape) is checked once, and the shards of a tensor are first passed by a quick
+        # check that accepts only what the full one does; where it finds anything else, the
+        # full check runs on each shard and names what is wrong.
+        known: dict[str, tuple[bool, int | None]] = {}  # good file names -> (this snapshot's, recorded size)
         for name, entry in self.tensors.items():
             at = f"{where}: tensor {name!r}"
             if not isinstance(entry.dtype, str):
@@ -148,10 +202,11 @@ class Manifest:
                 raise ManifestError(f"{at}: unknown dtype {entry.dtype!r}") from None
             if not _ints(entry.shape):
                 raise ManifestError(f"{at}: shape {entry.shape!r} is not a list of ints >= 0")
-            held = 0
-            for s in entry.shards:
-                self._validate_shard(at, entry, s, itemsize)
-                held += _numel(s.lengths)
+            held = _held_by_plain_shards(entry, itemsize, known)
+            if held is None:  # not all raw shards of files seen already: each checked in full
+                held = 0
+                for s in entry.shards:
+                    held += self._validate_shard(at, entry, s, itemsize, known)
             # Shards may repeat a region (replicas), never leave one out: a tensor is at most
             # as large as its shards, which are bounded by the bytes stored for them.
             if held < _numel(entry.shape):
@@ -160,71 +215,133 @@ class Manifest:
                 )
         _validate_tree(self.tree, self.tensors, where)
 
-    def _validate_shard(self, at: str, entry: TensorEntry, s: Shard, itemsize: int) -> None:
-        m = _FILE.match(s.file) if isinstance(s.file, str) else None
-        if m is None or int(m.group(1)) > self.step:
-            raise ManifestError(
-                f"{at} names file {s.file!r}, which is not a shard file "
-                "of this snapshot or an earlier one under the same root"
-            )
-        if not _int(s.begin) or not _int(s.end) or not (0 <= s.begin <= s.end):
-            raise ManifestError(f"{at} has a bad byte range {s.begin!r}..{s.end!r}")
-        if int(m.group(1)) == self.step:  # a file this snapshot wrote: its size is recorded
-            size = self.files.get(s.file)
-            if size is None or s.end > size:
+    def _validate_shard(
+        self, at: str, entry: TensorEntry, s: Shard, itemsize: int, known: dict[str, tuple[bool, int | None]]
+    ) -> int:
+        """Check one shard (see :meth:`validate`); its number of elements."""
+        file = s.file
+        if type(file) is str and file in known:
+            own, size = known[file]
+        else:
+            m = _FILE.match(file) if isinstance(file, str) else None
+            if m is None or int(m.group(1)) > self.step:
                 raise ManifestError(
-                    f"{at}: bytes {s.begin}..{s.end} of {s.file!r} lie outside the file "
-                    f"({'not in the files' if size is None else f'{size} bytes'} this snapshot records)"
+                    f"{at} names file {file!r}, which is not a shard file "
+                    "of this snapshot or an earlier one under the same root"
                 )
-        if not _ints(s.offsets) or not _ints(s.lengths):
+            own = int(m.group(1)) == self.step  # a file this snapshot wrote: its size is recorded
+            size = self.files.get(file) if own else None
+            known[file] = (own, size)
+        begin, end = s.begin, s.end
+        if not (_int(begin) and _int(end) and 0 <= begin <= end):
+            raise ManifestError(f"{at} has a bad byte range {begin!r}..{end!r}")
+        if own and (size is None or end > size):
+            raise ManifestError(
+                f"{at}: bytes {begin}..{end} of {file!r} lie outside the file "
+                f"({'not in the files' if size is None else f'{size} bytes'} this snapshot records)"
+            )
+        offsets, lengths, shape = s.offsets, s.lengths, entry.shape
+        if not _ints(offsets) or not _ints(lengths):
             raise ManifestError(f"{at}: shard offsets/lengths are not lists of ints >= 0")
-        if len(s.offsets) != len(entry.shape) or len(s.lengths) != len(entry.shape):
+        if len(offsets) != len(shape) or len(lengths) != len(shape):
             raise ManifestError(f"{at}: shard rank does not match shape")
-        if any(o + n > g for o, n, g in zip(s.offsets, s.lengths, entry.shape)):
-            raise ManifestError(f"{at}: a shard lies outside shape {entry.shape}")
-        if not isinstance(s.checksum, str) or not isinstance(s.chunks, list):
+        n = 1
+        for o, k, g in zip(offsets, lengths, shape):
+            if o + k > g:
+                raise ManifestError(f"{at}: a shard lies outside shape {shape}")
+            n *= k
+        chunks, codec = s.chunks, s.codec
+        if not isinstance(s.checksum, str) or not isinstance(chunks, list):
             raise ManifestError(f"{at}: shard checksum/chunks are malformed")
-        if not isinstance(s.codec, list) or len(s.codec) > 1:
-            raise ManifestError(f"{at}: codec {s.codec!r} is not a list of at most one codec")
-        nbytes = _numel(s.lengths) * itemsize
-        stored = s.end - s.begin
+        if not isinstance(codec, list) or len(codec) > 1:
+            raise ManifestError(f"{at}: codec {codec!r} is not a list of at most one codec")
+        nbytes = n * itemsize
+        stored = end - begin
         checksum = "chunks"
-        if not s.codec:
+        if not codec:
             if stored != nbytes:
                 raise ManifestError(
-                    f"{at}: {stored} bytes recorded in {s.file!r} for a raw shard of {nbytes} bytes"
+                    f"{at}: {stored} bytes recorded in {file!r} for a raw shard of {nbytes} bytes"
                 )
         else:
             try:
-                codec = registry.get(s.codec[0], at)
-                codec.check(itemsize, at)
-                codec.check_sizes(stored, nbytes, itemsize, f"{at} in {s.file!r}")
+                c = registry.get(codec[0], at)
+                c.check(itemsize, at)
+                c.check_sizes(stored, nbytes, itemsize, f"{at} in {file!r}")
             except CodecConfigError as e:
                 raise ManifestError(str(e)) from None
-            checksum = codec.checksum
+            checksum = c.checksum
         if checksum == "chunks":  # the reader hashes the (decoded) bytes in these chunks
             cs = s.chunk_size
             if not _int(cs) or not MIN_CHUNK_SIZE <= cs <= MAX_CHUNK_SIZE:
                 raise ManifestError(
-                    f"{at}: chunk_size {cs!r} in {s.file!r} is not in [{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}]"
+                    f"{at}: chunk_size {cs!r} in {file!r} is not in [{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}]"
                 )
-            if len(s.chunks) != -(-nbytes // cs):
+            if len(chunks) != -(-nbytes // cs):
                 raise ManifestError(
-                    f"{at}: {len(s.chunks)} chunk digests in {s.file!r} for {nbytes} bytes "
+                    f"{at}: {len(chunks)} chunk digests in {file!r} for {nbytes} bytes "
                     f"in chunks of {cs} (want {-(-nbytes // cs)})"
                 )
+        return n
 
     def referenced_files(self) -> set[str]:
         return {s.file for e in self.tensors.values() for s in e.shards}
 
 
+def _held_by_plain_shards(
+    entry: TensorEntry, itemsize: int, known: dict[str, tuple[bool, int | None]]
+) -> int | None:
+    """The elements ``entry``'s shards hold, if every shard is raw, of a file whose name
+    :meth:`Manifest._validate_shard` accepted already (in ``known``) and passes its every check
+    in the plainest form (exact ints and lists); else None (for the full check, which this never
+    contradicts: it accepts a subset of what that does)."""
+    shape = entry.shape
+    ndim = len(shape)
+    held = 0
+    for s in entry.shards:
+        file, begin, end, offsets, lengths = s.file, s.begin, s.end, s.offsets, s.lengths
+        info = known.get(file) if type(file) is str else None
+        if info is None or type(begin) is not int or type(end) is not int or not 0 <= begin <= end:
+            return None
+        own, size = info
+        if own and (size is None or end > size):
+            return None
+        if (
+            type(offsets) is not list
+            or type(lengths) is not list
+            or len(offsets) != ndim
+            or len(lengths) != ndim
+        ):
+            return None
+        n = 1
+        for o, k, g in zip(offsets, lengths, shape):
+            if type(o) is not int or type(k) is not int or o < 0 or k < 0 or o + k > g:
+                return None
+            n *= k
+        codec, chunks, cs = s.codec, s.chunks, s.chunk_size
+        if type(codec) is not list or codec or type(s.checksum) is not str or type(chunks) is not list:
+            return None
+        nbytes = n * itemsize
+        if end - begin != nbytes or type(cs) is not int or not MIN_CHUNK_SIZE <= cs <= MAX_CHUNK_SIZE:
+            return None
+        if len(chunks) != -(-nbytes // cs):
+            return None
+        held += n
+    return held
+
+
 def _int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    return type(x) is int or (isinstance(x, int) and not isinstance(x, bool))
 
 
 def _ints(xs: Any) -> bool:
     """A list of ints >= 0 (a shape, offsets, lengths)."""
-    return isinstance(xs, list) and all(_int(x) and x >= 0 for x in xs)
+    if not isinstance(xs, list):
+        return False
+    for x in xs:  # a loop, not all(...): this runs twice per shard
+        if not (type(x) is int or _int(x)) or x < 0:
+            return False
+    return True
 
 
 def _numel(shape: list[int]) -> int:
@@ -297,10 +414,10 @@ def _key(k: Any) -> bool:
     return isinstance(k, str) or _int(k)
 
 
-def _shard(body: dict[str, Any], version: int, where: str) -> Shard:
+def _legacy_shard(body: dict[str, Any], where: str) -> Shard:
+    """A shard of a version-1 manifest: its codec a chain of strings (["planes4", "zstd"])."""
     shard = Shard(**body)
-    if version == 1:  # chains of strings: ["planes4", "zstd"] and the like
-        shard.codec = registry.from_legacy(list(shard.codec), where)
+    shard.codec = registry.from_legacy(list(shard.codec), where)
     return shard
 
 

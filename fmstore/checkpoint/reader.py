@@ -18,6 +18,7 @@ import threading
 from collections.abc import Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from math import prod
 from typing import Any
 
 import torch
@@ -26,10 +27,11 @@ from ..blob import as_memoryview, dtype_from_name
 from ..codec import registry
 from ..codec.registry import Codec
 from ..errors import CorruptBlobError, FmstoreError
+from ..gcpause import paused_gc
 from ..tiers.host import BufferPool
 from .level import numel
 from .manifest import Manifest, ManifestError, Shard
-from .sharding import intersect, plan_read
+from .sharding import overlaps, plan_read
 from .storage import SnapshotStorage
 
 #: The longest safetensors header a shard file may have (safetensors' own limit).
@@ -62,7 +64,8 @@ class Region:
 @dataclass
 class ReadPlan:
     reads: dict[str, list[tuple[int, memoryview]]] = field(default_factory=dict)  # file -> ranges
-    checks: list[tuple[str, Shard, torch.Tensor, int]] = field(default_factory=list)  # chunks to verify
+    # chunks to verify: (tensor, shard, the bytes read, where they start in the shard)
+    checks: list[tuple[str, Shard, torch.Tensor | memoryview, int]] = field(default_factory=list)
     copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (dest view, block)
     decodes: list[tuple[str, Shard, Codec, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     finals: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (host, dest)
@@ -90,17 +93,12 @@ class SnapshotReader:
     def read(self, regions: list[Region]) -> None:
         """Fill every region's destination; a damaged or missing byte raises, naming the
         tensor and file (nothing is placed in a destination before its bytes are verified)."""
-        files = set()
-        for r in regions:
-            entry = self.manifest.tensors.get(r.name)
-            for s in entry.shards if entry is not None else []:  # an unknown name: the plan says so
-                if intersect(tuple(r.offsets), tuple(r.dest.shape), tuple(s.offsets), tuple(s.lengths)):
-                    files.add(s.file)
-        for file in sorted(files):  # before the plan allocates buffers for the ranges
+        found = find_overlaps(self.manifest, regions)
+        for file in sorted(files_of(found)):  # before the plan allocates buffers for the ranges
             self.check_file(file)
         plan = ReadPlan()
         try:
-            plan_regions(self.manifest, regions, self.pool, plan)
+            plan_regions(self.manifest, regions, self.pool, plan, found)
             self._run(plan)
         finally:
             for release in plan.releases:
@@ -121,11 +119,17 @@ class SnapshotReader:
         with self._lock:
             if file in self._checked:
                 return
-            if self._by_file is None:
-                self._by_file = {}
-                for name, entry in self.manifest.tensors.items():
-                    for s in entry.shards:
-                        self._by_file.setdefault(s.file, []).append((name, s))
+            if self._by_file is None:  # every shard of the table, once: a shard per rank and tensor
+                by_file: dict[str, list[tuple[str, Shard]]] = {}
+                with paused_gc():
+                    for name, entry in self.manifest.tensors.items():
+                        for s in entry.shards:
+                            in_file = by_file.get(s.file)
+                            if in_file is None:
+                                by_file[s.file] = [(name, s)]
+                            else:
+                                in_file.append((name, s))
+                self._by_file = by_file
             shards = self._by_file.get(file, [])
         try:
             check_shard_file(self.storage, file, shards, self.manifest.step)
@@ -178,20 +182,43 @@ class SnapshotReader:
             torch.cuda.synchronize()  # before the pooled buffers go back to the pool
 
 
+Overlaps = list[tuple[Shard, tuple[int, ...], tuple[int, ...], bool]]
+
+
+def find_overlaps(manifest: Manifest, regions: list[Region]) -> list[Overlaps | None]:
+    """For each region, the saved shards it meets (:func:`.sharding.overlaps`); None for a
+    tensor the manifest does not have (the plan says so)."""
+    out: list[Overlaps | None] = []
+    for r in regions:
+        entry = manifest.tensors.get(r.name)
+        out.append(None if entry is None else overlaps(entry.shards, tuple(r.offsets), tuple(r.dest.shape)))
+    return out
+
+
+def files_of(found: list[Overlaps | None]) -> set[str]:
+    """The shard files holding the overlaps :func:`find_overlaps` found."""
+    return {s.file for shards in found if shards for s, _, _, _ in shards}
+
+
 def plan_regions(
-    manifest: Manifest, regions: list[Region], pool: BufferPool, plan: ReadPlan | None = None
+    manifest: Manifest,
+    regions: list[Region],
+    pool: BufferPool,
+    plan: ReadPlan | None = None,
+    found: list[Overlaps | None] | None = None,
 ) -> ReadPlan:
     """What reading ``regions`` of ``manifest``'s snapshot takes: the byte ranges of each file,
     the decodes, the chunk checks and the copies into the destinations.  A pure function of
     the manifest and the regions (no I/O; pooled buffers are taken for data bound for a GPU,
-    and listed in the plan's ``releases``)."""
+    and listed in the plan's ``releases``).  ``found``: :func:`find_overlaps` of the regions,
+    where the caller has it already."""
     plan = plan if plan is not None else ReadPlan()
-    for r in regions:
-        _plan(manifest, r, pool, plan)
+    for i, r in enumerate(regions):
+        _plan(manifest, r, pool, plan, found[i] if found is not None else None)
     return plan
 
 
-def _plan(manifest: Manifest, r: Region, pool: BufferPool, plan: ReadPlan) -> None:
+def _plan(manifest: Manifest, r: Region, pool: BufferPool, plan: ReadPlan, found: Overlaps | None) -> None:
     step = manifest.step
     entry = manifest.tensors.get(r.name)
     if entry is None:
@@ -221,34 +248,58 @@ def _plan(manifest: Manifest, r: Region, pool: BufferPool, plan: ReadPlan) -> No
         host = raw[:nbytes].view(dtype).view(region_len)
         plan.finals.append((host, dest))
     covered = 0
-    for shard in entry.shards:
-        ov = intersect(region_off, region_len, tuple(shard.offsets), tuple(shard.lengths))
-        if ov is None:
-            continue
-        covered += numel(ov[1])
-        whole = tuple(shard.offsets) == region_off and tuple(shard.lengths) == region_len
+    row_bytes = prod(region_len[1:]) * itemsize
+    host_bytes: memoryview | None = None  # host's bytes, for reads straight into it
+    if found is None:
+        found = overlaps(entry.shards, region_off, region_len)
+    reads, checks = plan.reads, plan.checks
+    for shard, ov_off, ov_len, rows in found:
+        ov = (ov_off, ov_len)
+        covered += prod(ov_len)
+        if rows:  # the same columns: whole iff the same rows
+            whole = shard.offsets[0] == region_off[0] and shard.lengths[0] == region_len[0]
+        else:
+            whole = tuple(shard.offsets) == region_off and tuple(shard.lengths) == region_len
         if shard.codec:
             _plan_encoded(r.name, shard, host, whole, ov, region_off, dtype, itemsize, plan)
             continue
-        if shard.end - shard.begin != numel(shard.lengths) * itemsize:
-            raise ManifestError(
-                f"tensor {r.name!r}: {shard.end - shard.begin} bytes recorded in {shard.file!r}"
-            )
+        stored = shard.end - shard.begin
+        if stored != prod(shard.lengths) * itemsize:
+            raise ManifestError(f"tensor {r.name!r}: {stored} bytes recorded in {shard.file!r}")
         if whole:  # the common case: straight into the destination's memory
             buf = host.reshape(-1).view(torch.uint8)
             if buf.numel():
                 plan.reads.setdefault(shard.file, []).append((shard.begin, memoryview(buf.numpy())))
             plan.checks.append((r.name, shard, buf, 0))
             continue
-        rp = plan_read(tuple(shard.offsets), tuple(shard.lengths), ov[0], ov[1], itemsize)
-        cs = shard.chunk_size or (shard.end - shard.begin)
+        cs = shard.chunk_size or stored
+        if rows:
+            # Whole rows of the shard that are whole rows of the destination too (a resharded
+            # dim-0 load: a saved rank's slice inside this rank's): where they begin and end on
+            # checksum chunk boundaries, they are read straight into the destination's memory
+            # and checked there, like a whole shard, with no buffer and no copy.
+            start = (ov_off[0] - shard.offsets[0]) * row_bytes
+            end = start + ov_len[0] * row_bytes
+            if start % cs == 0 and (end % cs == 0 or end == stored):
+                if host_bytes is None:
+                    host_bytes = memoryview(host.reshape(-1).view(torch.uint8).numpy())
+                at = (ov_off[0] - region_off[0]) * row_bytes
+                view = host_bytes[at : at + end - start]
+                in_file = reads.get(shard.file)
+                if in_file is None:
+                    reads[shard.file] = [(shard.begin + start, view)]
+                else:
+                    in_file.append((shard.begin + start, view))
+                checks.append((r.name, shard, view, start))
+                continue
+        rp = plan_read(tuple(shard.offsets), tuple(shard.lengths), ov_off, ov_len, itemsize)
         a0 = rp.start // cs * cs
-        a1 = min(shard.end - shard.begin, -(-rp.end // cs) * cs)
+        a1 = min(stored, -(-rp.end // cs) * cs)
         buf = torch.empty(a1 - a0, dtype=torch.uint8)
         plan.reads.setdefault(shard.file, []).append((shard.begin + a0, memoryview(buf.numpy())))
         plan.checks.append((r.name, shard, buf, a0))
         block = buf[rp.start - a0 : rp.end - a0].view(dtype).view(rp.view_shape)[rp.slices]
-        dslices = tuple(slice(o - b, o - b + n) for o, b, n in zip(ov[0], region_off, ov[1]))
+        dslices = tuple(slice(o - b, o - b + n) for o, b, n in zip(ov_off, region_off, ov_len))
         plan.copies.append((host[dslices] if dslices else host, block))
     if covered != numel(region_len):
         raise FmstoreError(
@@ -320,7 +371,12 @@ def check_shard_file(storage: SnapshotStorage, file: str, shards: list[tuple[str
     spans = set()
     for key, value in header.items():
         offsets = value.get("data_offsets") if isinstance(value, dict) and key != "__metadata__" else None
-        if isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int for x in offsets):
+        if (
+            type(offsets) is list
+            and len(offsets) == 2
+            and type(offsets[0]) is int
+            and type(offsets[1]) is int
+        ):
             spans.add((offsets[0], offsets[1]))
     base = 8 + n  # safetensors' data offsets count from the end of the header
     for name, s in shards:
@@ -339,7 +395,9 @@ def _in_file(e: CorruptBlobError, file: str) -> CorruptBlobError:
     return e
 
 
-def verify_all(checks: list[tuple[str, Shard, torch.Tensor, int]], step: int, pool: Executor | None) -> None:
+def verify_all(
+    checks: list[tuple[str, Shard, torch.Tensor | memoryview, int]], step: int, pool: Executor | None
+) -> None:
     """Check every chunk read back (in parallel); a mismatch names the tensor, file and chunk."""
     import xxhash
 

@@ -13,6 +13,7 @@ those bytes are read, rounded out to the checksum chunks that cover them.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from math import prod
 from typing import Any
@@ -121,6 +122,52 @@ def intersect(
         off.append(lo)
         ln.append(hi - lo)
     return tuple(off), tuple(ln)
+
+
+def overlaps(
+    shards: Sequence[Any], off: tuple[int, ...], ln: tuple[int, ...]
+) -> list[tuple[Any, tuple[int, ...], tuple[int, ...], bool]]:
+    """(shard, overlap offsets, overlap lengths, rows) of each of ``shards`` (anything with
+    ``offsets`` and ``lengths``) that meets the box ``off``/``ln``, in their order; ``rows``:
+    the shard has the box's extent in every dimension but the first, so the overlap is a run
+    of whole rows of both (contiguous in each).
+
+    A load asks this of every saved shard of each tensor it reads, a shard per saved rank, so
+    it is cheap where it can be: one comparison on the first dimension sets aside a shard of
+    other rows, and one of the box's columns (the common dim-0 sharding) needs no more."""
+    n = len(off)
+    if n == 0:
+        found = ((s, intersect(off, ln, tuple(s.offsets), tuple(s.lengths))) for s in shards)
+        return [(s, ov[0], ov[1], False) for s, ov in found if ov is not None]
+    lo, hi = off[0], off[0] + ln[0]
+    inner_off, inner_ln = list(off[1:]), list(ln[1:])
+    inner_empty = 0 in inner_ln
+    c_off, c_len = (off[1], ln[1]) if n == 2 else (None, None)  # a matrix's columns, compared as ints
+    out = []
+    append = out.append
+    for s in shards:
+        so, sl = s.offsets, s.lengths
+        if len(so) == n and len(sl) == n:
+            a = so[0]
+            b = a + sl[0]
+            if a >= hi or b <= lo:
+                continue
+            if n == 1:
+                same_inner = True
+            elif n == 2:
+                same_inner = so[1] == c_off and sl[1] == c_len
+            else:
+                same_inner = so[1:] == inner_off and sl[1:] == inner_ln
+            if same_inner:
+                r0 = a if a > lo else lo
+                r1 = b if b < hi else hi
+                if r1 > r0 and not inner_empty:
+                    append((s, (r0, *inner_off), (r1 - r0, *inner_ln), True))
+                continue
+        ov = intersect(off, ln, tuple(so), tuple(sl))
+        if ov is not None:
+            append((s, ov[0], ov[1], False))
+    return out
 
 
 @dataclass

@@ -36,15 +36,16 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 def _storage_errors(verb: str) -> Callable[[_F], _F]:
     """Turn a storage call's faults into :class:`StorageError` naming the file and the URL (the
-    original as ``__cause__``).  A missing file stays ``FileNotFoundError`` (callers ask for it),
-    fmstore's own errors pass, and anything else (a bug) is not hidden."""
+    original as ``__cause__``).  A missing file stays ``FileNotFoundError`` and an exclusive
+    write's existing file ``FileExistsError`` (callers ask for them), fmstore's own errors pass,
+    and anything else (a bug) is not hidden."""
 
     def wrap(fn: _F) -> _F:
         @functools.wraps(fn)
         def call(self: SnapshotStorage, rel: str = "", *args: Any, **kwargs: Any) -> Any:
             try:
                 return fn(self, rel, *args, **kwargs)
-            except (FileNotFoundError, FmstoreError):
+            except (FileNotFoundError, FileExistsError, FmstoreError):
                 raise
             except OSError as e:
                 where = f"{verb} {rel or '.'!r} under {self.url!r}"
@@ -58,6 +59,19 @@ def _storage_errors(verb: str) -> Callable[[_F], _F]:
         return call  # type: ignore[return-value]
 
     return wrap
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    """Whether an S3 error is a failed ``If-Match``/``If-None-Match`` (HTTP 412); s3fs turns
+    it into an ``OSError`` (EINVAL or ``FileExistsError``) with the response as its cause."""
+    for err in (e, e.__cause__, e.__context__):
+        response = getattr(err, "response", None)
+        if isinstance(response, dict):
+            error = response.get("Error", {})
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if error.get("Code") in ("PreconditionFailed", "412") or status == 412:
+                return True
+    return isinstance(e, FileExistsError) or "pre-condition" in str(e).lower()
 
 
 class SnapshotStorage:
@@ -135,18 +149,84 @@ class SnapshotStorage:
     # ------------------------------------------------------------------ write
 
     @_storage_errors("writing")
-    def write(self, rel: str, segments: Sequence[bytes | memoryview]) -> int:
-        """Write ``rel`` as the concatenation of ``segments``; visible only once complete."""
+    def write(self, rel: str, segments: Sequence[bytes | memoryview], *, exclusive: bool = False) -> int:
+        """Write ``rel`` as the concatenation of ``segments``; visible only once complete.
+
+        ``exclusive``: never replace an existing ``rel`` (``FileExistsError``), atomically where
+        the storage can (local: a hard link; S3: a conditional PUT, ``If-None-Match: *``, one
+        request of at most 5 GiB); other fsspec back ends check first (a race window)."""
         path = self.path(rel)
         if self.local:
-            return write_atomic(path, segments, pool=self.pool)
+            return write_atomic(path, segments, pool=self.pool, exclusive=exclusive)
         views = [byte_view(s) for s in segments]
         total = sum(len(v) for v in views)
+        if exclusive:
+            if self._s3:
+                self.put_if(rel, gather_bytes(views, 0, total), None)
+                return total
+            if self.fs.exists(path):
+                raise FileExistsError(f"{self.url}/{rel} exists")
         if self._s3:
             self._sync(s3_put(self.fs, path, views, self.part_size, self.concurrency))
         else:
             self.fs.pipe_file(path, gather_bytes(views, 0, total))
         return total
+
+    # ------------------------------------------------------------------ conditional requests (S3)
+
+    @property
+    def conditional(self) -> bool:
+        """Whether :meth:`put_if` and :meth:`read_tagged` are atomic here (S3's conditional
+        requests; SeaweedFS and AWS honour them)."""
+        return not self.local and self._s3
+
+    @_storage_errors("writing")
+    def put_if(self, rel: str, data: bytes, tag: str | None) -> str:
+        """One PUT of ``data`` to ``rel`` if the object there is still ``tag`` (its ETag; None:
+        if there is none); returns the new tag.  ``FileExistsError`` when the condition fails."""
+        bucket, key = self._bucket_key(rel)
+        cond = {"IfNoneMatch": "*"} if tag is None else {"IfMatch": tag}
+        try:
+            out = self._sync(self.fs._call_s3("put_object", Bucket=bucket, Key=key, Body=data, **cond))
+        except OSError as e:
+            if _precondition_failed(e):
+                raise FileExistsError(f"{self.url}/{rel} changed (a conditional write lost)") from None
+            raise
+        finally:
+            self.fs.invalidate_cache(self.path(rel))
+        return str(out["ETag"])
+
+    @_storage_errors("reading")
+    def read_tagged(self, rel: str) -> tuple[bytes, str]:
+        """A small object's bytes and its tag (ETag); ``FileNotFoundError`` if it is not there."""
+        bucket, key = self._bucket_key(rel)
+        out = self._sync(self.fs._call_s3("get_object", Bucket=bucket, Key=key))
+        body = out["Body"]
+        try:
+            data = self._sync(body.read())
+        finally:
+            body.close()
+        return data, str(out["ETag"])
+
+    @_storage_errors("deleting")
+    def delete_if(self, rel: str, tag: str) -> bool:
+        """Delete ``rel`` if it is still ``tag``; whether it was deleted."""
+        bucket, key = self._bucket_key(rel)
+        try:
+            self._sync(self.fs._call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=tag))
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            if _precondition_failed(e):
+                return False
+            raise
+        finally:
+            self.fs.invalidate_cache(self.path(rel))
+        return True
+
+    def _bucket_key(self, rel: str) -> tuple[str, str]:
+        bucket, _, key = self.path(rel).partition("/")
+        return bucket, key
 
     @_storage_errors("writing")
     def write_streamed(

@@ -209,10 +209,13 @@ def per_rank_nodes(tree: dict[str, Any]) -> list[tuple[list[Any], dict[str, Any]
 
 
 def merge_per_rank(tree: dict[str, Any], rank: int, nodes: list[tuple[list[Any], dict[str, Any]]]) -> None:
-    """Add another rank's per-rank subtrees (as :func:`per_rank_nodes` gave them) to ``tree``."""
-    mine = {json.dumps(p): n for p, n in per_rank_nodes(tree)}
+    """Add another rank's per-rank subtrees (as :func:`per_rank_nodes` gave them) to ``tree``.
+
+    Each is put into the per-rank node at its path, found by following the path down from the
+    root (a coordinator merges every rank's nodes: walking its whole tree once per rank would
+    cost ranks x tree)."""
     for path, node in nodes:
-        target = mine.get(json.dumps(path))
+        target = _per_rank_at(tree, path)
         sub = node["ranks"].get(str(rank))
         if target is None or sub is None:
             raise FmstoreError(
@@ -220,6 +223,23 @@ def merge_per_rank(tree: dict[str, Any], rank: int, nodes: list[tuple[list[Any],
                 "every rank must save the same structure"
             )
         target["ranks"][str(rank)] = sub
+
+
+def _per_rank_at(tree: dict[str, Any], path: list[Any]) -> dict[str, Any] | None:
+    """The per-rank node of ``tree`` at ``path`` that :func:`per_rank_nodes` lists (none inside
+    another per-rank node), or None.  Keys match as their JSON does (``1`` is not ``"1"``)."""
+    node = tree
+    for k in path:
+        kind = node["t"]
+        if kind in ("dict", "odict"):
+            node = next((v for key, v in node["items"] if type(key) is type(k) and key == k), None)
+        elif kind in ("list", "tuple") and type(k) is int and 0 <= k < len(node["items"]):
+            node = node["items"][k]
+        else:  # a leaf, a per-rank node (not looked into), or a key that is not there
+            return None
+        if node is None:
+            return None
+    return node if node["t"] == "per_rank" else None
 
 
 def tensor_leaves(tree: dict[str, Any], rank: int = 0) -> dict[tuple[Any, ...], str]:

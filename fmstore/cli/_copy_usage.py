@@ -13,7 +13,8 @@ stored under the root:
                now (newer than the newest committed one) or left by a crash (older)
 ``unreferenced`` any other file of a committed step's directory (e.g. a dead writer's
                temporary file, a rank report a crash left)
-``other``      anything outside ``step-XXXXXXXXXX/`` directories
+``other``      anything outside ``step-XXXXXXXXXX/`` directories (but the root's
+               ``writer.lease``, which says who writes the root and is not counted)
 
 ``gc`` follows the checkpointer's own retention rules (:meth:`SnapshotLevel.gc`): it only
 touches step directories older than the newest committed snapshot (a newer one may be being
@@ -27,6 +28,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..checkpoint.lease import LEASE
 from ..checkpoint.manifest import MANIFEST, Manifest, parse_step_dir, step_dir
 from ..checkpoint.storage import SnapshotStorage
 
@@ -99,6 +101,7 @@ class Scan:
 
 def scan(storage: SnapshotStorage) -> Scan:
     files = all_files(storage)
+    files.pop(LEASE, None)
     dirs: dict[int, str] = {}
     for name in storage.list_dir():
         step = parse_step_dir(name)

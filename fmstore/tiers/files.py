@@ -126,11 +126,13 @@ def write_atomic(
     pool: Executor | None = None,
     chunk: int = 16 << 20,
     fsync: bool = True,
+    exclusive: bool = False,
 ) -> int:
     """Write the concatenation of ``segments`` to ``path`` crash-safely; returns its size.
 
     Segments are written in place from the caller's memory (no concatenated copy), each cut
-    into ``chunk`` pieces that the ``pool`` writes in parallel.
+    into ``chunk`` pieces that the ``pool`` writes in parallel.  ``exclusive``: a ``path``
+    that exists already is never replaced (``FileExistsError``; see :func:`write_atomic_with`).
     """
     total = 0
 
@@ -143,13 +145,18 @@ def write_atomic(
             total += len(mv)
         _run_chunked(pool, _pwrite_all, pieces)
 
-    write_atomic_with(path, write, fsync=fsync)
+    write_atomic_with(path, write, fsync=fsync, exclusive=exclusive)
     return total
 
 
-def write_atomic_with(path: str, write: Callable[[int], None], *, fsync: bool = True) -> None:
+def write_atomic_with(
+    path: str, write: Callable[[int], None], *, fsync: bool = True, exclusive: bool = False
+) -> None:
     """Crash-safe ``path``: ``write(fd)`` fills a temp file beside it, which is fsync'd and
-    renamed over ``path`` (the directory fsync'd too); on any error the temp file goes."""
+    renamed over ``path`` (the directory fsync'd too); on any error the temp file goes.
+
+    ``exclusive``: the temp file is hard-linked to ``path`` instead of renamed over it, which
+    fails with ``FileExistsError`` when ``path`` exists: of two writers, exactly one wins."""
     directory = os.path.dirname(path)
     tmp = tmp_name(path)
     for attempt in range(5):
@@ -169,7 +176,11 @@ def write_atomic_with(path: str, write: Callable[[int], None], *, fsync: bool = 
                 os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)

@@ -1,0 +1,186 @@
+"""The metadata of a many-rank save, at a size a test affords (issue 13, deliverable 10): the
+rank reports ``bench/metadata_scale.py`` builds for 1,024 ranks, here 64 ranks with 100 sharded
+tensors (plus step scalars and per-rank RNG state), merged, committed and read back, and
+resharded loads planned and run from them.  Correctness only: the timings are the bench's.
+
+The job's tensors have real bytes here (shapes divided by 16, 4 KiB checksum chunks, so a
+saved slice spans several chunks and a resharded slice starts and ends inside them), so a plan
+is run to the end: every byte it reads is checked against the chunk digests, and every
+destination is compared with the tensor's bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict
+from typing import Any
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import metadata_scale as ms  # noqa: E402  (bench/metadata_scale.py)
+
+from fmstore.checkpoint.manifest import MIN_CHUNK_SIZE, Manifest, Shard, TensorEntry  # noqa: E402
+from fmstore.checkpoint.reader import SnapshotReader  # noqa: E402
+from fmstore.checkpoint.reports import ReportError, merge_reports  # noqa: E402
+from fmstore.checkpoint.tree import tensor_leaves  # noqa: E402
+
+WORLD, TENSORS = 64, 100
+
+
+@pytest.fixture(scope="module")
+def job() -> ms.Job:
+    return ms.Job(WORLD, TENSORS, scale=16, chunk_size=MIN_CHUNK_SIZE, data=True)
+
+
+@pytest.fixture(scope="module")
+def merged(job: ms.Job) -> tuple[dict[str, TensorEntry], dict[str, int], dict[str, Any]]:
+    return ms.merge(job, job.reports)
+
+
+@pytest.fixture(scope="module")
+def manifest(job: ms.Job, merged: Any) -> Manifest:
+    return Manifest.from_json(ms.commit(job, *merged), where="test")
+
+
+def test_the_slices_are_torchs_shard_0() -> None:
+    from torch.distributed.tensor.placement_types import Shard as Shard0
+
+    for n in (0, 1, 4, 63, 64, 65, 2004, 128256):
+        for world in (1, 7, 64, 1024):
+            for rank in {r for r in (0, 1, world // 2, world - 2, world - 1) if 0 <= r < world}:
+                assert ms.dim0(n, world, rank) == tuple(Shard0.local_shard_size_and_offset(n, world, rank))
+
+
+def test_reports_are_in_the_form_a_level_writes(job: ms.Job) -> None:
+    rep = job.reports[1]
+    assert list(rep) == ["token", "error", "names", "files", "entries", "per_rank"]
+    (file,) = rep["files"]
+    assert rep["files"][file] == len(job.blobs[file])
+    for e in rep["entries"].values():  # as asdict(TensorEntry) of write_local's entry
+        (sh,) = e["shards"]
+        assert e == asdict(TensorEntry(e["dtype"], e["shape"], [Shard(**sh)]))
+        assert sh["file"] == file and len(sh["chunks"]) == -(-(sh["end"] - sh["begin"]) // MIN_CHUNK_SIZE)
+    assert "rng/rank-1/torch" in rep["entries"] and "rng/rank-1/torch" in rep["names"]
+    assert [path for path, _ in rep["per_rank"]] == [["rng"]]
+
+
+def test_the_merged_table_covers_every_tensor_once(job: ms.Job, merged: Any) -> None:
+    entries, files, tree = merged
+    names = {n for rep in job.reports.values() for n in rep["names"]}
+    assert set(entries) == names
+    assert len(entries) == TENSORS + len(job.steps) + 3 * WORLD
+    assert set(files) == {job.shard_file(r) for r in range(WORLD)}
+    for s in job.sharded:  # dim-0 slices in rank order, end to end (empty ones once)
+        shards = entries[s.name].shards
+        rows = [(sh.offsets[0], sh.lengths[0]) for sh in shards]
+        nonempty = [(o, n) for o, n in rows if n]
+        assert [o for o, _ in nonempty] == [sum(n for _, n in nonempty[:i]) for i in range(len(nonempty))]
+        assert sum(n for _, n in rows) == s.shape[0]
+        assert all(
+            sh.lengths[1:] == list(s.shape[1:]) and sh.offsets[1:] == [0] * (len(s.shape) - 1)
+            for sh in shards
+        )
+    for r in range(WORLD):  # each rank's own generators, from its own file
+        (sh,) = entries[f"rng/rank-{r}/torch"].shards
+        assert sh.file == job.shard_file(r)
+        assert tensor_leaves(tree, r)[("rng", "torch")] == f"rng/rank-{r}/torch"
+    # The coordinator's own path (the report files through SnapshotLevel._merge_reports) agrees.
+    assert ms.merge_files(job, ms.MemoryStorage(job)) == merged
+
+
+def test_the_merge_refuses_reports_that_do_not_add_up(job: ms.Job) -> None:
+    reports = json.loads(json.dumps(job.reports))
+    reports = {int(r): rep for r, rep in reports.items()}
+    name = job.sharded[0].name
+    del reports[3]["entries"][name]  # rank 3's rows of it never saved
+    with pytest.raises(ReportError, match="not fully saved"):
+        merge_reports(reports, job.step)
+    reports[3] = json.loads(json.dumps(job.reports[3]))
+    reports[5]["entries"][name]["shape"] = [1, 2]
+    with pytest.raises(ReportError, match="ranks disagree"):
+        merge_reports(reports, job.step)
+    reports[5] = json.loads(json.dumps(job.reports[5]))
+    del reports[7]["entries"][name]["shards"][0]["offsets"]
+    with pytest.raises(ReportError, match="rank 7's report is malformed"):
+        merge_reports(reports, job.step)
+
+
+def test_the_manifest_is_the_json_of_its_fields(job: ms.Job, merged: Any) -> None:
+    entries, files, tree = merged
+    raw = ms.commit(job, entries, files, tree)
+    m = Manifest(step=job.step, world_size=WORLD, tensors=entries, tree=tree, files=files, meta=job.meta())
+    m.created = json.loads(raw)["created"]
+    body = {"format": "fmstore.snapshot", "version": 2, **asdict(m)}
+    assert raw == json.dumps(body, separators=(",", ":")).encode()  # what asdict wrote, byte for byte
+    assert Manifest.from_json(raw, where="test") == m
+
+
+def expected(job: ms.Job, spec: ms.Spec, offsets: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+    whole = job.global_bytes(spec)
+    return whole[tuple(slice(o, o + n) for o, n in zip(offsets, shape))].reshape(-1)
+
+
+@pytest.mark.parametrize(
+    "target, ranks",
+    [
+        (ms.Target("32 ranks, Shard(0)", (32,)), range(32)),
+        (ms.Target("64 ranks, 4x16 mesh", (4, 16)), [0, 15, 16, 31, 33, 47, 48, 63]),
+        (ms.Target("1 rank", (1,)), [0]),
+    ],
+)
+def test_a_resharded_load_reads_exactly_what_it_needs(
+    job: ms.Job, manifest: Manifest, target: ms.Target, ranks: Any
+) -> None:
+    specs = {s.name: s for r in range(WORLD) for s in job.specs(r).values()}
+    for rank in ranks:
+        storage = ms.MemoryStorage(job)
+        planned = ms.plan_load(job, storage, manifest, target, rank)
+        names = {r.name for r in planned.regions}
+        assert f"rng/rank-{rank}/torch" in names and len(names) == TENSORS + len(job.steps) + 3
+        # The bytes the plan reads: of each saved shard that meets a region, its rows that do,
+        # rounded out to the checksum chunks (a shard split in columns: all its rows), no other.
+        want = set()
+        for r in planned.regions:
+            off, ln = tuple(r.offsets), tuple(r.dest.shape)
+            for sh in manifest.tensors[r.name].shards:
+                if not all(
+                    max(a, b) < min(a + m, b + n) for a, m, b, n in zip(off, ln, sh.offsets, sh.lengths)
+                ):
+                    continue
+                stored, cs = sh.end - sh.begin, sh.chunk_size
+                a, b = 0, stored  # a 0-d tensor, or a shard split in columns: all of it
+                if off and off[1:] == tuple(sh.offsets[1:]) and ln[1:] == tuple(sh.lengths[1:]):
+                    row = stored // sh.lengths[0]
+                    a = (max(off[0], sh.offsets[0]) - sh.offsets[0]) * row
+                    b = (min(off[0] + ln[0], sh.offsets[0] + sh.lengths[0]) - sh.offsets[0]) * row
+                    a, b = a // cs * cs, min(stored, -(-b // cs) * cs)
+                want.add((sh.file, sh.begin + a, b - a))
+        assert {
+            (f, o, n) for f, ranges in planned.plan.reads.items() for o, mv in ranges for n in [len(mv)]
+        } == want
+        assert planned.files == {f for f, _, _ in want}
+        # Run it: every chunk read is checked against its digest, every destination is exact.
+        SnapshotReader(storage, manifest)._run(planned.plan)  # type: ignore[arg-type]
+        for r in planned.regions:
+            got = r.dest.reshape(-1).view(torch.uint8)
+            assert torch.equal(got, expected(job, specs[r.name], tuple(r.offsets), tuple(r.dest.shape))), (
+                r.name
+            )
+
+
+def test_a_whole_read_through_the_reader_matches(job: ms.Job, manifest: Manifest) -> None:
+    """SnapshotReader.read (file checks, plan, reads, verification) for a 4x16-mesh rank."""
+    target = ms.Target("64 ranks, 4x16 mesh", (4, 16))
+    regions = ms.plan_load(job, ms.MemoryStorage(job), manifest, target, 21).regions
+    for r in regions:
+        r.dest.zero_()
+    SnapshotReader(ms.MemoryStorage(job), manifest).read(regions)  # type: ignore[arg-type]
+    specs = {s.name: s for s in job.specs(21).values()}
+    for r in regions:
+        assert torch.equal(
+            r.dest.reshape(-1).view(torch.uint8),
+            expected(job, specs[r.name], tuple(r.offsets), tuple(r.dest.shape)),
+        )
