@@ -188,10 +188,9 @@ class WriterLease:
         except FileNotFoundError:
             pass
         self.storage.write(LEASE, [self._body()])
-        if _parse(self.storage.read_bytes(LEASE)).get("id") != self.owner:
-            raise self._conflict(
-                _parse(self.storage.read_bytes(LEASE)), "it claimed the root at the same time"
-            )
+        back = _parse(self.storage.read_bytes(LEASE))  # one read: the body compared is the one named
+        if back.get("id") != self.owner:
+            raise self._conflict(back, "it claimed the root at the same time")
         self._tag = "fallback"
         self._start_renewing()
 
