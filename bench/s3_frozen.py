@@ -3,7 +3,7 @@ never answers: a local SeaweedFS (``weed mini``, started here) SIGSTOPped after 
 
 For each call (``steps()``, ``load()``, constructing a Checkpointer on the root) it prints the
 seconds until the error and the error; after SIGCONT it checks the snapshot still loads.  The
-bound comes from ``fmstore.tiers.object.S3_CONFIG`` / ``S3_ATTEMPTS`` unless ``--read-timeout``
+bound comes from ``fmstore.storage.s3.S3_CONFIG`` / ``S3_ATTEMPTS`` unless ``--read-timeout``
 overrides botocore's read timeout through ``storage_options``.
 
     PYTHONPATH=. .venv/bin/python bench/s3_frozen.py
@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from fmstore import Checkpointer
+from fmstore.storage.s3 import S3_ATTEMPTS, S3_CONFIG
 from fmstore.testing import start_seaweedfs
-from fmstore.tiers.object import S3_ATTEMPTS, S3_CONFIG
 
 
 def main() -> None:

@@ -58,3 +58,8 @@ class ConfigError(FmstoreError, ValueError):
 class WriterConflictError(FmstoreError):
     """Another writer holds the checkpoint root (or took it over from this one): one job
     writes a root at a time (see :mod:`fmstore.checkpoint.lease`)."""
+
+
+class RootNotFoundError(FmstoreError):
+    """A storage root that is not there: a directory opened for reading only, or a missing
+    or misspelt bucket (which would otherwise look like a root with nothing in it)."""

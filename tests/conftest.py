@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -229,7 +231,7 @@ def fail_shard_writes(monkeypatch: pytest.MonkeyPatch, err: int = errno.EISDIR) 
     """Make every local shard-file write of this process fail as the OS would (default EISDIR,
     as a directory in the shard file's place gives; names carry a writer hash, so a test cannot
     put one there before the save).  Patched below the storage's error translation."""
-    from fmstore.checkpoint import storage
+    from fmstore.storage import local as storage
 
     write = storage.write_atomic
 
@@ -239,3 +241,36 @@ def fail_shard_writes(monkeypatch: pytest.MonkeyPatch, err: int = errno.EISDIR) 
         return write(path, segments, **kwargs)
 
     monkeypatch.setattr(storage, "write_atomic", failing)
+
+
+@contextmanager
+def bounded_allocations(
+    monkeypatch: pytest.MonkeyPatch, *, no_reads: bool = False, tensor_bytes: int = 64 << 20
+) -> Iterator[None]:
+    """Inside, no ``torch.empty`` asks for more than ``tensor_bytes`` and the process's peak
+    memory grows by less than 512 MiB (hostile metadata must fail before it allocates); with
+    ``no_reads``, no storage reads a shard byte either (it must fail before it reads)."""
+    from fmstore.storage import Storage
+
+    real_empty = torch.empty
+
+    def empty(*size: Any, **kw: Any) -> torch.Tensor:
+        shape = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+        n = 1
+        for d in shape:
+            n *= int(d)
+        itemsize = real_empty(0, dtype=kw.get("dtype") or torch.get_default_dtype()).element_size()
+        assert n * itemsize <= tensor_bytes, f"a load allocated {n * itemsize} bytes before validating"
+        return real_empty(*size, **kw)
+
+    def no_read(self: Storage, rel: str, ranges: Any) -> None:
+        raise AssertionError(f"a load read {rel} before validating its manifest")
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with monkeypatch.context() as m:
+        m.setattr(torch, "empty", empty)
+        if no_reads:
+            m.setattr(Storage, "read_ranges", no_read)
+        yield
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 512 << 10, f"peak RSS grew by {grown_kib} KiB"

@@ -8,15 +8,13 @@ header) and asserts the exact error class."""
 from __future__ import annotations
 
 import json
-import resource
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import run_cli, shard_file
+from conftest import bounded_allocations, run_cli, shard_file
 
 from fmstore import Checkpointer, CorruptBlobError, Level, Policy
 from fmstore.checkpoint import ManifestError, Root
@@ -46,32 +44,10 @@ def shard_of(body: dict[str, Any], name: str) -> dict[str, Any]:
     return shard
 
 
-@contextmanager
-def guarded(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def guarded(monkeypatch: pytest.MonkeyPatch) -> Any:
     """No shard byte is read and no tensor over 64 MiB is allocated inside (the hostile values
-    below would otherwise read or allocate before failing), and the process's peak memory
-    grows by less than 512 MiB."""
-    real_empty = torch.empty
-
-    def empty(*size: Any, **kw: Any) -> torch.Tensor:
-        shape = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
-        n = 1
-        for d in shape:
-            n *= int(d)
-        itemsize = real_empty(0, dtype=kw.get("dtype") or torch.get_default_dtype()).element_size()
-        assert n * itemsize <= 64 << 20, f"a load allocated {n * itemsize} bytes before validating"
-        return real_empty(*size, **kw)
-
-    def no_read(self: SnapshotStorage, rel: str, ranges: Any) -> None:
-        raise AssertionError(f"a load read {rel} before validating its manifest")
-
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with monkeypatch.context() as m:
-        m.setattr(torch, "empty", empty)
-        m.setattr(SnapshotStorage, "read_ranges", no_read)
-        yield
-    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-    assert grown_kib < 512 << 10, f"peak RSS grew by {grown_kib} KiB"
+    below would otherwise read or allocate before failing)."""
+    return bounded_allocations(monkeypatch, no_reads=True)
 
 
 def snapshot(root: Path, step: int | None = None) -> Any:

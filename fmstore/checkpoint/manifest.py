@@ -165,17 +165,17 @@ class Manifest:
                 for name, e in body["tensors"].items()
             }
             m = cls(
-                step=int(body["step"]),
-                world_size=int(body["world_size"]),
+                step=_count(body["step"], "step"),
+                world_size=_count(body["world_size"], "world_size"),
                 tensors=tensors,
                 tree=body["tree"],
-                files={str(k): int(v) for k, v in body["files"].items()},
+                files={str(k): _count(v, f"files[{k!r}]") for k, v in body["files"].items()},
                 created=float(body.get("created", 0.0)),
                 meta=dict(body.get("meta", {})),
             )
         except CodecConfigError as e:
             raise ManifestError(str(e)) from None
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise ManifestError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
         m.validate(where)
         return m
@@ -328,6 +328,14 @@ def _held_by_plain_shards(
             return None
         held += n
     return held
+
+
+def _count(x: Any, what: str) -> int:
+    """``x`` if it is a whole number >= 0: not a float (``Infinity``, which Python's json reads,
+    or 2.5 that int() would quietly make 2), a bool or a string."""
+    if not _int(x) or x < 0:
+        raise ValueError(f"{what} is {x!r}, not a whole number >= 0")
+    return int(x)
 
 
 def _int(x: Any) -> bool:

@@ -17,6 +17,8 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..keys import RESERVED_DIR
+from ..storage import FsspecStorage, scheme_of
+from ..storage.url import LOCAL_SCHEMES
 from ..store import TieredStore
 from ..tiers.base import Tier
 from ..tiers.local import LocalTier
@@ -127,32 +129,28 @@ def resolve(
 
 
 def _tier_spec(tier: Tier, every: int, keep_last: int | None, name: str | None) -> LevelSpec:
-    """Snapshots inside a store's durable tier, in a directory the tier's keys cannot reach."""
-    if isinstance(tier, LocalTier):
-        return LevelSpec(
-            name or tier.name, os.path.join(tier.root, *STORE_PREFIX.split("/")), None, every, keep_last
+    """Snapshots inside a store's durable tier, in a directory the tier's keys cannot reach,
+    through the tier's own connection where it has one (an object store's)."""
+    if not isinstance(tier, (LocalTier, ObjectTier)):
+        raise ConfigError(
+            f"tier {tier.name!r} ({type(tier).__name__}) cannot hold checkpoints; use a LocalTier or ObjectTier"
         )
-    if isinstance(tier, ObjectTier):
-        path = f"{tier.root}/{STORE_PREFIX}" if tier.root else STORE_PREFIX
-        if tier._local is not None:  # file://: a local directory
-            return LevelSpec(name or tier.name, path, None, every, keep_last)
-        return LevelSpec(
-            name or tier.name,
-            f"{tier.url.rstrip('/')}/{STORE_PREFIX}",
-            None,
-            every,
-            keep_last,
-            fs=(tier.fs, path),
-        )
-    raise ConfigError(
-        f"tier {tier.name!r} ({type(tier).__name__}) cannot hold checkpoints; use a LocalTier or ObjectTier"
+    storage = tier.storage
+    if not isinstance(storage, FsspecStorage):  # a local directory
+        return LevelSpec(name or tier.name, storage.path(STORE_PREFIX), None, every, keep_last)
+    return LevelSpec(
+        name or tier.name,
+        f"{storage.url.rstrip('/')}/{STORE_PREFIX}",
+        None,
+        every,
+        keep_last,
+        fs=(storage.fs, storage.path(STORE_PREFIX)),
     )
 
 
 def _default_name(url: str) -> str:
-    if "://" in url and not url.startswith("file://"):
-        return url.split("://", 1)[0]  # "s3", "gs", "memory"
-    return "local"
+    scheme = scheme_of(url)
+    return "local" if scheme in LOCAL_SCHEMES else scheme  # "s3", "gs", "memory"
 
 
 def _check_count(what: str, value: Any, *, zero_ok: bool = False) -> None:

@@ -41,8 +41,7 @@ from ..checkpoint.level import SnapshotLevel, SnapshotNotFoundError
 from ..checkpoint.manifest import MANIFEST, Manifest, Shard, step_dir
 from ..checkpoint.storage import SnapshotStorage
 from ..errors import CorruptBlobError, FmstoreError
-from ..keys import TMP_MARKER
-from ..tiers.files import chunks, tmp_owner_pid
+from ..storage.files import chunks
 
 #: Bytes per copy part (and per source digest): the unit read, written and uploaded.
 PART_SIZE = 32 << 20
@@ -250,7 +249,9 @@ class Copier:
                 "at the destination references it: not overwritten (a different run's snapshots?)"
             )
         self._verified.pop(rel, None)
-        self._clear_dead_temp(rel)
+        # A killed copy's temporary file of rel (locally; on S3 an unfinished multipart upload
+        # is invisible, and a bucket lifecycle rule, AbortIncompleteMultipartUpload, frees it).
+        self.dst.sweep_temp(rel)
         digests: dict[int, tuple[int, str]] = {}
 
         def fill(offset: int, buf: memoryview) -> None:
@@ -273,37 +274,6 @@ class Copier:
 
         pending.append((rel, self._verifier.submit(verify)))
         return "copied"
-
-    def _clear_dead_temp(self, rel: str) -> None:
-        """Local destination: delete the temporary files of ``rel`` a killed copy left (their
-        writer's pid is dead).  On S3 a killed copy leaves an incomplete multipart upload,
-        invisible and not listed; a bucket lifecycle rule (AbortIncompleteMultipartUpload)
-        frees it."""
-        if not self.dst.local:
-            return
-        path = self.dst.path(rel)
-        folder, base = os.path.split(path)
-        try:
-            names = os.listdir(folder)
-        except FileNotFoundError:
-            return
-        for name in names:
-            if not name.startswith(f".{base}{TMP_MARKER}"):
-                continue
-            pid = tmp_owner_pid(name)
-            if pid is None or pid == os.getpid():
-                continue
-            try:
-                os.kill(pid, 0)
-                continue  # alive: another writer's
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue
-            try:
-                os.unlink(os.path.join(folder, name))
-            except FileNotFoundError:
-                pass
 
     def _remember(self, rel: str, shards: list[Shard]) -> None:
         with self._lock:

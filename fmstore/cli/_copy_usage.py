@@ -24,7 +24,6 @@ uncommits the snapshots retention would drop (their manifests go first).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,28 +34,7 @@ from ..checkpoint.storage import SnapshotStorage
 
 def all_files(storage: SnapshotStorage) -> dict[str, int]:
     """Every file under the root (relative path -> size), temporary files included."""
-    out: dict[str, int] = {}
-    if storage.local:
-        for dirpath, _dirs, names in os.walk(storage.root):
-            for name in names:
-                full = os.path.join(dirpath, name)
-                try:
-                    size = os.lstat(full).st_size
-                except FileNotFoundError:  # removed since the listing
-                    continue
-                out[os.path.relpath(full, storage.root).replace(os.sep, "/")] = size
-        return out
-    fs = storage.fs
-    fs.invalidate_cache(storage.root)
-    try:
-        found = fs.find(storage.root, detail=True)
-    except FileNotFoundError:
-        return out
-    prefix = storage.root.rstrip("/") + "/"
-    for path, meta in found.items():
-        if path.startswith(prefix) and meta.get("type", "file") != "directory":
-            out[path[len(prefix) :]] = int(meta.get("size") or 0)
-    return out
+    return dict(storage.scan(temp=True))
 
 
 @dataclass
