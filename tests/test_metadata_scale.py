@@ -22,10 +22,12 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 import metadata_scale as ms  # noqa: E402  (bench/metadata_scale.py)
 
+from fmstore.checkpoint.level import SnapshotLevel  # noqa: E402
 from fmstore.checkpoint.manifest import MIN_CHUNK_SIZE, Manifest, Shard, TensorEntry  # noqa: E402
 from fmstore.checkpoint.reader import SnapshotReader  # noqa: E402
 from fmstore.checkpoint.reports import ReportError, merge_reports  # noqa: E402
 from fmstore.checkpoint.tree import tensor_leaves  # noqa: E402
+from fmstore.storage import Storage  # noqa: E402
 
 WORLD, TENSORS = 64, 100
 
@@ -106,6 +108,21 @@ def test_the_merge_refuses_reports_that_do_not_add_up(job: ms.Job) -> None:
     del reports[7]["entries"][name]["shards"][0]["offsets"]
     with pytest.raises(ReportError, match="rank 7's report is malformed"):
         merge_reports(reports, job.step)
+
+
+@pytest.mark.parametrize("raw", [b'{"token": "t", "entr', b"\xff\xfe", b"[1, 2]"], ids=["torn", "binary", "list"])
+def test_a_rank_report_that_is_not_a_json_object_is_a_report_error_naming_the_rank(
+    tmp_path: Any, raw: bytes
+) -> None:
+    """The coordinator reads every rank's report file; one that is torn, not text or not an
+    object fails the commit with a ReportError naming the rank and the file (it was a bare
+    JSONDecodeError / AttributeError)."""
+    with Storage(tmp_path) as storage:
+        level = SnapshotLevel("local", storage, world_size=2)
+        storage.write("step-0000000003/rank-00000.json", [b'{"token": "t"}'])
+        storage.write("step-0000000003/rank-00001.json", [raw])
+        with pytest.raises(ReportError, match=r"step 3: rank 1's report step-0000000003/rank-00001\.json"):
+            level._merge_reports("step-0000000003", 3, "t")
 
 
 def test_the_manifest_is_the_json_of_its_fields(job: ms.Job, merged: Any) -> None:

@@ -27,7 +27,7 @@ from ..errors import FmstoreError, StorageError
 from ..gcpause import paused_gc
 from .lease import DEFAULT_TTL, WriterConflictError, WriterLease
 from .manifest import CHUNK_SIZE, MANIFEST, Manifest, Shard, TensorEntry, parse_step_dir, step_dir
-from .reports import merge_reports
+from .reports import ReportError, merge_reports
 from .sharding import Piece
 from .staging import StagedTensor
 from .storage import SnapshotStorage
@@ -449,7 +449,7 @@ class SnapshotLevel:
                     except FileNotFoundError:  # replaced meanwhile: read it at the next poll
                         continue
                     with paused_gc():  # a large job's reports are millions of objects, none garbage
-                        rep = json.loads(raw)
+                        rep = _parse_report(raw, rel, r, step)
                     if rep.get("token", "") == token:  # else a dead attempt's: its rank rewrites it
                         reports[r] = rep
             return reports if len(reports) == self.world_size else None
@@ -592,3 +592,15 @@ def _shard_header(entries: list[_Entry]) -> tuple[bytes, list[tuple[int, int]]]:
     raw += b" " * (-(8 + len(raw)) % 8)
     hlen = 8 + len(raw)
     return len(raw).to_bytes(8, "little") + raw, [(a + hlen, b + hlen) for a, b in spans]
+
+
+def _parse_report(raw: bytes, rel: str, rank: int, step: int) -> dict[str, Any]:
+    """A rank's report file as a JSON object; anything else (a torn or foreign file) is a
+    :class:`ReportError` naming the rank, the step and the file, not a JSONDecodeError."""
+    try:
+        rep = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # (UnicodeDecodeError is a ValueError)
+        raise ReportError(f"step {step}: rank {rank}'s report {rel} is not JSON ({e})") from None
+    if not isinstance(rep, dict):
+        raise ReportError(f"step {step}: rank {rank}'s report {rel} is a {type(rep).__name__}, not an object")
+    return rep

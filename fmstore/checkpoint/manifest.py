@@ -2,8 +2,11 @@
 
 Layout under a checkpoint root::
 
-    step-0000000100/shard-r00000.safetensors   shard files (valid safetensors)
-    step-0000000100/manifest.json              written last, by the coordinator
+    step-0000000100/1a2b3c4d-shard-r00000.safetensors   shard files (valid safetensors)
+    step-0000000100/1a2b3c4d-kept-r00000.safetensors    unchanged tensors copied forward
+    step-0000000100/manifest.json                       written last, by the coordinator
+
+A shard file's prefix hashes the writer and the rank, so no two writers write one file.
 
 The manifest records, for every tensor, its global shape and dtype and each saved shard's
 slice (offsets/lengths), the file holding its bytes (possibly in an earlier snapshot, for
