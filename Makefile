@@ -8,18 +8,27 @@ PY := $(VENV)/bin/python
 # wheel that lies on disk, where a bare `torch` requirement would fetch a multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0
 STAMP := $(VENV)/.fmstore-installed
+# The test dependencies' exact versions CI last passed with: a new release of transformers or
+# Lightning cannot fail a submission that changed nothing.  `make test-latest` ignores them.
+CONSTRAINTS := constraints/test.txt
+LATEST := .venv-latest
 
-.PHONY: demo test test-fast install clean bench-tiers
+.PHONY: demo test test-fast test-latest constraints install clean bench-tiers
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+# $(1): the venv, $(2): pip options for the install of fmstore with its test extras.
+define make_venv
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		echo "GPU found: installing torch with CUDA from the package index"; \
 	else \
 		echo "no GPU: installing the CPU build of torch ($(TORCH_CPU)) first"; \
-		$(PY) -m pip install -q "$(TORCH_CPU)"; \
+		$(1)/bin/python -m pip install -q "$(TORCH_CPU)"; \
 	fi
-	$(PY) -m pip install -q -e '.[test]'
+	$(1)/bin/python -m pip install -q $(2) -e '.[test]'
+endef
+
+$(STAMP): pyproject.toml setup.py $(CONSTRAINTS)
+	$(call make_venv,$(VENV),-c $(CONSTRAINTS))
 	touch $@
 
 install: $(STAMP)
@@ -35,8 +44,20 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# The suite against the newest releases of every test dependency, in a venv of its own: how we
+# hear of a breaking release when we choose to.  If it passes, `make constraints` records them.
+test-latest:
+	$(call make_venv,$(LATEST),--upgrade --upgrade-strategy eager)
+	$(LATEST)/bin/python -m pytest -q
+
+constraints:
+	test -x $(LATEST)/bin/python || { echo "run make test-latest first"; exit 1; }
+	{ sed -n '/^#/p' $(CONSTRAINTS); $(LATEST)/bin/python -m pip freeze --exclude-editable | \
+		grep -v -e '^torch==' -e '^nvidia-' -e '^triton==' -e '^fmstore'; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+
 bench-tiers: $(STAMP)
 	$(PY) bench/tiers.py
 
 clean:
-	rm -rf $(VENV) fmstore-data .pytest_cache *.egg-info
+	rm -rf $(VENV) $(LATEST) fmstore-data .pytest_cache *.egg-info

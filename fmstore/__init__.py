@@ -20,7 +20,7 @@ from .units import format_size, parse_size
 
 __version__ = "0.1.0"
 
-_install_source_tree()  # a checkout run with PYTHONPATH=. finds fmstore.kernels / fmstore.integrations
+_install_source_tree()  # a checkout run with PYTHONPATH=. finds fmstore.integrations
 
 # The rest import torch: loaded on first use, so ``import fmstore`` (and ``fmstore --help``) stays
 # fast and the errors above can be caught without importing torch.

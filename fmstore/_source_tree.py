@@ -1,9 +1,10 @@
-"""Source-checkout imports: ``fmstore.kernels`` and ``fmstore.integrations`` from the repository.
+"""Source-checkout imports: ``fmstore.integrations`` from the repository's ``trainer_integration/``.
 
-An installed fmstore (a wheel, or ``pip install -e .``) places the repository's ``kernels/`` and
-``trainer_integration/`` folders under the fmstore namespace, as ``pyproject.toml`` maps them.
-A checkout run without installing (``PYTHONPATH=. python ...``) has no such mapping; this finder
-gives it the same two names, and only when the folders sit beside this package.
+An installed fmstore (a wheel, or ``pip install -e .``) places ``trainer_integration/`` under the
+fmstore namespace, as ``setup.py`` maps it.  A checkout run without installing (``PYTHONPATH=.
+python ...``, the GPU machine's ``setup.py build_ext --inplace``) has no such mapping; this
+finder gives it the same name, and only when the folder sits beside this package.  (The CUDA
+sources need no finder: ``fmstore.codec.kernels`` looks for them in ``kernels/`` itself.)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 
 #: Subpackage name -> the repository folder that holds it.
-MAPPED = {"fmstore.kernels": "kernels", "fmstore.integrations": "trainer_integration"}
+MAPPED = {"fmstore.integrations": "trainer_integration"}
 
 
 class _SourceTreeFinder(importlib.abc.MetaPathFinder):

@@ -63,3 +63,8 @@ class WriterConflictError(FmstoreError):
 class RootNotFoundError(FmstoreError):
     """A storage root that is not there: a directory opened for reading only, or a missing
     or misspelt bucket (which would otherwise look like a root with nothing in it)."""
+
+
+class KernelBuildError(FmstoreError, RuntimeError):
+    """The CUDA toolchain is missing or a kernel does not compile (an fmstore error; still a
+    ``RuntimeError`` for code that caught it as one)."""

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from fmstore import kernels
+from fmstore.codec import kernels
 from fmstore.codec import planes as cpu
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -175,7 +175,7 @@ def test_waits_that_run_out_are_fmstore_errors(tmp_path, monkeypatch):
 
 
 def test_a_kernel_build_error_is_an_fmstore_error() -> None:
-    from fmstore.kernels import KernelBuildError
+    from fmstore.errors import KernelBuildError
 
     assert issubclass(KernelBuildError, FmstoreError) and issubclass(KernelBuildError, RuntimeError)
 

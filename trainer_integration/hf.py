@@ -54,9 +54,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import transformers
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_callback import ExportableState
+
+from fmstore.integrations import require
+
+transformers = require("transformers", "hf", by=__name__)
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments  # noqa: E402
+from transformers.trainer_callback import ExportableState  # noqa: E402
 
 from fmstore import Checkpointer, ConfigError, Policy, RNGState
 from fmstore.checkpoint import LoadMismatchError, SaveHandle, overlap

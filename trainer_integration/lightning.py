@@ -69,10 +69,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.fabric.utilities.data import AttributeDict
-from lightning.pytorch.callbacks import Checkpoint
-from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from fmstore.integrations import require
+
+require("lightning", "lightning", by=__name__)
+from lightning.fabric.utilities.data import AttributeDict  # noqa: E402 - after require() names the extra
+from lightning.pytorch.callbacks import Checkpoint  # noqa: E402 - after require() names the extra
+from lightning.pytorch.plugins.io import CheckpointIO  # noqa: E402 - after require() names the extra
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn  # noqa: E402 - after require() names the extra
 
 from fmstore import exiting
 from fmstore.blob import dtype_from_name

@@ -13,7 +13,7 @@ from ..errors import FmstoreError
 
 
 def _lib(name: str = "planes"):  # noqa: ANN202 - a ctypes library
-    from ..kernels import load
+    from .kernels import load
 
     return load(name)
 
@@ -29,7 +29,7 @@ def kernels_load() -> bool:
         if not torch.cuda.is_available():
             _kernels_load = False
             return False
-        from ..kernels import KernelBuildError
+        from .kernels import KernelBuildError
 
         try:
             _lib("huffman")

@@ -1,6 +1,8 @@
-"""CUDA kernels for the codec's GPU path, and the code that builds and loads them.
+"""Builds and loads the CUDA kernels of the codec's GPU path (the sources in ``kernels/``).
 
-``planes.cu`` holds byte-plane split/merge and XOR delta, ``quant.cu`` blockwise int8
+The ``.cu`` sources live in the repository's top-level ``kernels/`` folder (sources only, no
+Python: a top-level importable ``kernels`` would shadow PyPI's package of that name); a wheel
+carries them as ``fmstore/codec/cuda/``.  ``planes.cu`` holds byte-plane split/merge and XOR delta, ``quant.cu`` blockwise int8
 quantization, ``huffman.cu`` the GPU codec chain (FMH1 blobs), each with a plain C ABI.  On first use
 on a CUDA machine it is compiled with ``nvcc`` for the current GPU's architecture into a
 per-user cache (``$FMSTORE_KERNEL_CACHE``, default ``~/.cache/fmstore/kernels``), keyed by
@@ -18,9 +20,22 @@ import subprocess
 import threading
 from pathlib import Path
 
-from fmstore.errors import FmstoreError
+from ..errors import KernelBuildError
 
-HERE = Path(__file__).resolve().parent
+__all__ = ["KernelBuildError", "SIGNATURES", "SOURCES", "find_nvcc", "load", "nvcc_command"]
+
+
+def _source_dir() -> Path:
+    """Where the ``.cu`` files are: beside this module in a wheel, ``kernels/`` in a checkout
+    (an editable install included)."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "cuda", here.parent.parent / "kernels"):
+        if (cand / "planes.cu").is_file():
+            return cand
+    return here / "cuda"  # absent: load() names the missing file
+
+
+HERE = _source_dir()
 SOURCES = {"planes": HERE / "planes.cu", "quant": HERE / "quant.cu", "huffman": HERE / "huffman.cu"}
 #: Each library's C functions: name -> argument types (all return an int cudaError_t).
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
@@ -57,11 +72,6 @@ SIGNATURES = {
 _SIZES = {"fmstore_huff_scratch_bytes", "fmstore_huff_max_bytes"}
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL] = {}
-
-
-class KernelBuildError(FmstoreError, RuntimeError):
-    """The CUDA toolchain is missing or a kernel does not compile (an fmstore error; still a
-    ``RuntimeError`` for code that caught it as one)."""
 
 
 def find_nvcc() -> str:
