@@ -274,3 +274,10 @@ def bounded_allocations(
         yield
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert grown_kib < 512 << 10, f"peak RSS grew by {grown_kib} KiB"
+
+
+def rounds(n: int) -> int:
+    """How many rounds a repeated crash test makes: ``n`` in CI (kept small: CI time is
+    bounded), times ``FMSTORE_TEST_ROUNDS`` (default 1) for a longer campaign by hand.  The
+    large campaigns live in bench/fault_campaign.py."""
+    return max(1, round(n * float(os.environ.get("FMSTORE_TEST_ROUNDS", "1"))))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shard_file, shard_rel
+from conftest import rounds, shard_file, shard_rel
 
 from fmstore import Checkpointer, CorruptBlobError
 from fmstore.blob import as_bytes_tensor
@@ -202,7 +202,8 @@ def test_sigkill_at_random_points_never_leaves_a_bad_snapshot(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
     rng = random.Random(2024)
     next_step, kills_mid_save = 0, 0
-    for _ in range(30):
+    n = rounds(10)
+    for _ in range(n):
         proc = subprocess.Popen(
             [sys.executable, str(HERE / "ckpt_writer.py"), str(tmp_path), str(next_step)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
@@ -231,7 +232,8 @@ def test_sigkill_at_random_points_never_leaves_a_bad_snapshot(tmp_path):
         kills_mid_save += any(int(n.split("-")[1]) > max(steps, default=-1) for n in uncommitted)
         ck.close()
         next_step = max([next_step, *(s + 1 for s in steps), *(s + 1 for s in saved)])
-    assert kills_mid_save >= 3, f"only {kills_mid_save} kills hit a save in progress"
+    # One kill in ten at least must land mid-save, or the test did not test what it names.
+    assert kills_mid_save >= max(1, n // 10), f"only {kills_mid_save} of {n} kills hit a save in progress"
     assert ck.steps(), "no snapshot was ever committed"
 
 

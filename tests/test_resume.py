@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import hold_writes
+from conftest import hold_writes, rounds
 
 from fmstore import Checkpointer, Policy, RNGState
 from fmstore.checkpoint import SnapshotNotFoundError, StateKeysError
@@ -218,18 +218,19 @@ EXIT_SCRIPT = textwrap.dedent(
 def test_exit_without_close_commits_every_time(tmp_path):
     script = tmp_path / "save_and_exit.py"
     script.write_text(EXIT_SCRIPT)
-    for i in range(1, 21):
+    n = rounds(6)
+    for i in range(1, n + 1):
         proc = subprocess.run(
             [sys.executable, str(script), str(tmp_path), str(i)], capture_output=True, text=True, timeout=120
         )
         assert proc.returncode == 0, proc.stderr
         assert "failed" not in proc.stderr and "NOT" not in proc.stderr, proc.stderr
     with Checkpointer(tmp_path / "ckpt") as ck:
-        assert ck.steps() == list(range(1, 21))
-        assert ck.load()["step"] == 20
+        assert ck.steps() == list(range(1, n + 1))
+        assert ck.load()["step"] == n
     from fmstore import LocalTier
 
-    assert sorted(LocalTier(tmp_path / "store").list()) == sorted(f"t{i}" for i in range(1, 21))
+    assert sorted(LocalTier(tmp_path / "store").list()) == sorted(f"t{i}" for i in range(1, n + 1))
 
 
 SIGTERM_SCRIPT = textwrap.dedent(
