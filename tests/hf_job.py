@@ -66,6 +66,7 @@ def make_trainer(
     eval_steps: int = 0,
     logging_steps: int = 2,
     n_layer: int = 2,
+    keep_last: int | None = None,
     **args: object,
 ) -> tuple[Trainer, FmstoreCallback]:
     """The job's Trainer (a 2-layer GPT-2, 6 steps an epoch) with an ``FmstoreCallback`` on ``root``."""
@@ -92,7 +93,7 @@ def make_trainer(
         "disable_tqdm": True,
     }
     training_args = TrainingArguments(**{**options, **args})
-    callback = FmstoreCallback(root)
+    callback = FmstoreCallback(root, keep_last=keep_last)
     trainer = Trainer(
         model=model,
         args=training_args,

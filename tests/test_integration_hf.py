@@ -249,6 +249,27 @@ def test_mismatches_and_unsupported_setups_are_named(runs, hf_job, tmp_path, mon
         callback.resume(trainer)
 
 
+def test_save_total_limit_is_keep_last(hf_job, tmp_path):
+    """The Trainer's save_total_limit is honoured (it was silently ignored): 9 steps saved every
+    3 with a limit of 2 leave steps 6 and 9."""
+    root = str(tmp_path / "limited")
+    trainer, callback = hf_job.make_trainer(
+        root, str(tmp_path / "out"), max_steps=9, save_steps=3, save_total_limit=2
+    )
+    trainer.train()
+    callback.close()
+    with Checkpointer(root) as ck:
+        assert ck.steps() == [6, 9]
+    # Two limits that disagree are named, before anything is saved.
+    trainer, callback = hf_job.make_trainer(
+        str(tmp_path / "both"), str(tmp_path / "out2"), keep_last=3, save_total_limit=2
+    )
+    with pytest.raises(ConfigError, match=r"keep_last=3.*save_total_limit=2"):
+        trainer.train()
+    callback.close()
+    assert not (tmp_path / "both").exists() or not any((tmp_path / "both").iterdir())
+
+
 def test_import_fmstore_does_not_import_transformers():
     code = "import sys, fmstore, fmstore.checkpoint; assert 'transformers' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120).returncode == 0

@@ -38,8 +38,10 @@ no manifest and does not exist.
 
 Not supported (a :class:`fmstore.ConfigError` says so): DeepSpeed, ``save_strategy="best"``
 and ``load_best_model_at_end`` (the Trainer decides and reads those through its own folders).
-``save_total_limit`` and ``push_to_hub`` act on folders that are no longer written; use
-``keep_last`` and a ``Policy`` level (e.g. ``s3://``) instead.  ``on_save`` is not called.
+``push_to_hub`` acts on folders that are no longer written; use a ``Policy`` level (e.g.
+``s3://``) instead.  ``on_save`` is not called.  ``save_total_limit=N`` is honoured: it is the
+callback's ``keep_last`` (the newest N committed snapshots stay); set both only to the same N
+(a :class:`fmstore.ConfigError` names the two otherwise).
 """
 
 from __future__ import annotations
@@ -331,12 +333,32 @@ class FmstoreCallback(TrainerCallback):
                 "FmstoreCallback does not support save_strategy='best' or load_best_model_at_end: the "
                 "Trainer decides and reloads those through checkpoint folders it would write itself"
             )
+        self._take_save_total_limit(args)
         if getattr(args, "deepspeed", None) or getattr(
             trainer or self._trainer, "is_deepspeed_enabled", False
         ):
             raise ConfigError(
                 "FmstoreCallback does not checkpoint DeepSpeed engines (they save their own state)"
             )
+
+    def _take_save_total_limit(self, args: TrainingArguments) -> None:
+        """``save_total_limit`` becomes ``keep_last``: the Trainer's own rotation would act on
+        folders it no longer writes, so ignoring it would keep every snapshot without a word."""
+        limit = getattr(args, "save_total_limit", None)
+        if limit is None:
+            return
+        keep = self._options["keep_last"]
+        if keep is not None and keep != limit:
+            raise ConfigError(
+                f"FmstoreCallback({self.root!r}) has keep_last={keep} and the TrainingArguments "
+                f"save_total_limit={limit}: both say how many snapshots stay; give one, or the same N"
+            )
+        if keep is None and self._ck is not None:  # made before the Trainer's arguments were seen
+            raise ConfigError(
+                f"FmstoreCallback({self.root!r}): save_total_limit={limit} arrived after its "
+                f"checkpointer was made without keep_last; pass keep_last={limit} to FmstoreCallback"
+            )
+        self._options["keep_last"] = limit
 
     def _trainer_state_of(self, step: int) -> dict[str, Any]:
         """The TrainerState JSON of snapshot ``step``, from its manifest (no tensor is read)."""
