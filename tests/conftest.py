@@ -276,6 +276,54 @@ def bounded_allocations(
     assert grown_kib < 512 << 10, f"peak RSS grew by {grown_kib} KiB"
 
 
+# ----------------------------------------------------------------- a root held by another job
+
+#: A job that claims ``root`` (its first save commits step 1), says "held" on stdout, and holds
+#: the root until its stdin is closed.  argv: root, JSON of Checkpointer arguments.
+_HOLDER = """
+import json, sys
+import torch
+from fmstore import Checkpointer
+ck = Checkpointer(sys.argv[1], **json.loads(sys.argv[2]))
+ck.save(1, {"w": torch.ones(8)}).wait()
+print("held", flush=True)
+sys.stdin.read()
+ck.close()
+"""
+
+
+@contextmanager
+def root_held_by_another_job(root: str, **options: Any) -> Iterator[Any]:
+    """A Checkpointer in a subprocess holding ``root``'s writer lease (a committed save of step
+    1) for the duration of the block; yields the ``Popen`` (its ``pid`` names the holder)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = str(Path(__file__).parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, root, json.dumps(options)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    try:
+        line = proc.stdout.readline().decode()  # the handshake: it holds the root once it says so
+        assert line == "held\n", proc.stderr.read().decode()[-3000:]
+        yield proc
+    finally:
+        proc.stdin.close()  # it closes its Checkpointer (releasing the lease) and exits
+        proc.wait(timeout=120)
+        err = proc.stderr.read()
+        proc.stdout.close()
+        proc.stderr.close()
+        assert proc.returncode == 0, err.decode()[-3000:]
+
+
 def rounds(n: int) -> int:
     """How many rounds a repeated crash test makes: ``n`` in CI (kept small: CI time is
     bounded), times ``FMSTORE_TEST_ROUNDS`` (default 1) for a longer campaign by hand.  The

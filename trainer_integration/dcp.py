@@ -30,6 +30,7 @@ import os
 import re
 import threading
 import uuid
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -61,6 +62,7 @@ from torch.futures import Future
 
 from fmstore.blob import as_bytes_tensor, dtype_from_name, dtype_name
 from fmstore.checkpoint.checkpointer import COMPRESSION
+from fmstore.checkpoint.lease import DEFAULT_TTL, WriterLease
 from fmstore.checkpoint.level import SnapshotLevel
 from fmstore.checkpoint.manifest import Manifest, Shard, TensorEntry, step_dir
 from fmstore.checkpoint.reader import Region, SnapshotReader
@@ -280,6 +282,19 @@ class FmstoreStorageWriter(_Base, StorageWriter):
             lossily as blockwise int8, as in :class:`~fmstore.Checkpointer`.
         incremental: tensors whose bytes did not change since the newest committed snapshot
             are referenced there instead of written again.
+        lease_ttl: seconds an S3 writer lease stays valid unrenewed (see ``Checkpointer``).
+
+    One job writes a root at a time (see :mod:`fmstore.checkpoint.lease`).  The coordinator
+    claims the root's writer lease in ``prepare_global_plan``, before any rank writes: while
+    another job holds it (a ``Checkpointer`` saving there, another DCP save), the save fails on
+    every rank with a :class:`~fmstore.WriterConflictError` naming the holder (DCP hands it to
+    each rank inside its ``CheckpointException``), and nothing is written.  The lease is held
+    for one save, plan to commit, and released by ``finish`` (or a failed ``write_data`` on the
+    coordinator, the next save's ``reset``, ``close()``, or the writer being garbage-collected):
+    what a snapshot references (its base for ``incremental``) is chosen after the claim, so
+    nobody deletes it meanwhile, and the same job's next save, through this writer or a new
+    one, claims it again.  Hold no lease between saves: a job that saves through DCP and
+    through a ``Checkpointer`` to one root is two writers.
 
     Each rank writes one shard file; the coordinator commits ``manifest.json`` in ``finish``,
     so a failure anywhere before leaves no committed snapshot.  A step that is committed
@@ -300,6 +315,7 @@ class FmstoreStorageWriter(_Base, StorageWriter):
         quantize: tuple[str, ...] | list[str] | str = (),
         incremental: bool = True,
         io_threads: int = 8,
+        lease_ttl: float = DEFAULT_TTL,
     ) -> None:
         super().__init__(root, step, storage_options, io_threads)
         if compression not in COMPRESSION:
@@ -315,10 +331,46 @@ class FmstoreStorageWriter(_Base, StorageWriter):
         self.is_coordinator = True
         self._planned_step: int | None = None
         self._save_id = uuid.uuid4().hex
+        self.lease_ttl = lease_ttl
+        self._lease: WriterLease | None = None  # the coordinator's, from plan to commit
+        self._lease_finalizer: weakref.finalize | None = None
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        # A new save: a lease an earlier one left held (it failed on another rank, so finish
+        # never ran) is given up; the coordinator claims the root again when it plans.
+        self._release_lease()
         super().reset(checkpoint_id)
         self._save_id = uuid.uuid4().hex
+
+    def _claim(self, owner: str) -> None:
+        """Coordinator: take the root's writer lease, or raise WriterConflictError naming its holder."""
+        if self._lease is None:
+            lease = WriterLease(self._resources().storage, owner, ttl=self.lease_ttl)
+            # A writer dropped mid-save (no finish, no close) gives the root up when collected;
+            # the finalizer holds the lease, not the writer.
+            self._lease_finalizer = weakref.finalize(self, lease.release)
+            self._lease_finalizer.atexit = False  # the kernel drops a dead process's local lock
+            self._lease = lease
+        self._lease.acquire()
+
+    def _release_lease(self) -> None:
+        lease, self._lease = self._lease, None
+        finalizer, self._lease_finalizer = self._lease_finalizer, None
+        if finalizer is not None:
+            finalizer.detach()
+        if lease is not None:
+            lease.release()
+
+    def close(self) -> None:
+        """Release the writer lease (if a failed save left it held), storage, pools and buffers."""
+        self._release_lease()
+        super().close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_lease"] = None  # a lease is this process's (DCP's PROCESS async save pickles the writer)
+        state["_lease_finalizer"] = None
+        return state
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.checkpoint_id, save_id=self._save_id)
@@ -337,7 +389,17 @@ class FmstoreStorageWriter(_Base, StorageWriter):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        """Coordinator: decide the step (one for all ranks) and the tensors' fmstore names."""
+        """Coordinator: claim the root, decide the step (one for all ranks) and the tensors'
+        fmstore names.  A refused claim fails the save on every rank before any writes."""
+        writer = uuid.uuid4().hex
+        self._claim(writer)
+        try:
+            return self._plan(plans, writer)
+        except BaseException:
+            self._release_lease()  # this save ends here, on every rank
+            raise
+
+    def _plan(self, plans: list[SavePlan], writer: str) -> list[SavePlan]:
         level = self._level()
         steps = level.steps()
         step = self.step if self.step is not None else (steps[-1] + 1 if steps else 0)
@@ -353,7 +415,6 @@ class FmstoreStorageWriter(_Base, StorageWriter):
         ]
         names = _names(shapes, mappings)
         self._planned_step = step
-        writer = uuid.uuid4().hex
         return [
             dataclasses.replace(
                 p,
@@ -369,6 +430,13 @@ class FmstoreStorageWriter(_Base, StorageWriter):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         """Write this rank's items: its tensors into one shard file, its values as JSON."""
+        try:
+            return self._write_data(plan, planner)
+        except BaseException:
+            self._release_lease()  # the coordinator's save is over: DCP calls no finish now
+            raise
+
+    def _write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         info = plan.storage_data
         if not isinstance(info, _PlanData):
             raise FmstoreError(
@@ -442,7 +510,14 @@ class FmstoreStorageWriter(_Base, StorageWriter):
         return out
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        """Coordinator: merge every rank's results into the manifest and commit it."""
+        """Coordinator: merge every rank's results into the manifest and commit it; then (or on
+        failure) release the root's writer lease."""
+        try:
+            self._finish(metadata, results)
+        finally:
+            self._release_lease()
+
+    def _finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         datas = [r.storage_data for rank_results in results for r in rank_results]
         if any(not isinstance(d, _ResultData) for d in datas):
             raise FmstoreError("FmstoreStorageWriter.finish got results another storage writer made")
@@ -499,6 +574,8 @@ class FmstoreStorageWriter(_Base, StorageWriter):
         }
         level = self._level()
         _refuse_committed(step, level.steps(), self.root)
+        if self._lease is not None:
+            self._lease.check()  # an S3 lease lost meanwhile (not renewed for a ttl): no commit
         level.commit(step, entries, files, tree, meta, world_size=len(results))
         self._save_id = uuid.uuid4().hex  # the next save is another one
 

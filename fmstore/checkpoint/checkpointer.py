@@ -12,11 +12,13 @@ committed snapshot from the fastest level holding it, verifying every checksum r
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 import uuid
 import warnings
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait as wait_futures
@@ -208,6 +210,14 @@ class Checkpointer:
     optimizers, LR schedulers, :class:`RNGState`): see :meth:`save` and :meth:`load`.  A save
     in flight when the interpreter exits (no ``close()``) is finished first; see
     :mod:`fmstore.exiting`.
+
+    ``close()`` (or leaving a ``with`` block) releases the roots' writer leases.  A checkpointer
+    dropped without it (``del ck``, a notebook cell run again) is closed when it is
+    garbage-collected (by reference counting alone: nothing of it refers back to it): its saves
+    still in flight are committed first, then the leases are released, and a new checkpointer
+    of this process on the same root waits for that instead of being refused (what a save
+    returned has promised is never lost).  An error of such a save, with no caller left to
+    raise it to, is printed on stderr.
     """
 
     def __init__(
@@ -299,14 +309,23 @@ class Checkpointer:
             else None
         )
         self._last: SaveHandle | None = None
-        self._inflight: list[SaveHandle] = []  # durable persists, oldest first
-        self._unreported: list[BaseException] = []  # errors of finished persists, to raise once
-        self._lock = threading.Lock()
+        self._persists = _Persists(self.storage.url)  # durable persists in flight, their errors
         self._deleting = threading.Lock()  # a delete and the start of a save exclude each other
         self._saves = 0
         self._closed = False
         overlap.install()  # block=False saves make the next optimizer step wait for their copies
-        exiting.register(self)  # a save in flight at exit is finished, not lost
+        # A save in flight at exit is finished, not lost (the tracker, not self: it outlives a
+        # dropped checkpointer until its persists are done).
+        exiting.register(self._persists)
+        # What close() frees, freed too when this object is dropped unclosed.  Nothing here
+        # refers to self (the persists run a function of their job, the stager's callbacks are
+        # weak), so reference counting alone frees a dropped checkpointer and this runs.
+        pools = [self._persist, self._hash_pool, self._codec_pool, self._level_pool]
+        self._owned = _Owned(
+            self._persists, self.levels, self.memory, self._stager, [p for p in pools if p is not None]
+        )
+        self._finalizer = weakref.finalize(self, _dropped, self._owned)
+        self._finalizer.atexit = False  # at exit the kernel drops local locks; exiting drains persists
 
     # ------------------------------------------------------------------ listing
 
@@ -397,8 +416,7 @@ class Checkpointer:
             handle = self._save(step, state, block, meta, levels)
         # An earlier persist's error nobody has seen: this step is saved all the same, then the
         # error is raised (once) here.
-        with self._lock:
-            earlier = self._unreported.pop(0) if self._unreported else None
+        earlier = self._persists.pop_unreported()
         if earlier is not None:
             earlier.add_note(
                 f"fmstore: this is the error of an earlier save, raised once; save({step}) itself "
@@ -458,7 +476,13 @@ class Checkpointer:
         if not block:
             guarded = stateful.guarded_tensors(prepared.slots) | overlap.guarded_pointers()
             deferred = {p.name for p in pieces if p.local.numel() and p.local.data_ptr() in guarded}
-        staged = self._stager.stage({p.name: p.local for p in pieces}, gpu_encode, deferred, self._reserve)
+        # Weakly bound: a staging still copying must not keep a dropped checkpointer alive.
+        staged = self._stager.stage(
+            {p.name: p.local for p in pieces},
+            _weakly(gpu_encode) if gpu_encode is not None else None,
+            deferred,
+            _weakly(self._reserve),
+        )
         kept = None
         if self.memory is not None:
             items = {p.name: MemoryItem(p.global_shape, p.offsets) for p in pieces}
@@ -483,32 +507,19 @@ class Checkpointer:
         job = _SaveJob(
             step, staged, pieces, sorted(tensors), tree, dict(meta or {}), targets, kept is not None, token
         )
-        future = self._persist.submit(self._persist_job, job)
+        # A function of the job, not a bound method: a dropped checkpointer's persist must not
+        # keep it alive (its finalizer waits for the persist, then releases the leases).
+        future = self._persist.submit(_persist_job, job, self._items, self._level_pool)
         handle = SaveHandle(step, future, staged, stall)
         future.add_done_callback(
             lambda f: setattr(handle, "persist_seconds", time.perf_counter() - t0 - stall)
         )
-        with self._lock:
-            self._inflight.append(handle)
+        self._persists.add(handle)
         self._last = handle
         return handle
 
     def _collect_unreported(self) -> None:
-        """Keep the errors of finished persists nobody has seen yet; forget finished ones."""
-        with self._lock:
-            # One look at each handle: one that finishes meanwhile stays for the next call
-            # (asking done() twice could drop it unreported).
-            done = [h for h in self._inflight if h.done()]
-            self._inflight = [h for h in self._inflight if h not in done]
-            self._unreported += [e for e in (h._unreported_error() for h in done) if e is not None]
-
-    def _raise_unreported(self) -> None:
-        """Raise (once) the error of a finished persist nobody has seen yet."""
-        self._collect_unreported()
-        with self._lock:
-            error = self._unreported.pop(0) if self._unreported else None
-        if error is not None:
-            raise error
+        self._persists.collect()
 
     def _reserve(self, staged: Staged) -> None:
         """Pin now the host buffers that saves will hold at once in the steady state: the
@@ -539,15 +550,11 @@ class Checkpointer:
 
     def _busy(self) -> bool:
         """Whether ``max_persists`` durable persists are still in flight."""
-        self._collect_unreported()
-        with self._lock:
-            return len(self._inflight) >= self.max_persists
+        return len(self._persists.running()) >= self.max_persists
 
     def _make_room(self) -> None:
         while True:
-            self._collect_unreported()  # leaves only the persists still running
-            with self._lock:
-                pending = list(self._inflight)
+            pending = self._persists.running()
             if len(pending) < self.max_persists:
                 return
             wait_futures([pending[0]._future])
@@ -573,41 +580,6 @@ class Checkpointer:
         for name in names:
             self._levels(name)  # unknown names are an error
         return [lvl for lvl in self.levels if lvl.takes(step) or lvl.name in wanted]
-
-    def _persist_job(self, job: _SaveJob) -> SnapshotInfo:
-        try:
-            job.staged.wait()
-            with paused_gc():
-                items = self._items.items(job.staged.tensors, job.pieces)
-            args = (job.step, items, job.names, job.tree, job.meta, job.token)
-            if self._level_pool is None or len(job.levels) == 1:
-                runs = [_run(job.levels[0].write, *args)]
-            else:  # each level from the staged copy, concurrently: S3 does not wait for NVMe
-                runs = [
-                    f.result()
-                    for f in [self._level_pool.submit(_run, lvl.write, *args) for lvl in job.levels]
-                ]
-            results = list(zip(job.levels, runs))
-        finally:
-            job.staged.release()  # the host-memory level, if any, holds its own reference
-        ok = [(lvl, r) for lvl, r in results if isinstance(r, Written)]
-        failed = [(lvl, r) for lvl, r in results if isinstance(r, BaseException)]
-        if failed:
-            if len(results) == 1:
-                raise failed[0][1]
-            done = ", ".join(repr(lvl.name) for lvl, _ in ok) or "no durable level"
-            why = "; ".join(f"{lvl.name!r}: {type(e).__name__}: {e}" for lvl, e in failed)
-            raise FmstoreError(f"step {job.step} committed to {done} but not to: {why}") from failed[0][1]
-        first = ok[0][1]
-        return SnapshotInfo(
-            step=job.step,
-            path=ok[0][0].path_of(job.step),
-            nbytes=job.staged.nbytes,
-            bytes_written=sum(r.bytes_written for _, r in ok),
-            tensors=first.tensors,
-            tensors_written=first.tensors_written,
-            levels=([HOST] if job.in_memory else []) + [lvl.name for lvl, _ in ok],
-        )
 
     # ------------------------------------------------------------------ retention
 
@@ -866,14 +838,7 @@ class Checkpointer:
     def _wait_all(self, *, raise_error: bool = False, timeout: float | None = None) -> bool:
         """Wait (up to ``timeout`` s) for every durable persist in flight, raising the first
         unseen error if asked; whether they are all done."""
-        with self._lock:
-            pending = list(self._inflight)
-        _, not_done = wait_futures([h._future for h in pending], timeout=timeout)
-        if not_done:
-            return False
-        if raise_error:
-            self._raise_unreported()
-        return True
+        return self._persists.wait(raise_error=raise_error, timeout=timeout)
 
     def wait(self) -> SnapshotInfo | None:
         """Wait for the saves in flight; raises the first error no caller has seen, else returns
@@ -893,28 +858,15 @@ class Checkpointer:
             self._wait_all(raise_error=True)
         finally:
             self._closed = True
-            exiting.unregister(self)
-            self._persist.shutdown(wait=True)
-            self._hash_pool.shutdown(wait=True)
-            self._codec_pool.shutdown(wait=True)
-            if self._level_pool is not None:
-                self._level_pool.shutdown(wait=True)
-            if self.memory is not None:
-                self.memory.clear()
-            self._stager.close()
-            for lvl in self.levels:
-                lvl.close()
+            self._finalizer.detach()  # closed here: nothing is left for a drop to do
+            exiting.unregister(self._persists)
+            self._owned.close()
 
     def _exit_pending(self) -> str | None:
-        with self._lock:
-            pending = [h for h in self._inflight if not h.done()]
-        if not pending:
-            return None
-        steps = ", ".join(str(h.step) for h in pending)
-        return f"the commit of step {steps} to {self.storage.url!r}"
+        return self._persists._exit_pending()
 
     def _exit_wait(self, timeout: float | None) -> bool:
-        return self._wait_all(raise_error=True, timeout=timeout)
+        return self._persists._exit_wait(timeout)
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -937,6 +889,171 @@ class _SaveJob:
     levels: list[SnapshotLevel]  # durable levels that take this step
     in_memory: bool  # a host-memory copy was kept too
     token: str  # this save attempt, the same on every rank
+
+
+def _persist_job(job: _SaveJob, builder: ItemBuilder, level_pool: ThreadPoolExecutor | None) -> SnapshotInfo:
+    """Write a staged save to its durable levels (the persist thread's work)."""
+    try:
+        job.staged.wait()
+        with paused_gc():
+            items = builder.items(job.staged.tensors, job.pieces)
+        args = (job.step, items, job.names, job.tree, job.meta, job.token)
+        if level_pool is None or len(job.levels) == 1:
+            runs = [_run(job.levels[0].write, *args)]
+        else:  # each level from the staged copy, concurrently: S3 does not wait for NVMe
+            runs = [
+                f.result()
+                for f in [level_pool.submit(_run, lvl.write, *args) for lvl in job.levels]
+            ]
+        results = list(zip(job.levels, runs))
+    finally:
+        job.staged.release()  # the host-memory level, if any, holds its own reference
+    ok = [(lvl, r) for lvl, r in results if isinstance(r, Written)]
+    failed = [(lvl, r) for lvl, r in results if isinstance(r, BaseException)]
+    if failed:
+        if len(results) == 1:
+            raise failed[0][1]
+        done = ", ".join(repr(lvl.name) for lvl, _ in ok) or "no durable level"
+        why = "; ".join(f"{lvl.name!r}: {type(e).__name__}: {e}" for lvl, e in failed)
+        raise FmstoreError(f"step {job.step} committed to {done} but not to: {why}") from failed[0][1]
+    first = ok[0][1]
+    return SnapshotInfo(
+        step=job.step,
+        path=ok[0][0].path_of(job.step),
+        nbytes=job.staged.nbytes,
+        bytes_written=sum(r.bytes_written for _, r in ok),
+        tensors=first.tensors,
+        tensors_written=first.tensors_written,
+        levels=([HOST] if job.in_memory else []) + [lvl.name for lvl, _ in ok],
+    )
+
+
+class _Persists:
+    """A checkpointer's durable persists in flight, oldest first, and the errors of finished
+    ones that no caller has seen yet (each is raised once).  Apart from the checkpointer, which
+    it never refers to: the exit drain and a dropped checkpointer's finalizer wait on it."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._lock = threading.Lock()
+        self._inflight: list[SaveHandle] = []
+        self._unreported: list[BaseException] = []
+
+    def add(self, handle: SaveHandle) -> None:
+        with self._lock:
+            self._inflight.append(handle)
+
+    def collect(self) -> None:
+        """Keep the errors of finished persists nobody has seen yet; forget finished ones."""
+        with self._lock:
+            # One look at each handle: one that finishes meanwhile stays for the next call
+            # (asking done() twice could drop it unreported).
+            done = [h for h in self._inflight if h.done()]
+            self._inflight = [h for h in self._inflight if h not in done]
+            self._unreported += [e for e in (h._unreported_error() for h in done) if e is not None]
+
+    def running(self) -> list[SaveHandle]:
+        """The persists still running (after collecting the finished ones), oldest first."""
+        self.collect()
+        with self._lock:
+            return list(self._inflight)
+
+    def pop_unreported(self) -> BaseException | None:
+        with self._lock:
+            return self._unreported.pop(0) if self._unreported else None
+
+    def wait(self, *, raise_error: bool = False, timeout: float | None = None) -> bool:
+        """Wait (up to ``timeout`` s) for every persist in flight, raising the first unseen
+        error if asked; whether they are all done."""
+        with self._lock:
+            pending = list(self._inflight)
+        _, not_done = wait_futures([h._future for h in pending], timeout=timeout)
+        if not_done:
+            return False
+        if raise_error:
+            self.collect()
+            error = self.pop_unreported()
+            if error is not None:
+                raise error
+        return True
+
+    def _exit_pending(self) -> str | None:
+        with self._lock:
+            pending = [h for h in self._inflight if not h.done()]
+        if not pending:
+            return None
+        steps = ", ".join(str(h.step) for h in pending)
+        return f"the commit of step {steps} to {self.url!r}"
+
+    def _exit_wait(self, timeout: float | None) -> bool:
+        return self.wait(raise_error=True, timeout=timeout)
+
+
+@dataclass
+class _Owned:
+    """What a checkpointer frees at close: never refers to the checkpointer, so that a dropped
+    one is freed by reference counting and its finalizer (:func:`_dropped`) can still free this."""
+
+    persists: _Persists
+    levels: list[SnapshotLevel]
+    memory: MemoryLevel | None
+    stager: Stager
+    pools: list[ThreadPoolExecutor]
+
+    def close(self) -> None:
+        """Free the threads, the pinned pool, the snapshots in memory; release the leases."""
+        for pool in self.pools:
+            pool.shutdown(wait=True)
+        if self.memory is not None:
+            self.memory.clear()
+        self.stager.close()
+        for lvl in self.levels:
+            lvl.close()
+
+
+def _dropped(owned: _Owned) -> None:
+    """Finalizer of a checkpointer garbage-collected without ``close()``.
+
+    Its leases are marked orphaned at once, so that a new checkpointer of this process on the
+    same root waits for them rather than being refused; its saves in flight are committed
+    (a returned save is a promise), then everything is freed and the leases released.  That
+    is done here on the main thread (``del ck`` in a script or notebook: the root is free
+    when ``del`` returns), else on a thread of its own: there may be saves to wait for, and a
+    collection runs finalizers on whichever thread it happens on, one of the pools' own (which
+    cannot join itself) or fsspec's event loop (which cannot wait for itself)."""
+    for lvl in owned.levels:
+        if lvl.lease is not None:
+            lvl.lease.orphan()
+    if owned.persists.running() or threading.current_thread() is not threading.main_thread():
+        threading.Thread(target=_close_dropped, args=(owned,), name="fmstore-release", daemon=True).start()
+    else:
+        _close_dropped(owned)
+
+
+def _close_dropped(owned: _Owned) -> None:
+    try:
+        owned.persists.wait()
+        owned.persists.collect()
+        while (error := owned.persists.pop_unreported()) is not None:  # no caller is left to raise it to
+            print(
+                f"fmstore: a save of a Checkpointer dropped without close() failed "
+                f"({owned.persists.url!r}): {type(error).__name__}: {error}",
+                file=sys.stderr,
+                flush=True,
+            )
+    finally:
+        owned.close()
+
+
+def _weakly(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` bound weakly: a call after its object is gone does nothing (returns None)."""
+    ref = weakref.WeakMethod(method)  # type: ignore[arg-type]
+
+    def call(*args: Any) -> Any:
+        bound = ref()
+        return None if bound is None else bound(*args)
+
+    return call
 
 
 class SnapshotDeletedError(SnapshotNotFoundError):

@@ -18,6 +18,13 @@ first save of a job claims the root, and a second job is refused before it write
 - **Other fsspec back ends** (no atomic conditional write reachable through fsspec): the
   lease is written, read back and checked, which narrows the race but cannot close it.
 
+Within one process the holders are also kept in a table (a POSIX lock cannot tell two of a
+process's descriptors apart, and an S3 claimant would otherwise wait for a renewal to see
+one), so a second writer of the process is refused at once.  A lease whose owner was dropped
+without ``close()`` (a notebook re-running ``ck = Checkpointer(root)``) is *orphaned*: its
+owner's finalizer releases it once the saves it promised are committed, and a claimant of
+this process waits for that instead of being refused.
+
 Shard files carry the writer's id in their names and a manifest is created, never
 replaced, so even a race the lease cannot see (the fallback above) never touches a
 committed snapshot: the second commit of a step fails.
@@ -30,6 +37,7 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -42,10 +50,13 @@ LEASE = "writer.lease"
 #: Seconds an S3 lease stays valid without a renewal.
 DEFAULT_TTL = 60.0
 
-_held_here: dict[
-    tuple[int, int], str
-] = {}  # local lease files this process holds (POSIX locks are per process)
+#: The leases this process holds, by root: (st_dev, st_ino) of a local lease file (POSIX
+#: locks are per process, so the kernel would let a second descriptor "take" it), the URL of
+#: any other.
+_held_here: dict[tuple[int, int] | str, WriterLease] = {}
 _held_lock = threading.Lock()
+#: Seconds a claimant waits for an orphaned lease of this process quietly before saying so.
+NOTICE_S = 2.0
 
 
 def _describe(body: dict[str, Any], now: float | None = None) -> str:
@@ -70,6 +81,10 @@ class WriterLease:
         self._lost: str | None = None
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
+        self._body_text = ""  # what this holder wrote last (names it to claimants of this process)
+        self._here: tuple[int, int] | str | None = None  # its key in _held_here while held
+        self._orphaned = False  # its owner is gone; released once the owner's saves are done
+        self._released = threading.Event()
 
     def _body(self) -> bytes:
         body = {
@@ -80,7 +95,9 @@ class WriterLease:
             "renewed": time.time(),
             "ttl": self.ttl,
         }
-        return json.dumps(body).encode()
+        raw = json.dumps(body).encode()
+        self._body_text = raw.decode()
+        return raw
 
     @property
     def held(self) -> bool:
@@ -93,13 +110,22 @@ class WriterLease:
         holder that has not renewed is waited for up to ``ttl`` seconds, then taken over."""
         if self.held:
             return
+        self._stop = threading.Event()  # a lease released before may be claimed again
+        self._released = threading.Event()
+        self._lost = None
+        self._orphaned = False
         try:
             if self.storage.local:
                 self._acquire_local()
-            elif self.storage.conditional:
-                self._acquire_conditional()
             else:
-                self._acquire_fallback()
+                self._refuse_held_here(self.storage.url)
+                if self.storage.conditional:
+                    self._acquire_conditional()
+                else:
+                    self._acquire_fallback()
+                with _held_lock:
+                    self._here = self.storage.url
+                    _held_here.setdefault(self.storage.url, self)
         except FmstoreError:
             raise
         except OSError as e:  # e.g. a read-only root
@@ -114,38 +140,67 @@ class WriterLease:
             "or save to another root"
         )
 
+    def _holder_here(self, key: tuple[int, int] | str) -> threading.Event | None:
+        """Under ``_held_lock``: None if no other lease of this process holds ``key``; the event
+        of its release if it is orphaned (to wait for, without the lock); else refuse."""
+        holder = _held_here.get(key)
+        if holder is None or holder is self:
+            return None
+        if holder._orphaned:
+            return holder._released
+        raise self._conflict(
+            _parse(holder._body_text.encode()),
+            "it is another Checkpointer of this process (or DCP writer), still open: close() it first",
+        )
+
+    def _refuse_held_here(self, key: tuple[int, int] | str) -> None:
+        """Refuse a root another lease of this process holds; wait for one that is orphaned."""
+        while True:
+            with _held_lock:
+                released = self._holder_here(key)
+            if released is None:
+                return
+            _wait_orphan(released, self.storage.url)
+
     def _acquire_local(self) -> None:
         path = self.storage.path(LEASE)
-        with _held_lock:
-            try:
-                st = os.stat(path)
-                if (st.st_dev, st.st_ino) in _held_here:  # another Checkpointer of this process
+        while True:
+            with _held_lock:
+                try:
+                    st = os.stat(path)
                     # (checked before opening: closing any descriptor of the file would drop
                     # this process's POSIX lock on it)
-                    held = _held_here[(st.st_dev, st.st_ino)]
-                    raise self._conflict(json.loads(held), "it is another Checkpointer of this process")
-            except FileNotFoundError:
-                pass
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                    released = self._holder_here((st.st_dev, st.st_ino))
+                except FileNotFoundError:
+                    released = None
+                if released is None:
+                    self._lock_local(path)
+                    return
+            _wait_orphan(released, self.storage.url)  # a dropped writer's saves finish first
+
+    def _lock_local(self, path: str) -> None:
+        """Under ``_held_lock``, no other lease of this process holding the file: lock it."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
             try:
-                try:
-                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError as e:
-                    if e.errno not in (errno.EACCES, errno.EAGAIN):
-                        raise
-                    raise self._conflict(
-                        _parse(os.pread(fd, 4096, 0)), "it holds the lock on its writer.lease"
-                    ) from None
-                body = self._body()
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, body, 0)
-                st = os.fstat(fd)
-                self._key = (st.st_dev, st.st_ino)
-                _held_here[self._key] = body.decode()
-            except BaseException:
-                os.close(fd)
-                raise
-            self._fd = fd
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+                raise self._conflict(
+                    _parse(os.pread(fd, 4096, 0)), "it holds the lock on its writer.lease"
+                ) from None
+            body = self._body()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, body, 0)
+            st = os.fstat(fd)
+            self._key = (st.st_dev, st.st_ino)
+            self._here = self._key
+            _held_here[self._key] = self
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
 
     def _acquire_conditional(self) -> None:
         deadline = None
@@ -226,16 +281,33 @@ class WriterLease:
                 "nothing more is committed or deleted there"
             )
 
+    def orphan(self) -> None:
+        """Its owner was dropped without closing: claimants of this process wait for its
+        release (which follows the owner's last commit) instead of being refused."""
+        self._orphaned = True
+
     def release(self) -> None:
+        """Give the root up (idempotent; safe from any thread, the renewer's included)."""
         self._stop.set()
-        if self._renewer is not None:
-            self._renewer.join()
-            self._renewer = None
-        if self._fd is not None:
+        renewer, self._renewer = self._renewer, None
+        if renewer is not None and renewer is not threading.current_thread():
+            renewer.join()
+        try:
+            self._give_up()
+        finally:
             with _held_lock:
-                _held_here.pop(self._key, None)  # type: ignore[arg-type]
-            os.close(self._fd)  # releases the lock (the file stays: deleting it would race a claimant)
-            self._fd = None
+                if self._here is not None and _held_here.get(self._here) is self:
+                    del _held_here[self._here]
+                self._here = None
+            self._released.set()
+
+    def _give_up(self) -> None:
+        if self._fd is not None:
+            # Closed under the table's lock: a claimant of this process opening the file
+            # meanwhile would have its lock dropped by this close (POSIX locks are per process).
+            with _held_lock:
+                os.close(self._fd)  # releases the lock (the file stays: deleting it would race a claimant)
+                self._fd = None
         elif self._tag is not None:
             tag, self._tag = self._tag, None
             if self._lost is None:
@@ -246,6 +318,17 @@ class WriterLease:
                         self.storage.delete(LEASE)
                 except Exception:  # noqa: BLE001 - it expires by itself
                     pass
+
+
+def _wait_orphan(released: threading.Event, url: str) -> None:
+    """Wait for a dropped writer of this process to finish its saves and release ``url``."""
+    if not released.wait(NOTICE_S):
+        print(
+            f"fmstore: waiting for a dropped Checkpointer's saves to {url!r} to finish before claiming it ...",
+            file=sys.stderr,
+            flush=True,
+        )
+        released.wait()
 
 
 def _parse(raw: bytes) -> dict[str, Any]:
