@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import CorruptBlobError, FmstoreError
+from .storage.files import byte_view  # torch-free, for the storage layer; re-exported here
 
 #: What a tier stores and gives back.
 Value = torch.Tensor | bytes
@@ -105,11 +106,6 @@ def as_bytes_tensor(value: Value) -> torch.Tensor:
         # frombuffer warns that bytes are read-only; callers only ever read from this view.
         warnings.simplefilter("ignore", UserWarning)
         return torch.frombuffer(mv, dtype=torch.uint8)
-
-
-def byte_view(data: bytes | bytearray | memoryview) -> memoryview:
-    """A flat byte view of a buffer (``cast`` refuses empty multi-dimensional views)."""
-    return memoryview(data).cast("B") if len(data) else memoryview(b"")
 
 
 def as_memoryview(value: Value) -> memoryview:

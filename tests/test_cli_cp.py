@@ -96,8 +96,8 @@ def shard_rel_local(root: Path, step: int) -> str:
 
 
 def disk_bytes(root: Path) -> int:
-    """The bytes of the files under ``root`` (but the writer's lease, which du leaves out)."""
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p != root / LEASE)
+    """The bytes of every file under ``root`` (the writer's lease too: du counts every file)."""
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
 def dst_options(s3: Any) -> list[str]:
@@ -132,9 +132,17 @@ def test_cp_local_to_s3_to_local_round_trip(tmp_path: Path, s3: Any, capsys, mon
     assert all(s["status"] == "copied" for s in body["steps"])
     assert_loads(tmp_path / "back", states)
     assert tree(tmp_path / "back") == tree(tmp_path / "src")  # byte-identical, manifests too
-    # du of the S3 copy agrees with the local source.
+    # du of the S3 copy agrees with the local source, but for the source's writer.lease (its
+    # writer's claim on the root, which cp does not copy; du counts every file).
     local, remote = cli_json(capsys, "du", tmp_path / "src"), cli_json(capsys, "du", url)
-    assert remote["totals"] == local["totals"] and remote["steps"] == local["steps"]
+    lease = (tmp_path / "src" / "writer.lease").stat().st_size
+    assert local["totals"]["other_bytes"] == lease and remote["totals"]["other_bytes"] == 0
+    assert remote["totals"] == {
+        **local["totals"],
+        "other_bytes": 0,
+        "total_bytes": local["totals"]["total_bytes"] - lease,
+    }
+    assert remote["steps"] == local["steps"]
     # gc on S3: a crash-left object of an older step is listed, then deleted; nothing else.
     fs = s3.filesystem()
     crash = f"{url.removeprefix('s3://')}/{STEP.format(15)}/crash-left.safetensors"
@@ -145,7 +153,8 @@ def test_cp_local_to_s3_to_local_round_trip(tmp_path: Path, s3: Any, capsys, mon
     cli_json(capsys, "gc", url, "--yes")
     fs.invalidate_cache()
     assert not fs.exists(crash)
-    assert cli_json(capsys, "du", url)["totals"] == local["totals"]
+    # (gc --yes held the root's lease meanwhile; on S3 a released lease is deleted)
+    assert cli_json(capsys, "du", url)["totals"] == remote["totals"]
     assert_loads(url, states, s3.storage_options)
 
 
@@ -457,7 +466,7 @@ def test_du_adds_up_to_the_bytes_on_disk(tmp_path: Path, capsys) -> None:
     t = body["totals"]
     assert t["total_bytes"] == disk_bytes(tmp_path)
     assert sum(v for k, v in t.items() if k != "total_bytes") == t["total_bytes"]
-    assert t["incomplete_bytes"] == 3000 and t["other_bytes"] == 17
+    assert t["incomplete_bytes"] == 3000 and t["other_bytes"] == 17 + (tmp_path / LEASE).stat().st_size
     steps = {s["step"]: s for s in body["steps"]}
     assert sum(s["own_bytes"] for s in steps.values()) == t["own_bytes"]
     assert sum(s["manifest_bytes"] for s in steps.values()) == t["manifest_bytes"]

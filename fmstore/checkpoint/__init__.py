@@ -1,21 +1,72 @@
-"""Async, incremental, crash-safe snapshots of training state (see :class:`Checkpointer`)."""
+"""Async, incremental, crash-safe snapshots of training state (see :class:`Checkpointer`).
 
-from .checkpointer import (
-    Checkpointer,
-    ChecksumError,
-    LoadMismatchError,
-    SaveHandle,
-    SnapshotInfo,
-    SnapshotNotFoundError,
-    StateKeysError,
-)
-from .manifest import Manifest, ManifestError
-from .policy import Level, Policy
-from .snapshot import Problem, Root, ShardInfo, Snapshot, TensorInfo
-from .stateful import RNGState, is_stateful
-from .storage import RootNotFoundError
-from .tree import UnsupportedValueError
-from .writing import MOMENTS
+The names below are loaded on first use: the read side (:class:`Root`, manifests, listing)
+imports no torch, so ``fmstore ls`` / ``inspect`` / ``du`` / ``gc`` answer without paying for
+``import torch`` (seconds), while ``from fmstore.checkpoint import Checkpointer`` works as
+before.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ loads them
+    from .checkpointer import (
+        Checkpointer,
+        ChecksumError,
+        LoadMismatchError,
+        SaveHandle,
+        SnapshotInfo,
+        SnapshotNotFoundError,
+        StateKeysError,
+    )
+    from .manifest import Manifest, ManifestError
+    from .policy import Level, Policy
+    from .snapshot import Problem, Root, ShardInfo, Snapshot, TensorInfo
+    from .stateful import RNGState, is_stateful
+    from .storage import RootNotFoundError
+    from .tree import UnsupportedValueError
+    from .writing import MOMENTS
+
+#: Public name -> the submodule defining it (those marked torch-free import no torch).
+_LAZY = {
+    "Checkpointer": "checkpointer",
+    "ChecksumError": "reader",
+    "LoadMismatchError": "checkpointer",
+    "SaveHandle": "checkpointer",
+    "SnapshotInfo": "checkpointer",
+    "SnapshotNotFoundError": "listing",  # torch-free
+    "StateKeysError": "checkpointer",
+    "Manifest": "manifest",  # torch-free
+    "ManifestError": "manifest",  # torch-free
+    "Level": "policy",
+    "Policy": "policy",
+    "Problem": "snapshot",  # torch-free
+    "Root": "snapshot",  # torch-free
+    "ShardInfo": "snapshot",  # torch-free
+    "Snapshot": "snapshot",  # torch-free
+    "TensorInfo": "snapshot",  # torch-free
+    "RNGState": "stateful",
+    "is_stateful": "stateful",
+    "RootNotFoundError": "storage",  # torch-free
+    "UnsupportedValueError": "tree",  # torch-free
+    "MOMENTS": "writing",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "Checkpointer",

@@ -26,12 +26,16 @@ from ..codec import Encoded
 from ..errors import FmstoreError, StorageError
 from ..gcpause import paused_gc
 from .lease import DEFAULT_TTL, WriterConflictError, WriterLease
+from .listing import SnapshotNotFoundError, committed_steps, numel, read_manifest  # noqa: F401
 from .manifest import CHUNK_SIZE, MANIFEST, Manifest, Shard, TensorEntry, parse_step_dir, step_dir
 from .reports import ReportError, merge_reports
 from .sharding import Piece
 from .staging import StagedTensor
 from .storage import SnapshotStorage
 from .tree import merge_per_rank, per_rank_nodes
+
+# SnapshotNotFoundError and numel live in the torch-free listing module (the read side imports
+# no torch); re-exported here for the modules that import them from this one.
 
 #: An incremental save references unchanged tensors in a stored file only if they make up at
 #: least this much of it (else they are copied forward: see SnapshotLevel.write_local), so
@@ -40,11 +44,6 @@ LIVE_FRACTION = 0.9
 #: ... and a file whose dead bytes are fewer than this is referenced whatever its fraction
 #: (a small file pins little; copying would rewrite the unchanged tensors for nothing).
 DEAD_SLACK = 1 << 20
-
-
-class SnapshotNotFoundError(FmstoreError, KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 @dataclass
@@ -155,31 +154,14 @@ class SnapshotLevel:
 
     def steps(self) -> list[int]:
         """Committed steps, oldest first (a snapshot without its manifest does not exist)."""
-        out = []
-        for name in self.storage.list_dir():
-            step = parse_step_dir(name)
-            if step is not None and self.storage.exists(f"{name}/{MANIFEST}"):
-                out.append(step)
-        return sorted(out)
+        return committed_steps(self.storage)
 
     def committed(self, step: int) -> bool:
         return self.storage.exists(f"{step_dir(step)}/{MANIFEST}")
 
     def manifest(self, step: int | None = None) -> Manifest:
         """The manifest of ``step`` (default: the latest committed one)."""
-        if step is None:
-            steps = self.steps()
-            if not steps:
-                raise SnapshotNotFoundError(f"no committed snapshot under {self.url!r}")
-            step = steps[-1]
-        rel = f"{step_dir(step)}/{MANIFEST}"
-        try:
-            raw = self.storage.read_bytes(rel)
-        except FileNotFoundError:
-            raise SnapshotNotFoundError(
-                f"no committed snapshot for step {step} under {self.url!r} (have {self.steps()})"
-            ) from None
-        return Manifest.from_json(raw, where=f"{self.url}/{rel}")
+        return read_manifest(self.storage, step)
 
     def _base_manifest(self, step: int) -> Manifest | None:
         """The snapshot an incremental save of ``step`` references: the newest committed one
@@ -524,13 +506,6 @@ class SnapshotLevel:
 
     def __repr__(self) -> str:
         return f"SnapshotLevel({self.name!r}, {self.url!r}, every={self.every}, keep_last={self.keep_last})"
-
-
-def numel(shape: Any) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def _may_match(base: Manifest, piece: Piece, dtype: torch.dtype) -> bool:

@@ -15,6 +15,10 @@ the original bytes; plus the JSON tree of the whole state.  Paths are relative t
 and checked on load: a manifest cannot point outside the checkpoint.  Everything else a load
 trusts (dtypes, shapes, byte ranges, chunk sizes, coded sizes, the tree) is validated when
 the manifest is read, before anything is allocated or read for it (:meth:`Manifest.validate`).
+
+Reading a manifest imports no torch (``fmstore ls`` lists a root in a fraction of a second):
+dtype sizes come from a table here, and the codec registry is loaded only for a manifest that
+records a codec.
 """
 
 from __future__ import annotations
@@ -25,8 +29,6 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..codec import registry
-from ..codec.registry import CodecConfigError
 from ..errors import CorruptBlobError, FmstoreError
 from ..gcpause import paused_gc
 from .tree import path_text
@@ -176,8 +178,6 @@ class Manifest:
                 created=float(body.get("created", 0.0)),
                 meta=dict(body.get("meta", {})),
             )
-        except CodecConfigError as e:
-            raise ManifestError(str(e)) from None
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise ManifestError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
         m.validate(where)
@@ -267,11 +267,12 @@ class Manifest:
                     f"{at}: {stored} bytes recorded in {file!r} for a raw shard of {nbytes} bytes"
                 )
         else:
+            registry = _registry()
             try:
                 c = registry.get(codec[0], at)
                 c.check(itemsize, at)
                 c.check_sizes(stored, nbytes, itemsize, f"{at} in {file!r}")
-            except CodecConfigError as e:
+            except registry.CodecConfigError as e:
                 raise ManifestError(str(e)) from None
             checksum = c.checksum
         if checksum == "chunks":  # the reader hashes the (decoded) bytes in these chunks
@@ -428,13 +429,60 @@ def _key(k: Any) -> bool:
 def _legacy_shard(body: dict[str, Any], where: str) -> Shard:
     """A shard of a version-1 manifest: its codec a chain of strings (["planes4", "zstd"])."""
     shard = Shard(**body)
-    shard.codec = registry.from_legacy(list(shard.codec), where)
+    registry = _registry()
+    try:
+        shard.codec = registry.from_legacy(list(shard.codec), where)
+    except registry.CodecConfigError as e:
+        raise ManifestError(str(e)) from None
     return shard
+
+
+_codec_registry: Any = None
+
+
+def _registry() -> Any:
+    """:mod:`fmstore.codec.registry`, imported on first use: it imports torch, which a manifest
+    of raw shards never needs (one global read per shard, not an import statement)."""
+    global _codec_registry
+    if _codec_registry is None:
+        from ..codec import registry
+
+        _codec_registry = registry
+    return _codec_registry
+
+
+#: Bytes per element of the dtypes fmstore saves, so that reading a manifest needs no torch
+#: (a test checks each against torch); other names are looked up in torch's own table.
+_ITEMSIZE = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "complex128": 16,
+    "complex64": 8,
+    "complex32": 4,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint64": 8,
+    "uint32": 4,
+    "uint16": 2,
+    "uint8": 1,
+    "bool": 1,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "float8_e4m3fnuz": 1,
+    "float8_e5m2fnuz": 1,
+}
 
 
 def dtype_itemsize(dtype: str) -> int:
     """Bytes per element of a manifest dtype name (``float32``)."""
-    from ..blob import dtype_from_name
+    size = _ITEMSIZE.get(dtype) if isinstance(dtype, str) else None
+    if size is not None:
+        return size
+    from ..blob import dtype_from_name  # imports torch: a rare dtype, or not a dtype at all
 
     try:
         return dtype_from_name(dtype).itemsize

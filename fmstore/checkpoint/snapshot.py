@@ -23,19 +23,33 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import xxhash
 
-from ..blob import dtype_from_name
-from ..codec import registry
 from ..errors import CorruptBlobError
-from .level import SnapshotLevel, SnapshotNotFoundError, numel
-from .manifest import MANIFEST, Manifest, ManifestError, Shard, TensorEntry, parse_step_dir, step_dir
-from .reader import ChecksumError, Region, SnapshotReader
+from .listing import SnapshotNotFoundError, committed_steps, numel, read_manifest
+from .manifest import (
+    MANIFEST,
+    Manifest,
+    ManifestError,
+    Shard,
+    TensorEntry,
+    dtype_itemsize,
+    parse_step_dir,
+    step_dir,
+)
 from .storage import SnapshotStorage
 from .tree import unflatten
+
+if TYPE_CHECKING:
+    import torch
+
+    from .reader import SnapshotReader
+
+# torch, the codec registry and the reader are imported where tensors are read or codecs named:
+# listing a root and inspecting a manifest of raw shards (``fmstore ls``/``inspect``) import no
+# torch.
 
 
 @dataclass(frozen=True)
@@ -53,7 +67,11 @@ class ShardInfo:
     @property
     def codec_label(self) -> str:
         """``raw``, or the codec as ``name/configuration values`` (``fmhs/2``)."""
-        return "+".join(registry.get(c).label for c in self.codec) or "raw"
+        if not self.codec:
+            return "raw"
+        from ..codec import registry
+
+        return "+".join(registry.get(c).label for c in self.codec)
 
     @property
     def stored_bytes(self) -> int:
@@ -69,7 +87,7 @@ class TensorInfo:
 
     @property
     def raw_bytes(self) -> int:
-        return numel(self.shape) * torch.empty(0, dtype=dtype_from_name(self.dtype)).element_size()
+        return numel(self.shape) * dtype_itemsize(self.dtype)
 
     @property
     def stored_bytes(self) -> int:
@@ -125,7 +143,19 @@ class Snapshot:
     def __init__(self, storage: SnapshotStorage, manifest: Manifest) -> None:
         self.storage = storage
         self.manifest = manifest
-        self._reader = SnapshotReader(storage, manifest)
+        self._reader_: SnapshotReader | None = None
+        self._reader_lock = threading.Lock()
+
+    @property
+    def _reader(self) -> SnapshotReader:
+        """The reader of its tensors, made on the first read (it imports torch; listing does not
+        need it).  Under a lock: ``verify`` reads from several threads."""
+        with self._reader_lock:
+            if self._reader_ is None:
+                from .reader import SnapshotReader
+
+                self._reader_ = SnapshotReader(self.storage, self.manifest)
+            return self._reader_
 
     @property
     def step(self) -> int:
@@ -208,6 +238,11 @@ class Snapshot:
             raise SnapshotNotFoundError(
                 f"tensor {name!r} of shape {list(gshape)} has no region at offsets {list(offsets)} of shape {list(shape)}"
             )
+        import torch
+
+        from ..blob import dtype_from_name
+        from .reader import Region
+
         if out is None:  # its files hold what the manifest says, before the tensor is allocated
             self._reader.check_files([name])
         dest = out if out is not None else torch.empty(shape, dtype=dtype_from_name(entry.dtype))
@@ -230,6 +265,8 @@ class Snapshot:
         parallel (default: a thread per core, up to 8, for local files; 16 for object storage);
         the tensors that fail, each with its file and chunk ([] when all are intact).
         ``progress(nbytes)`` is called as each tensor's stored bytes are checked."""
+        from .reader import ChecksumError
+
         infos = {t.name: t for t in self.tensors()}
         todo = [infos[n] for n in (names if names is not None else sorted(infos))]
         problems: dict[str, Problem] = {}
@@ -375,7 +412,6 @@ class Root:
 
     def __init__(self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
         self.storage = SnapshotStorage(url, storage_options, create=False)
-        self._level = SnapshotLevel("root", self.storage)
 
     @property
     def url(self) -> str:
@@ -383,7 +419,7 @@ class Root:
 
     def steps(self) -> list[int]:
         """Committed steps, oldest first."""
-        return self._level.steps()
+        return committed_steps(self.storage)
 
     def incomplete(self) -> list[int]:
         """Steps with a directory but no manifest: being written now, or left by a crash."""
@@ -401,7 +437,7 @@ class Root:
 
     def snapshot(self, step: int | None = None) -> Snapshot:
         """The committed snapshot of ``step`` (default: the newest)."""
-        return Snapshot(self.storage, self._level.manifest(step))
+        return Snapshot(self.storage, read_manifest(self.storage, step))
 
     def snapshots(self) -> Iterator[Snapshot]:
         for step in self.steps():

@@ -17,11 +17,12 @@ import json
 import math
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import FmstoreError
+
+if TYPE_CHECKING:  # flatten imports torch itself: reading a manifest's tree needs none
+    import torch
 
 
 class UnsupportedValueError(FmstoreError, TypeError):
@@ -47,6 +48,8 @@ def rank_part(rank: int) -> str:
 
 def flatten(state: Any, rank: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any], set[str]]:
     """(tensors by name, JSON tree, names of the tensors only this rank holds) for ``state``."""
+    import torch
+
     tensors: dict[str, torch.Tensor] = {}
     local: set[str] = set()
 

@@ -13,23 +13,30 @@ stored under the root:
                now (newer than the newest committed one) or left by a crash (older)
 ``unreferenced`` any other file of a committed step's directory (e.g. a dead writer's
                temporary file, a rank report a crash left)
-``other``      anything outside ``step-XXXXXXXXXX/`` directories (but the root's
-               ``writer.lease``, which says who writes the root and is not counted)
+``other``      anything outside ``step-XXXXXXXXXX/`` directories (the root's ``writer.lease``
+               among them: every file is counted, so the total is what ``du -b`` says)
 
 ``gc`` follows the checkpointer's own retention rules (:meth:`SnapshotLevel.gc`): it only
 touches step directories older than the newest committed snapshot (a newer one may be being
 written now), never deletes a file a kept snapshot references, and with ``keep_last`` first
-uncommits the snapshots retention would drop (their manifests go first).
+uncommits the snapshots retention would drop (their manifests go first).  Deleting needs the
+root's writer lease (:func:`claimed`), as a checkpointer's retention does: a running job may
+reference any file of its root in its next incremental save, so ``gc --yes`` is refused while a
+job holds the root.  ``other`` files are never deleted (the lease is one).
 """
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..checkpoint.lease import LEASE
+from ..checkpoint.lease import WriterLease
 from ..checkpoint.manifest import MANIFEST, Manifest, parse_step_dir, step_dir
 from ..checkpoint.storage import SnapshotStorage
+from ..errors import WriterConflictError
 
 
 def all_files(storage: SnapshotStorage) -> dict[str, int]:
@@ -79,7 +86,6 @@ class Scan:
 
 def scan(storage: SnapshotStorage) -> Scan:
     files = all_files(storage)
-    files.pop(LEASE, None)
     dirs: dict[int, str] = {}
     for name in storage.list_dir():
         step = parse_step_dir(name)
@@ -250,11 +256,31 @@ def plan_gc(sc: Scan, keep_last: int | None = None) -> GcPlan:
     return GcPlan(sc.url, newest, keep, drop, dirs, left)
 
 
-def apply_gc(storage: SnapshotStorage, plan: GcPlan) -> None:
-    """Do what ``plan`` lists: uncommit the dropped steps first, then delete."""
+@contextmanager
+def claimed(storage: SnapshotStorage) -> Iterator[WriterLease]:
+    """The root's writer lease, held by this ``gc`` for the block (as a checkpointer's first save
+    claims it); :class:`~fmstore.errors.WriterConflictError` naming the holder while another job
+    holds the root.  Its id starts ``gc-``, so a job refused meanwhile sees who holds the root."""
+    lease = WriterLease(storage, f"gc-{uuid.uuid4().hex}")
+    try:
+        lease.acquire()
+    except WriterConflictError as e:
+        raise WriterConflictError(f"nothing deleted: {e}") from None
+    try:
+        yield lease
+    finally:
+        lease.release()
+
+
+def apply_gc(storage: SnapshotStorage, plan: GcPlan, lease: WriterLease) -> None:
+    """Do what ``plan`` lists, holding ``lease`` (:func:`claimed`; the plan made under it):
+    uncommit the dropped steps first, then delete.  A lease lost meanwhile (an S3 lease not
+    renewed in time, taken over) stops it before the next deletion."""
     for step in plan.uncommit:  # from here on the snapshot does not exist
+        lease.check()
         storage.delete(f"{step_dir(step)}/{MANIFEST}")
     for d in plan.dirs:
+        lease.check()
         if d["whole"]:
             storage.delete_dir(d["dir"])
         else:

@@ -3,7 +3,8 @@ any fsspec URL), oldest first.  Each step's files are streamed in parts, an earl
 it references included (carried under the same path), read back from the destination and
 verified, and only then is its manifest written there: the commit.  Rerunning a killed copy
 skips the files already complete at the destination; a step committed there already is skipped,
-never overwritten.  See :mod:`fmstore.cli._copy` for how the bytes are checked."""
+never overwritten.  SRC may be a snapshot's own directory (``ckpt/step-0000000200``): that step.
+See :mod:`fmstore.cli._copy` for how the bytes are checked."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 import threading
 
 from ..units import format_size
-from ._common import add_storage_options, print_json, progress, storage_options
+from ._common import add_storage_options, print_json, progress, snapshot_dir, storage_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Copy committed snapshots from SRC_ROOT to DST_ROOT (default: the newest step), "
         "oldest first; each is verified at the destination before its manifest is written there.",
     )
-    p.add_argument("src", metavar="SRC_ROOT", help="the root to copy from: a directory or URL")
+    p.add_argument(
+        "src",
+        metavar="SRC_ROOT",
+        help="the root to copy from: a directory or URL; or a snapshot's own directory "
+        "(SRC_ROOT/step-0000000200): that step",
+    )
     p.add_argument("dst", metavar="DST_ROOT", help="the root to copy to (made if missing)")
     which = p.add_mutually_exclusive_group()
     which.add_argument(
@@ -49,7 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint.level import SnapshotNotFoundError
+    from ..checkpoint.listing import SnapshotNotFoundError
+    from ..checkpoint.manifest import parse_step_dir
     from ..checkpoint.storage import SnapshotStorage
     from ..errors import ConfigError
     from ..units import parse_size
@@ -58,7 +65,25 @@ def run(args: argparse.Namespace) -> int:
     part = parse_size(args.part_size, what="--part-size") or 0
     if part < 1 << 20:
         raise ConfigError(f"--part-size must be at least 1MiB, got {args.part_size!r}")
-    src = SnapshotStorage(args.src, storage_options(args), create=False, part_size=part)
+    src_url, own = snapshot_dir(args.src, args)
+    if own is not None:  # SRC_ROOT/step-N: that step, the same as SRC_ROOT --step N
+        if args.all or (args.step and set(args.step) != {own}):
+            given = "--all" if args.all else " ".join(f"--step {s}" for s in args.step)
+            raise ConfigError(
+                f"{args.src!r} is the directory of step {own} of root {src_url!r}, but {given} was "
+                "given: give the root with --step/--all, or the snapshot's directory alone"
+            )
+        args.step = [own]
+    dst_name = str(args.dst).rstrip("/").rpartition("/")[2]
+    if parse_step_dir(dst_name) is not None:
+        # A root named like a step directory would nest snapshots as ROOT/step-N/step-N/...:
+        # surely meant as the root above it.
+        parent = str(args.dst).rstrip("/").rpartition("/")[0] or "."
+        raise ConfigError(
+            f"DST_ROOT {args.dst!r} is named like a snapshot's directory; cp writes a root, whose "
+            f"snapshots go in step-... directories under it: give {parent!r}"
+        )
+    src = SnapshotStorage(src_url, storage_options(args), create=False, part_size=part)
     try:
         dst = SnapshotStorage(args.dst, storage_options(args, "dst_storage_option"), part_size=part)
     except BaseException:
@@ -74,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             steps = have[-1:]
         if not steps:
-            raise SnapshotNotFoundError(f"no committed snapshot under {args.src!r}")
+            raise SnapshotNotFoundError(f"no committed snapshot under {src_url!r}")
         manifests = []
         for step in steps:  # every step's manifest first: a missing step fails before any copy
             manifests.append((step, *source_manifest(src, step)))
@@ -101,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         dst.close()
     conflicts = [r for r in results if r.status == "committed" and "DIFFERENT" in r.note]
     if args.json:
-        print_json({"src": args.src, "dst": args.dst, "steps": [r.to_json() for r in results]})
+        print_json({"src": src_url, "dst": args.dst, "steps": [r.to_json() for r in results]})
     else:
         copied = [r for r in results if r.status == "copied"]
         print(

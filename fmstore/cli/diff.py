@@ -1,5 +1,7 @@
 """``fmstore diff ROOT A B`` (two steps of one root) or ``fmstore diff ROOT_A ROOT_B`` (the
-newest step of each, or ``--steps A B``): which tensors changed, by how much, and their bytes.
+newest step of each, or ``--steps A B``; each may be a snapshot's own directory,
+``ckpt/step-0000000100 ckpt/step-0000000200``): which tensors changed, by how much, and their
+bytes.
 
 A tensor whose shards are the same stored bytes in both (an incremental reference, or equal
 checksums) is unchanged without being read; others are read one at a time and compared:
@@ -13,12 +15,17 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..units import format_size
-from ._common import add_storage_options, open_root, print_json, table
+from ._common import add_storage_options, open_root, print_json, resolve_root, snapshot_dir, table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("diff", help="compare two snapshots tensor by tensor")
-    p.add_argument("args", nargs="+", metavar="ROOT A B | ROOT_A ROOT_B")
+    p.add_argument(
+        "args",
+        nargs="+",
+        metavar="ROOT A B | ROOT_A ROOT_B",
+        help="two steps of one root, or two roots (or snapshots' own directories: ROOT/step-0000000200)",
+    )
     p.add_argument(
         "--steps", type=int, nargs=2, metavar=("A", "B"), help="with two roots: the steps to compare"
     )
@@ -33,12 +40,21 @@ def _targets(args: argparse.Namespace) -> tuple[str, int | None, str, int | None
     a = args.args
     if len(a) == 3:
         try:
-            return a[0], int(a[1]), a[0], int(a[2])
+            steps = int(a[1]), int(a[2])
         except ValueError:
             raise ConfigError(f"diff ROOT A B takes two step numbers, got {a[1]!r} and {a[2]!r}") from None
+        root, own = snapshot_dir(a[0], args)
+        if own is not None:
+            raise ConfigError(
+                f"{a[0]!r} is the directory of step {own}; diff ROOT A B takes the root: "
+                f"fmstore diff {root} {steps[0]} {steps[1]}"
+            )
+        return root, steps[0], root, steps[1]
     if len(a) == 2:
         sa, sb = args.steps if args.steps else (None, None)
-        return a[0], sa, a[1], sb
+        ra, sa = resolve_root(a[0], sa, args, option="--steps A")
+        rb, sb = resolve_root(a[1], sb, args, option="--steps B")
+        return ra, sa, rb, sb
     raise ConfigError("diff takes ROOT A B (two steps of one root) or ROOT_A ROOT_B")
 
 

@@ -2,14 +2,15 @@
 the files it wrote (own), the bytes it references in earlier steps' files, the bytes of its
 files that later steps reference (shared), and what dropping it alone would free; then every
 byte under the root by class (own, manifests, retained for references, incomplete,
-unreferenced, other), which adds up to the total stored."""
+unreferenced, other: the root's ``writer.lease`` too), which adds up to the total stored: every
+file under the root."""
 
 from __future__ import annotations
 
 import argparse
 
 from ..units import format_size
-from ._common import add_storage_options, print_json, storage_options, table
+from ._common import add_storage_options, print_json, storage_options, table, whole_root
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint.storage import SnapshotStorage
     from ._copy_usage import scan, usage
 
-    storage = SnapshotStorage(args.root, storage_options(args), create=False)
+    storage = SnapshotStorage(whole_root(args.root, args, "du"), storage_options(args), create=False)
     try:
         out = usage(scan(storage))
     finally:

@@ -7,7 +7,7 @@ import argparse
 import os
 import time
 
-from ._common import add_storage_options, open_root, print_json, progress
+from ._common import ROOT_HELP, add_storage_options, open_root, print_json, progress, resolve_root
 
 FORMATS = ("hf", "safetensors", "zarr")
 
@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("root", metavar="ROOT", help="the checkpoint root (a directory or URL)")
+    p.add_argument("root", metavar="ROOT", help=ROOT_HELP)
     p.add_argument("out", metavar="OUT", help="where to write (a local path)")
     p.add_argument("--format", "-f", required=True, choices=FORMATS, help="what to write")
     p.add_argument("--step", type=int, default=None, help="the snapshot's step (default: the newest)")
@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     if args.config is not None and args.format != "hf":
         raise ConfigError("--config goes with --format hf")
     max_size = parse_size(args.max_shard_size, what="--max-shard-size")
+    url, step = resolve_root(args.root, args.step, args)
     t0 = time.perf_counter()
     is_dir = args.format != "safetensors"
     looks_like = {
@@ -104,8 +105,8 @@ def run(args: argparse.Namespace) -> int:
     }[args.format]
     # Refuse an existing OUT before anything is read.
     AtomicOutput.check(args.out, is_dir=is_dir, force=args.force, looks_like=looks_like)
-    with open_root(args.root, args) as root:
-        snap = root.snapshot(args.step)
+    with open_root(url, args) as root:
+        snap = root.snapshot(step)
         items, prefix = name_items(select(snap, args.select), args.prefix)
         total = sum(it.nbytes for it in items)
         source = root.url if "://" in root.url else os.path.abspath(root.url)

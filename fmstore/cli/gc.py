@@ -5,14 +5,20 @@ Collected, in step directories older than the newest committed snapshot only (a 
 be being written now): directories without a manifest (a crashed save or copy), the files no
 kept snapshot references, and with ``--keep-last K`` the snapshots retention would drop
 (uncommitted first: their manifests go, then their unreferenced files), as the checkpointer's
-own retention does.  A file a kept snapshot references is never deleted."""
+own retention does.  A file a kept snapshot references is never deleted.
+
+``--yes`` claims the root's writer lease first, as a checkpointer's first save does, and plans
+and deletes under it: while a job holds the root (it may reference any of these files in its
+next incremental save) it is refused, :class:`~fmstore.errors.WriterConflictError` naming the
+holder (exit status 1), and deletes nothing.  The dry run claims nothing (and imports no
+torch): it can run beside a job."""
 
 from __future__ import annotations
 
 import argparse
 
 from ..units import format_size
-from ._common import add_storage_options, print_json, storage_options
+from ._common import add_storage_options, print_json, storage_options, whole_root
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,15 +40,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint.storage import SnapshotStorage
     from ..errors import ConfigError
-    from ._copy_usage import apply_gc, plan_gc, scan
+    from ._copy_usage import apply_gc, claimed, plan_gc, scan
 
     if args.keep_last is not None and args.keep_last < 1:
         raise ConfigError(f"--keep-last must be >= 1, got {args.keep_last}")
-    storage = SnapshotStorage(args.root, storage_options(args), create=False)
+    root = whole_root(args.root, args, "gc")
+    storage = SnapshotStorage(root, storage_options(args), create=False)
     try:
-        plan = plan_gc(scan(storage), args.keep_last)
-        if args.yes:
-            apply_gc(storage, plan)
+        if not args.yes:
+            plan = plan_gc(scan(storage), args.keep_last)
+        else:
+            with claimed(storage) as lease:
+                # Listed under the lease: no save or retention changes the root meanwhile.
+                plan = plan_gc(scan(storage), args.keep_last)
+                apply_gc(storage, plan, lease)
     finally:
         storage.close()
     if args.json:

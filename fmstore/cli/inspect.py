@@ -7,12 +7,20 @@ from __future__ import annotations
 import argparse
 
 from ..units import format_size
-from ._common import add_storage_options, open_root, print_json, table, when
+from ._common import (
+    ROOT_HELP,
+    add_storage_options,
+    open_root,
+    print_json,
+    resolve_root,
+    table,
+    when,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="show a snapshot's tensors, shards, codecs and sizes")
-    p.add_argument("root", help="a checkpoint root: a directory, file://, s3://bucket/prefix, ...")
+    p.add_argument("root", help=ROOT_HELP)
     p.add_argument("--step", type=int, default=None, help="the step (default: the newest committed)")
     p.add_argument("--tensor", default=None, metavar="PATTERN", help="only tensors matching this glob")
     p.add_argument("--shards", action="store_true", help="one line per shard, with its file and byte range")
@@ -22,8 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with open_root(args.root, args) as root:
-        snap = root.snapshot(args.step)
+    url, step = resolve_root(args.root, args.step, args)
+    with open_root(url, args) as root:
+        snap = root.snapshot(step)
         tensors = snap.tensors(args.tensor)
     if args.json:
         print_json(

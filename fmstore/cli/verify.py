@@ -9,12 +9,20 @@ import sys
 import time
 
 from ..units import format_size
-from ._common import EXIT_CORRUPT, add_storage_options, open_root, print_json, progress
+from ._common import (
+    EXIT_CORRUPT,
+    ROOT_HELP,
+    add_storage_options,
+    open_root,
+    print_json,
+    progress,
+    resolve_root,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="check every chunk of a snapshot against its checksums")
-    p.add_argument("root", help="a checkpoint root: a directory, file://, s3://bucket/prefix, ...")
+    p.add_argument("root", help=ROOT_HELP)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--step", type=int, default=None, help="the step (default: the newest committed)")
     which.add_argument("--all", action="store_true", help="every committed step")
@@ -25,9 +33,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import reader  # noqa: F401 - torch is imported here, not in the timed part
+    from ..errors import ConfigError
+
     report = []
-    with open_root(args.root, args) as root:
-        snaps = list(root.snapshots()) if args.all else [root.snapshot(args.step)]
+    url, step = resolve_root(args.root, args.step, args)
+    if args.all and step is not None:
+        raise ConfigError(f"{args.root!r} is the directory of step {step}; --all takes the root: {url}")
+    with open_root(url, args) as root:
+        snaps = list(root.snapshots()) if args.all else [root.snapshot(step)]
         sizes = [sum(t.stored_bytes for t in s.tensors()) for s in snaps]
         t0 = time.perf_counter()
         with progress(sum(sizes), "verify") as bar:

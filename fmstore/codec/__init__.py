@@ -10,8 +10,32 @@
 - ``planes`` and ``quant``: the CPU references of the split/merge/XOR and int8 kernels.
 """
 
-from .chain import CodecError, Encoded, decode, encode, estimated_ratio, read_header
-from .planes import merge, split, xor
+from typing import Any
+
+# Loaded on first use: the registry (what a manifest's codec names mean) is torch-free, so reading
+# manifests (``fmstore ls``, ``inspect``) needs no torch; the chains below import it.
+_LAZY = {
+    "CodecError": "chain",
+    "Encoded": "chain",
+    "decode": "chain",
+    "encode": "chain",
+    "estimated_ratio": "chain",
+    "read_header": "chain",
+    "split": "planes",
+    "merge": "planes",
+    "xor": "planes",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fmstore.codec' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "encode",

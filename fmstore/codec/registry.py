@@ -29,11 +29,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import CorruptBlobError, FmstoreError
+
+if TYPE_CHECKING:  # torch is imported where a codec runs: reading a manifest (fmstore ls) needs none
+    import torch
 
 
 class CodecConfigError(FmstoreError):
@@ -213,6 +214,8 @@ class Fmhs(_ByteWidth):
     def decode(
         self, blob: torch.Tensor, out: torch.Tensor, *, dtype: torch.dtype, name: str, pool: Executor | None
     ) -> None:
+        import torch
+
         from . import gpu, huffman
 
         if "cuda" in self.devices and gpu.kernels_load():
@@ -268,6 +271,8 @@ class Int8Absmax(Codec):
     def encode(
         self, data: torch.Tensor, *, dtype: torch.dtype, pool: Executor | None = None
     ) -> list[bytes | memoryview]:
+        import torch
+
         from .quant import quantize
 
         codes, scales = quantize(data.view(dtype).to(torch.float32), self.block)
@@ -276,6 +281,8 @@ class Int8Absmax(Codec):
     def decode(
         self, blob: torch.Tensor, out: torch.Tensor, *, dtype: torch.dtype, name: str, pool: Executor | None
     ) -> None:
+        import torch
+
         from ..blob import as_bytes_tensor
         from .quant import dequantize
 

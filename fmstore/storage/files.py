@@ -16,9 +16,15 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
-from ..blob import byte_view
 from ..errors import CorruptBlobError
 from ..keys import TMP_MARKER
+
+
+def byte_view(data: bytes | bytearray | memoryview) -> memoryview:
+    """A flat byte view of a buffer (``cast`` refuses empty multi-dimensional views).  Defined
+    here, not in :mod:`fmstore.blob` (which re-exports it), because that module imports torch
+    and the storage layer must not: listing a root needs no torch."""
+    return memoryview(data).cast("B") if len(data) else memoryview(b"")
 
 
 def tmp_name(path: str) -> str:

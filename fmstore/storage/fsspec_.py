@@ -13,11 +13,10 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from ..blob import byte_view
 from ..errors import ConfigError, CorruptBlobError
 from ..keys import TMP_MARKER
 from .base import Reader, Storage, scheme_of
-from .files import chunks, tmp_name
+from .files import byte_view, chunks, tmp_name
 
 T = TypeVar("T")
 

@@ -15,10 +15,9 @@ import errno
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from ..blob import byte_view
 from ..errors import RootNotFoundError, StorageError
 from .base import Reader
-from .files import chunks
+from .files import byte_view, chunks
 from .fsspec_ import FsspecStorage, fill_exactly, gather_bytes
 
 T = TypeVar("T")
