@@ -329,3 +329,17 @@ def rounds(n: int) -> int:
     bounded), times ``FMSTORE_TEST_ROUNDS`` (default 1) for a longer campaign by hand.  The
     large campaigns live in bench/fault_campaign.py."""
     return max(1, round(n * float(os.environ.get("FMSTORE_TEST_ROUNDS", "1"))))
+
+
+@pytest.fixture
+def one_rank_group(tmp_path: Any) -> Iterator[None]:
+    """A 1-process gloo group in this process, for APIs that need torch.distributed (the legacy
+    ShardedTensor); its rendezvous is a file, not a port another test run could take first."""
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "pg-store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -11,6 +11,8 @@ reads what ``Checkpointer.save`` wrote.
 from __future__ import annotations
 
 import errno
+import io
+import json
 import os
 import pickle
 import re
@@ -32,6 +34,7 @@ from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
 from fmstore import Checkpointer, ConfigError, FmstoreError, RNGState, StorageError
 from fmstore.checkpoint import MOMENTS, ChecksumError, UnsupportedValueError
+from fmstore.checkpoint.manifest import ManifestError
 
 # dcp.save / dcp.load in a process without torch.distributed say so with a warning.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -304,8 +307,8 @@ def test_failed_write_commits_nothing(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "key, value",
-    [("obj", {1, 2}), ("pair", (torch.ones(2), torch.zeros(2))), ("blob", b"\x80pickle")],
-    ids=["set", "tuple-of-tensors", "bytes"],
+    [("obj", {1, 2}), ("pair", (torch.ones(2), torch.zeros(2))), ("blob", bytearray(b"\x80pickle"))],
+    ids=["set", "tuple-of-tensors", "bytearray"],  # bytes and BytesIO are stored: see below
 )
 def test_non_json_value_refused(tmp_path, key, value):
     root = str(tmp_path / "ckpt")
@@ -486,3 +489,205 @@ def test_sharded_save_on_2_ranks_loads_on_1(tmp_path):
     target = blank(whole)
     dcp.load(target, storage_reader=FmstoreStorageReader(root))
     assert_same(target, whole)
+
+
+# ----------------------------------------------------------------------------- DCP's metadata
+# On the pattern of torch's own checks of what dcp.save returns and read_metadata gives back
+# (FileSystemWriter.finish fills version and storage_meta; its checkpoint_id loads again).
+
+
+def test_save_returns_metadata_naming_the_step(tmp_path):
+    from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
+
+    root = str(tmp_path / "ckpt")
+    W, R = FmstoreStorageWriter, FmstoreStorageReader
+    state = {"w": torch.arange(6.0), "step": 1}
+    md = dcp.save(state, storage_writer=W(root))  # the coordinator picks step 0
+    assert md.version == CURRENT_DCP_VERSION
+    sm = md.storage_meta
+    assert sm is not None and sm.checkpoint_id == f"{root}/step-0000000000"
+    assert W.validate_checkpoint_id(sm.checkpoint_id) and R.validate_checkpoint_id(sm.checkpoint_id)
+    assert isinstance(sm.save_id, str) and sm.save_id
+    # A second save through another writer: the next step, another save id.
+    md2 = dcp.save({"w": torch.arange(6.0) + 1, "step": 2}, storage_writer=W(root))
+    assert md2.storage_meta.checkpoint_id == f"{root}/step-0000000001"
+    assert md2.storage_meta.save_id != sm.save_id
+    # Given as an id (torchtitan's short form) or as the writer's step: named as the directory is.
+    md3 = dcp.save(state, checkpoint_id=f"{root}/step-7", storage_writer=W(tmp_path / "unused"))
+    assert md3.storage_meta.checkpoint_id == f"{root}/step-0000000007"
+    assert dcp.save(state, storage_writer=W(root, 9)).storage_meta.checkpoint_id == f"{root}/step-0000000009"
+    # The id goes back into dcp.load as it is, through a reader of another root.
+    target = {"w": torch.zeros(6), "step": 0}
+    dcp.load(target, checkpoint_id=sm.checkpoint_id, storage_reader=R(tmp_path / "unused"))
+    assert torch.equal(target["w"], torch.arange(6.0)) and target["step"] == 1
+    # The reader's Metadata: the save's id and version, and a load id of its own.
+    back = R(root, 0).read_metadata()
+    assert back.version == CURRENT_DCP_VERSION
+    assert (back.storage_meta.checkpoint_id, back.storage_meta.save_id) == (sm.checkpoint_id, sm.save_id)
+    again = R(root, 0).read_metadata().storage_meta.load_id
+    assert back.storage_meta.load_id and back.storage_meta.load_id != again
+
+
+# ----------------------------------------------------------------------------- ShardedTensor
+# On the pattern of torch's ShardedTensor checkpoint tests: a ChunkShardingSpec that puts
+# several chunks on one rank, saved, then loaded into another sharding and a plain tensor.
+
+
+def _sharded(rows: int, cols: int, dim: int, chunks: int, fill: torch.Tensor | None = None) -> Any:
+    from torch.distributed._shard import sharded_tensor
+    from torch.distributed._shard.sharding_spec import ChunkShardingSpec
+
+    spec = ChunkShardingSpec(dim=dim, placements=["rank:0/cpu"] * chunks)
+    st = sharded_tensor.zeros(spec, rows, cols)
+    if fill is not None:
+        for shard in st.local_shards():
+            off, ln = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+            shard.tensor.copy_(fill[off[0] : off[0] + ln[0], off[1] : off[1] + ln[1]])
+    return st
+
+
+def _local(st: Any, rows: int, cols: int) -> torch.Tensor:
+    """The whole tensor, assembled from a 1-rank ShardedTensor's local shards."""
+    out = torch.full((rows, cols), float("nan"))
+    for shard in st.local_shards():
+        off, ln = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+        out[off[0] : off[0] + ln[0], off[1] : off[1] + ln[1]] = shard.tensor
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:Please use DTensor instead")
+def test_sharded_tensor_several_chunks_on_one_rank(tmp_path, one_rank_group):
+    g = torch.Generator().manual_seed(7)
+    rows_full, cols_full = torch.randn(7, 5, generator=g), torch.randn(4, 6, generator=g)
+    root = str(tmp_path / "ckpt")
+    state = {
+        "rows": _sharded(7, 5, 0, 2, rows_full),  # 2 uneven chunks of rows (4 + 3) on rank 0
+        "cols": _sharded(4, 6, 1, 3, cols_full),  # 3 chunks of columns
+        "plain": torch.arange(4.0),
+    }
+    dcp.save(state, storage_writer=FmstoreStorageWriter(root, 1))
+    with Checkpointer(root) as ck:
+        m = ck.manifest(1)
+        assert [s.offsets for s in m.tensors["rows"].shards] == [[0, 0], [4, 0]]
+        assert len(m.tensors["cols"].shards) == 3
+        assert len(m.files) == 1  # all of rank 0's chunks in its one shard file
+        whole = ck.load()
+    assert torch.equal(whole["rows"], rows_full) and torch.equal(whole["cols"], cols_full)
+    # Into another sharding (3 row chunks, 2 column chunks: reads start inside saved chunks).
+    target = {"rows": _sharded(7, 5, 0, 3), "cols": _sharded(4, 6, 1, 2), "plain": torch.zeros(4)}
+    dcp.load(target, storage_reader=FmstoreStorageReader(root))
+    assert torch.equal(_local(target["rows"], 7, 5), rows_full)
+    assert torch.equal(_local(target["cols"], 4, 6), cols_full)
+    # Into plain tensors.
+    plain = {"rows": torch.zeros(7, 5), "cols": torch.zeros(4, 6)}
+    dcp.load(plain, storage_reader=FmstoreStorageReader(root))
+    assert torch.equal(plain["rows"], rows_full) and torch.equal(plain["cols"], cols_full)
+    # A quantized save of such a tensor: the codec goes by the tensor's name, not its chunk's.
+    dcp.save(state, storage_writer=FmstoreStorageWriter(root, 2, quantize="rows"))
+    with Checkpointer(root) as ck:
+        m2 = ck.manifest(2)
+        assert [s.codec[0]["name"] for s in m2.tensors["rows"].shards] == ["int8-absmax"] * 2
+        assert all(s.codec == [] for s in m2.tensors["cols"].shards)
+        assert torch.equal(ck.load(step=2)["cols"], cols_full)
+
+
+# ----------------------------------------------------------------------------- bytes values
+
+_UNPICKLED: list[str] = []
+
+
+def _unpickled() -> str:
+    _UNPICKLED.append("ran")  # what unpickling the stored bytes would run
+    return "unpickled"
+
+
+class _Bomb:
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return _unpickled, ()
+
+
+def test_bytes_values_round_trip_never_unpickled(tmp_path):
+    # DCP and torchtitan keep some state as bytes/BytesIO (torchtitan: a BytesIO of
+    # torch.save(list)).  These come back exactly, as bytes fmstore never interprets: a pickle
+    # among them whose unpickling would run code stays bytes.
+    _UNPICKLED.clear()
+    bomb = pickle.dumps(_Bomb())
+    losses = io.BytesIO()
+    torch.save([0.5, 0.25], losses)  # left at its end, as torchtitan leaves it
+    at_two = io.BytesIO(b"\x00\x01\x02\x03")
+    at_two.seek(2)
+    state = {
+        "w": torch.arange(6.0),
+        "bomb": bomb,
+        "not_pickle": b"\x80\x02 not a pickle \xff",
+        "empty": b"",
+        "train": {"losses": losses, "at_two": at_two},
+        "step": 4,
+    }
+    root = str(tmp_path / "ckpt")
+    dcp.save(state, storage_writer=FmstoreStorageWriter(root, 1))
+    target = {
+        "w": torch.zeros(6),
+        "bomb": b"",
+        "not_pickle": b"",
+        "empty": b"x",
+        "train": {"losses": io.BytesIO(), "at_two": io.BytesIO()},
+        "step": 0,
+    }
+    dcp.load(target, storage_reader=FmstoreStorageReader(root))
+    assert _UNPICKLED == []
+    assert type(target["bomb"]) is bytes and target["bomb"] == bomb
+    assert target["not_pickle"] == state["not_pickle"] and target["empty"] == b""
+    for key in ("losses", "at_two"):
+        got, want = target["train"][key], state["train"][key]
+        assert type(got) is io.BytesIO and got.getvalue() == want.getvalue() and got.tell() == want.tell()
+    assert torch.equal(target["w"], torch.arange(6.0)) and target["step"] == 4
+    target["train"]["losses"].seek(0)  # the owner decodes its own bytes, as torchtitan does
+    assert torch.load(target["train"]["losses"], weights_only=True) == [0.5, 0.25]
+    # Stored as raw U8 entries of the shard file, marked in the manifest; Checkpointer.load
+    # (which knows no DCP kinds) gives the bytes as uint8 tensors.
+    with Checkpointer(root) as ck:
+        m = ck.manifest(1)
+        whole = ck.load()
+    assert m.meta["dcp"]["bytes"] == {
+        "bomb": {"type": "bytes"},
+        "not_pickle": {"type": "bytes"},
+        "empty": {"type": "bytes"},
+        "train/losses": {"type": "BytesIO", "pos": len(losses.getvalue())},
+        "train/at_two": {"type": "BytesIO", "pos": 2},
+    }
+    assert bytes(whole["bomb"].numpy()) == bomb and whole["bomb"].dtype == torch.uint8
+    (shard,) = m.files
+    with safe_open(os.path.join(root, shard), "pt") as f:
+        assert bytes(f.get_tensor("not_pickle").numpy()) == state["not_pickle"]
+    assert _UNPICKLED == []
+
+
+def test_bytes_value_checked_like_a_tensor(tmp_path):
+    root = str(tmp_path / "ckpt")
+    dcp.save({"blob": b"0123456789" * 10, "w": torch.ones(3)}, storage_writer=FmstoreStorageWriter(root, 1))
+    shard = Checkpointer(root).manifest(1).tensors["blob"].shards[0]
+    with open(os.path.join(root, shard.file), "r+b") as f:
+        f.seek(shard.begin + 3)
+        f.write(b"X")
+    with pytest.raises(CheckpointException) as info:
+        dcp.load({"blob": b"", "w": torch.zeros(3)}, storage_reader=FmstoreStorageReader(root))
+    error = info.value.failures[0][0]
+    assert type(error) is ChecksumError and "'blob'" in str(error)
+
+
+def test_bytes_marks_in_manifest_checked(tmp_path):
+    root = str(tmp_path / "ckpt")
+    dcp.save({"blob": io.BytesIO(b"abc"), "w": torch.ones(3)}, storage_writer=FmstoreStorageWriter(root, 1))
+    path = os.path.join(root, "step-0000000001", "manifest.json")
+    body = json.loads(open(path, "rb").read())
+    body["meta"]["dcp"]["bytes"]["blob"]["pos"] = 9  # beyond its 3 bytes
+    with open(path, "w") as f:
+        json.dump(body, f)
+    with pytest.raises(ManifestError, match="'blob'"):
+        FmstoreStorageReader(root).read_metadata()
+    body["meta"]["dcp"]["bytes"] = {"w": {"type": "bytes"}}  # a float32 tensor marked as bytes
+    with open(path, "w") as f:
+        json.dump(body, f)
+    with pytest.raises(ManifestError, match="'w'"):
+        FmstoreStorageReader(root).read_metadata()

@@ -9,7 +9,16 @@ same as one ``Checkpointer.save`` writes: ``Checkpointer(root).load()`` returns 
 state dict, and the reader also loads snapshots that ``Checkpointer.save`` wrote.
 
 Non-tensor values are stored as JSON in the manifest's tree, never as the pickle DCP's
-planner makes of them: the writer takes the objects themselves from the planner.
+planner makes of them: the writer takes the objects themselves from the planner.  ``bytes``
+and ``io.BytesIO`` values (torchtitan keeps some state so) are stored as opaque bytes: a raw
+``uint8`` tensor in the rank's shard file, checksummed like any tensor, marked in the
+manifest's ``meta["dcp"]["bytes"]``; fmstore never interprets them.  On load the reader gives
+DCP's planner the value as it was saved (``bytes``, or an ``io.BytesIO`` at its saved
+position): DCP's ``load_bytes`` contract is the pickle its save planner made of the value
+(``DefaultLoadPlanner.load_bytes`` calls ``torch.load(weights_only=False)`` on it), so the
+reader hands it ``torch.save(value)`` of that ``bytes``/``BytesIO`` object, made here, now.
+What is unpickled is that wrapper, never bytes read from storage: stored bytes that are
+themselves a pickle (torchtitan's ``BytesIO``) come back as bytes, for the owner to decode.
 
 Usage::
 
@@ -60,11 +69,16 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
+try:  # the version torch's FileSystemWriter records in the Metadata it returns and saves
+    from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
+except ImportError:  # pragma: no cover - a torch before 2.5 records none
+    CURRENT_DCP_VERSION = None  # type: ignore[assignment]
+
 from fmstore.blob import as_bytes_tensor, dtype_from_name, dtype_name
 from fmstore.checkpoint.checkpointer import COMPRESSION
 from fmstore.checkpoint.lease import DEFAULT_TTL, WriterLease
 from fmstore.checkpoint.level import SnapshotLevel
-from fmstore.checkpoint.manifest import Manifest, Shard, TensorEntry, step_dir
+from fmstore.checkpoint.manifest import Manifest, ManifestError, Shard, TensorEntry, step_dir
 from fmstore.checkpoint.reader import Region, SnapshotReader
 from fmstore.checkpoint.sharding import LoadMismatchError, Piece
 from fmstore.checkpoint.staging import Staged, StagedTensor, Stager
@@ -119,7 +133,7 @@ class _PlanData:
 
     step: int
     rank: int
-    names: dict[str, str]  # fqn -> fmstore tensor name, for this rank's tensor items
+    names: dict[str, str]  # fqn -> fmstore tensor name, for this rank's tensor and BYTE_IO items
     writer: str = ""  # this save's id, in its shard files' names (unique: two savers never collide)
 
 
@@ -133,6 +147,7 @@ class _ResultData:
     shard: dict[str, Any] | None = None
     value: dict[str, Any] | None = None
     files: dict[str, int] = field(default_factory=dict)  # on a rank's first result: its shard file
+    blob: dict[str, Any] | None = None  # a bytes/BytesIO value stored as this uint8 shard: its kind
 
 
 class _Resources:
@@ -219,9 +234,13 @@ class _Base:
     @property
     def checkpoint_id(self) -> str:
         """The snapshot this object points at (its root when the step is not decided yet)."""
-        if self.step is None:
+        return self._id_of(self.step)
+
+    def _id_of(self, step: int | None) -> str:
+        """``<root>/step-NNNNNNNNNN`` (as the snapshot directory is named), or the root for None."""
+        if step is None:
             return self.root
-        return f"{self.root.rstrip('/')}/{step_dir(self.step)}"
+        return f"{self.root.rstrip('/')}/{step_dir(step)}"
 
     def _resources(self) -> _Resources:
         with self._lock:
@@ -299,9 +318,14 @@ class FmstoreStorageWriter(_Base, StorageWriter):
     Each rank writes one shard file; the coordinator commits ``manifest.json`` in ``finish``,
     so a failure anywhere before leaves no committed snapshot.  A step that is committed
     already is never overwritten (an :class:`FmstoreError`).  Non-tensor values must be JSON
-    (None, bool, int, float, str in dicts/lists/tuples); anything else is refused with an
-    :class:`UnsupportedValueError` naming its key.  With ``enable_plan_caching=True`` the
-    planner reuses old plans: give each save its step (``checkpoint_id`` or ``step``).
+    (None, bool, int, float, str in dicts/lists/tuples), ``bytes`` or ``io.BytesIO`` (stored
+    as opaque bytes, see the module doc; ``Checkpointer.load`` gives them as a uint8 tensor);
+    anything else is refused with an :class:`UnsupportedValueError` naming its key.  A
+    ``ShardedTensor`` with several chunks on one rank is saved as one shard per chunk.
+    ``dcp.save`` returns the Metadata with ``version`` and ``storage_meta`` filled as torch's
+    ``FileSystemWriter`` fills them; its ``checkpoint_id`` names the step written.  With
+    ``enable_plan_caching=True`` the planner reuses old plans: give each save its step
+    (``checkpoint_id`` or ``step``).
     """
 
     def __init__(
@@ -341,6 +365,7 @@ class FmstoreStorageWriter(_Base, StorageWriter):
         self._release_lease()
         super().reset(checkpoint_id)
         self._save_id = uuid.uuid4().hex
+        self._planned_step = None  # the last save's: this one's is picked when it plans
 
     def _claim(self, owner: str) -> None:
         """Coordinator: take the root's writer lease, or raise WriterConflictError naming its holder."""
@@ -373,7 +398,12 @@ class FmstoreStorageWriter(_Base, StorageWriter):
         return state
 
     def storage_meta(self) -> StorageMeta | None:
-        return StorageMeta(checkpoint_id=self.checkpoint_id, save_id=self._save_id)
+        """As torch's FileSystemWriter: this save's id and the checkpoint id it writes, which
+        names the step (``<root>/step-NNNNNNNNNN``, valid for ``dcp.load(checkpoint_id=...)``)
+        once known: given, or picked by the coordinator in ``prepare_global_plan``.  Asked
+        before planning (for the planner) with no step given, it is the root."""
+        step = self.step if self.step is not None else self._planned_step
+        return StorageMeta(checkpoint_id=self._id_of(step), save_id=self._save_id)
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.is_coordinator = is_coordinator
@@ -414,6 +444,14 @@ class FmstoreStorageWriter(_Base, StorageWriter):
             if item.type != WriteItemType.BYTE_IO and item.tensor_data is not None
         ]
         names = _names(shapes, mappings)
+        # A BYTE_IO value may be bytes the rank stores as a uint8 tensor (only that rank sees
+        # the object): each gets the name it would have as a tensor; JSON values ignore theirs.
+        values = [
+            (item.index.fqn, _BLOB) for p in plans for item in p.items if item.type == WriteItemType.BYTE_IO
+        ]
+        if values:
+            with_values = _names(shapes + values, mappings)
+            names.update({fqn: with_values[fqn] for fqn, _ in values})
         self._planned_step = step
         return [
             dataclasses.replace(
@@ -449,22 +487,27 @@ class FmstoreStorageWriter(_Base, StorageWriter):
         )  # its base: the newest step before
         _refuse_committed(step, level.steps(), self.root)
         results: list[WriteResult] = []
-        tensors: dict[str, tuple[WriteItem, torch.Tensor]] = {}
+        chunks: list[_Chunk] = []
         for item in plan.items:
             fqn = item.index.fqn
-            if item.type == WriteItemType.BYTE_IO:
-                node = _json_node(fqn, _lookup_object(planner, item))
-                results.append(WriteResult(item.index, 0, _ResultData(step, info.rank, value=node)))
-                continue
             name = info.names.get(fqn)
+            if item.type == WriteItemType.BYTE_IO:
+                obj = _lookup_object(planner, item)
+                blob = _blob(obj)
+                if blob is None:
+                    node = _json_node(fqn, obj)
+                    results.append(WriteResult(item.index, 0, _ResultData(step, info.rank, value=node)))
+                    continue
+                if name is None:
+                    raise FmstoreError(
+                        f"value {fqn!r} is not in the plan the coordinator made for rank {info.rank}"
+                    )
+                data, kind = blob
+                chunks.append(_Chunk(name, item, data, (data.numel(),), (0,), kind))
+                continue
             if name is None or item.tensor_data is None:
                 raise FmstoreError(
                     f"tensor {fqn!r} is not in the plan the coordinator made for rank {info.rank}"
-                )
-            if name in tensors:
-                raise FmstoreError(
-                    f"tensor {fqn!r} has several chunks on rank {info.rank}; an fmstore snapshot holds one "
-                    "piece of a tensor per rank (shard it as a DTensor)"
                 )
             data = planner.resolve_data(item)
             if not isinstance(data, torch.Tensor):
@@ -475,38 +518,62 @@ class FmstoreStorageWriter(_Base, StorageWriter):
                     f"tensor {fqn!r}: the planner gave shape {list(data.shape)} for a chunk of "
                     f"{list(item.tensor_data.chunk.sizes)}"
                 )
-            tensors[name] = (item, data)
-        results += self._write_tensors(level, step, info.rank, tensors)
+            td = item.tensor_data
+            chunks.append(_Chunk(name, item, data, tuple(td.size), tuple(td.chunk.offsets)))
+        results += self._write_tensors(level, step, info.rank, chunks)
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
 
     def _write_tensors(
-        self, level: SnapshotLevel, step: int, rank: int, tensors: dict[str, tuple[WriteItem, torch.Tensor]]
+        self, level: SnapshotLevel, step: int, rank: int, chunks: list[_Chunk]
     ) -> list[WriteResult]:
-        if not tensors:
+        """Write this rank's chunks into its shard file.  A tensor of which the rank holds several
+        chunks (a ShardedTensor with several local shards) is recorded as several shards, as
+        the ranks' pieces of one tensor are; in the shard file (whose entries need distinct
+        names) each chunk is an entry named ``<name>@[offsets]``."""
+        if not chunks:
             return []
+        count: dict[str, int] = {}
+        for c in chunks:
+            count[c.name] = count.get(c.name, 0) + 1
+        taken = set(count)
+        keys: list[str] = []  # each chunk's name in the shard file and in write_local's table
+        for c in chunks:
+            key = c.name
+            if count[c.name] > 1:
+                key = _unique(f"{c.name}@[{','.join(map(str, c.offsets))}]", taken)
+                taken.add(key)
+            keys.append(key)
         res = self._resources()
-        staged, held = _stage(res, {name: t for name, (_, t) in tensors.items()})
+        staged, held = _stage(res, {key: c.data for key, c in zip(keys, chunks)})
         try:
-            pieces = [
-                Piece(name, t, tuple(it.tensor_data.size), tuple(it.tensor_data.chunk.offsets), True)
-                for name, (it, t) in tensors.items()
-            ]
+            # Codec choice (``quantize`` patterns) goes by the tensor's own name; write_local
+            # then keys each chunk by its entry name (an incremental save finds only whole
+            # tensors' shards in the base by name: several chunks of a rank are written anew).
+            pieces = [Piece(c.name, c.data, c.global_shape, c.offsets, True) for c in chunks]
             items = res.builder(self.compression, self.codec, self.quantize).items(
-                [staged[name] for name in tensors], pieces
+                [staged[key] for key in keys], pieces
             )
+            for it, key in zip(items, keys):
+                if key != it.piece.name:
+                    it.piece = dataclasses.replace(it.piece, name=key)
             local = level.write_local(step, items)
         finally:
             if held is not None:
                 held.release()
         out = []
-        for i, (name, (item, _)) in enumerate(tensors.items()):
-            shard = local.entries[name].shards[0]
+        for i, (key, c) in enumerate(zip(keys, chunks)):
+            shard = local.entries[key].shards[0]
             data = _ResultData(
-                step, rank, name=name, shard=asdict(shard), files=local.files if i == 0 else {}
+                step,
+                rank,
+                name=c.name,
+                shard=asdict(shard),
+                files=local.files if i == 0 else {},
+                blob=c.blob,
             )
-            out.append(WriteResult(item.index, shard.end - shard.begin, data))
+            out.append(WriteResult(c.item.index, shard.end - shard.begin, data))
         return out
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
@@ -530,6 +597,7 @@ class FmstoreStorageWriter(_Base, StorageWriter):
         assert step is not None
         by_fqn: dict[str, tuple[str, list[Shard]]] = {}
         values: dict[str, dict[str, Any]] = {}
+        blobs: dict[str, tuple[Shard, dict[str, Any]]] = {}  # fqn -> a bytes value's shard and kind
         files: dict[str, int] = {}
         for rank_results in results:
             for r in rank_results:
@@ -537,6 +605,8 @@ class FmstoreStorageWriter(_Base, StorageWriter):
                 files.update(d.files)
                 if d.value is not None:
                     values[r.index.fqn] = d.value
+                elif d.blob is not None:
+                    blobs[r.index.fqn] = (Shard(**d.shard), d.blob)
                 else:
                     by_fqn.setdefault(r.index.fqn, (d.name, []))[1].append(Shard(**d.shard))
         mappings = _mappings(metadata.planner_data)
@@ -552,6 +622,8 @@ class FmstoreStorageWriter(_Base, StorageWriter):
                     )
                 entries[name] = TensorEntry(dtype_name(md.properties.dtype), list(md.size), shards)
                 set_element(nested, _path(fqn, mappings), _placeholder(md.size, md.properties.dtype))
+            elif fqn in blobs:  # bytes: a uint8 tensor in the tree, marked as bytes in meta
+                set_element(nested, _path(fqn, mappings), _placeholder(blobs[fqn][0].lengths, torch.uint8))
             else:
                 if fqn not in values:
                     raise FmstoreError(f"step {step} not committed: no rank wrote value {fqn!r}")
@@ -559,19 +631,31 @@ class FmstoreStorageWriter(_Base, StorageWriter):
         _, tree, _ = flatten(nested)
         leaves = tensor_leaves(tree)
         fqns: dict[str, str | None] = {}
+        marked: dict[str, dict[str, Any]] = {}  # tensor name -> the kind of bytes value it holds
         for fqn, md in metadata.state_dict_metadata.items():
             name = by_fqn[fqn][0] if isinstance(md, TensorStorageMetadata) else None
             if name is not None and leaves.get(_path(fqn, mappings)) != name:
                 raise FmstoreError(f"step {step} not committed: tensor {fqn!r} was written as {name!r}")
+            if fqn in blobs:
+                # Named as the tree names it (the shard file's entry name is only a label).
+                name = leaves[_path(fqn, mappings)]
+                shard, kind = blobs[fqn]
+                entries[name] = TensorEntry(dtype_name(torch.uint8), list(shard.lengths), [shard])
+                marked[name] = kind
             fqns[fqn] = name
-        sm = self.storage_meta()
-        meta = {
-            META_KEY: {
-                "fqns": fqns,  # DCP's flattened keys -> tensor names (None: a value in the tree)
-                "storage_meta": {"checkpoint_id": str(sm.checkpoint_id), "save_id": sm.save_id},
-                "version": getattr(metadata, "version", None),
-            }
+        # As torch's FileSystemWriter.finish: the Metadata dcp.save returns (and this snapshot
+        # records) carries the DCP version and the storage meta, whose checkpoint_id names the
+        # step even where the coordinator picked it, so it can be handed to dcp.load.
+        metadata.version = CURRENT_DCP_VERSION
+        metadata.storage_meta = StorageMeta(checkpoint_id=self._id_of(step), save_id=self._save_id)
+        info: dict[str, Any] = {
+            "fqns": fqns,  # DCP's flattened keys -> tensor names (None: a value in the tree)
+            "storage_meta": {"checkpoint_id": self._id_of(step), "save_id": self._save_id},
+            "version": metadata.version,
         }
+        if marked:
+            info["bytes"] = marked
+        meta = {META_KEY: info}
         level = self._level()
         _refuse_committed(step, level.steps(), self.root)
         if self._lease is not None:
@@ -612,11 +696,16 @@ class FmstoreStorageReader(_Base, StorageReader):
         self._view = view = _view_of(manifest, rank)
         info = manifest.meta.get(META_KEY, {})
         sm = info.get("storage_meta", {})
+        saved_id = sm.get("checkpoint_id")
+        if not (isinstance(saved_id, str) and _valid_id(saved_id)):
+            # Not recorded (a Checkpointer's snapshot), or the root an older writer recorded
+            # when its coordinator picked the step: the id of the snapshot read here.
+            saved_id = self._id_of(manifest.step)
         md = Metadata(
             state_dict_metadata=view.metadata,
             planner_data=view.mappings,
             storage_meta=StorageMeta(
-                checkpoint_id=sm.get("checkpoint_id", f"{self.root.rstrip('/')}/{step_dir(manifest.step)}"),
+                checkpoint_id=saved_id,
                 save_id=sm.get("save_id"),
                 load_id=uuid.uuid4().hex,
             ),
@@ -644,8 +733,15 @@ class FmstoreStorageReader(_Base, StorageReader):
         regions: list[Region] = []
         casts: list[tuple[torch.Tensor, torch.Tensor]] = []
         commits: list[tuple[ReadItem, torch.Tensor]] = []
+        blobs: list[tuple[ReadItem, torch.Tensor, dict[str, Any]]] = []
         for item in plan.items:
             fqn = item.storage_index.fqn
+            if item.type == LoadItemType.BYTE_IO and fqn in view.blobs:
+                name, kind = view.blobs[fqn]
+                buf = torch.empty(tuple(view.manifest.tensors[name].shape), dtype=torch.uint8)
+                regions.append(Region(name, (0,), buf))  # checked against its checksums like a tensor
+                blobs.append((item, buf, kind))
+                continue
             if item.type == LoadItemType.BYTE_IO:
                 if fqn not in view.values:
                     raise FmstoreError(f"snapshot step {view.manifest.step} has no value {fqn!r}")
@@ -680,12 +776,66 @@ class FmstoreStorageReader(_Base, StorageReader):
             dest.copy_(tmp)
         for item, dest in commits:
             planner.commit_tensor(item, dest)
+        for item, buf, kind in blobs:
+            data = buf.numpy().tobytes()
+            value: bytes | io.BytesIO = data
+            if kind["type"] == "BytesIO":
+                value = io.BytesIO(data)
+                value.seek(kind.get("pos", 0))
+            # DCP's load_bytes takes the pickle its save planner made of the value (and
+            # torch.loads it): this one is made here of the bytes object, so what DCP unpickles
+            # is our wrapper; the stored bytes are never unpickled, only copied.
+            wrapped = io.BytesIO()
+            torch.save(value, wrapped)
+            wrapped.seek(0)
+            planner.load_bytes(item, wrapped)
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
 
 
 # ---------------------------------------------------------------------- helpers
+
+#: The placeholder a BYTE_IO value stands for while the coordinator names what ranks write.
+_BLOB = torch.empty(0, dtype=torch.uint8, device="meta")
+#: The bytes values stored as opaque bytes, by the kind recorded for them in the manifest.
+_BLOB_KINDS = {"bytes": bytes, "BytesIO": io.BytesIO}
+
+
+@dataclass
+class _Chunk:
+    """One piece of a tensor (or a bytes value as uint8) this rank writes."""
+
+    name: str  # the tensor's fmstore name
+    item: WriteItem
+    data: torch.Tensor
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    blob: dict[str, Any] | None = None  # a bytes value: its kind (see _blob)
+
+
+def _blob(obj: Any) -> tuple[torch.Tensor, dict[str, Any]] | None:
+    """A ``bytes`` or ``io.BytesIO`` value as a uint8 tensor of its bytes (a copy: the caller's
+    buffer may change after the save) and its kind (a BytesIO's position too); None for any
+    other value.  Only these exact types: a subclass may carry state that bytes do not hold."""
+    if type(obj) is bytes:
+        data, kind = obj, {"type": "bytes"}
+    elif type(obj) is io.BytesIO:
+        data, kind = obj.getvalue(), {"type": "BytesIO", "pos": obj.tell()}
+    else:
+        return None
+    if not data:  # frombuffer refuses an empty buffer
+        return torch.empty(0, dtype=torch.uint8), kind
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8), kind
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    if name not in taken:
+        return name
+    i = 1
+    while f"{name}~{i}" in taken:
+        i += 1
+    return f"{name}~{i}"
 
 
 def _refuse_committed(step: int, steps: list[int], root: str) -> None:
@@ -741,7 +891,9 @@ def _json_node(fqn: str, obj: Any) -> dict[str, Any]:
     try:
         tensors, node, _ = flatten(obj)
     except UnsupportedValueError as e:
-        raise UnsupportedValueError(f"cannot save DCP value {fqn!r}: {e}") from None
+        raise UnsupportedValueError(
+            f"cannot save DCP value {fqn!r}: {e} (bytes and io.BytesIO values are stored as opaque bytes)"
+        ) from None
     if tensors:
         raise UnsupportedValueError(
             f"cannot save DCP value {fqn!r}: a {type(obj).__name__} holding tensors, which DCP saves as "
@@ -784,6 +936,7 @@ class _View:
     mappings: dict[str, tuple[Any, ...]]
     names: dict[str, str]  # fqn -> tensor name
     values: dict[str, Any]  # fqn -> non-tensor value
+    blobs: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)  # fqn -> bytes' tensor, kind
 
 
 def _view_of(manifest: Manifest, rank: int) -> _View:
@@ -799,14 +952,20 @@ def _view_of(manifest: Manifest, rank: int) -> _View:
     if not isinstance(nested, dict):
         nested = {"state": nested}  # DCP's state is a dict; a snapshot of another root gets a key
     flat, mappings = flatten_state_dict(nested)
+    marked = _marked_bytes(manifest)
     metadata: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
     names: dict[str, str] = {}
     values: dict[str, Any] = {}
+    blobs: dict[str, tuple[str, dict[str, Any]]] = {}
     for fqn, v in flat.items():
         name = names_by_id.get(id(v)) if isinstance(v, torch.Tensor) else None
         if name is None:
             metadata[fqn] = BytesStorageMetadata()
             values[fqn] = v
+            continue
+        if name in marked:  # a bytes value: DCP sees it as one
+            metadata[fqn] = BytesStorageMetadata()
+            blobs[fqn] = (name, marked[name])
             continue
         entry = manifest.tensors[name]
         names[fqn] = name
@@ -815,7 +974,28 @@ def _view_of(manifest: Manifest, rank: int) -> _View:
             size=torch.Size(entry.shape),
             chunks=[ChunkStorageMetadata(torch.Size(s.offsets), torch.Size(s.lengths)) for s in entry.shards],
         )
-    return _View(manifest, metadata, {k: tuple(p) for k, p in mappings.items()}, names, values)
+    return _View(manifest, metadata, {k: tuple(p) for k, p in mappings.items()}, names, values, blobs)
+
+
+def _marked_bytes(manifest: Manifest) -> dict[str, dict[str, Any]]:
+    """The manifest's bytes values (tensor name -> kind), checked: each a 1-d uint8 tensor
+    of one shard, of a kind this reader knows, a BytesIO's position inside it; anything else
+    is a :class:`ManifestError` naming the tensor (the manifest is read from storage)."""
+    info = manifest.meta.get(META_KEY)
+    marked = info.get("bytes", {}) if isinstance(info, dict) else {}
+    where = f"snapshot step {manifest.step}"
+    if not isinstance(marked, dict):
+        raise ManifestError(f"{where}: meta {META_KEY}.bytes is not an object")
+    for name, kind in marked.items():
+        entry = manifest.tensors.get(name)
+        if entry is None or entry.dtype != "uint8" or len(entry.shape) != 1 or len(entry.shards) != 1:
+            raise ManifestError(f"{where}: bytes value {name!r} is not a 1-d uint8 tensor of one shard")
+        if not isinstance(kind, dict) or kind.get("type") not in _BLOB_KINDS:
+            raise ManifestError(f"{where}: bytes value {name!r} has unknown kind {kind!r}")
+        pos = kind.get("pos", 0)
+        if type(pos) is not int or not 0 <= pos <= entry.shape[0]:
+            raise ManifestError(f"{where}: bytes value {name!r} has a bad position {pos!r}")
+    return marked
 
 
 def _arrays_as_tensors(node: dict[str, Any]) -> dict[str, Any]:
