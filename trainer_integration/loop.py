@@ -114,6 +114,12 @@ class LoopCheckpointer:
             handle = self._save(step, final=False)
         return handle
 
+    def finish(self, step: int) -> SaveHandle | None:
+        """Call after the last optimizer step instead of :meth:`step`: commits ``step`` to every
+        level and waits, so a run that ends between two due steps still leaves its final state
+        durable (as a preemption does)."""
+        return self._save(step, final=True)
+
     def _due(self, step: int) -> bool:
         if self.policy is None:
             return step % self.every == 0
