@@ -1,5 +1,6 @@
 """The ``fmstore`` command: list, inspect, verify, diff, export, import, copy and clean up
-snapshots, plus ``demo`` and ``blobs`` (what a tier holds).
+snapshots, plus ``blobs`` (what a tier holds).  (The demo is ``make demo`` / ``python -m
+fmstore.integrations.demo``: an application of fmstore, not part of its command.)
 
 Each command lives in its own module here with ``register(subparsers)``; a module imports
 torch and the checkpoint layer only inside its ``run``, so ``fmstore --help`` and
@@ -39,9 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--version", action="version", version=f"fmstore {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser(
-        "demo", help="write tensors through a TieredStore and show where they live", add_help=False
-    )
     for name in COMMANDS:
         importlib.import_module(f".{name}", __name__).register(sub)
     return ap
@@ -75,14 +73,8 @@ def _quiet_stdout() -> None:
 
 def _main(argv: list[str] | None) -> int:
     ap = build_parser()
-    args, rest = ap.parse_known_args(argv)
+    args = ap.parse_args(argv)
     try:
-        if args.command == "demo":
-            from ..demo import main as demo_main
-
-            return demo_main(rest)
-        if rest:
-            ap.error(f"unrecognized arguments: {' '.join(rest)}")
         return int(args.run(args) or 0)
     except FmstoreError as e:
         print(f"fmstore: error: {e}", file=sys.stderr)
