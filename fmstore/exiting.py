@@ -39,6 +39,19 @@ _hooked = False
 _draining = False
 
 
+def _forget_in_child() -> None:
+    """A forked child (a DataLoader worker) has none of its parent's threads: what the parent
+    has in flight is not the child's to finish, and waiting for it at the child's exit would
+    stall until the parent kills the worker (5 s at each epoch end of a loader with workers)."""
+    global _live, _lock, _draining
+    _live = weakref.WeakSet()
+    _lock = threading.Lock()  # the parent may have held it at the fork
+    _draining = False
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 def register(obj: Drainable) -> None:
     """Drain ``obj`` at interpreter exit and on an unhandled SIGTERM."""
     global _hooked

@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 WORLD = 2
 
 DIM, HIDDEN, SAMPLES, BATCH = 16, 32, 256, 16
+PLAIN_BATCH, PLAIN_WORKERS = 32, 2  # --plain-loader: 8 shuffled batches an epoch, two worker processes
 
 
 class ResumableLoader:
@@ -92,6 +93,7 @@ class Net(L.LightningModule):
         data_dir: pathlib.Path = pathlib.Path("data"),  # hparams that are not JSON: stored tagged
         dtype: torch.dtype = torch.float32,
         fsdp2: bool = False,
+        plain_loader: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -127,7 +129,16 @@ class Net(L.LightningModule):
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.7)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def train_dataloader(self) -> ResumableLoader:
+    def train_dataloader(self) -> Any:
+        if self.hparams.plain_loader:
+            # A stock shuffled DataLoader: no state_dict; its order comes from torch's global RNG.
+            data = ResumableLoader()
+            return torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(data.x, data.y),
+                batch_size=PLAIN_BATCH,
+                shuffle=True,
+                num_workers=PLAIN_WORKERS,
+            )
         return ResumableLoader(self.trainer.global_rank, self.trainer.world_size)
 
 
@@ -162,11 +173,18 @@ class CrashAfterSave(Checkpoint):
     """A Checkpoint subclass, so Lightning runs it after the checkpoint callbacks before it: at
     step N their saves have just started (async) when the job is killed."""
 
-    def __init__(self, step: int, group: bool) -> None:
-        self.step, self.group = step, group
+    def __init__(self, step: int, group: bool, settle: bool = False) -> None:
+        self.step, self.group, self.settle = step, group, settle
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if trainer.global_step == self.step and trainer.is_global_zero:
+            if self.settle:  # the saves before this step are committed: the rerun's start is known
+                for cb in trainer.checkpoint_callbacks:
+                    if isinstance(cb, FmstoreCheckpoint) and cb.last_handle is not None:
+                        cb.last_handle.wait()
+                io = trainer.strategy.checkpoint_io
+                if isinstance(io, FmstoreCheckpointIO):
+                    io._drain(raise_errors=True)
             print(f"lightning_job: SIGKILL at step {self.step}", file=sys.stderr, flush=True)
             if self.group:
                 os.killpg(0, signal.SIGKILL)  # both ranks: fork_job gave the job its own process group
@@ -175,12 +193,14 @@ class CrashAfterSave(Checkpoint):
 
 def run(args: argparse.Namespace, workdir: pathlib.Path, crash_at: int | None) -> None:
     L.seed_everything(0, verbose=False)
-    model = Net(dropout=args.dropout, big=args.big, fsdp2=args.fsdp2)
+    model = Net(dropout=args.dropout, big=args.big, fsdp2=args.fsdp2, plain_loader=args.plain_loader)
     record = Record(args.every)
     callbacks: list[Callback] = [record]
     plugins: list[Any] = []
     if args.mode == "plugin":
         plugins.append(FmstoreCheckpointIO())
+        if args.position_from_start and hasattr(plugins[0], "data_position"):
+            callbacks.append(plugins[0].data_position)
         callbacks.append(
             ModelCheckpoint(
                 dirpath=workdir / "ckpts",
@@ -194,7 +214,7 @@ def run(args: argparse.Namespace, workdir: pathlib.Path, crash_at: int | None) -
     else:
         callbacks.append(FmstoreCheckpoint(workdir / "fmstore", every_n_train_steps=args.every))
     if crash_at is not None:
-        callbacks.append(CrashAfterSave(crash_at, args.ranks > 1))
+        callbacks.append(CrashAfterSave(crash_at, args.ranks > 1, args.settle_before_crash))
     if args.fsdp2:
         strategy: Any = ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1)
     else:
@@ -219,7 +239,13 @@ def run(args: argparse.Namespace, workdir: pathlib.Path, crash_at: int | None) -
         save_file(final, workdir / "final.safetensors")
         save_file(record.weights, workdir / "record.safetensors")
         resumed = trainer.ckpt_path if args.mode == "plugin" else callbacks[1].resumed_step
-        summary = {"start_step": record.start_step, "resumed": str(resumed) if resumed is not None else None}
+        position = getattr(plugins[0] if args.mode == "plugin" else callbacks[1], "data_position", None)
+        summary = {
+            "start_step": record.start_step,
+            "resumed": str(resumed) if resumed is not None else None,
+            "skipped": getattr(position, "skipped", None),
+            "skip_seconds": getattr(position, "skip_seconds", None),
+        }
         (workdir / "summary.json").write_text(json.dumps(summary))
 
 
@@ -245,6 +271,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--big", type=int, default=0)
     p.add_argument("--exit-save", type=pathlib.Path)
+    p.add_argument("--plain-loader", action="store_true", help="a shuffled torch DataLoader with 2 workers")
+    p.add_argument("--settle-before-crash", action="store_true", help="commit earlier saves before the kill")
+    p.add_argument("--position-from-start", action="store_true", help="plugin: add its data_position too")
     p.add_argument("--log", type=pathlib.Path, help="stdout and stderr of the job's processes")
     args = p.parse_args(argv)
     args.ranks = WORLD if args.ddp or args.fsdp2 else 1

@@ -233,6 +233,44 @@ def test_exit_without_close_commits_every_time(tmp_path):
     assert sorted(LocalTier(tmp_path / "store").list()) == sorted(f"t{i}" for i in range(1, n + 1))
 
 
+FORK_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, threading, torch
+    from fmstore import Checkpointer
+    ck = Checkpointer(sys.argv[1])
+    go = threading.Event()
+    write = ck.storage.write
+    def held(rel, segments, **kw):
+        go.wait()
+        return write(rel, segments, **kw)
+    ck.storage.write = held
+    ck.save(1, {"w": torch.ones(10)})  # its persist waits for `go`
+    pid = os.fork()
+    if pid == 0:
+        sys.exit(0)  # the interpreter's exit hooks run, as at a DataLoader worker's exit
+    _, status = os.waitpid(pid, 0)
+    print("child exited", os.waitstatus_to_exitcode(status), flush=True)
+    go.set()
+    ck.close()
+    print("committed", Checkpointer(sys.argv[1]).steps())
+    """
+)
+
+
+def test_a_forked_child_does_not_wait_for_its_parents_saves(tmp_path):
+    """A forked child (a DataLoader worker) exiting while the parent has a save in flight:
+    the child has none of the parent's threads, so waiting for that save at its exit hung it
+    until the loader killed it (5 s at every epoch end of a loader with workers)."""
+    script = tmp_path / "fork.py"
+    script.write_text(FORK_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "child exited 0" in proc.stdout and "committed [1]" in proc.stdout
+    assert "finishing" not in proc.stderr  # the child said nothing about the parent's save
+
+
 SIGTERM_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys, threading, torch

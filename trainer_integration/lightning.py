@@ -5,9 +5,10 @@ Two ways in, for two kinds of job:
 * :class:`FmstoreCheckpointIO` -- ``Trainer(plugins=[FmstoreCheckpointIO()])``.  Lightning's
   own ``ModelCheckpoint`` (top-k, ``last``, ``-v1`` counters, ``fit(ckpt_path="last")``) keeps
   deciding *what* to save and remove; each save becomes an async, incremental fmstore snapshot,
-  and the file Lightning names becomes a small JSON **pointer** to it, written only once the
-  snapshot has committed.  For strategies whose checkpoint state is whole on global rank 0
-  (single device, DDP, FSDP with full state dicts).
+  and the file Lightning names becomes a small JSON **pointer** to it: claimed (written
+  *pending*) the moment the save starts, so Lightning's ``-vN`` counter sees the name taken, and
+  loadable only once the snapshot has committed.  For strategies whose checkpoint state is
+  whole on global rank 0 (single device, DDP, FSDP with full state dicts).
 * :class:`FmstoreCheckpoint` -- a callback that checkpoints on fmstore's own schedule (every k
   steps, a :class:`fmstore.Policy` for host memory / local / object storage) on any strategy:
   every rank saves its own shards (FSDP2, tensor parallel), and a rerun resumes bit-exact.
@@ -29,6 +30,26 @@ What the peers get wrong, and what is done here instead:
   Lightning writes a torch DCP directory itself and never calls the CheckpointIO (#20205), so a
   CheckpointIO plugin cannot see sharded state at all.  :class:`FmstoreCheckpoint` saves from a
   callback on every rank instead, DTensor shards included.
+* Lightning restarts a plain (not ``state_dict``-able) ``DataLoader`` at a mid-epoch resume with
+  a new shuffle (it warns so), and keeps no RNG state.  Both drop-ins keep the data position
+  (``_DataPosition``): torch's global RNG state from which the epoch's iterator was made (the
+  ``RandomSampler``'s seed and the workers' base seed come from it), the batches consumed, and
+  the RNG states at the save.  A resume makes the epoch's iterator again from that state, fetches
+  and drops the consumed batches (the skip costs what loading them costs; ``skip_seconds``) and
+  continues exactly as the uninterrupted run.  Because Lightning makes the first epoch's
+  iterator before any callback hook, it is made once more at ``on_train_start`` from a state
+  kept then.  The plugin learns of its Trainer only at its first save (or load), so a fresh
+  fit's first epoch is covered only with ``Trainer(callbacks=[plugin.data_position])``; without
+  it, a checkpoint of that epoch resumes as stock Lightning does, and the save warns.  What
+  cannot be restored is said at save time, once per loader, naming it: an ``IterableDataset``
+  without ``state_dict``/``load_state_dict``, or a loader that is not a ``DataLoader`` and has no
+  state (loaders with ``state_dict`` are restored by Lightning itself).  Lightning's own warning
+  that the data loader "is not resumable" still appears for a replayed plain ``DataLoader``.
+  The plugin keeps the position of global rank 0 (the one process saving Lightning
+  checkpoints); every rank resumes from it.
+* ``AsyncCheckpointIO(FmstoreCheckpointIO())`` is refused with a ``ConfigError`` (at its first
+  save, raised by the next save or the Trainer's teardown, or at once on a load/removal): the
+  wrapper's teardown never reaches the plugin, and the plugin is asynchronous already.
 
 Pointer file (the file at the path Lightning names; UTF-8 JSON, one object)::
 
@@ -37,10 +58,19 @@ Pointer file (the file at the path Lightning names; UTF-8 JSON, one object)::
 
 ``root`` is the snapshot root: relative to the pointer's directory when it lies inside it
 (so a checkpoint directory can be moved or copied whole), else an absolute path or a URL;
-``step`` is the fmstore snapshot id.  ``global_step``/``epoch`` are informational.  Pointers are
-written crash-safely: local files by temp + fsync + rename (``last.ckpt`` is replaced
-atomically), URLs by one PUT.  Loading never unpickles anything: a path that is not a pointer
-is refused with :class:`PointerError`.
+``step`` is the fmstore snapshot id; ``token`` (a random id, also in the snapshot's meta) tells
+the save's snapshot from another one that reuses the step id after a crash.
+``global_step``/``epoch`` are informational.  While the save runs, the file holds the same object
+with ``"pending": true`` and ``"previous"``: what the path held before (a pointer, a pending
+one with its own ``previous`` when saves to one path overlap, or null).  A pending pointer is
+never loaded as such: :func:`read_pointer` raises :class:`PendingPointerError`, and
+``load_checkpoint`` loads the newest committed pointer of its chain (what the path meant before
+an interrupted save; a warning says so) or raises :class:`PendingPointerError` if there is none.
+A failed save puts back what the path named before; a crashed one's claims are settled by the
+plugin's first save into that directory (to the newest committed pointer of the chain, or
+removed), before it hands out any step id.  Pointers are written crash-safely: local files by
+temp + fsync + rename (``last.ckpt`` is replaced atomically), URLs by one PUT.  Loading never
+unpickles anything: a path that is not a pointer is refused with :class:`PointerError`.
 
 Lightning checkpoint values that are neither tensors nor JSON are stored losslessly as tagged
 JSON objects ``{"__fmstore_lightning__": kind, ...}`` and turned back on load: numpy scalars
@@ -54,14 +84,19 @@ naming its key: fmstore never pickles.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
 import posixpath
+import sys
 import threading
+import time
+import uuid
+import weakref
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
@@ -74,8 +109,11 @@ from fmstore.integrations import require
 
 require("lightning", "lightning", by=__name__)
 from lightning.fabric.utilities.data import AttributeDict  # noqa: E402 - after require() names the extra
-from lightning.pytorch.callbacks import Checkpoint  # noqa: E402 - after require() names the extra
+from lightning.fabric.utilities.types import _Stateful  # noqa: E402 - after require() names the extra
+from lightning.pytorch.callbacks import Callback, Checkpoint  # noqa: E402 - after require() names the extra
 from lightning.pytorch.plugins.io import CheckpointIO  # noqa: E402 - after require() names the extra
+from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO  # noqa: E402 - after require() names the extra
+from lightning.pytorch.strategies import Strategy  # noqa: E402 - after require() names the extra
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn  # noqa: E402 - after require() names the extra
 
 from fmstore import exiting
@@ -103,6 +141,7 @@ __all__ = [
     "FmstoreCheckpoint",
     "PointerError",
     "PointerNotFoundError",
+    "PendingPointerError",
     "Pointer",
     "read_pointer",
     "load_checkpoint",
@@ -127,6 +166,11 @@ class PointerError(FmstoreError, ValueError):
 
 class PointerNotFoundError(PointerError, FileNotFoundError):
     """No file at a checkpoint path."""
+
+
+class PendingPointerError(PointerError):
+    """A pointer whose save has not committed (still in flight, or interrupted by a crash), and
+    that names no earlier committed checkpoint either: nothing at that path can be loaded."""
 
 
 # ---------------------------------------------------------------------------- locations
@@ -197,15 +241,24 @@ class Pointer:
     epoch: int | None = None
 
 
-def _pointer_bytes(root: str, pointer_path: str, step: int, global_step: Any, epoch: Any) -> bytes:
-    body = {
+def _pointer_body(
+    root: str, pointer_path: str, step: int, global_step: Any, epoch: Any, token: str
+) -> dict[str, Any]:
+    return {
         "format": POINTER_FORMAT,
         "version": POINTER_VERSION,
         "root": _root_text(root, _root_key(_dirname(pointer_path))),  # where the file will lie
         "step": step,
         "global_step": global_step if isinstance(global_step, int) else None,
         "epoch": epoch if isinstance(epoch, int) else None,
+        "token": token,
     }
+
+
+def _pointer_bytes(body: dict[str, Any]) -> bytes:
+    """A pointer file's bytes: a committed pointer, or a claim written the moment a save starts
+    (``"pending": true`` and ``previous``, what the path meant before, itself possibly pending:
+    a chain as long as the saves to one path in flight), so a crash loses nothing committed."""
     return (json.dumps(body, indent=1) + "\n").encode()
 
 
@@ -233,9 +286,9 @@ def _is_link(path: str) -> bool:
     return not _is_url(path) and os.path.islink(path)
 
 
-def read_pointer(path: Any, storage_options: dict[str, Any] | None = None) -> Pointer:
-    """The pointer at ``path``; :class:`PointerError` (naming it) if it is anything else."""
-    path = _location(path)
+def _read_body(path: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """The JSON object of the pointer file at ``path`` (``path`` as :func:`_location` gives it),
+    pending or not; :class:`PointerError` (naming it) if it is anything else."""
     try:
         if _is_url(path):
             fs, p = open_fs(path, storage_options)
@@ -262,6 +315,13 @@ def read_pointer(path: Any, storage_options: dict[str, Any] | None = None) -> Po
         raise PointerError(f"{refused} (it is not JSON)") from None
     if not isinstance(body, dict) or body.get("format") != POINTER_FORMAT:
         raise PointerError(f"{refused} (JSON without format {POINTER_FORMAT!r})")
+    _check_body(path, body)
+    return body
+
+
+def _check_body(path: str, body: Any) -> None:
+    if not isinstance(body, dict):
+        raise PointerError(f"{path!r}: malformed pointer (a previous entry is not an object)")
     version, step, root = body.get("version"), body.get("step"), body.get("root")
     if not isinstance(version, int) or version > POINTER_VERSION:
         raise PointerError(
@@ -271,9 +331,36 @@ def read_pointer(path: Any, storage_options: dict[str, Any] | None = None) -> Po
         raise PointerError(f"{path!r}: pointer step must be an int >= 0, got {step!r}")
     if not isinstance(root, str) or not root:
         raise PointerError(f"{path!r}: pointer root must be a non-empty string, got {root!r}")
-    return Pointer(
-        path, _resolve_root(root, _real_dirname(path)), step, body.get("global_step"), body.get("epoch")
-    )
+    if body.get("pending") and body.get("previous") is not None:
+        _check_body(path, body["previous"])
+
+
+def _pointer_of(path: str, body: dict[str, Any]) -> Pointer:
+    root = _resolve_root(body["root"], _real_dirname(path))
+    return Pointer(path, root, body["step"], body.get("global_step"), body.get("epoch"))
+
+
+def _chain(body: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A pending pointer and the ones it replaces, newest first (a committed pointer: itself)."""
+    out = []
+    while body is not None:
+        out.append(body)
+        body = body.get("previous") if body.get("pending") else None
+    return out
+
+
+def read_pointer(path: Any, storage_options: dict[str, Any] | None = None) -> Pointer:
+    """The pointer at ``path``; :class:`PointerError` (naming it) if it is anything else, and
+    :class:`PendingPointerError` if its save has not committed yet (see
+    :meth:`FmstoreCheckpointIO.load_checkpoint` for what a crash-interrupted save leaves)."""
+    path = _location(path)
+    body = _read_body(path, storage_options)
+    if body.get("pending"):
+        raise PendingPointerError(
+            f"checkpoint {path!r} is pending: the save of snapshot {body['step']} it names has not committed "
+            "(a save in flight, or one a crash interrupted); it cannot be loaded before its commit"
+        )
+    return _pointer_of(path, body)
 
 
 # ---------------------------------------------------------------------------- value conversion
@@ -418,6 +505,274 @@ def _decode_tagged(tag: Any, node: dict[str, Any]) -> Any:
     raise FmstoreError(f"unknown value kind {tag!r} in a Lightning checkpoint (written by a newer fmstore?)")
 
 
+# ---------------------------------------------------------------------------- pointer claims
+
+
+def _final(body: dict[str, Any]) -> dict[str, Any]:
+    """A pending pointer's pointer-to-be."""
+    return {k: v for k, v in body.items() if k not in ("pending", "previous")}
+
+
+def _committed(ck: Checkpointer, body: dict[str, Any]) -> bool:
+    """Whether the snapshot ``body`` names has committed, and is the one its save wrote (a crashed
+    save's step id may have been saved again since, by another save)."""
+    step = body["step"]
+    if not ck.where(step):
+        return False
+    token = body.get("token")
+    if token is None:  # written before pointers carried tokens: the step id is all there is
+        return True
+    try:
+        meta = ck.manifest(step).meta.get("lightning")
+    except SnapshotNotFoundError:
+        return False
+    return isinstance(meta, dict) and meta.get("token") == token
+
+
+def _small_files(directory: str, storage_options: dict[str, Any] | None) -> list[str]:
+    """The files in ``directory`` small enough to be pointers (links excluded: they name files)."""
+    try:
+        if _is_url(directory):
+            fs, p = open_fs(directory, storage_options)
+            return [
+                fs.unstrip_protocol(e["name"])
+                for e in fs.ls(p, detail=True)
+                if e.get("type") == "file" and (e.get("size") or 0) <= POINTER_MAX_BYTES
+            ]
+        with os.scandir(directory) as it:
+            return [
+                e.path
+                for e in it
+                if e.is_file(follow_symlinks=False)
+                and e.stat(follow_symlinks=False).st_size <= POINTER_MAX_BYTES
+            ]
+    except FileNotFoundError:
+        return []
+
+
+def _refuse_wrapper() -> None:
+    """Refuse to be used through Lightning's ``_WrappingCheckpointIO`` (``AsyncCheckpointIO``)."""
+    frame = sys._getframe(2)  # the caller of the plugin method that called this
+    for _ in range(2):
+        if frame is None:
+            return
+        if isinstance(frame.f_locals.get("self"), _WrappingCheckpointIO):
+            raise ConfigError(
+                f"FmstoreCheckpointIO cannot be wrapped in {type(frame.f_locals['self']).__name__}: it saves "
+                "asynchronously itself (one copy, into fmstore's pinned pool), and the wrapper's teardown never "
+                "reaches it, so its saves and threads would outlive the Trainer. Pass "
+                "Trainer(plugins=[FmstoreCheckpointIO()]) directly"
+            )
+        frame = frame.f_back
+
+
+def _called_by_launcher() -> bool:
+    """Whether a Lightning process launcher (ddp_spawn's) called the plugin method calling this."""
+    from lightning.pytorch.strategies.launchers.launcher import _Launcher
+
+    return isinstance(sys._getframe(2).f_locals.get("self"), _Launcher)
+
+
+def _calling_trainer() -> Any:
+    """The Trainer whose Strategy called the plugin method that called this, or None (the ddp_spawn
+    launcher, a direct call): a CheckpointIO is never told which Trainer it serves."""
+    frame = sys._getframe(2)
+    for _ in range(3):
+        if frame is None:
+            break
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, Strategy):
+            module = owner._lightning_module
+            return getattr(module, "_trainer", None) if module is not None else None
+        frame = frame.f_back
+    return None
+
+
+# ---------------------------------------------------------------------------- data position
+
+
+def _unknown_position(dl: Any) -> str | None:
+    """Why a mid-epoch resume cannot restore where ``dl`` was, or None if it can (a map-style
+    DataLoader is replayed; a loader with ``state_dict`` is restored by Lightning itself)."""
+    if isinstance(dl, _Stateful):
+        return None
+    if isinstance(dl, torch.utils.data.DataLoader):
+        ds = dl.dataset
+        if isinstance(ds, torch.utils.data.IterableDataset) and not isinstance(ds, _Stateful):
+            return f"a DataLoader over {type(ds).__name__}, an IterableDataset without state_dict/load_state_dict"
+        return None
+    return f"a {type(dl).__name__}, neither a DataLoader nor an object with state_dict/load_state_dict"
+
+
+class _DataPosition(Callback):
+    """Where the training data stands, so that a mid-epoch resume sees exactly the batches the
+    uninterrupted run saw, with a plain shuffled ``DataLoader`` (any number of workers).
+
+    A DataLoader's order comes from torch's global CPU generator at ``iter()``: a
+    ``RandomSampler`` without a generator draws its seed from it, and so does the workers' base
+    seed.  Kept: that generator's state when the epoch's iterator was made, the batches training
+    has taken from it, and the RNG states at the save (Lightning keeps none).  On resume
+    (``on_train_start``, after Lightning made its iterator, before the first batch) the epoch's
+    iterator is made again from the kept state, the consumed batches are fetched and dropped
+    (the skip costs what loading them costs: ``skip_seconds``), and the RNGs are set back to
+    the save's.  The first epoch's iterator, which Lightning makes before any callback hook, is
+    made again at ``on_train_start`` from a state kept then (a fit with this callback therefore
+    draws its first epoch's order one step further along the generator than without it).
+    """
+
+    def __init__(self) -> None:
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        self._trainer_ref: Callable[[], Any] = lambda: None
+        self._known: tuple[torch.Tensor, Any] | None = None  # (rng at iter(), weakref to that iterator)
+        self._candidate: tuple[torch.Tensor, Any] | None = None  # (rng at epoch start, iterator then)
+        self._restore: dict[str, Any] | None = None
+        self._warned: set[Any] = set()
+        self.skipped = 0
+        self.skip_seconds = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles the Trainer's callbacks
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._init_runtime()
+
+    @property
+    def state_key(self) -> str:
+        return "FmstoreDataPosition"
+
+    # ------------------------------------------------------------------ hooks
+
+    def bind(self, trainer: Any) -> None:
+        """The Trainer whose position :meth:`state_dict` reports (Lightning passes it none)."""
+        self._trainer_ref = _ref(trainer)
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.bind(trainer)
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self.bind(trainer)
+        # Lightning makes an epoch's iterator right after this hook (epochs after the first).
+        self._candidate = (torch.get_rng_state(), _ref(_iterator(trainer)))
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.bind(trainer)
+        restore, self._restore = self._restore, None
+        loop = trainer.fit_loop
+        fetcher = loop._data_fetcher
+        loaders = loop._combined_loader.flattened if loop._combined_loader is not None else []
+        # Replayed: map-style DataLoaders only (a loader with state_dict is Lightning's to restore,
+        # and iterating it again here would move it on).
+        replay = (
+            fetcher is not None
+            and bool(loaders)
+            and all(
+                isinstance(dl, torch.utils.data.DataLoader)
+                and not isinstance(dl, _Stateful)
+                and _unknown_position(dl) is None
+                for dl in loaders
+            )
+        )
+        if restore is not None:
+            batches, epoch_rng = restore.get("batches"), restore.get("epoch_rng")
+            mid_epoch = (
+                replay
+                and isinstance(epoch_rng, torch.Tensor)
+                and restore.get("epoch") == trainer.current_epoch
+                and isinstance(batches, int)
+                and 0 < batches < trainer.num_training_batches
+            )
+            if mid_epoch:
+                self._iterate(trainer, epoch_rng)
+                started = time.perf_counter()
+                for _ in range(batches):
+                    next(fetcher.iterator)
+                self.skipped, self.skip_seconds = batches, time.perf_counter() - started
+                rank_zero_info(
+                    f"fmstore: resumed epoch {trainer.current_epoch} at batch {batches}: the consumed batches "
+                    f"were fetched again and dropped in {self.skip_seconds:.3f} s"
+                )
+            if restore.get("rng") is not None:
+                RNGState().load_state_dict(restore["rng"])
+            if mid_epoch:
+                return
+        if replay:
+            # An epoch starting now: its iterator is made again from a state kept here.
+            self._iterate(trainer, torch.get_rng_state())
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.position(self._trainer_ref())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._restore = decode_value(state) if state else None
+
+    def position(self, trainer: Any) -> dict[str, Any]:
+        if trainer is None or trainer.fit_loop._data_fetcher is None:
+            return {}
+        loop = trainer.fit_loop
+        for i, dl in enumerate(loop._combined_loader.flattened if loop._combined_loader is not None else []):
+            why = _unknown_position(dl)
+            if why is not None and id(dl) not in self._warned:
+                self._warned.add(id(dl))
+                rank_zero_warn(
+                    f"fmstore: the position of train dataloader {i} ({why}) cannot be saved; a resume from a "
+                    "checkpoint taken mid-epoch restarts its iteration"
+                )
+        fetcher = loop._data_fetcher
+        epoch_rng = self._epoch_rng(trainer)
+        if epoch_rng is None and ("order", trainer.current_epoch) not in self._warned:
+            self._warned.add(("order", trainer.current_epoch))
+            rank_zero_warn(
+                f"fmstore: the data order of epoch {trainer.current_epoch} was drawn before fmstore saw this Trainer "
+                "(FmstoreCheckpointIO learns of it at its first save); a resume from a checkpoint of this epoch "
+                "restarts its order. Trainer(callbacks=[plugin.data_position]) covers the first epoch too"
+            )
+        return encode_value(
+            {
+                "epoch": trainer.current_epoch,
+                "batches": fetcher.fetched - len(getattr(fetcher, "batches", ())),
+                "epoch_rng": epoch_rng,
+                "rng": RNGState().state_dict(),
+            },
+            ("data_position",),
+        )
+
+    # ------------------------------------------------------------------ helpers
+
+    def _iterate(self, trainer: Any, rng: torch.Tensor) -> None:
+        torch.set_rng_state(rng)
+        iter(trainer.fit_loop._data_fetcher)
+        self._known = (rng, _ref(_iterator(trainer)))
+
+    def _epoch_rng(self, trainer: Any) -> torch.Tensor | None:
+        it = _iterator(trainer)
+        if self._known is not None and self._known[1]() is it:
+            return self._known[0]
+        # Made after the last epoch start (the old iterator was another one): that state made it.
+        if self._candidate is not None and self._candidate[1]() is not it and it is not None:
+            self._known = (self._candidate[0], _ref(it))
+            return self._known[0]
+        return None
+
+
+def _iterator(trainer: Any) -> Any:
+    """The fit loop's current iterator over its data (a new object at every ``iter()``)."""
+    combined = trainer.fit_loop._combined_loader
+    return getattr(combined, "_iterator", None)
+
+
+def _ref(obj: Any) -> Callable[[], Any]:
+    if obj is None:
+        return lambda: None
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
+
+
 # ---------------------------------------------------------------------------- the CheckpointIO
 
 
@@ -457,10 +812,16 @@ class FmstoreCheckpointIO(CheckpointIO):
     bytes that kept snapshots reference stay)".  So a removal never precedes the commit of its
     replacement; if a save fails, removals queued behind it are skipped (the older checkpoint is
     kept) and the error is raised by the next ``save_checkpoint``/``remove_checkpoint``/``teardown``.
-    Pointers appear once their snapshot commits, so a name that ModelCheckpoint checks for
-    existence (version counters) right after saving it may not exist yet; names holding
-    ``{step}`` (the default) never collide.  A process that exits without ``teardown`` still gets
-    its pointers written (:mod:`fmstore.exiting`).  A crash between a commit and its pointer, or
+    The file at ``path`` is claimed (a pending pointer) before ``save_checkpoint`` returns, so
+    ModelCheckpoint's version counter never reuses a name.  ``teardown`` (Lightning's
+    ``Strategy.teardown``) waits for every commit and removal and frees every thread; a removal
+    in a process that saved nothing (ddp_spawn's main process) runs at once, and a save from
+    ddp_spawn's launcher (after the worker's teardown) is drained before it returns, so nothing
+    of the plugin outlives a finished Trainer and it pickles (``__getstate__`` waits for what is
+    queued).  A process that exits without ``teardown`` still gets its pointers written
+    (:mod:`fmstore.exiting`).  :attr:`data_position` is the callback keeping the data position
+    (see the module docstring); the plugin adds it to its Trainer at its first save or load.
+    A crash between a commit and its pointer, or
     between deleting a pointer and its snapshot, leaves an unreferenced snapshot behind, never a
     dangling pointer.  One writing process per root.
     """
@@ -502,6 +863,7 @@ class FmstoreCheckpointIO(CheckpointIO):
         overlap.install()
         self._lock = threading.Lock()  # the fields below
         self._save_lock = threading.Lock()  # a save vs. deleting the newest committed snapshot
+        self._path_lock = threading.Lock()  # a pointer file's claim vs. its commit or rollback
         self._cks: dict[str, Checkpointer] = {}
         self._writer_root: str | None = None
         self._next_step: int | None = None
@@ -510,12 +872,15 @@ class FmstoreCheckpointIO(CheckpointIO):
         self._errors: list[BaseException] = []
         self._save_failures = 0  # saves whose commit or pointer failed (job thread)
         self._failures_told = 0  # how many of them the caller had been told of
+        self._claims: dict[str, dict[str, Any]] = {}  # path -> the pending body of its newest save
+        self.data_position = _DataPosition()
         exiting.register(self)
 
     # Lightning's ddp_spawn pickles the trainer with its plugins: only the configuration travels.
+    # What is still queued (the launcher's removal of its temporary checkpoint, say) is waited
+    # for first: the copy must not be taken while a pointer is half-way.
     def __getstate__(self) -> dict[str, Any]:
-        if any(not f.done() for f in self._jobs):
-            raise FmstoreError("FmstoreCheckpointIO has saves in flight; call teardown() before pickling it")
+        self._drain(raise_errors=False)  # an error stays here, for the next call to raise
         return {
             "root": self.root,
             "storage_options": self.storage_options,
@@ -532,22 +897,29 @@ class FmstoreCheckpointIO(CheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
-        """Snapshot ``checkpoint``; the pointer at ``path`` is written once the snapshot commits."""
+        """Snapshot ``checkpoint``; the file at ``path`` is claimed at once with a pending pointer
+        (so Lightning's ``-vN`` counter sees the name taken), which becomes the pointer once the
+        snapshot commits."""
+        _refuse_wrapper()
         if storage_options is not None:
             raise ConfigError(
                 f"FmstoreCheckpointIO takes no per-save storage_options (got {storage_options!r} for {path!r}); "
                 "pass storage_options=... to FmstoreCheckpointIO(...)"
             )
         self._raise_errors()
+        self._attach(_calling_trainer())
+        launcher = _called_by_launcher()
         path = _location(path)
         state = encode_value(checkpoint)
         ck, root = self._writer(path)
+        token = uuid.uuid4().hex  # ties the pointer to this save's snapshot, not to a reused step id
         meta = {
             "lightning": {
                 "path": path,
                 "global_step": checkpoint.get("global_step"),
                 "epoch": checkpoint.get("epoch"),
                 "version": checkpoint.get("pytorch-lightning_version"),
+                "token": token,
             }
         }
         with self._save_lock:
@@ -556,34 +928,84 @@ class FmstoreCheckpointIO(CheckpointIO):
                 step = self._next_step
                 self._next_step += 1
             handle = ck.save(step, state, block=self.block, meta=meta)
-        body = _pointer_bytes(root, path, step, checkpoint.get("global_step"), checkpoint.get("epoch"))
-        self._submit(self._commit_job, handle, path, ck, body)
+        body = _pointer_body(root, path, step, checkpoint.get("global_step"), checkpoint.get("epoch"), token)
+        linked = _is_link(path)  # save_last="link" left a symlink: replaced, its target kept
+        with self._path_lock:
+            with self._lock:
+                previous = self._claims.get(path)
+            if previous is None:
+                previous = self._current_body(path)
+            claim = {**body, "pending": True, "previous": previous}
+            try:
+                _write_file(path, _pointer_bytes(claim), self.storage_options)
+            except OSError as e:
+                raise FmstoreError(
+                    f"could not claim checkpoint {path!r} (its pending pointer): {type(e).__name__}: {e}; "
+                    f"snapshot {step} is saved but nothing names it"
+                ) from e
+            with self._lock:
+                self._claims[path] = claim
+        self._submit(self._commit_job, handle, path, ck, claim, linked)
+        if launcher:
+            # ddp_spawn's worker saves its final weights for the main process after its Trainer
+            # has torn this plugin down: nothing would drain it but the worker's exit.
+            self.teardown()
 
     def load_checkpoint(
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
         """The checkpoint dict the pointer at ``path`` names.  Tensors land on ``map_location``
         when it is a device or a device string, else on the CPU.  ``weights_only`` changes
-        nothing: nothing is unpickled, ever."""
+        nothing: nothing is unpickled, ever.
+
+        A pending pointer (its save in flight elsewhere, or interrupted by a crash) loads the
+        checkpoint the path named before that save, the newest committed one of its chain (with
+        a warning); one that never named a committed snapshot raises :class:`PendingPointerError`."""
+        _refuse_wrapper()
+        self._attach(_calling_trainer())
         self._drain(raise_errors=True)
-        pointer = read_pointer(path, self.storage_options)
-        ck = self._checkpointer(pointer.root, must_exist=pointer.path)
+        path = _location(path)
+        chain = _chain(_read_body(path, self.storage_options))
         device = map_location if isinstance(map_location, (str, torch.device)) else None
-        try:
-            state = ck.load(step=pointer.step, device=device)
-        except SnapshotNotFoundError as e:
-            raise SnapshotNotFoundError(
-                f"checkpoint {pointer.path!r} points to a missing snapshot: {e}"
-            ) from None
-        return decode_value(state)
+        for body in chain:
+            pointer = _pointer_of(path, body)
+            with self._open(pointer.root, must_exist=path) as ck:
+                if body.get("pending") and not _committed(ck, body):
+                    continue
+                if body is not chain[0]:
+                    warnings.warn(
+                        f"fmstore: checkpoint {path!r} is pending (the save of snapshot {chain[0]['step']} did not "
+                        f"commit); loading the checkpoint it replaced, snapshot {pointer.step}",
+                        stacklevel=2,
+                    )
+                try:
+                    state = ck.load(step=pointer.step, device=device)
+                except SnapshotNotFoundError as e:
+                    raise SnapshotNotFoundError(
+                        f"checkpoint {pointer.path!r} points to a missing snapshot: {e}"
+                    ) from None
+                return decode_value(state)
+        raise PendingPointerError(
+            f"checkpoint {path!r} is pending: the save of snapshot {chain[0]['step']} it names has not committed "
+            "(a save in flight in another process, or one a crash interrupted), and it replaced no committed "
+            "checkpoint; it cannot be loaded"
+        )
 
     def remove_checkpoint(self, path: Any) -> None:
         """Delete the pointer at ``path`` and its snapshot, after every save queued before it has
-        committed (in the background)."""
+        committed (in the background).  A process with no save of its own (ddp_spawn's main
+        process removing the workers' temporary checkpoint) removes at once: there is nothing to
+        order it after, and no thread is left behind."""
+        _refuse_wrapper()
         self._raise_errors()
+        path = _location(path)
         with self._lock:
             told = self._failures_told
-        self._submit(self._remove_job, _location(path), told)
+            idle = self._writer_root is None and all(f.done() for f in self._jobs)
+        if idle:
+            self._remove_job(path, told)
+        else:
+            self._submit(self._remove_job, path, told)
 
     def teardown(self) -> None:
         """Wait for every queued commit, pointer and removal; free the checkpointers' memory and
@@ -602,6 +1024,13 @@ class FmstoreCheckpointIO(CheckpointIO):
 
     # ------------------------------------------------------------------ helpers
 
+    def _attach(self, trainer: Any) -> None:
+        """Put :attr:`data_position` among the Trainer's callbacks, so checkpoints hold the data
+        position and a resume restores it (a CheckpointIO gets no hook of its own)."""
+        if trainer is not None and all(cb is not self.data_position for cb in trainer.callbacks):
+            trainer.callbacks.append(self.data_position)
+            self.data_position.bind(trainer)
+
     def _checkpointer(self, root: str, must_exist: str | None = None) -> Checkpointer:
         """The one Checkpointer of ``root`` in this process (a delete must see its saves in flight)."""
         with self._lock:
@@ -617,6 +1046,23 @@ class FmstoreCheckpointIO(CheckpointIO):
             ck.close()
         return kept
 
+    @contextlib.contextmanager
+    def _open(self, root: str, must_exist: str | None = None) -> Iterator[Checkpointer]:
+        """The writer's Checkpointer for its root; for any other root one that lives for this
+        call only: this process saves nothing there, and its threads must not outlive a Trainer."""
+        with self._lock:
+            ck = self._cks.get(root)
+        if ck is not None:
+            yield ck
+            return
+        if must_exist is not None and not _is_url(root) and not os.path.isdir(root):
+            raise SnapshotNotFoundError(f"checkpoint {must_exist!r} points to {root!r}, which does not exist")
+        ck = Checkpointer(root, storage_options=self.storage_options, no_dist=True, **self._ck_options)
+        try:
+            yield ck
+        finally:
+            ck.close()
+
     def _writer(self, path: str) -> tuple[Checkpointer, str]:
         with self._lock:
             if self._writer_root is None:
@@ -624,9 +1070,48 @@ class FmstoreCheckpointIO(CheckpointIO):
             root = self._writer_root
         ck = self._checkpointer(root)
         with self._lock:
-            if self._next_step is None:
-                self._next_step = (ck.latest() or 0) + 1
+            first = self._next_step is None
+        if first:
+            # Before any step id is handed out: a claim a crash left behind names a step that
+            # this run may save again.
+            self._settle_dir(_dirname(path), ck)
+            with self._lock:
+                if self._next_step is None:
+                    self._next_step = (ck.latest() or 0) + 1
         return ck, root
+
+    def _current_body(self, path: str) -> dict[str, Any] | None:
+        try:
+            return _read_body(path, self.storage_options)
+        except PointerError:
+            return None  # nothing there yet, or not ours: overwritten either way
+
+    def _settle_dir(self, directory: str, ck: Checkpointer) -> None:
+        """Resolve the pending pointers a crashed run left in ``directory`` for this writer's
+        root: each becomes the newest committed pointer of its chain, or goes if there is none."""
+        for path in _small_files(directory, self.storage_options):
+            try:
+                body = _read_body(path, self.storage_options)
+            except PointerError:
+                continue
+            if not body.get("pending") or _pointer_of(path, body).root != self._writer_root:
+                continue
+            kept = next((b for b in _chain(body) if _committed(ck, b)), None)
+            with self._path_lock:
+                if kept is None:
+                    _delete_file(path, self.storage_options)
+                else:
+                    _write_file(path, _pointer_bytes(_final(kept)), self.storage_options)
+            outcome = (
+                "removed (it named no committed snapshot)"
+                if kept is None
+                else f"it names snapshot {kept['step']} again"
+            )
+            warnings.warn(
+                f"fmstore: checkpoint {path!r} was left pending by an interrupted save of snapshot "
+                f"{body['step']}; {outcome}",
+                stacklevel=3,
+            )
 
     def _submit(self, fn: Callable[..., None], *args: Any) -> None:
         with self._lock:
@@ -642,29 +1127,60 @@ class FmstoreCheckpointIO(CheckpointIO):
             with self._lock:
                 self._errors.append(e)
 
-    def _commit_job(self, handle: SaveHandle, path: str, ck: Checkpointer, body: bytes) -> None:
+    def _commit_job(
+        self, handle: SaveHandle, path: str, ck: Checkpointer, claim: dict[str, Any], linked: bool
+    ) -> None:
         try:
             handle.wait()  # the commit; raises the save's error
-            try:
-                old = read_pointer(path, self.storage_options)
-            except PointerError:
-                old = None  # nothing there yet, or not ours: overwritten either way
-            linked = _is_link(path)  # save_last="link" left a symlink: replace it, keep its target
-            try:
-                _write_file(path, body, self.storage_options)
-            except OSError as e:
-                raise FmstoreError(
-                    f"snapshot {handle.step} committed, but its checkpoint pointer {path!r} could not be "
-                    f"written: {type(e).__name__}: {e}"
-                ) from e
+            with self._path_lock:
+                with self._lock:
+                    newest = self._claims.get(path) is claim
+                # A newer save's claim stays: its chain holds this (now committed) pointer.
+                if newest:
+                    try:
+                        _write_file(path, _pointer_bytes(_final(claim)), self.storage_options)
+                    except OSError as e:
+                        raise FmstoreError(
+                            f"snapshot {handle.step} committed, but its checkpoint pointer {path!r} could not be "
+                            f"written: {type(e).__name__}: {e}"
+                        ) from e
+                    with self._lock:
+                        del self._claims[path]
         except BaseException:
             with self._lock:
                 self._save_failures += 1
+            self._rollback(path, claim)
             raise
-        # The snapshot this path named before is referenced by nothing else now (each save has
-        # its own), unless the path was a link to another pointer.
-        if old is not None and not linked and old.step != handle.step and self._same_root(old.root, ck):
-            self._drop(ck, old.step)
+        # The snapshots this path named before are referenced by nothing else now (each save
+        # has its own), unless the path was a link to another pointer.  The whole chain: an
+        # older save whose commit failed leaves the pointer before it undropped.
+        if linked:
+            return
+        for old in _chain(claim["previous"]):
+            if old["step"] != handle.step and self._same_root(_pointer_of(path, old).root, ck):
+                if _committed(ck, old):
+                    self._drop(ck, old["step"])
+
+    def _rollback(self, path: str, claim: dict[str, Any]) -> None:
+        """A failed save's claim: the path names what it named before, or nothing."""
+        with self._path_lock:
+            with self._lock:
+                if self._claims.get(path) is not claim:
+                    return  # a newer save claimed it; its commit settles the path
+                del self._claims[path]
+            kept = None
+            for body in _chain(claim["previous"]):
+                with self._open(_pointer_of(path, body).root) as ck:
+                    if not body.get("pending") or _committed(ck, body):
+                        kept = body
+                        break
+            try:
+                if kept is None:
+                    _delete_file(path, self.storage_options)
+                else:
+                    _write_file(path, _pointer_bytes(_final(kept)), self.storage_options)
+            except OSError:
+                pass  # the claim stays; loads fall back along its chain, the next writer settles it
 
     def _same_root(self, root: str, ck: Checkpointer) -> bool:
         with self._lock:
@@ -680,7 +1196,7 @@ class FmstoreCheckpointIO(CheckpointIO):
             )
             return
         try:
-            pointer = read_pointer(path, self.storage_options)
+            body = _read_body(path, self.storage_options)
         except PointerNotFoundError:
             return
         except PointerError:  # not ours: remove the file, as TorchCheckpointIO would
@@ -690,9 +1206,13 @@ class FmstoreCheckpointIO(CheckpointIO):
         _delete_file(path, self.storage_options)  # first: from here on the checkpoint is gone
         if linked:  # only a link: the file it points to keeps its snapshot
             return
-        if not _is_url(pointer.root) and not os.path.isdir(pointer.root):
-            return
-        self._drop(self._checkpointer(pointer.root), pointer.step)
+        for b in _chain(body):  # a claim a crash left: the snapshots of its chain go too
+            pointer = _pointer_of(path, b)
+            if not _is_url(pointer.root) and not os.path.isdir(pointer.root):
+                continue
+            with self._open(pointer.root) as ck:
+                if _committed(ck, b):
+                    self._drop(ck, pointer.step)
 
     def _drop(self, ck: Checkpointer, step: int) -> None:
         """Delete snapshot ``step``; files that kept snapshots reference stay (Checkpointer.delete)."""
@@ -785,6 +1305,7 @@ class _TrainerState:
             "callbacks": callbacks,
             "epoch": trainer.current_epoch,
             "global_step": trainer.global_step,
+            "data": self.owner.data_position.position(trainer),
         }
         precision = trainer.precision_plugin.state_dict()
         if precision:
@@ -807,6 +1328,8 @@ class _TrainerState:
             trainer.precision_plugin.load_state_dict(state["precision"])
         if "datamodule" in state and trainer.datamodule is not None:
             trainer.datamodule.load_state_dict(state["datamodule"])
+        if state.get("data"):  # snapshots written before fmstore kept the data position have none
+            self.owner.data_position.load_state_dict(state["data"])
 
 
 def _saved_subtree(manifest: Manifest, key: str, rank: int) -> Any:
@@ -905,10 +1428,17 @@ class FmstoreCheckpoint(Checkpoint):
         self.resumed_step: int | None = None  # the snapshot the last fit resumed from
         self.last_handle: SaveHandle | None = None
         self._saved_step: int | None = None
+        self._position = _DataPosition()
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(root=self.root)
+
+    @property
+    def data_position(self) -> _DataPosition:
+        """Where the training data stood at the last save, and what the last resume skipped
+        (``skipped`` batches in ``skip_seconds``)."""
+        return self._position
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # nothing of ours belongs in a Lightning checkpoint file
@@ -945,6 +1475,12 @@ class FmstoreCheckpoint(Checkpoint):
         ck.load(self._state(trainer, pl_module, _TrainerState(trainer, self, target)), step=step)
         self.resumed_step = self._saved_step = step
         rank_zero_info(f"FmstoreCheckpoint: resumed from snapshot step {step} under {self.root!r}")
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._position.on_train_start(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._position.on_train_epoch_start(trainer, pl_module)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
