@@ -221,6 +221,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crash-rank", type=int, help="the rank to kill (default: the last)")
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--log-file", help="append one JSON object per step (rank 0)")
+    p.add_argument("--measure-copy", action="store_true",
+                   help="at the end, time one pinned device-to-host copy of the checkpointed tensors (CUDA)")  # fmt: skip
     args = p.parse_args(argv)
     d, n_layer, n_head = SIZES[args.size]
     args.d_model = args.d_model or d
@@ -312,6 +314,25 @@ def _progress(total: int, start: int, rank: int) -> Any:
     return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
 
 
+def _pinned_copy_seconds(model: nn.Module, opt: torch.optim.Optimizer, device: torch.device) -> float:
+    """The raw floor of a save's stall: one copy of this rank's model and optimizer tensors
+    into pinned host buffers (allocated first, outside the timing), the second of two runs."""
+    local = []
+    for value in [*model.state_dict().values(), *(v for st in opt.state.values() for v in st.values())]:
+        if isinstance(value, torch.Tensor) and value.is_cuda:
+            local.append(value.to_local() if hasattr(value, "to_local") else value)
+    buffers = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in local]
+    best = float("inf")
+    for _ in range(2):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for buf, t in zip(buffers, local):
+            buf.copy_(t, non_blocking=True)
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def _resume(ckpt: LoopCheckpointer, world: int, rank: int) -> int:
     """Restore the newest snapshot (0: none).  Saved on fewer ranks, the snapshot holds no RNG
     state for the new ranks (the model has no dropout: nothing random is drawn), so those keep
@@ -342,9 +363,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     per_rank = args.global_batch // world
     torch.manual_seed(args.seed)
     cfg = GPTConfig(args.d_model, args.n_layer, args.n_head, args.seq_len)
-    model = GPT(cfg)
-    if device.type == "cuda":
-        model = model.to(device)
+    with torch.device(device):  # built where it trains: a 1 B model initialised on the CPU takes minutes
+        model = GPT(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     model = _wrap(model, args, device, world)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
@@ -366,6 +386,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         )
     committed, bar = _Committed(), _progress(args.steps, start, rank)
     stalls: list[float] = []
+    handles: list[Any] = []
+    step_times: list[float] = []
     losses: list[float] = []
     tic = time.perf_counter()
     for step in range(start + 1, args.steps + 1):
@@ -393,6 +415,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         committed.add(handle)
         if handle is not None and not last:
             stalls.append(stall)
+            handles.append(handle)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the step's time, not its launch's
+        step_times.append(time.perf_counter() - t0)
         if args.crash_at_step == step and rank == (args.crash_rank if args.crash_rank is not None else world - 1):
             print(f"train: rank {rank} crashing at step {step} (its save in flight)", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -418,6 +444,22 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         bar.close()
     if ckpt is not None:
         ckpt.close()
+    saves = [(h.step, h.stall_seconds, getattr(h, "persist_seconds", None), h.nbytes) for h in handles if h.done()]
+    warm = sorted(step_times[3:]) or sorted(step_times)
+    copy_s = _pinned_copy_seconds(model, opt, device) if args.measure_copy and device.type == "cuda" else None
+    if rank == 0 and warm:
+        timed = step_times[3:-1] or step_times  # past the warm-up; the last one waits to be durable
+        print(f"train: median step {1e3 * warm[len(warm) // 2]:.1f} ms, mean step {1e3 * sum(timed) / len(timed):.1f} ms "
+              f"with the saves' stalls, over {len(timed)} steps (checkpoints {'off' if ckpt is None else 'on'})",
+              flush=True)  # fmt: skip
+        for step, stall_s, persist_s, nbytes in saves:
+            durable = "in host memory only" if persist_s is None else f"durable after {persist_s:.2f} s"
+            print(f"train: save of step {step}: {nbytes / 2**30:.2f} GiB on this rank, stall {1e3 * stall_s:.1f} ms, "
+                  f"{durable}", flush=True)  # fmt: skip
+        if copy_s is not None:
+            total = sum(n for *_, n in saves[:1]) or 0
+            print(f"train: one pinned device-to-host copy of this rank's checkpointed tensors: {1e3 * copy_s:.1f} ms"
+                  + (f" ({total / copy_s / 1e9:.1f} GB/s)" if total else ""), flush=True)  # fmt: skip
     summary = {
         "start": start,
         "steps": args.steps,
