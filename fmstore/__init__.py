@@ -4,6 +4,7 @@ Tensors move between GPU memory, pinned host memory, local NVMe and object stora
 (:mod:`fmstore.tiers`), under one key space (:class:`TieredStore`).
 """
 
+from ._lazy import lazy_names
 from ._source_tree import install as _install_source_tree
 from .errors import (
     BlobNotFoundError,
@@ -42,19 +43,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fmstore' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, globals(), _LAZY)
 
 
 __all__ = [

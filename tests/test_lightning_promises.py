@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import subprocess
-import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -24,40 +22,12 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_integration_lightning import JobServer, jobs  # noqa: F401 - one job server per module
 
 from fmstore import ConfigError
 
 JOB = Path(__file__).with_name("lightning_job.py")
 SIGKILLED = -9
-
-
-class _Jobs:
-    """tests/lightning_job.py --serve (Lightning is imported once for all the jobs of this module)."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(JOB), "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-
-    def run(self, *argv: Any) -> int:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps([str(a) for a in argv]) + "\n")
-        self.proc.stdin.flush()
-        answer = self.proc.stdout.readline()
-        assert answer, f"the job server died (exit code {self.proc.poll()})"
-        return json.loads(answer)["rc"]
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-
-
-@pytest.fixture(scope="module")
-def jobs() -> Iterator[_Jobs]:
-    server = _Jobs()
-    yield server
-    server.close()
 
 
 def fmstore_threads() -> list[str]:
@@ -72,7 +42,7 @@ PLAIN = ("--plain-loader", "--every", 4, "--steps", 30, "--settle-before-crash")
 CRASH_AT = 22
 
 
-def _crash_resume_compare(jobs: _Jobs, base: Path, *opts: Any) -> dict[str, Any]:
+def _crash_resume_compare(jobs: JobServer, base: Path, *opts: Any) -> dict[str, Any]:
     run, ref, log = base / "run", base / "ref", base / "job.log"
     rc = jobs.run("--dir", run, "--crash-at-step", CRASH_AT, "--log", log, *PLAIN, *opts)
     assert rc == SIGKILLED, log.read_text()

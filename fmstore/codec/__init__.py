@@ -10,7 +10,7 @@
 - ``planes`` and ``quant``: the CPU references of the split/merge/XOR and int8 kernels.
 """
 
-from typing import Any
+from .._lazy import lazy_names
 
 # Loaded on first use: the registry (what a manifest's codec names mean) is torch-free, so reading
 # manifests (``fmstore ls``, ``inspect``) needs no torch; the chains below import it.
@@ -27,15 +27,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fmstore.codec' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_names(__name__, globals(), _LAZY)
 
 __all__ = [
     "encode",
