@@ -368,3 +368,23 @@ def test_gpu_state_saves_through_pinned_staging(tmp_path):
         fresh = torch.nn.Linear(256, 256).cuda().to(torch.bfloat16)
         ck.load({"model": fresh.state_dict(), "step": 0})
         assert torch.equal(fresh.weight, model.weight)
+
+
+def test_reserve_pins_ahead_what_saves_then_use(tmp_path):
+    """``reserve(state)`` allocates the pool's buffers before the first save (pinning them under
+    training stalls its CUDA calls): the saves that follow allocate nothing more, and nothing is
+    written by the reserve itself."""
+    model = torch.nn.Linear(64, 32)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 64)).sum().backward()
+    opt.step()
+    state = {"model": model, "optim": opt}
+    with Checkpointer(tmp_path) as ck:
+        pool = ck._stager.pool
+        held = ck.reserve(state)
+        assert held == pool.reserved > 0
+        allocations = pool.allocations
+        assert ck.steps() == [] and not any(tmp_path.glob("step-*"))
+        for step in (1, 2, 3):
+            ck.save(step, state).wait()
+        assert pool.allocations == allocations and pool.reserved == held

@@ -77,6 +77,7 @@ class LoopCheckpointer:
         self._signalled = threading.Event()
         self._last_saved: int | None = None
         self._last: SaveHandle | None = None
+        self._reserved = False
         self._group = _gloo_group() if self.checkpointer.world_size > 1 else None
         self._previous_handler: Any = None
         if threading.current_thread() is threading.main_thread():
@@ -100,6 +101,9 @@ class LoopCheckpointer:
         """Call after each optimizer step: saves ``step`` when it is due, and after a SIGTERM
         saves it to every level, waits for the commit and exits (or returns, see
         ``exit_on_preempt``).  The handle of a save made, else None."""
+        if not self._reserved:  # the optimizer's state exists now: pin the saves' memory once,
+            self._reserved = True  # here rather than under the first save's overlap with training
+            self.checkpointer.reserve(self.state)
         stop = self._agree(self._signalled.is_set())
         handle = None
         if stop:

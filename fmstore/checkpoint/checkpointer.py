@@ -521,6 +521,26 @@ class Checkpointer:
     def _collect_unreported(self) -> None:
         self._persists.collect()
 
+    def reserve(self, state: Any) -> int:
+        """Pin now the host memory that saves of ``state`` will hold at once in the steady state
+        (the staging buffers, and those of each persist in flight and snapshot kept in host
+        memory), which the first save would otherwise pin while training runs: gigabytes of
+        ``cudaHostAlloc`` stall the training's CUDA calls for seconds.  Call it before the first
+        save, once ``state`` has its final shapes (after the first optimizer step: Adam's moments
+        exist from then on).  Copies the state once into the pool, writes nothing.  Returns the
+        bytes the pool holds."""
+        prepared = stateful.for_save(state)
+        tensors, _, local = flatten(prepared.state, self.rank)
+        pieces = pieces_to_save(
+            tensors, self.rank, self.world_size, replicas=self.memory is not None, rank_local=local
+        )
+        staged = self._stager.stage({p.name: p.local for p in pieces}, None, None, self._reserve)
+        try:
+            staged.wait()
+        finally:
+            staged.release()
+        return self._stager.pool.reserved
+
     def _reserve(self, staged: Staged) -> None:
         """Pin now the host buffers that saves will hold at once in the steady state: the
         snapshots kept in host memory, the one being staged, and the durable persists in flight
