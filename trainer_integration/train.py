@@ -387,6 +387,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     committed, bar = _Committed(), _progress(args.steps, start, rank)
     stalls: list[float] = []
     handles: list[Any] = []
+    first_stall = 0.0
     step_times: list[float] = []
     losses: list[float] = []
     tic = time.perf_counter()
@@ -412,6 +413,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if ckpt is not None:  # the last step is committed everywhere before the job ends
             handle = ckpt.finish(step) if last else ckpt.step(step)
         stall = time.perf_counter() - t1
+        if step == start + 1:
+            first_stall = stall  # the first step() pins the saves' host memory (LoopCheckpointer)
         committed.add(handle)
         if handle is not None and not last:
             stalls.append(stall)
@@ -448,10 +451,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     warm = sorted(step_times[3:]) or sorted(step_times)
     copy_s = _pinned_copy_seconds(model, opt, device) if args.measure_copy and device.type == "cuda" else None
     if rank == 0 and warm:
-        timed = step_times[3:-1] or step_times  # past the warm-up; the last one waits to be durable
+        timed = step_times[:-1] or step_times  # every step but the last, which waits to be durable
         print(f"train: median step {1e3 * warm[len(warm) // 2]:.1f} ms, mean step {1e3 * sum(timed) / len(timed):.1f} ms "
               f"with the saves' stalls, over {len(timed)} steps (checkpoints {'off' if ckpt is None else 'on'})",
               flush=True)  # fmt: skip
+        if ckpt is not None:
+            print(f"train: checkpointing's time at the first step (pinning the saves' host memory): "
+                  f"{1e3 * first_stall:.1f} ms", flush=True)  # fmt: skip
         for step, stall_s, persist_s, nbytes in saves:
             durable = "in host memory only" if persist_s is None else f"durable after {persist_s:.2f} s"
             print(f"train: save of step {step}: {nbytes / 2**30:.2f} GiB on this rank, stall {1e3 * stall_s:.1f} ms, "
