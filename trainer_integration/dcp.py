@@ -83,7 +83,7 @@ from fmstore.checkpoint.reader import Region, SnapshotReader
 from fmstore.checkpoint.sharding import LoadMismatchError, Piece
 from fmstore.checkpoint.staging import Staged, StagedTensor, Stager
 from fmstore.checkpoint.storage import SnapshotStorage
-from fmstore.checkpoint.tree import UnsupportedValueError, flatten, tensor_leaves, unflatten
+from fmstore.checkpoint.tree import UnsupportedValueError, flatten, tensor_leaves, unflatten, unique_name
 from fmstore.checkpoint.writing import ItemBuilder
 from fmstore.errors import ConfigError, FmstoreError
 from fmstore.tiers.host import BufferPool
@@ -542,7 +542,7 @@ class FmstoreStorageWriter(_Base, StorageWriter):
         for c in chunks:
             key = c.name
             if count[c.name] > 1:
-                key = _unique(f"{c.name}@[{','.join(map(str, c.offsets))}]", taken)
+                key = unique_name(f"{c.name}@[{','.join(map(str, c.offsets))}]", taken)
                 taken.add(key)
             keys.append(key)
         res = self._resources()
@@ -647,10 +647,10 @@ class FmstoreStorageWriter(_Base, StorageWriter):
         # records) carries the DCP version and the storage meta, whose checkpoint_id names the
         # step even where the coordinator picked it, so it can be handed to dcp.load.
         metadata.version = CURRENT_DCP_VERSION
-        metadata.storage_meta = StorageMeta(checkpoint_id=self._id_of(step), save_id=self._save_id)
+        sm = metadata.storage_meta = StorageMeta(checkpoint_id=self._id_of(step), save_id=self._save_id)
         info: dict[str, Any] = {
             "fqns": fqns,  # DCP's flattened keys -> tensor names (None: a value in the tree)
-            "storage_meta": {"checkpoint_id": self._id_of(step), "save_id": self._save_id},
+            "storage_meta": {"checkpoint_id": sm.checkpoint_id, "save_id": sm.save_id},
             "version": metadata.version,
         }
         if marked:
@@ -827,15 +827,6 @@ def _blob(obj: Any) -> tuple[torch.Tensor, dict[str, Any]] | None:
     if not data:  # frombuffer refuses an empty buffer
         return torch.empty(0, dtype=torch.uint8), kind
     return torch.frombuffer(bytearray(data), dtype=torch.uint8), kind
-
-
-def _unique(name: str, taken: set[str]) -> str:
-    if name not in taken:
-        return name
-    i = 1
-    while f"{name}~{i}" in taken:
-        i += 1
-    return f"{name}~{i}"
 
 
 def _refuse_committed(step: int, steps: list[int], root: str) -> None:

@@ -396,7 +396,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         indices = data.next_indices()
         x, y = data.tensors(indices[rank * per_rank : (rank + 1) * per_rank])
         x, y = x.to(device), y.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16" and world == 1 and not dist.is_initialized()):
+        # bf16 through autocast in a single process; under a process group FSDP2's mixed precision does it.
+        autocast = args.dtype == "bfloat16" and not dist.is_initialized()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model(x)
         loss = F.cross_entropy(logits.float().reshape(-1, cfg.vocab), y.reshape(-1))
         loss.backward()

@@ -453,9 +453,7 @@ class Checkpointer:
             handle = SaveHandle(step, completed(info), None, time.perf_counter() - t0)
             self._last = handle
             return handle
-        pieces = pieces_to_save(
-            tensors, self.rank, self.world_size, replicas=self.memory is not None, rank_local=local
-        )
+        pieces = self._pieces(tensors, local)
         if targets:
             if not self._claimed:
                 self._claim()
@@ -521,6 +519,12 @@ class Checkpointer:
     def _collect_unreported(self) -> None:
         self._persists.collect()
 
+    def _pieces(self, tensors: dict[str, Any], local: Any) -> list[Piece]:
+        """What this rank saves of each tensor (replicated ones too when host memory keeps them)."""
+        return pieces_to_save(
+            tensors, self.rank, self.world_size, replicas=self.memory is not None, rank_local=local
+        )
+
     def reserve(self, state: Any) -> int:
         """Pin now the host memory that saves of ``state`` will hold at once in the steady state
         (the staging buffers, and those of each persist in flight and snapshot kept in host
@@ -531,9 +535,7 @@ class Checkpointer:
         bytes the pool holds."""
         prepared = stateful.for_save(state)
         tensors, _, local = flatten(prepared.state, self.rank)
-        pieces = pieces_to_save(
-            tensors, self.rank, self.world_size, replicas=self.memory is not None, rank_local=local
-        )
+        pieces = self._pieces(tensors, local)
         staged = self._stager.stage({p.name: p.local for p in pieces}, None, None, self._reserve)
         try:
             staged.wait()
@@ -881,12 +883,6 @@ class Checkpointer:
             self._finalizer.detach()  # closed here: nothing is left for a drop to do
             exiting.unregister(self._persists)
             self._owned.close()
-
-    def _exit_pending(self) -> str | None:
-        return self._persists._exit_pending()
-
-    def _exit_wait(self, timeout: float | None) -> bool:
-        return self._persists._exit_wait(timeout)
 
     def __enter__(self) -> Checkpointer:
         return self

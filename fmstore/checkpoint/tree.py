@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..errors import FmstoreError
@@ -61,11 +61,11 @@ def flatten(state: Any, rank: int = 0) -> tuple[dict[str, torch.Tensor], dict[st
             local.update(set(tensors) - before)
             return {"t": "per_rank", "ranks": {str(rank): sub}}
         if isinstance(node, torch.Tensor):
-            name = _unique("/".join(path) or "tensor", tensors)
+            name = unique_name("/".join(path) or "tensor", tensors)
             tensors[name] = node
             return {"t": "tensor", "name": name}
         if type(node).__module__ == "numpy" and type(node).__name__ == "ndarray":
-            name = _unique("/".join(path) or "array", tensors)
+            name = unique_name("/".join(path) or "array", tensors)
             tensors[name] = torch.from_numpy(node)
             return {"t": "ndarray", "name": name}
         if isinstance(node, dict):
@@ -109,7 +109,8 @@ def _is_json(v: Any) -> bool:
         return False
 
 
-def _unique(name: str, taken: dict[str, Any]) -> str:
+def unique_name(name: str, taken: Container[str]) -> str:
+    """``name``, or ``name~N`` with the first N that is not in ``taken``."""
     if name not in taken:
         return name
     i = 1
