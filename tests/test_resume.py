@@ -159,9 +159,9 @@ def test_non_blocking_save_overlaps_and_keeps_the_step(tmp_path, list_later):
         handle.wait()
         assert not torch.equal(model[0].weight, before["0.weight"])
         assert handle.nbytes == state_bytes
-        # The first save pinned the steady state's buffers (one being staged + one persist),
-        # also when the feeder acquired them.
-        assert ck._stager.pool.reserved == 2 * sum(size_class(n) for n in ck._reserved_for)
+        # The first save pinned the steady state's buffers (max_persists=1: the one being
+        # staged is the one persisting), also when the feeder acquired them.
+        assert ck._stager.pool.reserved == 1 * sum(size_class(n) for n in ck._reserved_for)
         fresh = torch.nn.Sequential(
             torch.nn.Linear(512, 2048), torch.nn.BatchNorm1d(2048), torch.nn.Linear(2048, 512)
         )

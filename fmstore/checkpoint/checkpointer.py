@@ -556,11 +556,7 @@ class Checkpointer:
             self._reserve_sets(sizes)
 
     def _reserve_sets(self, sizes: list[int]) -> None:
-        sets = (
-            (self.memory.keep if self.memory is not None else 0)
-            + 1
-            + (self.max_persists if self.levels else 0)
-        )
+        sets = self._sets_held()
         try:
             self._stager.pool.reserve(sizes, sets)
         except CapacityError as e:  # this save is staged; later ones pin as they go
@@ -569,6 +565,17 @@ class Checkpointer:
                 "saves will allocate it when first needed",
                 stacklevel=3,
             )
+
+    def _sets_held(self) -> int:
+        """How many snapshots' host buffers saves hold at once at most: those kept in host
+        memory, the one being staged, and the durable persists in flight (each holds its
+        buffers until written).  Without host memory a save stages only once fewer than
+        ``max_persists`` persists run (``_make_room``; ``when_busy="skip"`` stages nothing
+        then), so the one being staged is one of them: ``max_persists`` sets.  A save kept in
+        host memory only stages while up to ``max_persists`` persist."""
+        if self.memory is None:
+            return self.max_persists if self.levels else 1
+        return self.memory.keep + 1 + (self.max_persists if self.levels else 0)
 
     def _busy(self) -> bool:
         """Whether ``max_persists`` durable persists are still in flight."""

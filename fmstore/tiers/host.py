@@ -3,12 +3,21 @@
 Pinned (page-locked) memory is what lets device<->host copies run at full PCIe speed and
 asynchronously, but ``cudaHostAlloc`` is slow and fragments; the pool allocates each size
 class once and hands buffers out again, so steady-state training never pins new memory.
+
+The pool pins plain allocations in place (``cudaHostRegister``) rather than through torch's
+pinned allocator: that one rounds every block up to a power of two (up to twice the memory
+pinned) and faults the pages in while holding the CUDA driver's lock, which stalls the
+training's CUDA calls meanwhile; here the pages are faulted in first, by torch's intra-op
+threads, and several buffers are registered at once.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -63,17 +72,30 @@ class BufferPool:
         for n in sizes:
             cls = size_class(n)
             want[cls] = want.get(cls, 0) + sets
-        added = 0
-        for cls, n in want.items():
-            while True:
-                with self._lock:
-                    if self._count.get(cls, 0) >= n:
-                        break
+        todo: list[int] = []
+        with self._lock:
+            for cls, n in want.items():
+                for _ in range(n - self._count.get(cls, 0)):
                     if self.limit is not None and self.reserved + cls > self.limit:
-                        return added  # the limit decides: no idle buffer is freed for a reserve
+                        break  # the limit decides: no idle buffer is freed for a reserve
                     self._account(cls)
-                self._release(self._allocate(cls))
-                added += cls
+                    todo.append(cls)
+        if not todo:
+            return 0
+        # Several at once: one buffer's pages fault in while another's registration runs.
+        with ThreadPoolExecutor(min(4, len(todo)), thread_name_prefix="fmstore-pin") as pool:
+            futures = [pool.submit(self._allocate, cls) for cls in todo]
+        added, error = 0, None
+        for f in futures:
+            try:
+                buf = f.result()
+            except CapacityError as e:  # _allocate took it off the count
+                error = e
+                continue
+            self._release(buf)
+            added += buf.numel()
+        if error is not None:
+            raise error
         return added
 
     def _account(self, cls: int) -> None:
@@ -86,6 +108,10 @@ class BufferPool:
 
     def _allocate(self, cls: int) -> torch.Tensor:
         try:
+            if self.pinned:
+                buf = _registered(cls)
+                if buf is not None:
+                    return buf
             return torch.empty(cls, dtype=torch.uint8, pin_memory=self.pinned)
         except RuntimeError as e:
             with self._lock:
@@ -119,6 +145,27 @@ class BufferPool:
     def clear(self) -> None:
         with self._lock:
             self._trim(self.idle)
+
+
+def _registered(nbytes: int) -> torch.Tensor | None:
+    """``nbytes`` of plain host memory page-locked in place with ``cudaHostRegister``, or None
+    where CUDA refuses (the caller then uses torch's pinned allocator).  Unregistered when the
+    buffer object is collected: views of it that live on stay valid, as pageable memory."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    buf.zero_()  # fault the pages in on the intra-op threads, outside the driver's lock
+    cudart = torch.cuda.cudart()
+    if int(cudart.cudaHostRegister(buf.data_ptr(), nbytes, 0)) != 0:
+        return None
+    weakref.finalize(buf, _unregister, buf.data_ptr(), os.getpid())
+    return buf
+
+
+def _unregister(ptr: int, pid: int) -> None:
+    if os.getpid() == pid:  # a forked child has no CUDA context of its parent's
+        try:
+            torch.cuda.cudart().cudaHostUnregister(ptr)
+        except Exception:  # interpreter shutdown: the process's pinning ends with it
+            pass
 
 
 class HostTier(MemoryTier):
