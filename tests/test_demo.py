@@ -20,7 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_demo_crashes_resumes_on_one_rank_and_summarises(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     data = tmp_path / "fmstore-data" / "demo"
-    args = ["--data", str(data), "--steps", "16", "--every", "5", "--crash-at-step", "12", "--log-every", "4"]
+    # Killed right after step 15's save started: it waited for step 10's persist (committed);
+    # 15's own may commit before the kill or not.
+    args = ["--data", str(data), "--steps", "18", "--every", "5", "--crash-at-step", "15", "--log-every", "4"]
     out = subprocess.run(
         [sys.executable, "-m", "fmstore.integrations.demo", *args],
         cwd=tmp_path,
@@ -31,8 +33,8 @@ def test_demo_crashes_resumes_on_one_rank_and_summarises(tmp_path: Path) -> None
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = out.stdout
-    assert "rank 1 crashing at step 12" in text
-    assert "resumed from step 10" in text and "<- resumed here on 1 rank" in text
+    assert "rank 1 crashing at step 15" in text
+    assert re.search(r"resumed from step (10|15)\b", text) and "<- resumed here on 1 rank" in text
     worst = float(re.search(r"largest relative difference (\S+)", text).group(1))
     assert worst <= 1e-4  # the tolerance train.py states for another world size
     assert "same batches at every step: True" in text

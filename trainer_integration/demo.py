@@ -11,7 +11,7 @@
 
 Nothing outside ``--data`` (default ``./fmstore-data/demo``) is touched; no server, no GPU.
 
-    python -m fmstore.integrations.demo [--steps 60] [--every 10] [--crash-at-step 35]
+    python -m fmstore.integrations.demo [--steps 60] [--every 10] [--crash-at-step 40]
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="fmstore-data/demo", help="everything the demo writes goes here")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--every", type=int, default=10, help="the root takes every k-th step")
-    p.add_argument("--crash-at-step", type=int, default=35)
+    p.add_argument("--crash-at-step", type=int, default=40)
     p.add_argument("--log-every", type=int, default=10)
     args = p.parse_args(argv)
     data = Path(args.data)
