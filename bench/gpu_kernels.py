@@ -1,5 +1,5 @@
 """The codec's CUDA kernels (kernels/planes.cu) against the same transforms written in
-PyTorch, on one GPU buffer: byte-plane split and merge (bf16 and fp32 widths) and XOR delta.
+PyTorch, on one GPU buffer: byte-plane split and merge (bf16 and fp32 widths).
 
 GB/s counts bytes read plus bytes written (the issue's measure; the HBM3 of an H100 moves
 about 3,350 GB/s).  CUDA events, ``--repeats`` timed calls after a warm-up, medians; every
@@ -47,7 +47,6 @@ def main() -> int:
     n = parse_size(args.size, what="--size") or 0
     machine_info(".", "cuda")
     data = torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda")
-    base = torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda")
     out = torch.empty_like(data)
     print(f"buffer: {format_size(n)} on {torch.cuda.get_device_name()}; {args.repeats} repeats, medians\n")
     print(f"{'transform':<22} {'fmstore s':>10} {'GB/s':>8} {'torch s':>10} {'GB/s':>8} {'speed-up':>9}")
@@ -67,13 +66,6 @@ def main() -> int:
         }
         for name, (ours, theirs) in cases.items():
             report(name, timed(ours, args.repeats), timed(theirs, args.repeats), 2 * n)
-    assert torch.equal(gpu.xor(data, base), torch.bitwise_xor(data, base))
-    xor_ours = timed(lambda: gpu.xor(data, base, out=out), args.repeats)
-    xor_theirs = timed(
-        lambda: torch.bitwise_xor(data.view(torch.int64), base.view(torch.int64), out=out.view(torch.int64)),
-        args.repeats,
-    )
-    report("xor", xor_ours, xor_theirs, 3 * n)
     return 0
 
 

@@ -76,7 +76,7 @@ def bench_one(name: str, t: torch.Tensor, repeats: int, trace: str | None) -> No
 
     def grouped(group: int, first: int) -> Callable[[], object]:
         return lambda: g.huff_encode_many_to_host(
-            [(b, width, host, None)], group_bytes=group << 20, first_bytes=first << 20
+            [(b, width, host)], group_bytes=group << 20, first_bytes=first << 20
         )
 
     for _ in range(2):

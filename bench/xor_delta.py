@@ -17,7 +17,12 @@ import torch
 from common import machine_info  # bench/common.py
 
 from fmstore.blob import as_bytes_tensor
-from fmstore.codec import decode, encode, xor
+from fmstore.codec import decode, encode
+
+
+def xor(data: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Bytewise ``data ^ base``: what the removed XOR stage computed (fmstore no longer has it)."""
+    return torch.bitwise_xor(data, base, out=out)
 
 
 def corpus(limit: int = 8 << 20) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class FmstoreError(Exception):
     """Base class of every error fmstore raises on purpose."""
@@ -68,3 +70,79 @@ class RootNotFoundError(FmstoreError):
 class KernelBuildError(FmstoreError, RuntimeError):
     """The CUDA toolchain is missing or a kernel does not compile (an fmstore error; still a
     ``RuntimeError`` for code that caught it as one)."""
+
+
+class CodecError(CorruptBlobError):
+    """An encoded blob that does not decode: damaged chunk, bad header, wrong size."""
+
+
+class CodecConfigError(FmstoreError):
+    """A codec name or configuration this fmstore does not know."""
+
+
+class ChecksumError(CorruptBlobError):
+    """Bytes read back do not match the checksum recorded when they were saved.  ``tensor``,
+    ``file`` and ``chunk`` (the index of the checksum chunk, None for a whole-stream check)
+    say where."""
+
+    def __init__(
+        self, message: str, tensor: str | None = None, file: str | None = None, chunk: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.tensor, self.file, self.chunk = tensor, file, chunk
+
+
+class ManifestError(FmstoreError):
+    """A manifest that is malformed, of an unknown version, or names a file it may not."""
+
+
+class ReportError(FmstoreError):
+    """The ranks' reports of a save do not add up to a snapshot (a malformed report, ranks that
+    disagree on a tensor, a tensor not fully saved)."""
+
+
+class SnapshotNotFoundError(FmstoreError, KeyError):
+    """No committed snapshot of that step (or none at all) under a root, or no such tensor."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class SnapshotDeletedError(SnapshotNotFoundError):
+    """The snapshot was deleted (another process's retention) while it was being loaded."""
+
+
+class UnsupportedValueError(FmstoreError, TypeError):
+    """A state value that cannot be stored as a tensor or JSON; the message names its path."""
+
+
+class LoadMismatchError(FmstoreError, ValueError):
+    """A snapshot tensor does not fit the target tensor it is loaded into (dtype or shape)."""
+
+
+class StateKeysError(LoadMismatchError, KeyError):
+    """A strict load whose target and snapshot do not hold the same keys; names both sides'."""
+
+    def __init__(self, message: str, missing: list[str], unexpected: list[str]) -> None:
+        super().__init__(message)
+        self.missing = missing  # in the target, not in the snapshot
+        self.unexpected = unexpected  # in the snapshot, not in the target
+
+    def __str__(self) -> str:  # KeyError would print only repr(message)
+        return str(self.args[0])
+
+    def __reduce__(self) -> tuple[Any, ...]:  # torch DCP pickles errors between ranks
+        return (type(self), (self.args[0], self.missing, self.unexpected))
+
+
+class PointerError(FmstoreError, ValueError):
+    """A checkpoint path that is not a readable fmstore pointer file; the message names it."""
+
+
+class PointerNotFoundError(PointerError, FileNotFoundError):
+    """No file at a checkpoint path."""
+
+
+class PendingPointerError(PointerError):
+    """A pointer whose save has not committed (still in flight, or interrupted by a crash), and
+    that names no earlier committed checkpoint either: nothing at that path can be loaded."""

@@ -453,7 +453,7 @@ __global__ void stream_layout(int64_t nseg, int64_t s0, int64_t s1, const int64_
 }
 
 // Per segment: its FMH1 header and chunk table, at its place in the stream.
-__global__ void tables(const int64_t* segs, int64_t s_base, int width, int flags, const uint32_t* stored,
+__global__ void tables(const int64_t* segs, int64_t s_base, int width, const uint32_t* stored,
                        const uint32_t* mode, const unsigned long long* checks, const uint64_t* offsets,
                        const int64_t* seg_at, uint8_t* out) {
   const int64_t* sg = segs + (s_base + blockIdx.x) * SEG_COLS;
@@ -477,7 +477,7 @@ __global__ void tables(const int64_t* segs, int64_t s_base, int width, int flags
     h[3] = (uint32_t)((uint64_t)nbytes >> 32);
     h[4] = (uint32_t)width;
     h[5] = (uint32_t)nchunks;
-    h[6] = (uint32_t)flags;
+    h[6] = 0;  // flags: none (bit 0 marked an XOR delta, no longer written or read)
     h[7] = CHUNK;
   }
 }
@@ -712,7 +712,7 @@ __global__ void __launch_bounds__(NSUB) unpack(const uint8_t* stream, const int6
     const uint32_t* h = reinterpret_cast<const uint32_t*>(blob);
     uint64_t nb = h[2] | ((uint64_t)h[3] << 32);
     if (h[0] != 0x31484D46u || h[1] != 1 || nb != (uint64_t)sg[1] || h[4] != (uint32_t)width ||
-        h[5] != (uint32_t)nchunks || h[7] != CHUNK)
+        h[5] != (uint32_t)nchunks || h[6] != 0 || h[7] != CHUNK)
       fail(err, 8, -1);
   }
   const uint32_t* e = reinterpret_cast<const uint32_t*>(blob + HEADER + c * ENTRY);
@@ -909,7 +909,7 @@ int64_t fmstore_huff_scratch_bytes(int64_t nbytes, int64_t nchunks, int64_t nseg
 // host memory, where it lands before tables and emit run).  Launches for
 // consecutive ranges on one stream build one stream (the caller copies each range out as it
 // lands); the directory is complete after the last.  `scratch` is shared by the ranges.
-int fmstore_huff_encode(const uint8_t* data, int width, int flags, const int64_t* segs, const int64_t* segs_host,
+int fmstore_huff_encode(const uint8_t* data, int width, const int64_t* segs, const int64_t* segs_host,
                         int64_t nseg, int64_t s0, int64_t s1, const int64_t* chunks, int64_t nchunks, uint8_t* out,
                         int64_t* total, uint8_t* scratch, cudaStream_t stream) {
   using namespace fmh;
@@ -966,7 +966,7 @@ int fmstore_huff_encode(const uint8_t* data, int width, int flags, const int64_t
   build<<<(unsigned)nc, 256, 0, stream>>>(chunks, c0, counts, codes, nibbles, stored, mode);
   seg_layout<<<(unsigned)(s1 - s0), 1024, 0, stream>>>(segs, s0, stored, offsets, seg_len);
   stream_layout<<<1, 1024, 0, stream>>>(nseg, s0, s1, seg_len, seg_at, out, total);
-  tables<<<(unsigned)(s1 - s0), 256, 0, stream>>>(segs, s0, width, flags, stored, mode, checks, offsets, seg_at, out);
+  tables<<<(unsigned)(s1 - s0), 256, 0, stream>>>(segs, s0, width, stored, mode, checks, offsets, seg_at, out);
   emit<<<(unsigned)nc, NQ, 0, stream>>>(planes, segs, chunks, c0, codes, nibbles, mode, offsets, seg_at,
                                         out);
   return (int)cudaGetLastError();

@@ -1,4 +1,4 @@
-// Byte-plane split/merge and XOR delta on the GPU: the reversible transforms of fmstore's
+// Byte-plane split/merge on the GPU: the reversible transforms of fmstore's
 // codec chain.  Each must produce exactly the bytes of its CPU reference in
 // fmstore/codec/planes.py (tests/test_kernels.py compares them on a CUDA machine).
 //
@@ -117,23 +117,6 @@ __global__ void planes_bytes(const uint8_t* __restrict__ in, uint8_t* __restrict
   }
 }
 
-__global__ void xor_vec(const uint4* __restrict__ a, const uint4* __restrict__ b, uint4* __restrict__ out,
-                        int64_t n16) {
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n16;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    uint4 x = a[i], y = b[i];
-    out[i] = make_uint4(x.x ^ y.x, x.y ^ y.y, x.z ^ y.z, x.w ^ y.w);
-  }
-}
-
-__global__ void xor_bytes(const uint8_t* __restrict__ a, const uint8_t* __restrict__ b, uint8_t* __restrict__ out,
-                          int64_t start, int64_t n) {
-  for (int64_t i = start + (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    out[i] = a[i] ^ b[i];
-  }
-}
-
 int grid_for(int64_t work, int threads) {
   int64_t blocks = (work + threads - 1) / threads;
   const int64_t cap = 65535 * 8;  // grid-stride loops cover the rest
@@ -187,17 +170,6 @@ int fmstore_split(const uint8_t* in, uint8_t* out, int64_t n_elems, int width, c
 
 int fmstore_merge(const uint8_t* in, uint8_t* out, int64_t n_elems, int width, cudaStream_t stream) {
   return planes_launch<false>(in, out, n_elems, width, stream);
-}
-
-int fmstore_xor(const uint8_t* a, const uint8_t* b, uint8_t* out, int64_t n, cudaStream_t stream) {
-  const int T = 256;
-  int64_t n16 = 0;
-  if (aligned(a, 16) && aligned(b, 16) && aligned(out, 16)) {
-    n16 = n / 16;
-    if (n16) xor_vec<<<grid_for(n16, T), T, 0, stream>>>((const uint4*)a, (const uint4*)b, (uint4*)out, n16);
-  }
-  if (n16 * 16 < n) xor_bytes<<<grid_for(n - n16 * 16, T), T, 0, stream>>>(a, b, out, n16 * 16, n);
-  return (int)cudaGetLastError();
 }
 
 }  // extern "C"

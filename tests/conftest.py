@@ -217,7 +217,7 @@ def shard_file(step_dir: Any, rank: int = 0) -> Any:
 
 def shard_rel(storage: Any, step: int, rank: int = 0) -> str:
     """``step-N/<name>`` of rank ``rank``'s shard file of ``step``, found through ``storage``
-    (a SnapshotStorage: local or S3)."""
+    (a Storage: local or S3)."""
     import re
 
     from fmstore.checkpoint.manifest import step_dir

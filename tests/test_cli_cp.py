@@ -328,13 +328,13 @@ def test_cp_of_a_damaged_source_commits_nothing(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.parametrize("kind", ["local", pytest.param("s3", marks=pytest.mark.s3)])
 def test_write_streamed_writes_part_by_part(tmp_path: Path, kind: str, request) -> None:
-    from fmstore.checkpoint.storage import SnapshotStorage
+    from fmstore.storage import Storage
 
     if kind == "s3":
         s3 = request.getfixturevalue("s3")
-        st = SnapshotStorage(s3.url(f"ws-{time.time_ns()}"), s3.storage_options, concurrency=2)
+        st = Storage(s3.url(f"ws-{time.time_ns()}"), s3.storage_options, concurrency=2)
     else:
-        st = SnapshotStorage(tmp_path / "ws", concurrency=2)
+        st = Storage(tmp_path / "ws", concurrency=2)
     data = os.urandom((11 << 20) + 123)
     calls = []
 

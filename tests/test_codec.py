@@ -1,4 +1,4 @@
-"""The CPU codec chain: exact round trips, XOR deltas, damage reported by chunk, and the
+"""The CPU codec chain: exact round trips, damage reported by chunk, and the
 compression ratio on real trained weights (not random data)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from conftest import shard_file, shard_name
 
 from fmstore.blob import as_bytes_tensor
-from fmstore.codec import CodecError, decode, encode, merge, read_header, split, xor
+from fmstore.codec import CodecError, decode, encode, merge, read_header, split
 
 DTYPES = [
     torch.uint8,
@@ -56,16 +56,13 @@ def test_round_trip_is_exact(dtype: torch.dtype, n: int) -> None:
         assert size < data.numel() * 0.9  # the exponent plane compresses
 
 
-def test_planes_and_xor_are_inverses() -> None:
+def test_planes_are_inverses() -> None:
     data = torch.randint(0, 256, (4 * 1001,), dtype=torch.uint8)
     for width in (1, 2, 4, 8):
         if data.numel() % width == 0:
             planes = split(data, width)
             assert torch.equal(planes.view(width, -1)[0], data.view(-1, width)[:, 0])
             assert torch.equal(merge(planes, width), data)
-    other = torch.randint(0, 256, data.shape, dtype=torch.uint8)
-    assert torch.equal(xor(xor(data, other), other), data)
-    assert torch.equal(xor(data[1:], other[1:]), data[1:] ^ other[1:])  # unaligned views
     with pytest.raises(ValueError, match="whole number"):
         split(data[:3], 2)
 
@@ -321,6 +318,50 @@ def test_checkpointer_codec_choice(tmp_path) -> None:
         Checkpointer(tmp_path, compression="lossless", codec="lz4")
 
 
+def test_codec_names_and_aliases_are_the_registrys_everywhere(tmp_path) -> None:
+    """Every place a codec is chosen by name takes what the registry takes, aliases included:
+    the Lightning plugin and callback and the DCP writer accept a ``codec=`` exactly where
+    ``Checkpointer`` does, and an alias means the codec it names."""
+    pytest.importorskip("lightning")
+    from fmstore import Checkpointer, ConfigError
+    from fmstore.codec import registry
+    from fmstore.codec.registry import Fmhs, PlanesZstd
+    from fmstore.integrations.dcp import FmstoreStorageWriter
+    from fmstore.integrations.lightning import FmstoreCheckpoint, FmstoreCheckpointIO
+
+    assert registry.ALIASES == {"zstd": "planes-zstd", "huffman": "fmhs"}
+    assert registry.choices() == ["auto", "planes-zstd", "fmhs"]
+    assert isinstance(registry.lossless(registry.choose("huffman"), 2), Fmhs)
+    assert isinstance(registry.lossless(registry.choose("zstd"), 4), PlanesZstd)
+    assert isinstance(registry.lossless(registry.choose("auto"), 4), PlanesZstd)
+    names = [*registry.choices(), *registry.ALIASES, "lz4", "int8-absmax", "ZSTD", "", None]
+    for name in names:
+        try:
+            with Checkpointer(tmp_path / "ck", compression="lossless", codec=name) as ck:
+                chosen = ck.codec
+        except ConfigError:
+            chosen = None
+        if name in registry.ALIASES:
+            assert chosen == registry.ALIASES[name]
+        lossless = {"compression": "lossless"}
+        makers = {
+            "FmstoreCheckpointIO": lambda n: FmstoreCheckpointIO(tmp_path / "io", codec=n, **lossless),
+            "FmstoreCheckpoint": lambda n: FmstoreCheckpoint(
+                tmp_path / "cb", every_n_train_steps=1, codec=n, **lossless
+            ),
+            "FmstoreStorageWriter": lambda n: FmstoreStorageWriter(tmp_path / "dcp", codec=n, **lossless),
+        }
+        for where, make in makers.items():
+            if chosen is None:
+                with pytest.raises(ConfigError, match="codec"):
+                    make(name)
+            else:
+                made = make(name)
+                if isinstance(made, FmstoreStorageWriter):
+                    assert made.codec == chosen, (name, where)
+                    made.close()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.gpu
 def test_checkpointer_encodes_on_the_gpu(tmp_path) -> None:
@@ -463,31 +504,98 @@ def test_fmhs_native_decode_matches_reference(dtype: torch.dtype, n: int, monkey
             assert torch.equal(out, ref), kw
 
 
-def test_fmhs_native_xor_delta_and_skewed_planes(monkeypatch) -> None:
-    """An XOR delta, a plane of one value (an incomplete code: half the windows hold none), a
-    plane of three values, random bytes (raw chunks): the same bytes on both paths."""
+def test_fmhs_native_skewed_planes(monkeypatch) -> None:
+    """A plane of one value (an incomplete code: half the windows hold none), a plane of three
+    values, random bytes (raw chunks): the same bytes on both paths."""
     from fmstore.codec import huffman
 
     _native_or_skip(monkeypatch)
     g = torch.Generator().manual_seed(5)
-    w = weights_like(torch.float32, 400_000)
-    base, moved = as_bytes_tensor(w), as_bytes_tensor(w * 1.0001)  # a small update
     cases = [
-        (huffman.encode(moved, 4, base=base), moved, base),
         (
             huffman.encode(torch.zeros(700_001, dtype=torch.uint8), 1),
             torch.zeros(700_001, dtype=torch.uint8),
-            None,
         ),
     ]
     three = torch.randint(0, 3, (900_000,), dtype=torch.uint8, generator=g)
     noise = torch.randint(0, 256, (600_000,), dtype=torch.uint8, generator=g)
-    cases += [(huffman.encode(three, 2), three, None), (huffman.encode(noise, 4), noise, None)]
-    for stream, want, b in cases:
+    cases += [(huffman.encode(three, 2), three), (huffman.encode(noise, 4), noise)]
+    for stream, want in cases:
         for numpy_path in (True, False):
             out = torch.empty_like(want)
-            assert _fmhs_decode(stream, out, numpy_path, monkeypatch, base=b) is None
+            assert _fmhs_decode(stream, out, numpy_path, monkeypatch) is None
             assert torch.equal(out, want), (numpy_path, want.numel())
+
+
+def with_fmh1_flags(stream: bytes, nbytes: int, flags: int, segment: int | None = None) -> bytes:
+    """``stream`` with the flags word of every FMH1 blob header (or only ``segment``'s) set."""
+    import struct
+
+    import numpy as np
+
+    from fmstore.codec import huffman
+
+    out = bytearray(stream)
+    directory = huffman.read_directory(np.frombuffer(stream, dtype=np.uint8), nbytes)
+    for i, (_, _, at, _) in enumerate(directory):
+        if segment is None or i == segment:
+            # The flags word: after magic, version, nbytes, width and nchunks.
+            out[at + 24 : at + 28] = struct.pack("<I", flags)
+    return bytes(out)
+
+
+def test_fmhs_stream_with_flags_is_refused(monkeypatch) -> None:
+    """A stream whose FMH1 header sets a flag (bit 0 marked an XOR delta, which earlier versions
+    could write) is a CodecError (a CorruptBlobError) on every path, never decoded as if plain."""
+    import importlib.util
+
+    import numpy as np
+
+    from fmstore import CorruptBlobError
+    from fmstore.codec import huffman, registry
+
+    data = as_bytes_tensor(weights_like(torch.bfloat16, 400_000))
+    clean = huffman.encode(data, 2)
+    assert len(huffman.read_directory(np.frombuffer(clean, dtype=np.uint8), data.numel())) == 3
+    paths = [True] + ([False] if importlib.util.find_spec("fmstore.codec._fmhs") is not None else [])
+    for flags, segment in [(1, None), (1, 2), (2, 0)]:
+        bad = with_fmh1_flags(clean, data.numel(), flags, segment)
+        for numpy_path in paths:
+            msg = _fmhs_decode(bad, torch.empty_like(data), numpy_path, monkeypatch, name="w")
+            assert msg is not None and "tensor 'w'" in msg, (numpy_path, msg)
+            assert f"flags {flags:#x}" in msg and "XOR delta" in msg, (numpy_path, msg)
+        with pytest.raises(CorruptBlobError, match="XOR delta"):
+            huffman.stream_digest(bad, data.numel(), "w")
+        # With CUDA kernels loaded this decodes on the GPU, whose header check names no flag.
+        with pytest.raises(CorruptBlobError, match="XOR delta|header is damaged"):
+            registry.Fmhs(2).decode(
+                torch.frombuffer(bytearray(bad), dtype=torch.uint8),
+                torch.empty_like(data),
+                dtype=torch.bfloat16,
+                name="w",
+                pool=None,
+            )
+    out = torch.empty_like(data)
+    assert _fmhs_decode(with_fmh1_flags(clean, data.numel(), 0), out, True, monkeypatch) is None
+    assert torch.equal(out, data)
+
+
+def test_checkpointer_refuses_fmhs_shard_with_flags(tmp_path) -> None:
+    """A snapshot whose FMHS shard carries a flagged header (as an XOR delta written by an
+    earlier fmstore would) fails its load with a CorruptBlobError naming the tensor."""
+    from fmstore import Checkpointer, CorruptBlobError
+
+    w = weights_like(torch.bfloat16, 300_000)
+    with Checkpointer(tmp_path, compression="lossless", codec="fmhs") as ck:
+        ck.save(1, {"w": w}).wait()
+        s = ck.manifest().tensors["w"].shards[0]
+    path = tmp_path / s.file
+    raw = path.read_bytes()
+    stream = with_fmh1_flags(raw[s.begin : s.end], w.numel() * 2, 1)
+    path.write_bytes(raw[: s.begin] + stream + raw[s.end :])
+    with Checkpointer(tmp_path) as ck:
+        with pytest.raises(CorruptBlobError, match=r"'w'.*XOR delta"):
+            ck.load(step=1)
 
 
 def test_fmhs_native_is_the_decoder_in_use(monkeypatch) -> None:

@@ -186,3 +186,52 @@ def test_docker_compose_file_is_well_formed():
     assert any("9000" in str(p) for p in minio["ports"]) and any("9001" in str(p) for p in minio["ports"])
     assert "healthcheck" in minio
     assert spec["services"]["createbucket"]["depends_on"]["minio"]["condition"] == "service_healthy"
+
+
+#: Modules not to import: ``python -m fmstore.cli`` runs the command line when imported.
+_NOT_IMPORTED = {"fmstore.cli.__main__"}
+#: The trainers' libraries, optional: an integration needing a missing one is skipped.
+_OPTIONAL = {"lightning", "transformers"}
+
+
+def _fmstore_modules() -> list[str]:
+    """The names of every module of ``fmstore`` and ``fmstore.integrations``, subpackages' too."""
+    import pkgutil
+
+    import fmstore
+    import fmstore.integrations
+
+    names = set()
+    for package in (fmstore, fmstore.integrations):
+        names.add(package.__name__)
+        # a subpackage that fails to import is left out here and imported (failing) by the test
+        for info in pkgutil.walk_packages(package.__path__, package.__name__ + ".", onerror=names.add):
+            names.add(info.name)
+    return sorted(names - _NOT_IMPORTED)
+
+
+def test_every_exception_is_defined_in_errors():
+    """Every public exception class of fmstore (and its integrations) lives in the torch-free
+    ``fmstore.errors``: one place to read them, and ``fmstore`` commands map them to exit codes
+    by ``isinstance`` without importing the modules that raise them."""
+    import importlib
+
+    elsewhere, skipped = [], []
+    for name in _fmstore_modules():
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if (e.name or "").split(".")[0] in _OPTIONAL:
+                skipped.append(name)
+                continue
+            raise
+        for attr, value in vars(module).items():
+            if (
+                not attr.startswith("_")
+                and isinstance(value, type)
+                and issubclass(value, BaseException)
+                and value.__module__.split(".")[0] in ("fmstore", "trainer_integration")
+                and value.__module__ != "fmstore.errors"
+            ):
+                elsewhere.append(f"{name}.{attr} (defined in {value.__module__})")
+    assert not elsewhere, "exceptions defined outside fmstore.errors: " + ", ".join(sorted(set(elsewhere)))

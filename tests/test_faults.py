@@ -39,11 +39,11 @@ from fault_kit import PHASES, Zygote, kill_series, same, state_at
 
 from fmstore import Checkpointer, FmstoreError, StorageError
 from fmstore.checkpoint import ManifestError
-from fmstore.checkpoint.storage import RootNotFoundError
+from fmstore.errors import RootNotFoundError
+from fmstore.storage import S3_ATTEMPTS
 from fmstore.storage.s3 import send_deadline
 from fmstore.testing import start_seaweedfs
 from fmstore.testing.seaweedfs import S3Server
-from fmstore.tiers.object import S3_ATTEMPTS
 
 pytestmark = pytest.mark.faults
 

@@ -37,7 +37,7 @@ def test_missing_nvcc_is_a_clear_error(monkeypatch):
 @pytest.mark.parametrize("width", [1, 2, 4, 8, 16])
 @pytest.mark.parametrize("n", [0, 1, 3, 4, 1000, 1008, 1 << 20, (1 << 20) + 3])
 @pytest.mark.parametrize("offset", [0, 1])
-def test_gpu_planes_and_xor_match_cpu(width, n, offset):
+def test_gpu_planes_match_cpu(width, n, offset):
     from fmstore.codec import gpu as g
 
     torch.manual_seed(n + width)
@@ -46,8 +46,6 @@ def test_gpu_planes_and_xor_match_cpu(width, n, offset):
     planes = g.split(dev, width)
     assert torch.equal(planes.cpu(), cpu.split(host.contiguous(), width))
     assert torch.equal(g.merge(planes, width).cpu(), host)
-    other = torch.randint(0, 256, host.shape, dtype=torch.uint8)
-    assert torch.equal(g.xor(dev, other.cuda()).cpu(), cpu.xor(host.contiguous(), other))
 
 
 @gpu
@@ -120,11 +118,25 @@ def test_huffman_cpu_round_trip_and_limits():
     assert (2.0 ** -lens[lens > 0].astype(float)).sum() == 1
 
 
-def _delta_pair():
+def _bf16_bytes():
+    """800 kB of bf16 weights (three segments)."""
     gen = torch.Generator().manual_seed(3)
     a = (torch.randn(400_000, generator=gen) * 0.02).to(torch.bfloat16)
     b = a + (torch.randn(400_000, generator=gen) * 1e-4).to(torch.bfloat16)
-    return a.view(torch.uint8), b.view(torch.uint8)
+    return b.view(torch.uint8)
+
+
+def _flagged(clean: bytes, nbytes: int) -> bytes:
+    """``clean`` with bit 0 of every FMH1 header's flags set (an XOR delta, as earlier versions
+    wrote it)."""
+    import numpy as np
+
+    from fmstore.codec import huffman
+
+    bad = bytearray(clean)
+    for _, _, at, _ in huffman.read_directory(np.frombuffer(clean, dtype=np.uint8), nbytes):
+        bad[at + 24] |= 1  # the flags word: after magic, version, nbytes, width, nchunks
+    return bytes(bad)
 
 
 def _damaged(clean: bytes, nbytes: int):
@@ -158,28 +170,29 @@ def test_huffman_cpu_decoders_agree(path, monkeypatch):
         out = torch.empty_like(data)
         huffman.decode(huffman.encode(data, width), out, name=name)
         assert torch.equal(out, data), name
-    ab, bb = _delta_pair()
-    for bad, want in list(_damaged(huffman.encode(bb, 2, base=ab), bb.numel()))[:4]:
+    bb = _bf16_bytes()
+    for bad, want in list(_damaged(huffman.encode(bb, 2), bb.numel()))[:4]:
         with pytest.raises(CodecError, match=want):
-            huffman.decode(bytes(bad), torch.empty_like(bb), base=ab, name="w.0")
+            huffman.decode(bytes(bad), torch.empty_like(bb), name="w.0")
 
 
-def test_huffman_cpu_xor_and_damage():
-    """CPU reference: an XOR delta round trip, and a flipped bit in any chunk's payload is
-    reported with the tensor, segment, chunk and plane."""
+def test_huffman_cpu_damage():
+    """CPU reference: a round trip, a stream flagged as an XOR delta (no longer decoded) is
+    refused, and a flipped bit in any chunk's payload is reported with the tensor, segment,
+    chunk and plane."""
     from fmstore.codec import CodecError, huffman
 
-    ab, bb = _delta_pair()
-    clean = huffman.encode(bb, 2, base=ab)
+    bb = _bf16_bytes()
+    clean = huffman.encode(bb, 2)
     out = torch.empty_like(bb)
-    assert torch.equal(huffman.decode(clean, out, base=ab), bb)
+    assert torch.equal(huffman.decode(clean, out), bb)
     with pytest.raises(CodecError, match="XOR delta"):
-        huffman.decode(clean, out)
+        huffman.decode(_flagged(clean, bb.numel()), out)
     cases = list(_damaged(clean, bb.numel()))
     assert len(cases) >= 6
     for bad, want in cases:
         with pytest.raises(CodecError, match=want):
-            huffman.decode(bytes(bad), torch.empty_like(bb), base=ab, name="w.0")
+            huffman.decode(bytes(bad), torch.empty_like(bb), name="w.0")
 
 
 @gpu
@@ -224,7 +237,7 @@ def test_gpu_huffman_pipeline_matches_cpu(group_bytes, first_bytes):
         ((torch.randn(90_000, generator=gen)).to(torch.float64).view(torch.uint8), 8),
         (torch.empty(0, dtype=torch.uint8), 2),
     ]
-    jobs = [(t.cuda(), w, None, None) for t, w in tensors]
+    jobs = [(t.cuda(), w, None) for t, w in tensors]
     streams = g.huff_encode_many_to_host(jobs, group_bytes=group_bytes, first_bytes=first_bytes)
     assert len(streams) == len(tensors)
     for (t, w), got in zip(tensors, streams):
@@ -233,18 +246,22 @@ def test_gpu_huffman_pipeline_matches_cpu(group_bytes, first_bytes):
 
 @gpu
 @pytest.mark.gpu
-def test_gpu_huffman_xor_and_damage():
-    """XOR delta on the GPU equals the CPU's; a flipped bit in any chunk's payload is
-    reported with the tensor, segment and chunk by the GPU decoder too."""
+def test_gpu_huffman_damage():
+    """The GPU's stream equals the CPU's; a stream flagged as an XOR delta (no longer decoded)
+    is refused; a flipped bit in any chunk's payload is reported with the tensor, segment and
+    chunk by the GPU decoder too."""
     from fmstore.codec import CodecError, huffman
     from fmstore.codec import gpu as g
 
-    ab, bb = _delta_pair()
-    clean = huffman.encode(bb, 2, base=ab)
-    assert g.huff_encode(bb.cuda(), 2, base=ab.cuda()).cpu().numpy().tobytes() == clean
+    bb = _bf16_bytes()
+    clean = huffman.encode(bb, 2)
+    assert g.huff_encode(bb.cuda(), 2).cpu().numpy().tobytes() == clean
     out = torch.empty_like(bb).cuda()
     up = torch.frombuffer(bytearray(clean), dtype=torch.uint8).cuda()
-    assert torch.equal(g.huff_decode(up, out, 2, base=ab.cuda()).cpu(), bb)
+    assert torch.equal(g.huff_decode(up, out, 2).cpu(), bb)
+    flagged = torch.frombuffer(bytearray(_flagged(clean, bb.numel())), dtype=torch.uint8).cuda()
+    with pytest.raises(CodecError, match=r"tensor 'w\.0': segment 0, .*header is damaged"):
+        g.huff_decode(flagged, out, 2, name="w.0")
     for bad, want in _damaged(clean, bb.numel()):
         with pytest.raises(CodecError, match=want):
-            g.huff_decode(torch.frombuffer(bad, dtype=torch.uint8).cuda(), out, 2, base=ab.cuda(), name="w.0")
+            g.huff_decode(torch.frombuffer(bad, dtype=torch.uint8).cuda(), out, 2, name="w.0")

@@ -19,7 +19,7 @@ from conftest import bounded_allocations, run_cli, shard_file
 from fmstore import Checkpointer, CorruptBlobError, Level, Policy
 from fmstore.checkpoint import ManifestError, Root
 from fmstore.checkpoint.manifest import MANIFEST
-from fmstore.checkpoint.storage import SnapshotStorage
+from fmstore.storage import Storage
 
 STEP1, STEP2 = "step-0000000001", "step-0000000002"
 
@@ -100,7 +100,7 @@ def test_a_chunk_size_and_chunk_count_are_validated(tmp_path: Path, monkeypatch:
     # 1: before, one hash job per byte (> 6 GiB for these 4 MiB); now refused before any read.
     edit(tmp_path, lambda b: shard_of(b, "w").update(chunk_size=1))
     with monkeypatch.context() as m:
-        m.setattr(SnapshotStorage, "read_ranges", lambda *a: pytest.fail("read before validation"))
+        m.setattr(Storage, "read_ranges", lambda *a: pytest.fail("read before validation"))
         with pytest.raises(ManifestError, match=r"tensor 'w'.*chunk_size 1 "):
             load(tmp_path)
 
@@ -293,14 +293,14 @@ def test_e_shard_headers_are_checked_once_per_file(tmp_path: Path, monkeypatch: 
 
     # A valid load reads each file's header once (one read at offset 0), not once per tensor.
     heads = []
-    real = SnapshotStorage.read_ranges
+    real = Storage.read_ranges
 
-    def counting(self: SnapshotStorage, file: str, ranges: Any) -> None:
+    def counting(self: Storage, file: str, ranges: Any) -> None:
         heads.extend(file for off, _ in ranges if off == 0)
         real(self, file, ranges)
 
     with monkeypatch.context() as m:
-        m.setattr(SnapshotStorage, "read_ranges", counting)
+        m.setattr(Storage, "read_ranges", counting)
         got = load(tmp_path)
     assert heads == [rel] and all(torch.equal(got[k], v) for k, v in state.items())
 

@@ -28,7 +28,7 @@ from fmstore import (
     WriterConflictError,
 )
 from fmstore.checkpoint import SnapshotNotFoundError
-from fmstore.checkpoint.storage import RootNotFoundError
+from fmstore.errors import RootNotFoundError
 
 
 def files_under(root: Path) -> list[str]:
@@ -187,8 +187,8 @@ def test_a_frozen_s3_server_fails_calls_within_the_bound(tmp_path):
     read_timeout and S3_ATTEMPTS (before: botocore's 60 s reads, retried, blocked for 7
     minutes).  read_timeout is 1 s here, through storage_options, which also checks that a
     user's config_kwargs win; the default bound is measured in docs/RELIABILITY.md."""
+    from fmstore.storage import S3_ATTEMPTS
     from fmstore.testing import start_seaweedfs
-    from fmstore.tiers.object import S3_ATTEMPTS
 
     with start_seaweedfs(str(tmp_path / "weed"), bucket="fmstore-frozen") as server:
         url = "s3://fmstore-frozen/run"

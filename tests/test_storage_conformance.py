@@ -11,10 +11,9 @@ from typing import Any
 
 import pytest
 
-from fmstore.checkpoint.storage import RootNotFoundError, SnapshotStorage
-from fmstore.errors import ConfigError, CorruptBlobError, StorageError
+from fmstore.errors import ConfigError, CorruptBlobError, RootNotFoundError, StorageError
 from fmstore.keys import TMP_MARKER
-from fmstore.storage import FsspecStorage, LocalStorage, Reader, S3Storage, Storage, open_fs, open_storage
+from fmstore.storage import FsspecStorage, LocalStorage, Reader, S3Storage, Storage, open_fs
 
 KINDS = [
     pytest.param("local", id="local"),
@@ -38,20 +37,20 @@ def _url(kind: str, request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str,
 @pytest.fixture(params=KINDS)
 def storage(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Storage]:
     url, options = _url(request.param, request, tmp_path)
-    st = open_storage(url, options, part_size=PART, concurrency=4)
+    st = Storage(url, options, part_size=PART, concurrency=4)
     yield st
     st.close()
 
 
 def test_the_implementation_is_chosen_once_by_url(tmp_path, request):
-    assert isinstance(open_storage(tmp_path / "a"), LocalStorage)
-    assert isinstance(open_storage(f"file://{tmp_path}/b"), LocalStorage)
-    assert type(open_storage("memory://fmstore-storage-tests/c")) is FsspecStorage
-    # The checkpoint code's name opens the same way (as pathlib.Path gives a PosixPath).
-    assert SnapshotStorage is Storage and isinstance(Storage(tmp_path / "d"), LocalStorage)
-    assert open_storage(tmp_path / "a").url == str(tmp_path / "a")
+    # Storage(...) opens the implementation the URL names (as pathlib.Path gives a PosixPath).
+    assert isinstance(Storage(tmp_path / "a"), LocalStorage)
+    assert isinstance(Storage(f"file://{tmp_path}/b"), LocalStorage)
+    assert type(Storage("memory://fmstore-storage-tests/c")) is FsspecStorage
+    assert isinstance(Storage(tmp_path / "d"), LocalStorage)
+    assert Storage(tmp_path / "a").url == str(tmp_path / "a")
     with pytest.raises(ConfigError, match="unknown URL scheme"):
-        open_storage("nosuchscheme://x/y")
+        Storage("nosuchscheme://x/y")
 
 
 @pytest.mark.s3
@@ -235,14 +234,14 @@ def test_client_package_errors_are_translated_and_bugs_are_not(tmp_path):
 def test_s3_faults_are_storage_errors_naming_the_url(s3):
     missing = f"s3://{s3.bucket}-misspelt/run"
     with pytest.raises(RootNotFoundError, match="no bucket") as err:
-        open_storage(missing, s3.storage_options)
+        Storage(missing, s3.storage_options)
     assert missing in str(err.value)
     wrong = {**s3.storage_options, "secret": "not-the-secret-key"}
     with pytest.raises(StorageError, match="denied") as err:
-        open_storage(s3.url("x"), wrong)
+        Storage(s3.url("x"), wrong)
     assert s3.url("x") in str(err.value) and "not-the-secret-key" not in str(err.value)
     # A request refused after construction (the bucket check skipped: an open file system).
-    st = open_storage(s3.url("x"), fs=open_fs(s3.url("x"), wrong))
+    st = Storage(s3.url("x"), fs=open_fs(s3.url("x"), wrong))
     with pytest.raises(StorageError) as err:
         st.write("f", [b"1"])
     assert "writing 'f' under" in str(err.value) and s3.url("x") in str(err.value)

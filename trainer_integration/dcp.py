@@ -76,16 +76,18 @@ except ImportError:  # pragma: no cover - a torch before 2.5 records none
 
 from fmstore.blob import as_bytes_tensor, dtype_from_name, dtype_name
 from fmstore.checkpoint.checkpointer import COMPRESSION
-from fmstore.checkpoint.lease import DEFAULT_TTL, WriterLease
+from fmstore.checkpoint import Snapshots
+from fmstore.checkpoint.lease import DEFAULT_TTL
 from fmstore.checkpoint.level import SnapshotLevel
 from fmstore.checkpoint.manifest import Manifest, ManifestError, Shard, TensorEntry, step_dir
 from fmstore.checkpoint.reader import Region, SnapshotReader
 from fmstore.checkpoint.sharding import LoadMismatchError, Piece
 from fmstore.checkpoint.staging import Staged, StagedTensor, Stager
-from fmstore.checkpoint.storage import SnapshotStorage
 from fmstore.checkpoint.tree import UnsupportedValueError, flatten, tensor_leaves, unflatten, unique_name
 from fmstore.checkpoint.writing import ItemBuilder
+from fmstore.codec.registry import choose as choose_codec
 from fmstore.errors import ConfigError, FmstoreError
+from fmstore.storage import Storage
 from fmstore.tiers.host import BufferPool
 
 __all__ = ["FmstoreStorageWriter", "FmstoreStorageReader", "parse_checkpoint_id"]
@@ -95,8 +97,6 @@ META_KEY = "dcp"
 #: A checkpoint id names one snapshot: ``<root>/step-<N>``.  Fewer than ten digits are taken
 #: too (torchtitan names its folders ``step-100``); the snapshot directory always has ten.
 _ID = re.compile(r"^(?:(?P<root>.*)/)?step-(?P<step>\d{1,10})$")
-#: The codec chains a writer may use; the GPU chain needs the Checkpointer's staging-time encode.
-CODECS = ("zstd", "huffman")
 _LAYER = "dcp"
 
 
@@ -156,7 +156,7 @@ class _Resources:
 
     def __init__(self, root: str, storage_options: dict[str, Any] | None, io_threads: int) -> None:
         self.root = root
-        self.storage = SnapshotStorage(root, storage_options, io_threads=io_threads)
+        self.storage = Storage(root, storage_options, io_threads=io_threads)
         self.io_threads = io_threads
         self._hash_pool: ThreadPoolExecutor | None = None
         self._codec_pool: ThreadPoolExecutor | None = None
@@ -295,8 +295,9 @@ class FmstoreStorageWriter(_Base, StorageWriter):
             the coordinator, so all ranks agree; 0 for an empty root).  Then wait for an
             ``async_save`` before starting the next, which would otherwise pick the same step.
         storage_options: passed to fsspec untouched.
-        compression: None (raw) or ``"lossless"``; ``codec``: ``"zstd"`` (byte planes + zstd)
-            or ``"huffman"`` (FMHS on the CPU reference: slow, for checks).
+        compression: None (raw) or ``"lossless"``; ``codec``: ``"zstd"`` (byte planes + zstd;
+            also ``"planes-zstd"``, or ``"auto"``: every tensor is encoded on the CPU here)
+            or ``"huffman"`` / ``"fmhs"`` (FMHS on the CPU reference: slow, for checks).
         quantize: tensor-name patterns (``fsdp/optim/state/*/exp_avg``, :data:`MOMENTS`) stored
             lossily as blockwise int8, as in :class:`~fmstore.Checkpointer`.
         incremental: tensors whose bytes did not change since the newest committed snapshot
@@ -346,17 +347,15 @@ class FmstoreStorageWriter(_Base, StorageWriter):
             raise ConfigError(
                 f"compression must be one of {sorted(COMPRESSION, key=str)}, got {compression!r}"
             )
-        if codec not in CODECS:
-            raise ConfigError(f"codec must be one of {list(CODECS)}, got {codec!r}")
         self.compression = COMPRESSION[compression]
-        self.codec = codec
+        self.codec = choose_codec(codec)  # the names and aliases Checkpointer takes
         self.quantize = (quantize,) if isinstance(quantize, str) else tuple(quantize)
         self.incremental = incremental
         self.is_coordinator = True
         self._planned_step: int | None = None
         self._save_id = uuid.uuid4().hex
         self.lease_ttl = lease_ttl
-        self._lease: WriterLease | None = None  # the coordinator's, from plan to commit
+        self._lease: Snapshots | None = None  # the coordinator's claim on the root, from plan to commit
         self._lease_finalizer: weakref.finalize | None = None
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
@@ -370,13 +369,13 @@ class FmstoreStorageWriter(_Base, StorageWriter):
     def _claim(self, owner: str) -> None:
         """Coordinator: take the root's writer lease, or raise WriterConflictError naming its holder."""
         if self._lease is None:
-            lease = WriterLease(self._resources().storage, owner, ttl=self.lease_ttl)
+            lease = Snapshots(self._resources().storage, writer=owner, lease_ttl=self.lease_ttl)
             # A writer dropped mid-save (no finish, no close) gives the root up when collected;
             # the finalizer holds the lease, not the writer.
             self._lease_finalizer = weakref.finalize(self, lease.release)
             self._lease_finalizer.atexit = False  # the kernel drops a dead process's local lock
             self._lease = lease
-        self._lease.acquire()
+        self._lease.claim()
 
     def _release_lease(self) -> None:
         lease, self._lease = self._lease, None
@@ -433,7 +432,7 @@ class FmstoreStorageWriter(_Base, StorageWriter):
         level = self._level()
         steps = level.steps()
         step = self.step if self.step is not None else (steps[-1] + 1 if steps else 0)
-        _refuse_committed(step, steps, self.root)
+        level.snapshots.begin(step)
         mappings: dict[str, Any] = {}
         for p in plans:
             mappings.update(_mappings(p.planner_data))
@@ -485,7 +484,7 @@ class FmstoreStorageWriter(_Base, StorageWriter):
         level = self._level(
             info.rank, self.incremental, info.writer or None
         )  # its base: the newest step before
-        _refuse_committed(step, level.steps(), self.root)
+        level.snapshots.begin(step)
         results: list[WriteResult] = []
         chunks: list[_Chunk] = []
         for item in plan.items:
@@ -657,7 +656,7 @@ class FmstoreStorageWriter(_Base, StorageWriter):
             info["bytes"] = marked
         meta = {META_KEY: info}
         level = self._level()
-        _refuse_committed(step, level.steps(), self.root)
+        level.snapshots.begin(step)
         if self._lease is not None:
             self._lease.check()  # an S3 lease lost meanwhile (not renewed for a ttl): no commit
         level.commit(step, entries, files, tree, meta, world_size=len(results))
@@ -827,11 +826,6 @@ def _blob(obj: Any) -> tuple[torch.Tensor, dict[str, Any]] | None:
     if not data:  # frombuffer refuses an empty buffer
         return torch.empty(0, dtype=torch.uint8), kind
     return torch.frombuffer(bytearray(data), dtype=torch.uint8), kind
-
-
-def _refuse_committed(step: int, steps: list[int], root: str) -> None:
-    if step in steps:
-        raise FmstoreError(f"step {step} is already committed under {root!r}; it is never overwritten")
 
 
 def _mappings(planner_data: Any) -> dict[str, tuple[Any, ...]]:

@@ -67,7 +67,7 @@ from fmstore import Checkpointer, ConfigError, Policy, RNGState
 from fmstore.checkpoint import LoadMismatchError, SaveHandle, overlap
 from fmstore.checkpoint.memory import HOST
 from fmstore.checkpoint.tree import subtree, unflatten
-from fmstore.tiers.files import write_atomic
+from fmstore.storage.files import write_atomic
 
 __all__ = ["FmstoreCallback", "TRAINER_STATE_NAME", "LOADERS"]
 

@@ -129,12 +129,12 @@ from fmstore.checkpoint import (
     UnsupportedValueError,
     overlap,
 )
-from fmstore.checkpoint.checkpointer import CODECS, COMPRESSION
-from fmstore.checkpoint.manifest import parse_step_dir
+from fmstore.checkpoint.checkpointer import COMPRESSION
+from fmstore.codec.registry import choose as choose_codec
 from fmstore.checkpoint.tree import tensor_leaves, unflatten
-from fmstore.errors import ConfigError, FmstoreError
-from fmstore.tiers.files import write_atomic
-from fmstore.tiers.object import open_fs
+from fmstore.errors import ConfigError, FmstoreError, PendingPointerError, PointerError, PointerNotFoundError
+from fmstore.storage import delete_file, open_fs
+from fmstore.storage.files import write_atomic
 
 __all__ = [
     "FmstoreCheckpointIO",
@@ -158,19 +158,6 @@ POINTER_MAX_BYTES = 64 << 10
 #: The default snapshot root, next to the first checkpoint path Lightning saves.  Hidden, and
 #: without the ``.ckpt`` suffix, so ModelCheckpoint's ``last*.ckpt`` scan never mistakes it.
 DEFAULT_ROOT_NAME = ".fmstore"
-
-
-class PointerError(FmstoreError, ValueError):
-    """A checkpoint path that is not a readable fmstore pointer file; the message names it."""
-
-
-class PointerNotFoundError(PointerError, FileNotFoundError):
-    """No file at a checkpoint path."""
-
-
-class PendingPointerError(PointerError):
-    """A pointer whose save has not committed (still in flight, or interrupted by a crash), and
-    that names no earlier committed checkpoint either: nothing at that path can be loaded."""
 
 
 # ---------------------------------------------------------------------------- locations
@@ -272,14 +259,8 @@ def _write_file(path: str, data: bytes, storage_options: dict[str, Any] | None) 
 
 
 def _delete_file(path: str, storage_options: dict[str, Any] | None) -> None:
-    try:
-        if _is_url(path):
-            fs, p = open_fs(path, storage_options)
-            fs.rm_file(p)
-        else:
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
+    """A pointer file (outside the root): through the storage layer."""
+    delete_file(path, storage_options)
 
 
 def _is_link(path: str) -> bool:
@@ -779,8 +760,7 @@ def _ref(obj: Any) -> Callable[[], Any]:
 def _check_options(compression: Any, codec: str) -> None:
     if compression not in COMPRESSION:
         raise ConfigError(f"compression must be one of {sorted(COMPRESSION, key=str)}, got {compression!r}")
-    if codec not in CODECS:
-        raise ConfigError(f"codec must be one of {list(CODECS)}, got {codec!r}")
+    choose_codec(codec)  # the names and aliases Checkpointer takes (a ConfigError otherwise)
 
 
 class FmstoreCheckpointIO(CheckpointIO):
@@ -1558,9 +1538,4 @@ def _discard_unfinished(ck: Checkpointer) -> None:
     that committed snapshots reference, and stay.  Call before any save of this run.
     """
     for lvl in ck.levels:
-        committed = lvl.steps()
-        newest = committed[-1] if committed else -1
-        for name in lvl.storage.list_dir():
-            step = parse_step_dir(name)
-            if step is not None and step > newest:
-                lvl.storage.delete_dir(name)
+        lvl.snapshots.discard_unfinished()

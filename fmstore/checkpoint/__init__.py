@@ -3,7 +3,7 @@
 The names below are loaded on first use: the read side (:class:`Root`, manifests, listing)
 imports no torch, so ``fmstore ls`` / ``inspect`` / ``du`` / ``gc`` answer without paying for
 ``import torch`` (seconds), while ``from fmstore.checkpoint import Checkpointer`` works as
-before.
+before.  The errors come from :mod:`fmstore.errors` (torch-free) at once.
 """
 
 from __future__ import annotations
@@ -11,47 +11,41 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .._lazy import lazy_names
+from ..errors import (
+    ChecksumError,
+    LoadMismatchError,
+    ManifestError,
+    RootNotFoundError,
+    SnapshotNotFoundError,
+    StateKeysError,
+    UnsupportedValueError,
+)
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ loads them
-    from .checkpointer import (
-        Checkpointer,
-        ChecksumError,
-        LoadMismatchError,
-        SaveHandle,
-        SnapshotInfo,
-        SnapshotNotFoundError,
-        StateKeysError,
-    )
-    from .manifest import Manifest, ManifestError
+    from .checkpointer import Checkpointer, SaveHandle, SnapshotInfo
+    from .manifest import Manifest
     from .policy import Level, Policy
     from .snapshot import Problem, Root, ShardInfo, Snapshot, TensorInfo
+    from .snapshots import Snapshots
     from .stateful import RNGState, is_stateful
-    from .storage import RootNotFoundError
-    from .tree import UnsupportedValueError
     from .writing import MOMENTS
 
 #: Public name -> the submodule defining it (those marked torch-free import no torch).
 _LAZY = {
     "Checkpointer": "checkpointer",
-    "ChecksumError": "reader",
-    "LoadMismatchError": "checkpointer",
     "SaveHandle": "checkpointer",
     "SnapshotInfo": "checkpointer",
-    "SnapshotNotFoundError": "listing",  # torch-free
-    "StateKeysError": "checkpointer",
     "Manifest": "manifest",  # torch-free
-    "ManifestError": "manifest",  # torch-free
     "Level": "policy",
     "Policy": "policy",
     "Problem": "snapshot",  # torch-free
     "Root": "snapshot",  # torch-free
     "ShardInfo": "snapshot",  # torch-free
     "Snapshot": "snapshot",  # torch-free
+    "Snapshots": "snapshots",  # torch-free
     "TensorInfo": "snapshot",  # torch-free
     "RNGState": "stateful",
     "is_stateful": "stateful",
-    "RootNotFoundError": "storage",  # torch-free
-    "UnsupportedValueError": "tree",  # torch-free
     "MOMENTS": "writing",
 }
 
@@ -77,6 +71,7 @@ __all__ = [
     "is_stateful",
     "Root",
     "Snapshot",
+    "Snapshots",
     "TensorInfo",
     "ShardInfo",
     "Problem",

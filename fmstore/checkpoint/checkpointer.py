@@ -29,9 +29,18 @@ import torch
 
 from .. import exiting
 from ..blob import dtype_from_name
-from ..codec import huffman
-from ..errors import CapacityError, ConfigError, CorruptBlobError, FmstoreError, WaitTimeoutError
+from ..codec import huffman, registry
+from ..errors import (
+    CapacityError,
+    ConfigError,
+    CorruptBlobError,
+    FmstoreError,
+    SnapshotDeletedError,
+    StateKeysError,
+    WaitTimeoutError,
+)
 from ..gcpause import paused_gc
+from ..storage import Storage
 from ..store import TieredStore
 from . import overlap, stateful
 from .lease import DEFAULT_TTL, WriterConflictError
@@ -42,7 +51,6 @@ from .policy import Policy, resolve
 from .reader import ChecksumError, Region, SnapshotReader
 from .sharding import LoadMismatchError, Piece, check_target, dtensor_region, is_dtensor, pieces_to_save
 from .staging import Staged, Stager
-from .storage import SnapshotStorage
 from .tree import compare, flatten, subtree, tensor_leaves, unflatten
 from .writing import MOMENTS, ItemBuilder, completed
 
@@ -52,10 +60,6 @@ from .writing import MOMENTS, ItemBuilder, completed
 GPU_ENCODE_MIN_BYTES = 4 << 20
 #: ``compression=`` values: None (raw) or the lossless chain.
 COMPRESSION: dict[str | None, str | None] = {None: None, "lossless": "lossless"}
-#: ``codec=`` values: which lossless chain (see ``Checkpointer``).
-CODECS = ("auto", "planes-zstd", "fmhs")
-#: Earlier names of the same codecs, still accepted.
-_CODEC_ALIASES = {"zstd": "planes-zstd", "huffman": "fmhs"}
 
 __all__ = [
     "Checkpointer",
@@ -67,21 +71,6 @@ __all__ = [
     "StateKeysError",
     "MOMENTS",
 ]
-
-
-class StateKeysError(LoadMismatchError, KeyError):
-    """A strict load whose target and snapshot do not hold the same keys; names both sides'."""
-
-    def __init__(self, message: str, missing: list[str], unexpected: list[str]) -> None:
-        super().__init__(message)
-        self.missing = missing  # in the target, not in the snapshot
-        self.unexpected = unexpected  # in the snapshot, not in the target
-
-    def __str__(self) -> str:  # KeyError would print only repr(message)
-        return str(self.args[0])
-
-    def __reduce__(self) -> tuple[Any, ...]:  # torch DCP pickles errors between ranks
-        return (type(self), (self.args[0], self.missing, self.unexpected))
 
 
 @dataclass
@@ -239,10 +228,7 @@ class Checkpointer:
         when_busy: str = "wait",
         lease_ttl: float = DEFAULT_TTL,
     ) -> None:
-        codec = _CODEC_ALIASES.get(codec, codec)
-        if codec not in CODECS:
-            raise ConfigError(f"codec must be one of {list(CODECS)}, got {codec!r}")
-        self.codec = codec
+        self.codec = codec = registry.choose(codec)  # names and aliases: the registry's
         if compression not in COMPRESSION:
             raise ConfigError(
                 f"compression must be one of {sorted(COMPRESSION, key=str)}, got {compression!r}"
@@ -272,7 +258,7 @@ class Checkpointer:
         self.levels = [
             SnapshotLevel(
                 spec.name,
-                SnapshotStorage(spec.url, spec.storage_options, io_threads=io_threads, fs=spec.fs),
+                Storage(spec.url, spec.storage_options, io_threads=io_threads, fs=spec.fs),
                 every=spec.every,
                 keep_last=spec.keep_last,
                 rank=self.rank,
@@ -467,7 +453,7 @@ class Checkpointer:
             raise FmstoreError(f"step {step} is already committed in host memory; it is never overwritten")
         gpu_encode = (
             self._gpu_encode
-            if self.compression and self.memory is None and self.codec != "planes-zstd"
+            if self.compression and self.memory is None and registry.encodes_on_gpu(self.codec)
             else None
         )
         deferred = None
@@ -635,9 +621,7 @@ class Checkpointer:
                 error = WriterConflictError(f"rank 0 could not claim the checkpoint roots: {box[0]}")
         if error is not None:
             for lvl in self.levels:
-                if lvl.lease is not None:
-                    lvl.lease.release()
-                    lvl.lease = None
+                lvl.snapshots.release(forget=True)
             raise error
         self._claimed = True
 
@@ -651,7 +635,7 @@ class Checkpointer:
         for lvl in self._levels(level):
             if self.rank == 0:
                 lvl.claim()
-            deleted += lvl.gc(keep_steps=keep_steps)
+            deleted += lvl.snapshots.gc(keep_steps=keep_steps)
         return deleted
 
     def delete(self, step: int, *, level: str | None = None) -> None:
@@ -1045,8 +1029,7 @@ def _dropped(owned: _Owned) -> None:
     collection runs finalizers on whichever thread it happens on, one of the pools' own (which
     cannot join itself) or fsspec's event loop (which cannot wait for itself)."""
     for lvl in owned.levels:
-        if lvl.lease is not None:
-            lvl.lease.orphan()
+        lvl.snapshots.orphan()
     if owned.persists.running() or threading.current_thread() is not threading.main_thread():
         threading.Thread(target=_close_dropped, args=(owned,), name="fmstore-release", daemon=True).start()
     else:
@@ -1077,10 +1060,6 @@ def _weakly(method: Callable[..., Any]) -> Callable[..., Any]:
         return None if bound is None else bound(*args)
 
     return call
-
-
-class SnapshotDeletedError(SnapshotNotFoundError):
-    """The snapshot was deleted (another process's retention) while it was being loaded."""
 
 
 #: Loads of the latest snapshot that lose a race with retention, before giving up.

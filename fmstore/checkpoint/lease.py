@@ -40,10 +40,11 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import FmstoreError, StorageError, WriterConflictError
-from .storage import SnapshotStorage
+from ..storage import Storage
 
 LEASE = "writer.lease"
 
@@ -70,8 +71,20 @@ def _describe(body: dict[str, Any], now: float | None = None) -> str:
 class WriterLease:
     """The claim of one writer (``owner``, its session id) on ``storage``'s root."""
 
-    def __init__(self, storage: SnapshotStorage, owner: str, *, ttl: float = DEFAULT_TTL) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        owner: str,
+        *,
+        ttl: float = DEFAULT_TTL,
+        remove: Callable[[str | None], None] | None = None,
+    ) -> None:
+        """``remove(tag)``: deletes the lease object at release (its version ``tag`` where the
+        store has conditional requests, else None): the root's owner,
+        :class:`~fmstore.checkpoint.snapshots.Snapshots`, passes it; without it the object is
+        left to expire."""
         self.storage = storage
+        self._remove = remove
         self.owner = owner
         self.ttl = ttl
         self._since = time.time()
@@ -310,12 +323,12 @@ class WriterLease:
                 self._fd = None
         elif self._tag is not None:
             tag, self._tag = self._tag, None
-            if self._lost is None:
+            if self._lost is None and self._remove is not None:
                 try:
                     if self.storage.conditional:
-                        self.storage.delete_if(LEASE, tag)
+                        self._remove(tag)
                     elif _parse(self.storage.read_bytes(LEASE)).get("id") == self.owner:
-                        self.storage.delete(LEASE)
+                        self._remove(None)
                 except Exception:  # noqa: BLE001 - it expires by itself
                     pass
 

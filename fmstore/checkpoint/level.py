@@ -25,17 +25,18 @@ from ..blob import SAFETENSORS_CODES, dtype_name
 from ..codec import Encoded
 from ..errors import FmstoreError, StorageError
 from ..gcpause import paused_gc
-from .lease import DEFAULT_TTL, WriterConflictError, WriterLease
-from .listing import SnapshotNotFoundError, committed_steps, numel, read_manifest  # noqa: F401
-from .manifest import CHUNK_SIZE, MANIFEST, Manifest, Shard, TensorEntry, parse_step_dir, step_dir
+from ..storage import Storage
+from .lease import DEFAULT_TTL, WriterLease
+from .listing import SnapshotNotFoundError, committed_steps, read_manifest  # noqa: F401
+from .manifest import CHUNK_SIZE, MANIFEST, Manifest, Shard, TensorEntry, step_dir
 from .reports import ReportError, merge_reports
 from .sharding import Piece
+from .snapshots import Snapshots
 from .staging import StagedTensor
-from .storage import SnapshotStorage
 from .tree import merge_per_rank, per_rank_nodes
 
-# SnapshotNotFoundError and numel live in the torch-free listing module (the read side imports
-# no torch); re-exported here for the modules that import them from this one.
+# SnapshotNotFoundError (fmstore.errors) is re-exported here for the modules that import it from
+# this one.
 
 #: An incremental save references unchanged tensors in a stored file only if they make up at
 #: least this much of it (else they are copied forward: see SnapshotLevel.write_local), so
@@ -92,7 +93,7 @@ class SnapshotLevel:
     def __init__(
         self,
         name: str,
-        storage: SnapshotStorage,
+        storage: Storage,
         *,
         every: int = 1,
         keep_last: int | None = None,
@@ -116,7 +117,8 @@ class SnapshotLevel:
         self.timeout = timeout
         self.writer = writer or uuid.uuid4().hex
         self.lease_ttl = lease_ttl
-        self.lease: WriterLease | None = None  # the coordinator's claim on the root, once it saves
+        #: the root's snapshots: listing, commit, retention, gc, delete, the writer lease
+        self.snapshots = Snapshots(storage, writer=self.writer, lease_ttl=lease_ttl)
         self._file_sizes: dict[str, int] = {}  # stored files' sizes, for write_local's live fractions
         self._last_manifest: Manifest | None = None
 
@@ -139,29 +141,28 @@ class SnapshotLevel:
         h = hashlib.blake2b(f"{self.writer}:{self.rank}".encode(), digest_size=4).hexdigest()
         return f"{step_dir(step)}/{h}-{'kept' if kept else 'shard'}-r{self.rank:05d}.safetensors"
 
+    @property
+    def lease(self) -> WriterLease | None:
+        """The coordinator's claim on the root, once it saves."""
+        return self.snapshots.lease
+
     def claim(self) -> None:
         """Take the root's writer lease (the coordinator, before its first write); raises
         :class:`WriterConflictError` if another writer holds it."""
-        if self.lease is None:
-            self.lease = WriterLease(self.storage, self.writer, ttl=self.lease_ttl)
-        self.lease.acquire()
-
-    def _fence(self) -> None:
-        if self.lease is not None:
-            self.lease.check()
+        self.snapshots.claim()
 
     # ------------------------------------------------------------------ listing
 
     def steps(self) -> list[int]:
         """Committed steps, oldest first (a snapshot without its manifest does not exist)."""
-        return committed_steps(self.storage)
+        return self.snapshots.steps()
 
     def committed(self, step: int) -> bool:
-        return self.storage.exists(f"{step_dir(step)}/{MANIFEST}")
+        return self.snapshots.committed(step)
 
     def manifest(self, step: int | None = None) -> Manifest:
         """The manifest of ``step`` (default: the latest committed one)."""
-        return read_manifest(self.storage, step)
+        return self.snapshots.manifest(step)
 
     def _base_manifest(self, step: int) -> Manifest | None:
         """The snapshot an incremental save of ``step`` references: the newest committed one
@@ -244,8 +245,7 @@ class SnapshotLevel:
             self._discard(step, local, token)
             raise
         if self.world_size > 1:
-            for r in range(self.world_size):
-                self.storage.delete(f"{rel_dir}/rank-{r:05d}.json")
+            self.snapshots.discard(f"{rel_dir}/rank-{r:05d}.json" for r in range(self.world_size))
         return Written(written, len(entries), local.tensors_written)
 
     def _discard(self, step: int, local: LocalWrite | None, token: str) -> None:
@@ -261,8 +261,7 @@ class SnapshotLevel:
             except SnapshotNotFoundError:
                 keep = set()
             if keep:
-                for rel in set(local.files) - keep:
-                    self.storage.delete(rel)
+                self.snapshots.discard(set(local.files) - keep)
                 return
             if self.world_size > 1:
                 aborted = self._abort_of(step_dir(step), token) is not None
@@ -271,8 +270,7 @@ class SnapshotLevel:
                 if self.rank == 0 and not aborted:  # tell the other ranks, so they clean up too
                     body = {"token": token, "errors": [f"rank 0: the commit of step {step} failed"]}
                     self.storage.write(f"{step_dir(step)}/aborted.json", [json.dumps(body).encode()])
-            for rel in local.files:
-                self.storage.delete(rel)
+            self.snapshots.discard(local.files)
         except Exception:  # noqa: BLE001 - a full or failing disk may refuse this too
             pass
 
@@ -376,14 +374,7 @@ class SnapshotLevel:
         )
         with paused_gc():  # a manifest's JSON is thousands of short-lived objects
             raw = manifest.to_json()
-        self._fence()
-        try:  # created, never replaced: of two writers committing one step, one wins
-            self.storage.write(f"{step_dir(step)}/{MANIFEST}", [raw], exclusive=True)
-        except FileExistsError:
-            raise WriterConflictError(
-                f"step {step} not saved to {self.url!r}: another writer committed it meanwhile "
-                "(its snapshot is kept; this save's files are removed)"
-            ) from None
+        self.snapshots.commit(step, raw)  # created, never replaced: of two writers, one wins
         self._last_manifest = manifest
         if self.keep_last is not None and self.rank == 0:
             self.apply_retention()
@@ -391,12 +382,9 @@ class SnapshotLevel:
 
     def drop(self, step: int) -> None:
         """Uncommit ``step`` and delete the files no other committed snapshot references."""
-        if not self.committed(step):
-            raise SnapshotNotFoundError(f"no committed snapshot for step {step} under {self.url!r}")
-        self.storage.delete(f"{step_dir(step)}/{MANIFEST}")  # from here on it does not exist
         if self._last_manifest is not None and self._last_manifest.step == step:
             self._last_manifest = None
-        self._delete_unreferenced([step_dir(step)], self._referenced(self.steps()))
+        self.snapshots.drop(step)
 
     # ------------------------------------------------------------------ coordination
 
@@ -458,50 +446,11 @@ class SnapshotLevel:
     # ------------------------------------------------------------------ retention
 
     def apply_retention(self) -> None:
-        self._fence()
-        steps = self.steps()
         assert self.keep_last is not None
-        drop, keep = steps[: -self.keep_last], steps[-self.keep_last :]
-        for step in drop:  # uncommit first: from here on the snapshot does not exist
-            self.storage.delete(f"{step_dir(step)}/{MANIFEST}")
-        self.gc(keep_steps=keep)
-
-    def gc(self, *, keep_steps: list[int] | None = None) -> list[str]:
-        """Delete files that no committed snapshot references, in directories older than
-        the newest committed snapshot (newer ones may still be being written)."""
-        keep = self.steps() if keep_steps is None else keep_steps
-        if not keep:
-            return []
-        dirs = [
-            name
-            for name in self.storage.list_dir()
-            if (step := parse_step_dir(name)) is not None and step not in keep and step < keep[-1]
-        ]
-        return self._delete_unreferenced(dirs, self._referenced(keep))
-
-    def _referenced(self, steps: list[int]) -> set[str]:
-        out: set[str] = set()
-        for step in steps:
-            out |= self.manifest(step).referenced_files()
-        return out
-
-    def _delete_unreferenced(self, dirs: list[str], referenced: set[str]) -> list[str]:
-        """Delete the files of ``dirs`` not in ``referenced`` (a directory left empty goes too)."""
-        deleted = []
-        for name in dirs:
-            files = [f"{name}/{f}" for f in self.storage.list_dir(name)]
-            doomed = [f for f in files if f not in referenced]
-            if len(doomed) == len(files):
-                self.storage.delete_dir(name)
-            else:
-                for f in doomed:
-                    self.storage.delete(f)
-            deleted += doomed
-        return deleted
+        self.snapshots.retain(self.keep_last)
 
     def close(self) -> None:
-        if self.lease is not None:
-            self.lease.release()
+        self.snapshots.release()
         self.storage.close()
 
     def __repr__(self) -> str:

@@ -5,19 +5,12 @@ and :class:`~fmstore.checkpoint.snapshot.Root`) lists a root without importing t
 
 from __future__ import annotations
 
-from ..errors import FmstoreError
+from ..errors import SnapshotNotFoundError
+from ..storage import Storage
 from .manifest import MANIFEST, Manifest, parse_step_dir, step_dir
-from .storage import SnapshotStorage
 
 
-class SnapshotNotFoundError(FmstoreError, KeyError):
-    """No committed snapshot of that step (or none at all) under a root, or no such tensor."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-def committed_steps(storage: SnapshotStorage) -> list[int]:
+def committed_steps(storage: Storage) -> list[int]:
     """Committed steps, oldest first (a snapshot without its manifest does not exist)."""
     out = []
     for name in storage.list_dir():
@@ -27,7 +20,7 @@ def committed_steps(storage: SnapshotStorage) -> list[int]:
     return sorted(out)
 
 
-def read_manifest(storage: SnapshotStorage, step: int | None = None) -> Manifest:
+def read_manifest(storage: Storage, step: int | None = None) -> Manifest:
     """The manifest of ``step`` (default: the newest committed one)."""
     url = storage.url
     if step is None:
@@ -45,9 +38,3 @@ def read_manifest(storage: SnapshotStorage, step: int | None = None) -> Manifest
     return Manifest.from_json(raw, where=f"{url}/{rel}")
 
 
-def numel(shape: object) -> int:
-    """Elements of a tensor of ``shape`` (1 for a scalar's empty shape)."""
-    n = 1
-    for s in shape:  # type: ignore[attr-defined]
-        n *= int(s)
-    return n

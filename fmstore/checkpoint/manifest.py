@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..errors import CorruptBlobError, FmstoreError
+from ..errors import CorruptBlobError, FmstoreError, ManifestError
 from ..gcpause import paused_gc
 from .tree import path_text
 
@@ -47,10 +47,6 @@ READS = (1, 2)
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d{10})$")
 _FILE = re.compile(r"^step-(\d{10})/[A-Za-z0-9._-]+\.safetensors$")
-
-
-class ManifestError(FmstoreError):
-    """A manifest that is malformed, of an unknown version, or names a file it may not."""
 
 
 def step_dir(step: int) -> str:
@@ -212,9 +208,9 @@ class Manifest:
                     held += self._validate_shard(at, entry, s, itemsize, known)
             # Shards may repeat a region (replicas), never leave one out: a tensor is at most
             # as large as its shards, which are bounded by the bytes stored for them.
-            if held < _numel(entry.shape):
+            if held < numel(entry.shape):
                 raise ManifestError(
-                    f"{at}: its shards hold {held} of the {_numel(entry.shape)} elements of shape {entry.shape}"
+                    f"{at}: its shards hold {held} of the {numel(entry.shape)} elements of shape {entry.shape}"
                 )
         _validate_tree(self.tree, self.tensors, where)
 
@@ -356,10 +352,11 @@ def _ints(xs: Any) -> bool:
     return True
 
 
-def _numel(shape: list[int]) -> int:
+def numel(shape: object) -> int:
+    """Elements of a tensor of ``shape`` (1 for a scalar's empty shape)."""
     n = 1
-    for s in shape:
-        n *= s
+    for s in shape:  # type: ignore[attr-defined]
+        n *= int(s)
     return n
 
 

@@ -26,30 +26,17 @@ import torch
 from ..blob import as_memoryview, dtype_from_name
 from ..codec import registry
 from ..codec.registry import Codec
-from ..errors import CorruptBlobError, FmstoreError
+from ..errors import ChecksumError, CorruptBlobError, FmstoreError
 from ..gcpause import paused_gc
+from ..storage import Storage
 from ..tiers.host import BufferPool
-from .level import numel
-from .manifest import Manifest, ManifestError, Shard
+from .manifest import Manifest, ManifestError, Shard, numel
 from .sharding import overlaps, plan_read
-from .storage import SnapshotStorage
 
 #: The longest safetensors header a shard file may have (safetensors' own limit).
 MAX_HEADER = 100_000_000
 #: The first read of a shard file: its header length and, for all but huge tables, its header.
 HEAD_READ = 64 << 10
-
-
-class ChecksumError(CorruptBlobError):
-    """Bytes read back do not match the checksum recorded when they were saved.  ``tensor``,
-    ``file`` and ``chunk`` (the index of the checksum chunk, None for a whole-stream check)
-    say where."""
-
-    def __init__(
-        self, message: str, tensor: str | None = None, file: str | None = None, chunk: int | None = None
-    ) -> None:
-        super().__init__(message)
-        self.tensor, self.file, self.chunk = tensor, file, chunk
 
 
 @dataclass
@@ -77,7 +64,7 @@ class SnapshotReader:
 
     def __init__(
         self,
-        storage: SnapshotStorage,
+        storage: Storage,
         manifest: Manifest,
         *,
         pool: BufferPool | None = None,
@@ -336,7 +323,7 @@ def _plan_encoded(
         plan.copies.append((host[dslices] if dslices else host, block))
 
 
-def check_shard_file(storage: SnapshotStorage, file: str, shards: list[tuple[str, Shard]], step: int) -> None:
+def check_shard_file(storage: Storage, file: str, shards: list[tuple[str, Shard]], step: int) -> None:
     """See :meth:`SnapshotReader.check_file` (``shards``: (tensor, shard) of those in ``file``)."""
     at = f"snapshot step {step}: shard file {file!r}"
     size = storage.size(file)

@@ -16,14 +16,9 @@ from collections.abc import Mapping
 from math import prod
 from typing import Any
 
-from ..errors import FmstoreError
+from ..errors import ReportError
 from ..gcpause import paused_gc
 from .manifest import Shard, TensorEntry
-
-
-class ReportError(FmstoreError):
-    """The ranks' reports of a save do not add up to a snapshot (a malformed report, ranks that
-    disagree on a tensor, a tensor not fully saved)."""
 
 
 def merge_reports(

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..blob import dtype_name
-from ..errors import FmstoreError
+from ..errors import FmstoreError, LoadMismatchError
 
 
 @dataclass
@@ -33,10 +33,6 @@ class Piece:
     global_shape: tuple[int, ...]
     offsets: tuple[int, ...]
     writes: bool = True  # False: another rank writes these bytes (a replica)
-
-
-class LoadMismatchError(FmstoreError, ValueError):
-    """A snapshot tensor does not fit the target tensor it is loaded into (dtype or shape)."""
 
 
 def check_target(

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import xxhash
 
 from ..errors import CorruptBlobError
-from .listing import SnapshotNotFoundError, committed_steps, numel, read_manifest
+from ..storage import Storage
+from .listing import SnapshotNotFoundError, committed_steps, read_manifest
 from .manifest import (
     MANIFEST,
     Manifest,
@@ -36,10 +37,10 @@ from .manifest import (
     Shard,
     TensorEntry,
     dtype_itemsize,
+    numel,
     parse_step_dir,
     step_dir,
 )
-from .storage import SnapshotStorage
 from .tree import unflatten
 
 if TYPE_CHECKING:
@@ -140,7 +141,7 @@ class Problem:
 class Snapshot:
     """One committed snapshot of a root (see the module docstring)."""
 
-    def __init__(self, storage: SnapshotStorage, manifest: Manifest) -> None:
+    def __init__(self, storage: Storage, manifest: Manifest) -> None:
         self.storage = storage
         self.manifest = manifest
         self._reader_: SnapshotReader | None = None
@@ -411,7 +412,7 @@ class Root:
     """A checkpoint root opened for reading (``url``: a directory, ``file://``, ``s3://``, ...)."""
 
     def __init__(self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
-        self.storage = SnapshotStorage(url, storage_options, create=False)
+        self.storage = Storage(url, storage_options, create=False)
 
     @property
     def url(self) -> str:

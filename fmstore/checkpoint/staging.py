@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..blob import as_bytes_tensor
-from ..codec.registry import Fmhs
+from ..codec import registry
 from ..gcpause import paused_gc
 from ..tiers.host import BufferPool
 
@@ -192,7 +192,7 @@ class Stager:
                         stacklevel=3,
                     )
                     streams = []
-                    for i, (src, _, buf, _) in encode_jobs:
+                    for i, (src, _, buf) in encode_jobs:
                         streams.append(buf[: src.numel()].copy_(src))  # the buffer holds the raw bytes
                         staged.tensors[i].codec = []
                 for (i, _), data in zip(encode_jobs, streams):
@@ -246,8 +246,8 @@ class Stager:
 
             buf, release = self._acquire(staged, gpu_codec.huff_host_bytes(src.numel(), width))
             staged.releases.append(release)
-            encode_jobs.append((len(staged.tensors), (src, width, buf, None)))
-            codec = [Fmhs(width).to_json()]
+            encode_jobs.append((len(staged.tensors), (src, width, buf)))
+            codec = [registry.gpu_codec(width).to_json()]
             staged.tensors.append(StagedTensor(name, t.dtype, tuple(t.shape), buf[:0], codec))
             return
         staged.tensors.append(StagedTensor(name, t.dtype, tuple(t.shape), src[:0]))

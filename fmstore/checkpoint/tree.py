@@ -19,14 +19,10 @@ from collections import OrderedDict
 from collections.abc import Container, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ..errors import FmstoreError
+from ..errors import FmstoreError, UnsupportedValueError
 
 if TYPE_CHECKING:  # flatten imports torch itself: reading a manifest's tree needs none
     import torch
-
-
-class UnsupportedValueError(FmstoreError, TypeError):
-    """A state value that cannot be stored as a tensor or JSON; the message names its path."""
 
 
 def _name_part(key: object) -> str:

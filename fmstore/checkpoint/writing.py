@@ -20,7 +20,7 @@ import torch
 from ..blob import as_memoryview
 from ..codec import Encoded, registry
 from ..codec.quant import BLOCK as QUANT_BLOCK
-from ..codec.registry import Codec, Fmhs, Int8Absmax, PlanesZstd
+from ..codec.registry import Codec, Int8Absmax
 from .level import WriteItem
 from .manifest import CHUNK_SIZE
 from .sharding import Piece
@@ -69,7 +69,7 @@ class ItemBuilder:
         codec_pool: Executor,
     ) -> None:
         self.compression = compression
-        self.codec = codec
+        self.codec = registry.choose(codec)
         self.quantize = tuple(quantize)
         self.hash_pool = hash_pool
         self.codec_pool = codec_pool
@@ -92,7 +92,7 @@ class ItemBuilder:
             return Int8Absmax(QUANT_BLOCK)
         if not self.compression or not st.nbytes:
             return None
-        return (Fmhs if self.codec == "fmhs" else PlanesZstd)(st.dtype.itemsize)
+        return registry.lossless(self.codec, st.dtype.itemsize)
 
     def _item(self, st: StagedTensor, p: Piece, codec: Codec | None) -> WriteItem:
         """The item's checksum follows what its codec's checksum means (``Codec.checksum``)."""

@@ -10,7 +10,15 @@ import sys
 import time
 from typing import Any
 
-from ..errors import ConfigError, FmstoreError
+from ..errors import (
+    BlobNotFoundError,
+    ConfigError,
+    CorruptBlobError,
+    FmstoreError,
+    ManifestError,
+    RootNotFoundError,
+    SnapshotNotFoundError,
+)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CORRUPT = 0, 1, 2, 3, 4
 
@@ -20,20 +28,19 @@ ROOT_HELP = (
     "directory (ROOT/step-0000000200), the same as ROOT --step 200"
 )
 
-_NOT_FOUND = {"SnapshotNotFoundError", "RootNotFoundError", "BlobNotFoundError"}
-_CORRUPT = {"CorruptBlobError", "ManifestError"}
-_USAGE = {"ConfigError"}  # a URL scheme, size or option that does not parse
+_NOT_FOUND = (SnapshotNotFoundError, RootNotFoundError, BlobNotFoundError)
+_CORRUPT = (CorruptBlobError, ManifestError)
+_USAGE = (ConfigError,)  # a URL scheme, size or option that does not parse
 
 
 def exit_code(e: FmstoreError) -> int:
-    """The exit status for an error: not found 3, corrupt 4, bad configuration 2, else 1 (by class, without
-    importing the modules that define them)."""
-    names = {c.__name__ for c in type(e).__mro__}
-    if names & _NOT_FOUND:
+    """The exit status for an error: not found 3, corrupt 4, bad configuration 2, else 1 (by class:
+    every error is defined in the torch-free :mod:`fmstore.errors`)."""
+    if isinstance(e, _NOT_FOUND):
         return EXIT_NOT_FOUND
-    if names & _CORRUPT:
+    if isinstance(e, _CORRUPT):
         return EXIT_CORRUPT
-    if names & _USAGE:
+    if isinstance(e, _USAGE):
         return EXIT_USAGE
     return EXIT_ERROR
 
@@ -99,8 +106,7 @@ def snapshot_dir(path: str, args: argparse.Namespace, attr: str = "storage_optio
     so named is looked at in storage; any other path is returned as it is, unread.
     """
     from ..checkpoint.manifest import MANIFEST, parse_step_dir
-    from ..checkpoint.storage import SnapshotStorage
-    from ..errors import RootNotFoundError
+    from ..storage import Storage
 
     text = str(path)
     parent, sep, name = text.rstrip("/").rpartition("/")
@@ -114,7 +120,7 @@ def snapshot_dir(path: str, args: argparse.Namespace, attr: str = "storage_optio
     elif "://" in parent and not parent.split("://", 1)[1]:
         return text, None  # a bucket (or file system root) named like a step: not a snapshot
     try:
-        storage = SnapshotStorage(parent, storage_options(args, attr), create=False)
+        storage = Storage(parent, storage_options(args, attr), create=False)
     except RootNotFoundError:
         return text, None  # no parent root: the command names the path itself as missing
     try:

@@ -4,7 +4,7 @@ a local directory, S3 or another fsspec URL).
 For each step, the files its manifest references are copied under the same relative paths,
 an earlier step's file it references incrementally included ("carried"), so the manifest is
 valid at the destination unchanged.  Files are streamed in parts (never held whole in memory)
-and written whole-or-nothing (:meth:`SnapshotStorage.write_streamed`).  Nothing is trusted
+and written whole-or-nothing (:meth:`Storage.write_streamed`).  Nothing is trusted
 before it is read back from the destination:
 
 * each copied file is read back part by part, and every part must equal the part read from the
@@ -39,8 +39,8 @@ import xxhash
 
 from ..checkpoint.level import SnapshotLevel, SnapshotNotFoundError
 from ..checkpoint.manifest import MANIFEST, Manifest, Shard, step_dir
-from ..checkpoint.storage import SnapshotStorage
 from ..errors import CorruptBlobError, FmstoreError
+from ..storage import Storage
 from ..storage.files import chunks
 
 #: Bytes per copy part (and per source digest): the unit read, written and uploaded.
@@ -127,8 +127,8 @@ class Copier:
 
     def __init__(
         self,
-        src: SnapshotStorage,
-        dst: SnapshotStorage,
+        src: Storage,
+        dst: Storage,
         *,
         part_size: int = PART_SIZE,
         on_bytes: Callable[[int], None] | None = None,
@@ -423,12 +423,12 @@ class Copier:
             time.sleep(0.02)
 
 
-def committed_steps(storage: SnapshotStorage) -> list[int]:
+def committed_steps(storage: Storage) -> list[int]:
     """The committed steps under ``storage``, oldest first."""
     return SnapshotLevel("root", storage).steps()
 
 
-def source_manifest(src: SnapshotStorage, step: int) -> tuple[bytes, Manifest]:
+def source_manifest(src: Storage, step: int) -> tuple[bytes, Manifest]:
     """The manifest of ``step`` under ``src``: its exact bytes (what the copy commits) and parsed."""
     rel = f"{step_dir(step)}/{MANIFEST}"
     try:

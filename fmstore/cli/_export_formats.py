@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..blob import SAFETENSORS_CODES, as_memoryview, dtype_name
+from ..checkpoint.manifest import numel
 from ..errors import ConfigError, FmstoreError
 from ._export_io import Feed, Item, Piece, pieces
 
@@ -253,7 +254,7 @@ def write_hf(
         index = {
             "metadata": {
                 "total_size": sum(it.nbytes for it in items),
-                "total_parameters": sum(_numel(it.shape) for it in items),
+                "total_parameters": sum(numel(it.shape) for it in items),
             },
             "weight_map": {it.out: name for name, s in zip(names, shards) for it in s},
         }
@@ -271,13 +272,6 @@ def write_hf(
             f.write(text)
         out.append(("config.json", len(text.encode())))
     return out
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 # ------------------------------------------------------------------ zarr v3
@@ -319,7 +313,7 @@ def zarr_chunks(shape: tuple[int, ...], itemsize: int, target: int | None = None
     target = ZARR_CHUNK_BYTES if target is None else target
     if not shape:
         return ()
-    row = max(1, _numel(shape[1:]) * itemsize)
+    row = max(1, numel(shape[1:]) * itemsize)
     rows = max(1, min(shape[0], target // row))
     return (rows, *(max(1, d) for d in shape[1:]))
 

@@ -57,8 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint.listing import SnapshotNotFoundError
     from ..checkpoint.manifest import parse_step_dir
-    from ..checkpoint.storage import SnapshotStorage
     from ..errors import ConfigError
+    from ..storage import Storage
     from ..units import parse_size
     from ._copy import Copier, committed_steps, source_manifest
 
@@ -83,9 +83,9 @@ def run(args: argparse.Namespace) -> int:
             f"DST_ROOT {args.dst!r} is named like a snapshot's directory; cp writes a root, whose "
             f"snapshots go in step-... directories under it: give {parent!r}"
         )
-    src = SnapshotStorage(src_url, storage_options(args), create=False, part_size=part)
+    src = Storage(src_url, storage_options(args), create=False, part_size=part)
     try:
-        dst = SnapshotStorage(args.dst, storage_options(args, "dst_storage_option"), part_size=part)
+        dst = Storage(args.dst, storage_options(args, "dst_storage_option"), part_size=part)
     except BaseException:
         src.close()
         raise

@@ -26,12 +26,13 @@ def _size(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint.storage import SnapshotStorage
-    from ._copy_usage import scan, usage
+    from ..checkpoint.snapshots import Snapshots
+    from ..storage import Storage
+    from ._copy_usage import usage
 
-    storage = SnapshotStorage(whole_root(args.root, args, "du"), storage_options(args), create=False)
+    storage = Storage(whole_root(args.root, args, "du"), storage_options(args), create=False)
     try:
-        out = usage(scan(storage))
+        out = usage(Snapshots(storage).scan())
     finally:
         storage.close()
     if args.json:

@@ -38,22 +38,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint.storage import SnapshotStorage
+    from ..checkpoint.snapshots import Snapshots
     from ..errors import ConfigError
-    from ._copy_usage import apply_gc, claimed, plan_gc, scan
+    from ..storage import Storage
 
     if args.keep_last is not None and args.keep_last < 1:
         raise ConfigError(f"--keep-last must be >= 1, got {args.keep_last}")
     root = whole_root(args.root, args, "gc")
-    storage = SnapshotStorage(root, storage_options(args), create=False)
+    storage = Storage(root, storage_options(args), create=False)
     try:
+        snapshots = Snapshots(storage)
         if not args.yes:
-            plan = plan_gc(scan(storage), args.keep_last)
+            plan = snapshots.plan_gc(args.keep_last)
         else:
-            with claimed(storage) as lease:
+            with snapshots.claimed("gc"):
                 # Listed under the lease: no save or retention changes the root meanwhile.
-                plan = plan_gc(scan(storage), args.keep_last)
-                apply_gc(storage, plan, lease)
+                plan = snapshots.plan_gc(args.keep_last)
+                snapshots.collect(plan)
     finally:
         storage.close()
     if args.json:

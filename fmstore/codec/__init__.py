@@ -7,15 +7,15 @@
 - ``huffman``: the GPU chain's FMHS format (byte planes, per-chunk canonical Huffman or raw)
   and its CPU reference, byte for byte what ``kernels/huffman.cu`` writes; ``gpu`` wraps the
   kernels, ``native`` loads the compiled CPU decoder (an extension built at install).
-- ``planes`` and ``quant``: the CPU references of the split/merge/XOR and int8 kernels.
+- ``planes`` and ``quant``: the CPU references of the split/merge and int8 kernels.
 """
 
 from .._lazy import lazy_names
+from ..errors import CodecError
 
 # Loaded on first use: the registry (what a manifest's codec names mean) is torch-free, so reading
 # manifests (``fmstore ls``, ``inspect``) needs no torch; the chains below import it.
 _LAZY = {
-    "CodecError": "chain",
     "Encoded": "chain",
     "decode": "chain",
     "encode": "chain",
@@ -23,7 +23,6 @@ _LAZY = {
     "read_header": "chain",
     "split": "planes",
     "merge": "planes",
-    "xor": "planes",
 }
 
 
@@ -38,5 +37,4 @@ __all__ = [
     "estimated_ratio",
     "split",
     "merge",
-    "xor",
 ]

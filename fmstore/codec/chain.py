@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CorruptBlobError, FmstoreError
+from ..errors import CodecError, FmstoreError
 
 MAGIC = b"FMC1"
 #: Chunk of one plane coded on its own: big enough for zstd, small enough to parallelize.
@@ -38,10 +38,6 @@ SAMPLE = 64 << 10
 #: A chunk keeps its zstd form only if that saves at least this fraction.
 MIN_SAVING = 0.02
 _local = threading.local()
-
-
-class CodecError(CorruptBlobError):
-    """An encoded blob that does not decode: damaged chunk, bad header, wrong size."""
 
 
 @dataclass(frozen=True)

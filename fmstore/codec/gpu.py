@@ -75,21 +75,6 @@ def merge(planes: torch.Tensor, width: int, out: torch.Tensor | None = None) -> 
     return _planes("fmstore_merge", planes, width, out)
 
 
-def xor(data: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Bytewise ``data ^ base`` on the GPU."""
-    _check(data, "xor")
-    _check(base, "xor")
-    if data.numel() != base.numel():
-        raise ValueError(f"XOR delta needs equal sizes, got {data.numel()} and {base.numel()} bytes")
-    out = torch.empty_like(data) if out is None else out
-    if data.numel():
-        stream = torch.cuda.current_stream(data.device).cuda_stream
-        _run(
-            _lib().fmstore_xor(data.data_ptr(), base.data_ptr(), out.data_ptr(), data.numel(), stream), "xor"
-        )
-    return out
-
-
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise int8 codes and scales of flat float32 CUDA ``x``, like ``quant.quantize``."""
     from .quant import BLOCK
@@ -178,17 +163,15 @@ class _Encoder:
     """Encodes every segment of a tensor (huffman.segments) in one launch of each kernel,
     straight into a device buffer laid out as the whole FMHS stream."""
 
-    def __init__(
-        self, data: torch.Tensor, width: int, base: torch.Tensor | None, scratch: torch.Tensor | None = None
-    ) -> None:
+    def __init__(self, data: torch.Tensor, width: int, scratch: torch.Tensor | None = None) -> None:
         from . import huffman
 
         _check(data, "huffman encode")
         if width not in huffman.WIDTHS or data.numel() % width:
             raise ValueError(f"{data.numel()} bytes are not a whole number of {width}-byte elements")
         self.lib = _lib("huffman")
-        self.data = xor(data, base) if base is not None else data
-        self.width, self.flags = width, 1 if base is not None else 0
+        self.data = data
+        self.width = width
         n = data.numel()
         self.seg_rows, self.rows, self.nchunks = _rows(n, width, data.device)
         self.capacity = huff_host_bytes(n, width)
@@ -211,7 +194,7 @@ class _Encoder:
         total = self.total if total is None else total
         _run(
             self.lib.fmstore_huff_encode(
-                self.data.data_ptr(), self.width, self.flags, self.rows.data_ptr(), self.seg_rows.ctypes.data,
+                self.data.data_ptr(), self.width, self.rows.data_ptr(), self.seg_rows.ctypes.data,
                 nseg, first, nseg if end is None else end, self.rows.data_ptr() + 8 * self.seg_rows.size,
                 self.nchunks, self.out.data_ptr(), total.data_ptr(), self.scratch.data_ptr(),
                 self.stream.cuda_stream,
@@ -220,11 +203,11 @@ class _Encoder:
         )  # fmt: skip
 
 
-def huff_encode(data: torch.Tensor, width: int, *, base: torch.Tensor | None = None) -> torch.Tensor:
+def huff_encode(data: torch.Tensor, width: int) -> torch.Tensor:
     """The FMHS stream of flat uint8 CUDA ``data`` as a CUDA tensor, encoded on the GPU
     without a host round trip of the data (one 8-byte read of its length).  Its bytes equal
     :func:`fmstore.codec.huffman.encode`'s on the same input."""
-    enc = _Encoder(data, width, base)
+    enc = _Encoder(data, width)
     enc.launch()
     return enc.out[: int(enc.total.item())]
 
@@ -282,14 +265,13 @@ def _units(jobs: list[torch.Tensor], group_bytes: int, first_bytes: int) -> list
 
 
 def huff_encode_many_to_host(
-    jobs: list[tuple[torch.Tensor, int, torch.Tensor | None, torch.Tensor | None]],
+    jobs: list[tuple[torch.Tensor, int, torch.Tensor | None]],
     *,
     group_bytes: int = GROUP_BYTES,
     first_bytes: int = FIRST_GROUP_BYTES,
 ) -> list[torch.Tensor]:
-    """Encode several CUDA tensors (``(flat uint8 data, element width, pinned out or None,
-    XOR base or None)``) into host memory; returns each one's FMHS stream (a view of its
-    ``out``), all landed.
+    """Encode several CUDA tensors (``(flat uint8 data, element width, pinned out or None)``)
+    into host memory; returns each one's FMHS stream (a view of its ``out``), all landed.
 
     A pipeline over groups of segments (at most ``group_bytes`` of input each, the first
     ``first_bytes``, growing between; a tensor's segments never mixed with another's): while one group's blobs
@@ -305,9 +287,9 @@ def huff_encode_many_to_host(
     copy = _copy_stream(dev)
     copy.wait_stream(compute)  # outputs may still be read by the caller's earlier copies
     scratch = torch.empty(
-        max(scratch_bytes(d.numel(), w) for d, w, _, _ in jobs), dtype=torch.uint8, device=dev
+        max(scratch_bytes(d.numel(), w) for d, w, _ in jobs), dtype=torch.uint8, device=dev
     )
-    units = _units([d for d, _, _, _ in jobs], group_bytes, first_bytes)
+    units = _units([d for d, _, _ in jobs], group_bytes, first_bytes)
     ends = torch.full((len(units),), -1, dtype=torch.int64, pin_memory=True)
     ends_np = ends.numpy()  # read as the kernels write it (mapped pinned memory)
     encoders: dict[int, _Encoder] = {}
@@ -318,8 +300,8 @@ def huff_encode_many_to_host(
     def launch(k: int) -> None:
         j, s0, s1 = units[k]
         if s0 == 0:
-            data, width, out, base = jobs[j]
-            enc = encoders[j] = _Encoder(data, width, base, scratch)
+            data, width, out = jobs[j]
+            enc = encoders[j] = _Encoder(data, width, scratch)
             outs[j] = (
                 out if out is not None else torch.empty(enc.capacity, dtype=torch.uint8, pin_memory=True)
             )
@@ -372,14 +354,12 @@ def huff_encode_many_to_host(
     return [r for r in results if r is not None]
 
 
-def huff_encode_to_host(
-    data: torch.Tensor, width: int, *, base: torch.Tensor | None = None, out: torch.Tensor | None = None
-) -> torch.Tensor:
+def huff_encode_to_host(data: torch.Tensor, width: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """Encode CUDA ``data`` on the GPU into host memory (``out``: a pinned uint8 buffer of at
     least :func:`huff_host_bytes`, else one is allocated); returns the view of ``out`` that
     holds the FMHS stream, once its bytes have landed.  Only the encoded bytes cross PCIe;
     copies overlap the encode (see :func:`huff_encode_many_to_host`)."""
-    (stream,) = huff_encode_many_to_host([(data, width, out, base)])
+    (stream,) = huff_encode_many_to_host([(data, width, out)])
     return stream
 
 
@@ -398,7 +378,6 @@ def huff_decode(
     out: torch.Tensor,
     width: int,
     *,
-    base: torch.Tensor | None = None,
     name: str = "",
 ) -> torch.Tensor:
     """Decode an FMHS CUDA ``stream`` into flat uint8 CUDA ``out`` on the GPU; waits for the
@@ -439,6 +418,4 @@ def huff_decode(
             raise CodecError(
                 f"{where}segment {i}, chunk {chunk}{plane} does not decode: {_HUFF_ERRORS.get(code, code)}"
             )
-    if base is not None:
-        xor(out, base, out=out)
     return out

@@ -15,10 +15,14 @@ stream is ``b"FMHS" | u32 segments | u64 blob length per segment | the blobs``.
 Blob layout, little-endian::
 
     header (32 B):  b"FMH1" | u32 version=1 | u64 nbytes | u32 width | u32 nchunks
-                    | u32 flags (bit 0: XOR delta) | u32 chunk symbols (CHUNK)
+                    | u32 flags (0) | u32 chunk symbols (CHUNK)
     chunk table:    per chunk, u64 payload offset | u32 stored bytes | u32 mode (0 raw, 1 huff)
                     | u64 check of the chunk's symbols
     payloads:       in chunk order, each a multiple of 4 bytes, 4-aligned
+
+A blob with any flag set does not decode (a :class:`CodecError`): bit 0 marked an XOR delta
+against an earlier snapshot, which earlier versions could write and this one neither writes nor
+reads.
 
 Chunks are plane-major: chunk ``c`` is plane ``c // per_plane``, symbols
 ``[(c % per_plane) * CHUNK, ...)`` of that plane.  A raw payload is the chunk's bytes, zero
@@ -48,7 +52,6 @@ import numpy as np
 import torch
 
 from .chain import CodecError
-from .planes import xor
 
 STREAM_MAGIC = b"FMHS"
 MAGIC = b"FMH1"
@@ -68,7 +71,6 @@ SUB = 1024
 #: Longest code: the decode table has 2**MAX_LEN entries (8 KiB in shared memory).
 MAX_LEN = 12
 RAW, HUFF = 0, 1
-FLAG_XOR = 1
 
 
 def _align4(n: int) -> int:
@@ -207,22 +209,17 @@ def segments(nbytes: int) -> list[tuple[int, int]]:
     return out
 
 
-def encode(
-    data: torch.Tensor, width: int, *, base: torch.Tensor | None = None, pool: Executor | None = None
-) -> bytes:
-    """The ``FMHS`` stream of flat uint8 CPU ``data`` of ``width``-byte elements (XOR'd with
-    ``base`` first when given): exactly the bytes the GPU encoder writes."""
+def encode(data: torch.Tensor, width: int, *, pool: Executor | None = None) -> bytes:
+    """The ``FMHS`` stream of flat uint8 CPU ``data`` of ``width``-byte elements: exactly the
+    bytes the GPU encoder writes."""
     if width not in WIDTHS or data.numel() % width:
         raise ValueError(f"{data.numel()} bytes are not a whole number of {width}-byte elements")
-    if base is not None:
-        data = xor(data, base)
-    flags = FLAG_XOR if base is not None else 0
-    blobs = [_encode_blob(data[a:b], width, flags, pool) for a, b in segments(data.numel())]
+    blobs = [_encode_blob(data[a:b], width, pool) for a, b in segments(data.numel())]
     head = STREAM_MAGIC + struct.pack("<I", len(blobs)) + b"".join(struct.pack("<Q", len(b)) for b in blobs)
     return head + b"".join(blobs)
 
 
-def _encode_blob(data: torch.Tensor, width: int, flags: int, pool: Executor | None) -> bytes:
+def _encode_blob(data: torch.Tensor, width: int, pool: Executor | None) -> bytes:
     rows = data.numpy().reshape(-1, width)
     n = rows.shape[0]
     jobs = list(_chunks(n, width))
@@ -243,7 +240,7 @@ def _encode_blob(data: torch.Tensor, width: int, flags: int, pool: Executor | No
             payload = sym.tobytes() + b"\0" * (stored - sym.size)
         parts.append(payload)
         offset += stored
-    head = struct.pack("<4sIQIIII", MAGIC, VERSION, data.numel(), width, len(jobs), flags, CHUNK)
+    head = struct.pack("<4sIQIIII", MAGIC, VERSION, data.numel(), width, len(jobs), 0, CHUNK)
     return head + bytes(table) + b"".join(parts)
 
 
@@ -257,6 +254,11 @@ def parse_header(raw: np.ndarray, name: str = "") -> tuple[int, int, int, int]:
         raise CodecError(f"{where}FMH1 version {version} / chunk {chunk} / width {width} is not supported")
     if nchunks != width * -(-(nbytes // width) // CHUNK):
         raise CodecError(f"{where}FMH1 header lists {nchunks} chunks for {nbytes} bytes (damaged)")
+    if flags:
+        raise CodecError(
+            f"{where}FMH1 flags {flags:#x} are not supported (bit 0 marks an XOR delta against an "
+            "earlier snapshot, which this fmstore no longer writes or reads)"
+        )
     return int(nbytes), int(width), int(nchunks), int(flags)
 
 
@@ -320,7 +322,6 @@ def decode(
     blob: memoryview | bytes | np.ndarray,
     out: torch.Tensor,
     *,
-    base: torch.Tensor | None = None,
     name: str = "",
     pool: Executor | None = None,
 ) -> torch.Tensor:
@@ -334,25 +335,21 @@ def decode(
     directory = read_directory(stream, out.numel(), name)
     lib = native.load()  # the compiled decoder; None: the numpy one
     if lib is not None:
-        _decode_native(lib, stream, directory, out, name, base is not None, pool)
+        _decode_native(lib, stream, directory, out, name, pool)
     else:
         for i, (a, b, at, size) in enumerate(directory):
-            _decode_blob(stream[at : at + size], out[a:b], name, i, base is not None, pool)
-    if base is not None:
-        xor(out, base, out=out)
+            _decode_blob(stream[at : at + size], out[a:b], name, i, pool)
     return out
 
 
 def _blob_header(
-    raw: np.ndarray, out: torch.Tensor, name: str, seg: int, have_base: bool
+    raw: np.ndarray, out: torch.Tensor, name: str, seg: int
 ) -> tuple[int, int, int, int, np.ndarray]:
     """read_header's answer for segment ``seg``'s blob, checked against its target."""
     nbytes, width, flags, start, table = read_header(raw, name)
     where = (f"tensor {name!r}: " if name else "") + f"segment {seg}, "
     if nbytes != out.numel():
         raise CodecError(f"{where}encoded {nbytes} bytes, the target holds {out.numel()}")
-    if flags & FLAG_XOR and not have_base:
-        raise CodecError(f"{where}is an XOR delta; its base snapshot's bytes are needed")
     return nbytes, width, flags, start, table
 
 
@@ -367,7 +364,6 @@ def _decode_native(
     directory: list[tuple[int, int, int, int]],
     out: torch.Tensor,
     name: str,
-    have_base: bool,
     pool: Executor | None,
 ) -> None:
     """Every segment through the compiled decoder (``fmhs_cpu.c``: structure checks, tables,
@@ -380,7 +376,7 @@ def _decode_native(
     for i, (a, b, at, size) in enumerate(directory):
         raw = stream[at : at + size]
         try:
-            nbytes, width, _, _, _ = _blob_header(raw, out[a:b], name, i, have_base)
+            nbytes, width, _, _, _ = _blob_header(raw, out[a:b], name, i)
         except CodecError as e:
             late = e
             break
@@ -433,11 +429,9 @@ def _native_error(
     return CodecError(f"{at} does not decode: {why}")
 
 
-def _decode_blob(
-    raw: np.ndarray, out: torch.Tensor, name: str, seg: int, have_base: bool, pool: Executor | None
-) -> None:
+def _decode_blob(raw: np.ndarray, out: torch.Tensor, name: str, seg: int, pool: Executor | None) -> None:
     """The reference decoder of one segment's blob (numpy)."""
-    nbytes, width, flags, start, table = _blob_header(raw, out, name, seg, have_base)
+    nbytes, width, flags, start, table = _blob_header(raw, out, name, seg)
     where = (f"tensor {name!r}: " if name else "") + f"segment {seg}, "
     n = nbytes // width
     jobs = list(_chunks(n, width))

@@ -2,7 +2,7 @@
 
 The ``.cu`` sources live in the repository's top-level ``kernels/`` folder (sources only, no
 Python: a top-level importable ``kernels`` would shadow PyPI's package of that name); a wheel
-carries them as ``fmstore/codec/cuda/``.  ``planes.cu`` holds byte-plane split/merge and XOR delta, ``quant.cu`` blockwise int8
+carries them as ``fmstore/codec/cuda/``.  ``planes.cu`` holds byte-plane split/merge, ``quant.cu`` blockwise int8
 quantization, ``huffman.cu`` the GPU codec chain (FMH1 blobs), each with a plain C ABI.  On first use
 on a CUDA machine it is compiled with ``nvcc`` for the current GPU's architecture into a
 per-user cache (``$FMSTORE_KERNEL_CACHE``, default ``~/.cache/fmstore/kernels``), keyed by
@@ -43,13 +43,11 @@ SIGNATURES = {
     "planes": {
         "fmstore_split": [_P, _P, _I64, ctypes.c_int, _P],
         "fmstore_merge": [_P, _P, _I64, ctypes.c_int, _P],
-        "fmstore_xor": [_P, _P, _P, _I64, _P],
     },
     "quant": {"fmstore_quantize": [_P, _P, _P, _I64, _P], "fmstore_dequantize": [_P, _P, _P, _I64, _P]},
     "huffman": {
         "fmstore_huff_encode": [
             _P,
-            ctypes.c_int,
             ctypes.c_int,
             _P,
             _P,

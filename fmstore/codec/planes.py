@@ -1,10 +1,9 @@
-"""Byte-plane split and merge, and XOR delta: the reversible transforms before entropy coding.
+"""Byte-plane split and merge: the reversible transform before entropy coding.
 
 A float's exponent lives in its top byte; grouping byte ``i`` of every element together
 ("plane" ``i``) turns one hard-to-compress stream into an exponent plane with a skewed
 byte distribution (compresses ~2.8x on trained weights) and mantissa planes that are close
-to random (stored raw).  The XOR of a tensor with the same tensor in an earlier snapshot is
-mostly zero bits where the weights barely moved.  Both are exact on any bytes.
+to random (stored raw).  It is exact on any bytes.
 """
 
 from __future__ import annotations
@@ -38,22 +37,6 @@ def merge(planes: torch.Tensor, width: int, out: torch.Tensor | None = None) -> 
     rows = dst.reshape(-1, width)
     for i in range(width):
         rows[:, i] = src[i]
-    return out
-
-
-def xor(data: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Bytewise ``data ^ base`` (its own inverse: ``xor(xor(a, b), b) == a``)."""
-    if data.numel() != base.numel():
-        raise ValueError(f"XOR delta needs equal sizes, got {data.numel()} and {base.numel()} bytes")
-    if out is None:
-        out = torch.empty_like(data)
-    a, b, o = data.numpy(), base.numpy(), out.numpy()
-    n8 = a.size // 8 * 8  # 8 bytes at a time where the buffers allow it
-    if n8 and all(x.ctypes.data % 8 == 0 for x in (a, b, o)):
-        np.bitwise_xor(a[:n8].view(np.uint64), b[:n8].view(np.uint64), out=o[:n8].view(np.uint64))
-        np.bitwise_xor(a[n8:], b[n8:], out=o[n8:])
-    else:
-        np.bitwise_xor(a, b, out=o)
     return out
 
 

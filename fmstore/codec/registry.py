@@ -21,6 +21,11 @@ name            format                                                configurat
 ``int8-absmax`` int8 codes then float32 scales, one per block          ``block``
 =============== ===================================================== ===========
 
+A writer's ``codec=`` option (``Checkpointer``, the Lightning and DCP integrations) is read
+here too: :func:`choose` resolves it (``"auto"``, a lossless codec's name above, or an alias of
+one, :data:`ALIASES`), :func:`lossless` gives the codec a CPU encode then uses, and
+:func:`gpu_codec` the one a GPU encode while staging writes.
+
 Manifests of version 1 recorded chains as lists of strings (``["planes4", "zstd"]``,
 ``["planes2", "huff"]``, ``["int8-absmax256"]``); :func:`from_legacy` reads them.
 """
@@ -31,14 +36,10 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import CorruptBlobError, FmstoreError
+from ..errors import CodecConfigError, ConfigError, CorruptBlobError
 
 if TYPE_CHECKING:  # torch is imported where a codec runs: reading a manifest (fmstore ls) needs none
     import torch
-
-
-class CodecConfigError(FmstoreError):
-    """A codec name or configuration this fmstore does not know."""
 
 
 class Codec:
@@ -128,6 +129,48 @@ def get(spec: dict[str, Any] | Codec, where: str = "") -> Codec:
         return factory(**cfg)
     except (TypeError, ValueError) as e:
         raise CodecConfigError(f"{at}codec {spec['name']!r}: bad configuration {cfg!r} ({e})") from None
+
+
+#: ``codec="auto"``: the writer picks per tensor (FMHS encoded on the GPU for large CUDA tensors
+#: where the kernels load, ``planes-zstd`` for the rest).
+AUTO = "auto"
+#: Earlier names of codecs, accepted wherever a writer's ``codec=`` is.
+ALIASES = {"zstd": "planes-zstd", "huffman": "fmhs"}
+
+
+def choices() -> list[str]:
+    """What a writer's ``codec=`` names (aliases aside): ``"auto"`` and each registered
+    lossless byte-plane codec."""
+    return [AUTO] + [
+        n for n, f in _REGISTRY.items() if isinstance(f, type) and issubclass(f, _ByteWidth) and not f.lossy
+    ]
+
+
+def choose(codec: str) -> str:
+    """The codec a writer's ``codec=`` value means: ``"auto"`` or a registered codec's name,
+    an alias resolved; anything else is a :class:`~fmstore.errors.ConfigError`."""
+    name = ALIASES.get(codec, codec) if isinstance(codec, str) else codec
+    if name not in choices():
+        raise ConfigError(
+            f"codec must be one of {choices()} (or an earlier name: {list(ALIASES)}), got {codec!r}"
+        )
+    return name
+
+
+def lossless(choice: str, width: int) -> Codec:
+    """The codec a writer with ``choice`` (from :func:`choose`) encodes ``width``-byte elements
+    with on the CPU (``"auto"``: ``planes-zstd``)."""
+    return _REGISTRY[PlanesZstd.name if choice == AUTO else choice](width)
+
+
+def encodes_on_gpu(choice: str) -> bool:
+    """Whether a writer with ``choice`` may encode CUDA tensors on their GPU while staging."""
+    return choice in (AUTO, Fmhs.name)
+
+
+def gpu_codec(width: int) -> Codec:
+    """The codec of a tensor encoded on its GPU while staging: FMHS, what the kernels write."""
+    return Fmhs(width)
 
 
 def from_legacy(chain: list[str], where: str = "") -> list[dict[str, Any]]:

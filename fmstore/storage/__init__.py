@@ -1,7 +1,7 @@
 """Named files under a root, behind one interface: the lowest layer of fmstore.
 
 :class:`Storage` is what the durable tiers and the snapshot levels write and read through;
-:func:`open_storage` picks the implementation once, by URL (a local directory, S3, any other
+``Storage(url, ...)`` picks the implementation once, by URL (a local directory, S3, any other
 fsspec file system).  Timeouts, retries and the translation of faults into
 :class:`~fmstore.errors.StorageError` live here and nowhere else.
 """
@@ -10,7 +10,7 @@ from .base import Reader, Storage, scheme_of
 from .fsspec_ import FsspecStorage
 from .local import LocalStorage
 from .s3 import S3_ATTEMPTS, S3_CONFIG, S3Storage
-from .url import open_fs, open_storage, storage_class
+from .url import delete_file, open_fs, storage_class
 
 __all__ = [
     "Storage",
@@ -18,8 +18,8 @@ __all__ = [
     "LocalStorage",
     "FsspecStorage",
     "S3Storage",
-    "open_storage",
     "open_fs",
+    "delete_file",
     "storage_class",
     "scheme_of",
     "S3_CONFIG",

@@ -4,7 +4,7 @@ A :class:`Storage` holds files under one root, addressed by relative names ``"a/
 is written whole and becomes visible only once complete; it is read back whole, by byte
 ranges, or (for files that may be replaced while read) through a :class:`Reader` of one
 version.  Directories are the prefixes of files, as on an object store.  The
-implementation is chosen once, by URL (:func:`fmstore.storage.open_storage`); every fault
+implementation is chosen once, by URL (``Storage(url, ...)``); every fault
 below the interface becomes a :class:`StorageError` naming the file and the URL, here and
 nowhere else.
 """
@@ -50,8 +50,11 @@ class Reader(ABC):
 class Storage(ABC):
     """Named files under one root (a path, ``file://``, ``s3://``, ``memory://``, any fsspec URL).
 
-    ``Storage(url, ...)`` opens the implementation the URL names, like :func:`open_storage`
-    (as ``pathlib.Path`` gives a ``PosixPath``).  ``part_size``: bytes per ranged read, upload
+    ``Storage(url, storage_options, ...)`` opens the implementation the URL names (as
+    ``pathlib.Path`` gives a ``PosixPath``): ``storage_options`` go to fsspec untouched (S3 gets
+    fmstore's timeouts unless they set their own); ``fs``: an already open ``(filesystem, root
+    path)`` to share; ``create=False``: a local root that is not there is
+    :class:`~fmstore.errors.RootNotFoundError`, not made.  ``part_size``: bytes per ranged read, upload
     part and streamed part; ``concurrency``: parts in flight (and in memory) at once;
     ``io_threads``: the pool local I/O, decoding and filling streamed parts run on.
 

@@ -27,18 +27,6 @@ def storage_class(url: str, fs: Any = None) -> type[Storage]:
     return FsspecStorage
 
 
-def open_storage(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None, **kwargs: Any) -> Storage:
-    """The :class:`Storage` for ``url`` (a path, ``file://``, ``s3://``, ``memory://``, ...);
-    the same as ``Storage(url, storage_options, ...)``, for code that prefers a function.
-
-    ``storage_options`` go to fsspec untouched (S3 gets fmstore's timeouts unless they set
-    their own); keyword arguments as the implementation's constructor takes them
-    (``io_threads``, ``part_size``, ``concurrency``; ``fs``: an already open
-    ``(filesystem, root path)`` to share; ``create=False``: a local root that is not there is
-    :class:`~fmstore.errors.RootNotFoundError`, not made)."""
-    return Storage(os.fspath(url), storage_options, **kwargs)
-
-
 def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
     """(fsspec file system, root path) for ``url`` with the options fmstore's storage for that
     URL would use (S3: the timeouts); for code that needs fsspec itself."""
@@ -46,3 +34,17 @@ def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[An
     if not issubclass(cls, FsspecStorage):
         cls = FsspecStorage  # a local path, through fsspec's local file system
     return cls.open_fs(url, storage_options)
+
+
+def delete_file(path: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Delete the one file ``path`` (a local path or a URL) that lies outside any checkpoint
+    root, e.g. a Lightning checkpoint's pointer file; one that is not there is fine.  What is
+    under a root is deleted by its owner, :class:`fmstore.checkpoint.snapshots.Snapshots`, only."""
+    try:
+        if scheme_of(path) == "file":
+            os.unlink(path.removeprefix("file://"))
+        else:
+            fs, p = open_fs(path, storage_options)
+            fs.rm_file(p)
+    except FileNotFoundError:
+        pass

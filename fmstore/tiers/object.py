@@ -13,12 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
-from ..storage import S3_ATTEMPTS, S3_CONFIG, FsspecStorage, open_fs, open_storage
+from ..storage import FsspecStorage, Storage
 from ..units import parse_size
 from .blobfiles import FileTier
 
-# open_fs and the S3 timeouts moved to fmstore.storage; these names stay importable from here.
-__all__ = ["ObjectTier", "open_fs", "S3_CONFIG", "S3_ATTEMPTS"]
+__all__ = ["ObjectTier"]
 
 
 class ObjectTier(FileTier):
@@ -45,7 +44,7 @@ class ObjectTier(FileTier):
         self.url = url
         self.part_size = max(parse_size(part_size, what="part_size") or 0, 5 << 20)  # S3 minimum
         self.max_concurrency = max(1, max_concurrency)
-        storage = open_storage(
+        storage = Storage(
             url,
             storage_options,
             io_threads=self.max_concurrency,
