@@ -42,5 +42,6 @@ def install() -> None:
         return
     if any(isinstance(f, _SourceTreeFinder) for f in sys.meta_path):
         return
-    # Last, so an installed mapping (a wheel's folders, the editable finder) is found first.
-    sys.meta_path.append(_SourceTreeFinder(repo))
+    # First: the integrations must come from the checkout this fmstore comes from, also where
+    # an editable install of another checkout maps the name (a wheel's fmstore is no checkout).
+    sys.meta_path.insert(0, _SourceTreeFinder(repo))

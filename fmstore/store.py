@@ -20,14 +20,14 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 
 import torch
 
-from . import exiting
 from .blob import BlobInfo, Value, describe
 from .errors import BlobNotFoundError, CapacityError, ConfigError, FmstoreError, WaitTimeoutError
+from .jobs import BackgroundJobs, Job
 from .keys import check_key
 from .tiers.base import Tier
 from .units import format_size, parse_size
@@ -106,13 +106,16 @@ class TieredStore:
         self._entries: dict[str, _Entry] = {}
         self._lru: list[OrderedDict[str, None]] = [OrderedDict() for _ in self.tiers]
         self._inflight = 0
-        self._pending: set[Future[None]] = set()
-        self._errors: list[BaseException] = []
         self._moved_in = [0] * len(self.tiers)
         self._moved_out = [0] * len(self.tiers)
-        self._executor = ThreadPoolExecutor(max(1, workers), thread_name_prefix="fmstore-store")
+        # Write-back and demotions: their errors are raised once, by flush() or the next put/get;
+        # what is in flight at exit is finished, not lost.
+        self._jobs = BackgroundJobs(
+            f"background move(s) of a TieredStore ({', '.join(names)})",
+            workers=max(1, workers),
+            thread_name="fmstore-store",
+        )
         self._closed = False
-        exiting.register(self)  # write-back and demotions in flight at exit are finished, not lost
         # Adopt what durable tiers already hold (a store reopened after a restart).
         for i, tier in enumerate(self.tiers):
             for key in tier.list():
@@ -230,7 +233,7 @@ class TieredStore:
         for key in keys:
             check_key(key)
             # A failed prefetch is the handle's to report, not flush()'s.
-            futures.append(self._submit(self._prefetch_job, key, target, record_errors=False))
+            futures.append(self._submit(self._prefetch_job, key, target, record=False).future)
         return PrefetchHandle(futures)
 
     def flush(self) -> None:
@@ -286,7 +289,7 @@ class TieredStore:
                 "tiers": tiers,
                 "inflight_bytes": self._inflight,
                 "max_inflight": self.max_inflight,
-                "pending": len(self._pending),
+                "pending": len(self._jobs.running()),
                 "keys": len(self._entries),
             }
 
@@ -303,36 +306,17 @@ class TieredStore:
                 self.flush()
         finally:
             self._closed = True
-            exiting.unregister(self)
-            self._executor.shutdown(wait=True)
+            self._jobs.close()
             for t in self.tiers:
                 t.close()
-
-    def _exit_pending(self) -> str | None:
-        with self._lock:
-            n = len(self._pending)
-        return (
-            f"{n} background move(s) of a TieredStore ({', '.join(t.name for t in self.tiers)})"
-            if n
-            else None
-        )
 
     def _wait_pending(self, timeout: float | None) -> bool:
         """Wait (up to ``timeout`` s) for the background moves, new ones included; once none is
         left, re-raise their errors.  Whether none is left."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self._lock:
-                pending = list(self._pending)
-            if not pending:
-                self._raise_errors()
-                return True
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return False
-            wait(pending, timeout=left)
-
-    _exit_wait = _wait_pending  # fmstore.exiting's protocol
+        if not self._jobs.wait(timeout):
+            return False
+        self._raise_errors()
+        return True
 
     def __enter__(self) -> TieredStore:
         return self
@@ -496,31 +480,13 @@ class TieredStore:
 
     # ------------------------------------------------------------------ background
 
-    def _submit(self, fn: Callable[..., None], *args: object, record_errors: bool = True) -> Future[None]:
+    def _submit(self, fn: Callable[..., None], *args: object, record: bool = True) -> Job[None]:
         if self._closed:
             raise FmstoreError("the tiered store is closed")
-        fut = self._executor.submit(self._run_job, fn, args, record_errors)
-        with self._lock:
-            self._pending.add(fut)
-        fut.add_done_callback(self._job_done)
-        return fut
-
-    def _run_job(self, fn: Callable[..., None], args: tuple[object, ...], record_errors: bool) -> None:
-        try:
-            fn(*args)
-        except BaseException as e:
-            if record_errors:
-                with self._lock:
-                    self._errors.append(e)
-            raise
-
-    def _job_done(self, fut: Future[None]) -> None:
-        with self._lock:
-            self._pending.discard(fut)
+        return self._jobs.submit(fn, *args, record=record)
 
     def _raise_errors(self) -> None:
-        with self._lock:
-            errors, self._errors = self._errors, []
+        errors = self._jobs.pop_errors()
         if errors:
             raise FmstoreError(
                 f"background tier movement failed ({len(errors)} error(s)): {errors[0]}"
@@ -529,7 +495,7 @@ class TieredStore:
     def _reserve_inflight(self, nbytes: int) -> None:
         with self._cond:
             while self._inflight and self._inflight + nbytes > self.max_inflight:
-                if self._errors:
+                if self._jobs.failed():
                     break  # a failed move holds its bytes; do not wait for it forever
                 self._cond.wait(0.1)
             self._inflight += nbytes

@@ -360,7 +360,7 @@ def test_gpu_state_saves_through_pinned_staging(tmp_path):
     with Checkpointer(tmp_path) as ck:
         handle = ck.save(1, state, block=False)
         handle.wait_staged()
-        assert ck._stager.pool.pinned
+        assert ck._pipeline.stager.pool.pinned
         handle.wait()
         out = ck.load(device="cuda")
         assert out["model"]["weight"].device.type == "cuda"
@@ -380,7 +380,7 @@ def test_reserve_pins_ahead_what_saves_then_use(tmp_path):
     opt.step()
     state = {"model": model, "optim": opt}
     with Checkpointer(tmp_path) as ck:
-        pool = ck._stager.pool
+        pool = ck._pipeline.stager.pool
         held = ck.reserve(state)
         assert held == pool.reserved > 0
         allocations = pool.allocations

@@ -135,8 +135,8 @@ def test_host_memory_copy_is_independent_of_the_live_tensors(tmp_path: Path) -> 
         h4 = ck.save(4, make_state(4), block=False)
         assert_equal_state(ck.load(), make_state(4))
         assert h4.wait().levels == ["host"]
-        reserved = ck._stager.pool.reserved
-    assert ck._stager.pool.reserved == 0 and reserved > 0  # close() gives host memory back
+        reserved = ck._pipeline.stager.pool.reserved
+    assert ck._pipeline.stager.pool.reserved == 0 and reserved > 0  # close() gives host memory back
 
 
 def test_first_save_pins_the_steady_state_host_memory(tmp_path: Path) -> None:
@@ -145,8 +145,8 @@ def test_first_save_pins_the_steady_state_host_memory(tmp_path: Path) -> None:
     run allocates nothing (pinning gigabytes mid-run stalled a GPU step for seconds)."""
     with Checkpointer(tmp_path, policy=Policy(host_memory=1, every=3), max_persists=1) as ck:
         ck.save(1, make_state(1)).wait()
-        pool = ck._stager.pool
-        one_set = sum(size_class(n) for n in ck._reserved_for)
+        pool = ck._pipeline.stager.pool
+        one_set = sum(size_class(n) for n in ck._pipeline.reserved_for)
         assert pool.reserved == 3 * one_set
         allocations = pool.allocations
         handles = [ck.save(step, make_state(step), block=False) for step in range(2, 8)]
@@ -159,11 +159,11 @@ def test_first_save_pins_the_steady_state_host_memory(tmp_path: Path) -> None:
     # being staged is one of them (the H100's 1 B job pinned 2 x 11.3 GiB where 1 x was used).
     with Checkpointer(tmp_path / "durable-only", max_persists=2) as ck:
         ck.save(1, make_state(1)).wait()
-        assert ck._stager.pool.reserved == 2 * sum(size_class(n) for n in ck._reserved_for)
-        allocations = ck._stager.pool.allocations
+        assert ck._pipeline.stager.pool.reserved == 2 * sum(size_class(n) for n in ck._pipeline.reserved_for)
+        allocations = ck._pipeline.stager.pool.allocations
         for h in [ck.save(step, make_state(step), block=False) for step in range(2, 8)]:
             h.wait()
-        assert ck._stager.pool.allocations == allocations
+        assert ck._pipeline.stager.pool.allocations == allocations
         assert_equal_state(ck.load(step=7), make_state(7))
 
 
@@ -321,6 +321,6 @@ def test_gpu_rollback_from_host_memory(tmp_path: Path, monkeypatch: pytest.Monke
         ck.load(state)  # back to the snapshot, in place on the GPU
         for k, v in want.items():
             assert state[k].device.type == "cuda" and torch.equal(state[k], v), k
-        assert ck._stager.pool.pinned
+        assert ck._pipeline.stager.pool.pinned
         out = ck.load(device="cuda")
         assert out["w"].device.type == "cuda" and torch.equal(out["w"], want["w"])

@@ -152,7 +152,7 @@ def test_non_blocking_save_overlaps_and_keeps_the_step(tmp_path, list_later):
         t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
     )
     with Checkpointer(tmp_path, max_persists=1) as ck:
-        ck._stager.list_later = list_later
+        ck._pipeline.stager.list_later = list_later
         handle = ck.save(1, {"model": model, "optim": opt}, block=False)
         model(x).pow(2).mean().backward()  # updates BatchNorm's running stats: copied before this
         opt.step()  # waits for the parameters' copies first
@@ -161,7 +161,7 @@ def test_non_blocking_save_overlaps_and_keeps_the_step(tmp_path, list_later):
         assert handle.nbytes == state_bytes
         # The first save pinned the steady state's buffers (max_persists=1: the one being
         # staged is the one persisting), also when the feeder acquired them.
-        assert ck._stager.pool.reserved == 1 * sum(size_class(n) for n in ck._reserved_for)
+        assert ck._pipeline.stager.pool.reserved == 1 * sum(size_class(n) for n in ck._pipeline.reserved_for)
         fresh = torch.nn.Sequential(
             torch.nn.Linear(512, 2048), torch.nn.BatchNorm1d(2048), torch.nn.Linear(2048, 512)
         )

@@ -457,6 +457,21 @@ class SnapshotLevel:
         return f"SnapshotLevel({self.name!r}, {self.url!r}, every={self.every}, keep_last={self.keep_last})"
 
 
+def open_levels(specs: list[Any], *, io_threads: int, **options: Any) -> list[SnapshotLevel]:
+    """The levels of a policy's resolved ``specs`` (:func:`~fmstore.checkpoint.policy.resolve`),
+    each on its storage; ``options`` are :class:`SnapshotLevel`'s."""
+    return [
+        SnapshotLevel(
+            spec.name,
+            Storage(spec.url, spec.storage_options, io_threads=io_threads, fs=spec.fs),
+            every=spec.every,
+            keep_last=spec.keep_last,
+            **options,
+        )
+        for spec in specs
+    ]
+
+
 def _may_match(base: Manifest, piece: Piece, dtype: torch.dtype) -> bool:
     """Whether the base snapshot has a shard that could hold this piece unchanged."""
     old = base.tensors.get(piece.name)
