@@ -9,15 +9,12 @@ the full tensors gathered at save, and training continues identically.
 
 from __future__ import annotations
 
-import functools
 import os
-import sys
-from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import free_port
+from conftest import free_port, quick_exit
 from safetensors.torch import load_file, save_file
 from test_checkpoint_distributed import _init
 
@@ -62,24 +59,7 @@ def full_state(model: torch.nn.Module, optim: torch.optim.Optimizer) -> dict[str
     return out
 
 
-def _quick_exit(fn: Any) -> Any:
-    """A worker that, once its body passed, leaves without interpreter finalization: torch's
-    C++ teardown in these 4-rank FSDP2/gloo processes aborts now and then at exit ("terminate
-    called without an active exception", SIGABRT with no Python frame: 3 of 16 runs here, also
-    before this session's changes), after everything the test checks has passed.  A failure in
-    the body still raises, and spawn reports it as before."""
-
-    @functools.wraps(fn)
-    def run(*args: Any) -> None:
-        fn(*args)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-    return run
-
-
-@_quick_exit
+@quick_exit
 def _save_worker(rank: int, world: int, port: int, root: str) -> None:
     _init(rank, world, port)
     try:
@@ -109,7 +89,7 @@ def _save_worker(rank: int, world: int, port: int, root: str) -> None:
         dist.destroy_process_group()
 
 
-@_quick_exit
+@quick_exit
 def _load_worker(rank: int, world: int, port: int, root: str) -> None:
     _init(rank, world, port)
     try:
@@ -145,7 +125,7 @@ def test_fsdp2_save_on_4_load_on_2(tmp_path):
     mp.spawn(_load_worker, args=(2, free_port(), root), nprocs=2, join=True)
 
 
-@_quick_exit
+@quick_exit
 def _save_stateful_worker(rank: int, world: int, port: int, root: str) -> None:
     from fmstore import RNGState
 
@@ -166,7 +146,7 @@ def _save_stateful_worker(rank: int, world: int, port: int, root: str) -> None:
         dist.destroy_process_group()
 
 
-@_quick_exit
+@quick_exit
 def _load_stateful_worker(rank: int, world: int, port: int, root: str) -> None:
     from fmstore import RNGState
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from conftest import fail_shard_writes, shard_file, shard_name, shard_rel
+from conftest import fail_shard_writes, quick_exit, shard_file, shard_name, shard_rel
 from fmstore.integrations.dcp import FmstoreStorageReader, FmstoreStorageWriter
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -402,6 +402,7 @@ def gathered(state: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     return out
 
 
+@quick_exit
 def _sharded_worker(rank: int, world: int, port: int, root: str) -> None:
     from test_checkpoint_fsdp import build, train
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh

@@ -74,21 +74,25 @@ try:  # the version torch's FileSystemWriter records in the Metadata it returns 
 except ImportError:  # pragma: no cover - a torch before 2.5 records none
     CURRENT_DCP_VERSION = None  # type: ignore[assignment]
 
-from fmstore.blob import as_bytes_tensor, dtype_from_name, dtype_name
-from fmstore.checkpoint.checkpointer import COMPRESSION
-from fmstore.checkpoint import Snapshots
+from fmstore.blob import as_bytes_tensor, dtype_name
+from fmstore.checkpoint import (
+    BufferPool,
+    Manifest,
+    Region,
+    SnapshotReader,
+    Snapshots,
+    check_save_options,
+    step_dir,
+)
 from fmstore.checkpoint.lease import DEFAULT_TTL
 from fmstore.checkpoint.level import SnapshotLevel
-from fmstore.checkpoint.manifest import Manifest, ManifestError, Shard, TensorEntry, step_dir
-from fmstore.checkpoint.reader import Region, SnapshotReader
-from fmstore.checkpoint.sharding import LoadMismatchError, Piece
+from fmstore.checkpoint.manifest import Shard, TensorEntry
+from fmstore.checkpoint.sharding import Piece
 from fmstore.checkpoint.staging import Staged, StagedTensor, Stager
-from fmstore.checkpoint.tree import UnsupportedValueError, flatten, tensor_leaves, unflatten, unique_name
+from fmstore.checkpoint.tree import flatten, tensor_leaves, unflatten, unique_name
 from fmstore.checkpoint.writing import ItemBuilder
-from fmstore.codec.registry import choose as choose_codec
-from fmstore.errors import ConfigError, FmstoreError
+from fmstore.errors import ConfigError, FmstoreError, LoadMismatchError, ManifestError, UnsupportedValueError
 from fmstore.storage import Storage
-from fmstore.tiers.host import BufferPool
 
 __all__ = ["FmstoreStorageWriter", "FmstoreStorageReader", "parse_checkpoint_id"]
 
@@ -343,12 +347,8 @@ class FmstoreStorageWriter(_Base, StorageWriter):
         lease_ttl: float = DEFAULT_TTL,
     ) -> None:
         super().__init__(root, step, storage_options, io_threads)
-        if compression not in COMPRESSION:
-            raise ConfigError(
-                f"compression must be one of {sorted(COMPRESSION, key=str)}, got {compression!r}"
-            )
-        self.compression = COMPRESSION[compression]
-        self.codec = choose_codec(codec)  # the names and aliases Checkpointer takes
+        # The values and aliases Checkpointer takes (a ConfigError otherwise).
+        self.compression, self.codec = check_save_options(compression, codec)
         self.quantize = (quantize,) if isinstance(quantize, str) else tuple(quantize)
         self.incremental = incremental
         self.is_coordinator = True
@@ -691,7 +691,7 @@ class FmstoreStorageReader(_Base, StorageReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        manifest = self._level().manifest(self.step)
+        manifest = Snapshots(self._resources().storage).manifest(self.step)
         self._view = view = _view_of(manifest, rank)
         info = manifest.meta.get(META_KEY, {})
         sm = info.get("storage_meta", {})
@@ -761,7 +761,7 @@ class FmstoreStorageReader(_Base, StorageReader):
                     f"{list(item.lengths)}"
                 )
             offsets = tuple(int(a) + int(b) for a, b in zip(item.storage_index.offset, item.storage_offsets))
-            saved = dtype_from_name(view.manifest.tensors[name].dtype)
+            saved = view.manifest.tensors[name].torch_dtype
             if dest.dtype != saved:  # DCP converts on load (copy_): read as saved, then convert
                 tmp = torch.empty(tuple(dest.shape), dtype=saved)
                 casts.append((dest, tmp))
@@ -927,13 +927,17 @@ class _View:
 def _view_of(manifest: Manifest, rank: int) -> _View:
     """Rebuild the nested state with meta-tensor placeholders from the manifest's tree, then
     flatten it as DCP does: the keys are those DCP gave (or would give) the state."""
-    placeholders: dict[str, torch.Tensor] = {}
+    placeholders: dict[str, torch.Tensor] = {}  # kept: their ids name them below
     names_by_id: dict[int, str] = {}
-    for name, entry in manifest.tensors.items():
-        t = _placeholder(entry.shape, dtype_from_name(entry.dtype))
-        placeholders[name] = t
+
+    def placeholder(name: str) -> torch.Tensor:
+        entry = manifest.tensors[name]
+        t = placeholders[name] = _placeholder(entry.shape, entry.torch_dtype)
         names_by_id[id(t)] = name
-    nested = unflatten(_arrays_as_tensors(manifest.tree), placeholders, rank)
+        return t
+
+    # DCP knows no numpy arrays: they are tensors to it (and .numpy() of a placeholder fails)
+    nested = manifest.state(rank=rank, tensor=placeholder, arrays_as_tensors=True)
     if not isinstance(nested, dict):
         nested = {"state": nested}  # DCP's state is a dict; a snapshot of another root gets a key
     flat, mappings = flatten_state_dict(nested)
@@ -955,7 +959,7 @@ def _view_of(manifest: Manifest, rank: int) -> _View:
         entry = manifest.tensors[name]
         names[fqn] = name
         metadata[fqn] = TensorStorageMetadata(
-            properties=TensorProperties(dtype=dtype_from_name(entry.dtype)),
+            properties=TensorProperties(dtype=entry.torch_dtype),
             size=torch.Size(entry.shape),
             chunks=[ChunkStorageMetadata(torch.Size(s.offsets), torch.Size(s.lengths)) for s in entry.shards],
         )
@@ -981,18 +985,3 @@ def _marked_bytes(manifest: Manifest) -> dict[str, dict[str, Any]]:
         if type(pos) is not int or not 0 <= pos <= entry.shape[0]:
             raise ManifestError(f"{where}: bytes value {name!r} has a bad position {pos!r}")
     return marked
-
-
-def _arrays_as_tensors(node: dict[str, Any]) -> dict[str, Any]:
-    """The tree with numpy-array leaves read as tensors (DCP knows no arrays; unflatten would
-    call ``.numpy()`` on the placeholders)."""
-    kind = node["t"]
-    if kind == "ndarray":
-        return {**node, "t": "tensor"}
-    if kind in ("dict", "odict"):
-        return {**node, "items": [[k, _arrays_as_tensors(v)] for k, v in node["items"]]}
-    if kind in ("list", "tuple"):
-        return {**node, "items": [_arrays_as_tensors(v) for v in node["items"]]}
-    if kind == "per_rank":
-        return {**node, "ranks": {r: _arrays_as_tensors(v) for r, v in node["ranks"].items()}}
-    return node

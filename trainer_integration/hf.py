@@ -64,10 +64,8 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import ExportableState  # noqa: E402
 
 from fmstore import Checkpointer, ConfigError, Policy, RNGState
-from fmstore.checkpoint import LoadMismatchError, SaveHandle, overlap
-from fmstore.checkpoint.memory import HOST
-from fmstore.checkpoint.tree import subtree, unflatten
-from fmstore.storage.files import write_atomic
+from fmstore.checkpoint import HOST, LoadMismatchError, SaveHandle, watch_optimizer_steps
+from fmstore.storage import write_atomic
 
 __all__ = ["FmstoreCallback", "TRAINER_STATE_NAME", "LOADERS"]
 
@@ -150,7 +148,7 @@ class FmstoreCallback(TrainerCallback):
         self._saved_step: int | None = None
         self.last_save: SaveHandle | None = None  # the handle of the latest save
         # Seen stepping from now on, the optimizer's tensors can be copied under the next step.
-        overlap.install()
+        watch_optimizer_steps()
 
     # ------------------------------------------------------------------ public
 
@@ -365,8 +363,11 @@ class FmstoreCallback(TrainerCallback):
         ck = self.checkpointer
         durable = [lvl for lvl in ck.level_names() if lvl != HOST and step in ck.steps(lvl)]
         if durable:
-            node = subtree(ck.manifest(step, level=durable[0]).tree, (TRAINER_STATE,))
-            value = unflatten(node, {}) if node is not None else None
+            manifest = ck.manifest(step, level=durable[0])
+            try:
+                value = manifest.state((TRAINER_STATE,))
+            except KeyError:  # nothing saved under the key
+                value = None
         else:  # only in this process's host memory (a second train() in the same process)
             value = ck.load(step=step, level=HOST).get(TRAINER_STATE)
         if not isinstance(value, dict) or value.get("global_step") != step:

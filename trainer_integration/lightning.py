@@ -20,7 +20,7 @@ What the peers get wrong, and what is done here instead:
   training thread (#21079), a second full copy in memory and time.  Here the copy goes once, into
   fmstore's (pinned) buffer pool; with ``block=False`` parameter and optimizer-state copies run
   under the next forward/backward, and fmstore's optimizer step pre-hook
-  (:mod:`fmstore.checkpoint.overlap`) makes the next ``optimizer.step()`` wait for them, so every
+  (:func:`fmstore.checkpoint.watch_optimizer_steps`) makes the next ``optimizer.step()`` wait for them, so every
   snapshot holds exactly the weights of its step.
 * ``AsyncCheckpointIO`` runs ``remove_checkpoint`` at once, while the save of its replacement is
   still in flight: a crash then leaves neither.  Here removals go through the same ordered queue
@@ -117,7 +117,6 @@ from lightning.pytorch.strategies import Strategy  # noqa: E402 - after require(
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn  # noqa: E402 - after require() names the extra
 
 from fmstore import exiting
-from fmstore.blob import dtype_from_name
 from fmstore.checkpoint import (
     Checkpointer,
     LoadMismatchError,
@@ -127,14 +126,11 @@ from fmstore.checkpoint import (
     SaveHandle,
     SnapshotNotFoundError,
     UnsupportedValueError,
-    overlap,
+    check_save_options,
+    watch_optimizer_steps,
 )
-from fmstore.checkpoint.checkpointer import COMPRESSION
-from fmstore.codec.registry import choose as choose_codec
-from fmstore.checkpoint.tree import tensor_leaves, unflatten
 from fmstore.errors import ConfigError, FmstoreError, PendingPointerError, PointerError, PointerNotFoundError
-from fmstore.storage import delete_file, open_fs
-from fmstore.storage.files import write_atomic
+from fmstore.storage import delete_file, open_fs, write_atomic
 
 __all__ = [
     "FmstoreCheckpointIO",
@@ -758,9 +754,7 @@ def _ref(obj: Any) -> Callable[[], Any]:
 
 
 def _check_options(compression: Any, codec: str) -> None:
-    if compression not in COMPRESSION:
-        raise ConfigError(f"compression must be one of {sorted(COMPRESSION, key=str)}, got {compression!r}")
-    choose_codec(codec)  # the names and aliases Checkpointer takes (a ConfigError otherwise)
+    check_save_options(compression, codec)  # the values and aliases Checkpointer takes (a ConfigError otherwise)
 
 
 class FmstoreCheckpointIO(CheckpointIO):
@@ -840,7 +834,7 @@ class FmstoreCheckpointIO(CheckpointIO):
         # Now, not at the first save (the Checkpointer comes then): the hook learns which tensors
         # only an optimizer step changes by seeing the optimizers step, so even the first
         # block=False save can leave their copies running.
-        overlap.install()
+        watch_optimizer_steps()
         self._lock = threading.Lock()  # the fields below
         self._save_lock = threading.Lock()  # a save vs. deleting the newest committed snapshot
         self._path_lock = threading.Lock()  # a pointer file's claim vs. its commit or rollback
@@ -1314,20 +1308,18 @@ class _TrainerState:
 
 def _saved_subtree(manifest: Manifest, key: str, rank: int) -> Any:
     """The structure saved under ``key`` (a per-rank Stateful) for ``rank``, its tensors empty."""
-    tree = manifest.tree
-    node = next((v for k, v in tree.get("items", []) if k == key), None) if tree.get("t") == "dict" else None
-    sub = node["ranks"].get(str(rank)) if node is not None and node.get("t") == "per_rank" else None
-    if sub is None:
-        have = sorted(node["ranks"]) if node is not None and node.get("t") == "per_rank" else []
+    have = manifest.saved_ranks((key,))
+    if have is None or rank not in have:
         raise LoadMismatchError(
-            f"snapshot step {manifest.step} has no {key!r} state for rank {rank} (saved by ranks {have}); "
+            f"snapshot step {manifest.step} has no {key!r} state for rank {rank} (saved by ranks {have or []}); "
             "resume with the world size it was saved with"
         )
-    tensors = {
-        name: torch.empty(manifest.tensors[name].shape, dtype=dtype_from_name(manifest.tensors[name].dtype))
-        for name in tensor_leaves(sub, rank).values()
-    }
-    return unflatten(sub, tensors, rank)
+
+    def empty(name: str) -> torch.Tensor:
+        entry = manifest.tensors[name]
+        return torch.empty(entry.shape, dtype=entry.torch_dtype)
+
+    return manifest.state((key,), rank, tensor=empty)
 
 
 class FmstoreCheckpoint(Checkpoint):

@@ -23,8 +23,12 @@ from ..errors import (
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ loads them
     from .checkpointer import Checkpointer, SaveHandle, SnapshotInfo
-    from .manifest import Manifest
+    from .manifest import Manifest, step_dir
+    from .memory import HOST
+    from .options import check_save_options
+    from .overlap import watch_optimizer_steps
     from .policy import Level, Policy
+    from .reader import BufferPool, Region, SnapshotReader
     from .snapshot import Problem, Root, ShardInfo, Snapshot, TensorInfo
     from .snapshots import Snapshots
     from .stateful import RNGState, is_stateful
@@ -36,6 +40,10 @@ _LAZY = {
     "SaveHandle": "checkpointer",
     "SnapshotInfo": "checkpointer",
     "Manifest": "manifest",  # torch-free
+    "step_dir": "manifest",  # torch-free
+    "HOST": "memory",
+    "check_save_options": "options",
+    "watch_optimizer_steps": "overlap",
     "Level": "policy",
     "Policy": "policy",
     "Problem": "snapshot",  # torch-free
@@ -47,6 +55,9 @@ _LAZY = {
     "RNGState": "stateful",
     "is_stateful": "stateful",
     "MOMENTS": "writing",
+    "SnapshotReader": "reader",
+    "Region": "reader",
+    "BufferPool": "reader",  # defined in fmstore.tiers.host; the pool a SnapshotReader reads through
 }
 
 
@@ -76,4 +87,12 @@ __all__ = [
     "ShardInfo",
     "Problem",
     "RootNotFoundError",
+    # for integrations that drive a save or a load themselves (fmstore.integrations)
+    "HOST",  # the host-memory level's name in Checkpointer.level_names(), steps(level=), load(level=)
+    "step_dir",  # the directory name of snapshot ``step`` under a root: ``step-NNNNNNNNNN``
+    "check_save_options",  # compression= and codec= checked and resolved as a save does
+    "watch_optimizer_steps",  # let non-blocking saves overlap the next forward and backward
+    "SnapshotReader",  # reads regions of one committed snapshot (its Manifest), checked
+    "Region",  # one region of a saved tensor and the tensor it is read into
+    "BufferPool",  # the reusable host buffers (pinned with CUDA) a SnapshotReader reads through
 ]

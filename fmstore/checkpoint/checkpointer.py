@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 
-from ..codec import registry
 from ..errors import (
     ChecksumError,
     ConfigError,
@@ -43,8 +42,9 @@ from .level import SnapshotLevel, open_levels
 from .loading import SnapshotLoader
 from .manifest import Manifest, step_dir
 from .memory import MemoryLevel
+from .options import COMPRESSION, check_limits, check_save_options  # noqa: F401
 from .policy import Policy, resolve
-from .saving import COMPRESSION, GPU_ENCODE_MIN_BYTES, SaveHandle, SavePipeline, SnapshotInfo, check_options  # noqa: F401
+from .saving import GPU_ENCODE_MIN_BYTES, SaveHandle, SavePipeline, SnapshotInfo  # noqa: F401
 from .tree import flatten
 from .writing import MOMENTS, completed
 
@@ -146,8 +146,9 @@ class Checkpointer:
         when_busy: str = "wait",
         lease_ttl: float = DEFAULT_TTL,
     ) -> None:
-        self.codec = codec = registry.choose(codec)  # names and aliases: the registry's
-        self.compression = check_options(compression, keep_last, max_persists, when_busy)
+        self.compression, self.codec = check_save_options(compression, codec)  # aliases: the registry's
+        codec = self.codec
+        check_limits(keep_last, max_persists, when_busy)
         self.max_persists, self.when_busy = max_persists, when_busy
         self.quantize = (quantize,) if isinstance(quantize, str) else tuple(quantize)
         host_memory, specs = resolve(root, storage_options, keep_last, policy)

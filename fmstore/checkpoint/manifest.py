@@ -26,12 +26,17 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptBlobError, FmstoreError, ManifestError
 from ..gcpause import paused_gc
-from .tree import path_text
+from .tree import MISSING, path_text, per_rank_ranks, subtree, tensor_leaves, unflatten
+from .tree import arrays_as_tensors as _arrays_read_as_tensors
+
+if TYPE_CHECKING:  # TensorEntry.torch_dtype's annotation: reading a manifest imports no torch
+    import torch
 
 FORMAT = "fmstore.snapshot"
 #: Checksum chunk: a partial read (resharding) verifies just the chunks it touches.
@@ -104,6 +109,14 @@ class TensorEntry:
     dtype: str
     shape: list[int]
     shards: list[Shard]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The tensor's dtype as a ``torch.dtype`` (``dtype`` is the manifest's name for it;
+        this imports torch)."""
+        from ..blob import dtype_from_name
+
+        return dtype_from_name(self.dtype)
 
 
 @dataclass
@@ -286,6 +299,41 @@ class Manifest:
 
     def referenced_files(self) -> set[str]:
         return {s.file for e in self.tensors.values() for s in e.shards}
+
+    def state(
+        self,
+        path: tuple[Any, ...] = (),
+        rank: int = 0,
+        *,
+        tensor: Callable[[str], Any] | None = None,
+        arrays_as_tensors: bool = False,
+    ) -> Any:
+        """The state saved at ``path`` (keys from the root; under per-rank state, ``rank``'s
+        own), rebuilt from this manifest alone: no tensor data is read, and the tree's encoding
+        stays inside this class.
+
+        Plain values come back as saved.  Each tensor leaf is ``tensor(name)`` (for example an
+        empty tensor of ``self.tensors[name]``'s shape and :attr:`TensorEntry.torch_dtype`: a
+        load target for exactly what was saved); without ``tensor`` the tensors are left out,
+        as a load leaves out what it was not asked for.  A numpy-array leaf is
+        ``tensor(name).numpy()``, or the tensor itself with ``arrays_as_tensors``.  Raises
+        :class:`KeyError` where nothing is saved at ``path`` for ``rank``."""
+        node = subtree(self.tree, tuple(path), rank)
+        value = MISSING
+        if node is not None:
+            if arrays_as_tensors:
+                node = _arrays_read_as_tensors(node)
+            names = tensor_leaves(node, rank).values() if tensor is not None else ()
+            value = unflatten(node, {name: tensor(name) for name in names}, rank)  # type: ignore[misc]
+        if value is MISSING:
+            raise KeyError(f"snapshot step {self.step} holds no state at {path_text(tuple(path))!r} for rank {rank}")
+        return value
+
+    def saved_ranks(self, path: tuple[Any, ...]) -> list[int] | None:
+        """The ranks that saved the per-rank state at ``path`` (keys from the root: a Stateful
+        with ``fmstore_per_rank = True``, an :class:`~fmstore.checkpoint.RNGState`), in order;
+        None where ``path`` holds no per-rank state."""
+        return per_rank_ranks(self.tree, tuple(path))
 
 
 def _held_by_plain_shards(

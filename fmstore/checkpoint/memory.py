@@ -33,7 +33,8 @@ class MemorySnapshot:
     tree: dict[str, Any]
 
 
-#: The host-memory level's name in listings (``Checkpointer.where``, ``load(level=...)``).
+#: The host-memory level's name in listings (``Checkpointer.where``, ``level_names()``,
+#: ``steps(level=...)``, ``load(level=...)``); exported as ``fmstore.checkpoint.HOST``.
 HOST = "host"
 
 

@@ -37,6 +37,16 @@ def install() -> None:
         _installed = True
 
 
+def watch_optimizer_steps() -> None:
+    """Let non-blocking saves overlap training, from any optimizer step on: each step waits for
+    the device-to-host copies of the saves before it, and the optimizers seen stepping are noted,
+    so that a save handed plain state dicts (Lightning's CheckpointIO, the Hugging Face callback)
+    knows which tensors only a step changes.  Once per process, however often called; a
+    :class:`~fmstore.checkpoint.Checkpointer` calls it when made, an integration when it is made
+    (before the first step, which a checkpointer made later would miss)."""
+    install()
+
+
 def defer_until_staged(wait: Callable[[], None]) -> None:
     """Run ``wait`` before the next optimizer step updates parameters (then forget it)."""
     with _lock:

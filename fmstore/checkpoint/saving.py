@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..codec import huffman, registry
-from ..errors import CapacityError, ConfigError, FmstoreError, WaitTimeoutError
+from ..errors import CapacityError, FmstoreError, WaitTimeoutError
 from ..gcpause import paused_gc
 from ..jobs import BackgroundJobs, Job
 from . import overlap, stateful
@@ -38,24 +38,7 @@ from .writing import ItemBuilder, completed
 #: background: launching a GPU encode costs about 0.1 ms of host time per tensor, more than
 #: copying a few MiB raw (a model's biases and norms would otherwise add up to a long stall).
 GPU_ENCODE_MIN_BYTES = 4 << 20
-#: ``compression=`` values: None (raw) or the lossless chain.
-COMPRESSION: dict[str | None, str | None] = {None: None, "lossless": "lossless"}
-
-def check_options(compression: Any, keep_last: Any, max_persists: Any, when_busy: Any) -> str | None:
-    """Check a checkpointer's save options (a :class:`ConfigError` naming the bad one); the
-    compression chain to use."""
-    if compression not in COMPRESSION:
-        raise ConfigError(f"compression must be one of {sorted(COMPRESSION, key=str)}, got {compression!r}")
-    if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
-        raise ConfigError(f"keep_last must be an int >= 1 or None, got {keep_last!r}")
-    if not isinstance(max_persists, int) or isinstance(max_persists, bool) or max_persists < 1:
-        raise ConfigError(f"max_persists must be an int >= 1, got {max_persists!r}")
-    if when_busy not in ("wait", "skip"):
-        raise ConfigError(f"when_busy must be 'wait' or 'skip', got {when_busy!r}")
-    return COMPRESSION[compression]
-
-
-__all__ = ["SavePipeline", "SaveHandle", "SnapshotInfo", "SaveJob", "COMPRESSION", "GPU_ENCODE_MIN_BYTES", "check_options"]
+__all__ = ["SavePipeline", "SaveHandle", "SnapshotInfo", "SaveJob", "GPU_ENCODE_MIN_BYTES"]
 
 
 @dataclass

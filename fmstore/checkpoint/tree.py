@@ -268,6 +268,28 @@ def compare(
     return missing, unexpected
 
 
+def arrays_as_tensors(node: dict[str, Any]) -> dict[str, Any]:
+    """The tree with numpy-array leaves read as tensors (for a reader that knows no arrays, such
+    as DCP's: :func:`unflatten` would call ``.numpy()`` on the tensors it is given for them)."""
+    kind = node["t"]
+    if kind == "ndarray":
+        return {**node, "t": "tensor"}
+    if kind in ("dict", "odict"):
+        return {**node, "items": [[k, arrays_as_tensors(v)] for k, v in node["items"]]}
+    if kind in ("list", "tuple"):
+        return {**node, "items": [arrays_as_tensors(v) for v in node["items"]]}
+    if kind == "per_rank":
+        return {**node, "ranks": {r: arrays_as_tensors(v) for r, v in node["ranks"].items()}}
+    return node
+
+
+def per_rank_ranks(tree: dict[str, Any], path: tuple[Any, ...]) -> list[int] | None:
+    """The ranks of the per-rank node at ``path`` (as :func:`per_rank_nodes` lists them), in
+    order, or None where ``path`` is no per-rank node."""
+    node = _per_rank_at(tree, list(path))
+    return None if node is None else sorted(int(r) for r in node["ranks"])
+
+
 def subtree(tree: dict[str, Any], path: tuple[Any, ...], rank: int = 0) -> dict[str, Any] | None:
     """The node at ``path`` (this rank's, through per-rank nodes), or None."""
     node: dict[str, Any] | None = tree

@@ -7,6 +7,7 @@ fsspec file system).  Timeouts, retries and the translation of faults into
 """
 
 from .base import Reader, Storage, scheme_of
+from .files import write_atomic
 from .fsspec_ import FsspecStorage
 from .local import LocalStorage
 from .s3 import S3_ATTEMPTS, S3_CONFIG, S3Storage
@@ -24,4 +25,5 @@ __all__ = [
     "scheme_of",
     "S3_CONFIG",
     "S3_ATTEMPTS",
+    "write_atomic",  # a local file written crash-safely (temp + fsync + rename), outside a Storage
 ]
