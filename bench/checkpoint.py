@@ -43,8 +43,8 @@ import torch.distributed.checkpoint as dcp
 from common import evict, loadavg, machine_info  # bench/common.py (the script's own folder)
 from torch.distributed.checkpoint.staging import BlockingAsyncStager
 
+from fmstore import format_size, parse_size
 from fmstore.checkpoint import Checkpointer, Policy
-from fmstore.units import format_size, parse_size
 
 State = dict[str, dict[str, torch.Tensor]]
 COLS = 4096  # row length of every tensor: 2-D, like a weight matrix

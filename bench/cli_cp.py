@@ -36,10 +36,9 @@ from collections.abc import Callable
 import torch
 from common import loadavg, machine_info
 
-from fmstore import Checkpointer
+from fmstore import Checkpointer, format_size, parse_size
 from fmstore.cli import main as fmstore_main
 from fmstore.testing import start_seaweedfs
-from fmstore.units import format_size, parse_size
 
 BUCKET = "fmstore-bench"
 

@@ -30,12 +30,20 @@ import torch
 from common import evict, loadavg, machine_info
 from safetensors import safe_open
 
+from fmstore import format_size, parse_size
 from fmstore.checkpoint import Checkpointer, Root
 from fmstore.cli import main as fmstore_main
-from fmstore.cli._export_io import fsync_path
-from fmstore.units import format_size, parse_size
 
 TARGET = 0.8
+
+
+def _fsync(path: str) -> None:
+    """fsync a file or a directory, as the export does for what it writes."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def main() -> int:
@@ -93,8 +101,8 @@ def main() -> int:
         for f in shards:
             dst = os.path.join(raw_dir, os.path.basename(f))
             shutil.copyfile(f, dst)
-            fsync_path(dst)
-        fsync_path(raw_dir)
+            _fsync(dst)
+        _fsync(raw_dir)
         return raw_bytes
 
     def export() -> int:

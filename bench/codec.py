@@ -27,8 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from common import loadavg, machine_info
 
-from fmstore.blob import as_bytes_tensor
-from fmstore.codec import decode, encode, huffman
+from fmstore.codec import as_bytes_tensor, decode, encode, huffman
 
 Codec = tuple[Callable[[torch.Tensor], object], Callable[[object, torch.Tensor], torch.Tensor]]
 

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from fmstore.units import format_size
+from fmstore import format_size
 
 
 def evict(path: str, drop: bool = True) -> None:

@@ -39,8 +39,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import loadavg, machine_info  # noqa: E402
 
-from fmstore.blob import as_bytes_tensor  # noqa: E402
-from fmstore.codec import huffman, native  # noqa: E402
+from fmstore.codec import as_bytes_tensor, huffman, native  # noqa: E402
 
 
 def minilm() -> torch.Tensor:

@@ -18,8 +18,8 @@ from collections.abc import Callable
 import torch
 from common import machine_info
 
+from fmstore import format_size, parse_size
 from fmstore.codec import gpu
-from fmstore.units import format_size, parse_size
 
 
 def timed(fn: Callable[[], object], repeats: int) -> float:

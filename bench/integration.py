@@ -38,8 +38,7 @@ from typing import Any
 import torch
 from common import machine_info  # bench/common.py
 
-from fmstore import Checkpointer, Policy
-from fmstore.units import format_size
+from fmstore import Checkpointer, Policy, format_size
 
 SIZES = {  # GPT-2 configs: (n_embd, n_layer, n_head, vocab, seq, batch)
     "tiny": (64, 2, 2, 256, 64, 4),

@@ -30,19 +30,19 @@ def state_sizes(size: str) -> list[int]:
     import torch
 
     from fmstore.integrations.train import GPT, SIZES, GPTConfig
-    from fmstore.tiers.host import size_class
+    from fmstore.checkpoint import BufferPool
 
     d, n_layer, n_head = SIZES[size]
     with torch.device("meta"):
         model = GPT(GPTConfig(d_model=d, n_layer=n_layer, n_head=n_head))
-    per_param = [size_class(p.numel() * 4) for p in model.parameters()]
+    per_param = [BufferPool.size_class(p.numel() * 4) for p in model.parameters()]
     return per_param * 3  # fp32 weights, exp_avg, exp_avg_sq
 
 
 def one(way: str, size: str) -> dict[str, float]:
     import torch
 
-    from fmstore.tiers.host import BufferPool
+    from fmstore.checkpoint import BufferPool
 
     sizes = state_sizes(size)
     a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)

@@ -29,8 +29,8 @@ import torch.distributed.checkpoint as dcp
 from checkpoint import flat, make_state, start_run, sync  # bench/checkpoint.py: the same state
 from common import evict, loadavg
 
+from fmstore import format_size, parse_size
 from fmstore.checkpoint import Checkpointer, Policy
-from fmstore.units import format_size, parse_size
 
 
 def evict_tree(root: str) -> None:

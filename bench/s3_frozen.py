@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from fmstore import Checkpointer
-from fmstore.storage.s3 import S3_ATTEMPTS, S3_CONFIG
+from fmstore.storage import S3_ATTEMPTS, S3_CONFIG
 from fmstore.testing import start_seaweedfs
 
 

@@ -38,9 +38,8 @@ import numpy as np
 import torch
 from common import evict, loadavg, machine_info  # bench/common.py (the script's own folder)
 
-from fmstore.testing.seaweedfs import start_seaweedfs
-from fmstore.tiers import LocalTier, ObjectTier
-from fmstore.units import format_size, parse_size
+from fmstore import LocalTier, ObjectTier, format_size, parse_size
+from fmstore.testing import start_seaweedfs
 
 KEY = "bench/blob"
 BUCKET = "fmstore-bench"

@@ -15,8 +15,7 @@ import time
 
 import torch
 
-from fmstore import DeviceTier, HostTier
-from fmstore.units import format_size, parse_size
+from fmstore import DeviceTier, HostTier, format_size, parse_size
 
 
 def timed(fn) -> float:

@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 from common import machine_info  # bench/common.py
 
-from fmstore.blob import as_bytes_tensor
-from fmstore.codec import decode, encode
+from fmstore.codec import as_bytes_tensor, decode, encode
 
 
 def xor(data: torch.Tensor, base: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

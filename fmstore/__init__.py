@@ -26,6 +26,8 @@ _install_source_tree()  # a checkout run with PYTHONPATH=. finds fmstore.integra
 # The rest import torch: loaded on first use, so ``import fmstore`` (and ``fmstore --help``) stays
 # fast and the errors above can be caught without importing torch.
 _LAZY = {
+    "BackgroundJobs": "jobs",
+    "Job": "jobs",
     "BlobInfo": "blob",
     "Checkpointer": "checkpoint",
     "Level": "checkpoint",
@@ -61,6 +63,8 @@ __all__ = [
     "LocalTier",
     "ObjectTier",
     "BlobInfo",
+    "BackgroundJobs",
+    "Job",
     "FmstoreError",
     "BlobNotFoundError",
     "CapacityError",

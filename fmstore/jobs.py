@@ -141,6 +141,17 @@ class BackgroundJobs:
                 raise errors[0]
         return True
 
+    def stop(self) -> None:
+        """Wait for every job and stop the threads, without closing: the next :meth:`submit`
+        starts them again (an owner that is torn down and used again, as a Lightning plugin
+        between two fits, leaves no thread behind meanwhile).  Errors nobody has seen stay for
+        the next :meth:`pop_errors`."""
+        self.wait()
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
+
     def close(self, *, wait: bool = True) -> None:
         """Refuse new jobs, wait for those in flight (unless ``wait=False``), stop the threads."""
         with self._lock:

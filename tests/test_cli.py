@@ -107,6 +107,45 @@ def test_verify_passes_then_names_a_flipped_byte(tmp_path: Path) -> None:
     assert run_cli("verify", tmp_path, "--step", "1").returncode == 0  # step 1 is intact
 
 
+def test_verify_reads_a_shard_in_windows_and_names_the_first_bad_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Snapshot.verify reads a raw shard back a window of checksum chunks at a time, through
+    the storage layer, and checks it with the reader's chunk check: every byte is seen, and a
+    damaged tensor is named with its first bad chunk."""
+    from fmstore.checkpoint import snapshot as snapshot_module
+    from fmstore.storage import Storage
+
+    with Checkpointer(tmp_path, no_dist=True, compression=None) as ck:
+        ck.save(1, {"w": torch.zeros(10 << 20)}).wait()  # 40 MiB: three 16 MiB checksum chunks
+    with Root(tmp_path) as root:
+        (shard,) = root.snapshot().tensor("w").shards
+    cs = json.loads((tmp_path / shard.file).parent.joinpath(MANIFEST).read_bytes())["tensors"]["w"]["shards"][0][
+        "chunk_size"
+    ]
+    nchunks = -(-shard.stored_bytes // cs)
+    assert not shard.codec and nchunks >= 3, "the test needs a raw shard of several checksum chunks"
+    monkeypatch.setattr(snapshot_module, "VERIFY_WINDOW", cs)  # a window a chunk
+    seen: list[int] = []
+    real = Storage.read_ranges
+    monkeypatch.setattr(
+        Storage, "read_ranges", lambda self, rel, ranges: (seen.append(len(ranges[0][1])), real(self, rel, ranges))[1]
+    )
+    with Root(tmp_path) as root:
+        done: list[int] = []
+        assert root.snapshot().verify(threads=3, progress=done.append) == []
+    assert sum(done) == shard.stored_bytes and max(seen) <= cs
+    path = tmp_path / shard.file
+    data = bytearray(path.read_bytes())
+    for chunk in (nchunks - 1, 1):  # a later window and an earlier one
+        data[shard.begin + chunk * cs + 5] ^= 0x01
+    path.write_bytes(bytes(data))
+    with Root(tmp_path) as root:
+        (problem,) = root.snapshot().verify(threads=3)
+    assert problem.tensor == "w" and problem.file == shard.file and problem.chunk == 1
+    assert f"chunk 1, bytes {shard.begin + cs}..{shard.begin + 2 * cs}" in problem.message
+
+
 def test_diff_two_steps_and_two_roots(tmp_path: Path) -> None:
     states = make_root(tmp_path / "a")
     body = run_cli("diff", tmp_path / "a", "1", "2", "--json").json()

@@ -359,7 +359,7 @@ def test_removal_never_precedes_the_commit_of_its_replacement(tmp_path):
         io.save_checkpoint({"state_dict": {"w": torch.randn(4 << 20)}}, new)
         io.remove_checkpoint(old)
         while True:
-            pending = io._exit_pending() is not None  # the queue's state, before looking
+            pending = bool(io._jobs.running())  # the queue's state, before looking
             have_old, have_new = old.exists(), new.exists()
             assert have_old or have_new, "the old checkpoint was removed before its replacement existed"
             if not pending:

@@ -1,7 +1,8 @@
 """The metadata of a many-rank save, at a size a test affords (issue 13, deliverable 10): the
-rank reports ``bench/metadata_scale.py`` builds for 1,024 ranks, here 64 ranks with 100 sharded
-tensors (plus step scalars and per-rank RNG state), merged, committed and read back, and
-resharded loads planned and run from them.  Correctness only: the timings are the bench's.
+rank reports :mod:`fmstore.testing.metadata` builds (``bench/metadata_scale.py``: 1,024 ranks),
+here 64 ranks with 100 sharded tensors (plus step scalars and per-rank RNG state), merged,
+committed and read back, and resharded loads planned and run from them.  Correctness only:
+the timings are the bench's.
 
 The job's tensors have real bytes here (shapes divided by 16, 4 KiB checksum chunks, so a
 saved slice spans several chunks and a resharded slice starts and ends inside them), so a plan
@@ -11,23 +12,19 @@ destination is compared with the tensor's bytes."""
 from __future__ import annotations
 
 import json
-import os
-import sys
 from dataclasses import asdict
 from typing import Any
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-import metadata_scale as ms  # noqa: E402  (bench/metadata_scale.py)
-
-from fmstore.checkpoint.level import SnapshotLevel  # noqa: E402
-from fmstore.checkpoint.manifest import MIN_CHUNK_SIZE, Manifest, Shard, TensorEntry  # noqa: E402
-from fmstore.checkpoint.reader import SnapshotReader  # noqa: E402
-from fmstore.checkpoint.reports import ReportError, merge_reports  # noqa: E402
-from fmstore.checkpoint.tree import tensor_leaves  # noqa: E402
-from fmstore.storage import Storage  # noqa: E402
+import fmstore.testing.metadata as ms
+from fmstore.checkpoint.level import SnapshotLevel
+from fmstore.checkpoint.manifest import MIN_CHUNK_SIZE, Manifest, Shard, TensorEntry
+from fmstore.checkpoint.reader import SnapshotReader
+from fmstore.checkpoint.reports import ReportError, merge_reports
+from fmstore.checkpoint.tree import tensor_leaves
+from fmstore.storage import Storage
 
 WORLD, TENSORS = 64, 100
 
@@ -89,7 +86,7 @@ def test_the_merged_table_covers_every_tensor_once(job: ms.Job, merged: Any) -> 
         (sh,) = entries[f"rng/rank-{r}/torch"].shards
         assert sh.file == job.shard_file(r)
         assert tensor_leaves(tree, r)[("rng", "torch")] == f"rng/rank-{r}/torch"
-    # The coordinator's own path (the report files through SnapshotLevel._merge_reports) agrees.
+    # The coordinator's own path (the report files through SnapshotLevel.collect_reports) agrees.
     assert ms.merge_files(job, ms.MemoryStorage(job)) == merged
 
 
@@ -122,7 +119,7 @@ def test_a_rank_report_that_is_not_a_json_object_is_a_report_error_naming_the_ra
         storage.write("step-0000000003/rank-00000.json", [b'{"token": "t"}'])
         storage.write("step-0000000003/rank-00001.json", [raw])
         with pytest.raises(ReportError, match=r"step 3: rank 1's report step-0000000003/rank-00001\.json"):
-            level._merge_reports("step-0000000003", 3, "t")
+            level.collect_reports("step-0000000003", 3, "t")
 
 
 def test_the_manifest_is_the_json_of_its_fields(job: ms.Job, merged: Any) -> None:

@@ -24,25 +24,10 @@ PUBLIC_PACKAGES = ("fmstore", "fmstore.checkpoint", "fmstore.errors", "fmstore.s
 #: Modules public as a whole (any name not starting with ``_``).
 PUBLIC_MODULES = ("fmstore.exiting", "fmstore.integrations")
 
-#: Private imports still allowed, (module, name), in dcp.py only: the DCP writer moves onto
-#: the save pipeline (issue 28).  Empty it as it does; an entry no longer imported fails too.
-DCP_WRITER_PRIVATE = {
-    ("fmstore.blob", "as_bytes_tensor"),
-    ("fmstore.blob", "dtype_name"),
-    ("fmstore.checkpoint.lease", "DEFAULT_TTL"),
-    ("fmstore.checkpoint.level", "SnapshotLevel"),
-    ("fmstore.checkpoint.manifest", "Shard"),
-    ("fmstore.checkpoint.manifest", "TensorEntry"),
-    ("fmstore.checkpoint.sharding", "Piece"),
-    ("fmstore.checkpoint.staging", "Staged"),
-    ("fmstore.checkpoint.staging", "StagedTensor"),
-    ("fmstore.checkpoint.staging", "Stager"),
-    ("fmstore.checkpoint.tree", "flatten"),
-    ("fmstore.checkpoint.tree", "tensor_leaves"),
-    ("fmstore.checkpoint.tree", "unflatten"),
-    ("fmstore.checkpoint.tree", "unique_name"),
-    ("fmstore.checkpoint.writing", "ItemBuilder"),
-}
+#: Private imports still allowed, (module, name), in dcp.py only.  Empty: the DCP writer
+#: writes through the save pipeline (``fmstore.checkpoint.SnapshotWriter``, issue 28).  An
+#: entry added here needs a reason; an entry no longer imported fails too.
+DCP_WRITER_PRIVATE: set[tuple[str, str]] = set()
 ALLOWED_PRIVATE = {"dcp.py": DCP_WRITER_PRIVATE}
 
 
@@ -153,3 +138,102 @@ def test_every_exported_name_resolves(package: str) -> None:
     module = importlib.import_module(package)
     missing = [n for n in sorted(public_names(package)) if not hasattr(module, n)]
     assert not missing, f"{package} exports names it cannot give: {missing}"
+
+
+# ---------------------------------------------------------------------- bench/
+
+BENCH = REPO / "bench"
+#: What bench/ may import besides the integrations' public API: the ``fmstore`` command run
+#: in-process (``fmstore.cli.main``, its ``__all__``) and the testing helpers, a public package
+#: as a whole (a local S3 server; the synthetic many-rank job of ``fmstore.testing.metadata``).
+BENCH_PUBLIC_PACKAGES = (*PUBLIC_PACKAGES, "fmstore.cli")
+BENCH_PUBLIC_MODULES = (*PUBLIC_MODULES, "fmstore.testing")
+
+
+def _bench_module_ok(module: str) -> bool:
+    return (
+        module in BENCH_PUBLIC_PACKAGES
+        or module in BENCH_PUBLIC_MODULES
+        or any(module.startswith(f"{m}.") for m in BENCH_PUBLIC_MODULES)
+    )
+
+
+def bench_private_imports(path: Path) -> list[tuple[int, str, str | None]]:
+    """The imports of fmstore in bench script ``path`` that reach past the public API (the same
+    rule as for trainer_integration/, plus ``fmstore.cli.main`` and ``fmstore.testing``)."""
+    bad = []
+    for line, module, name in imports(path):
+        if name is None:
+            ok = _bench_module_ok(module)
+        elif name == "*" or name.startswith("_"):
+            ok = False
+        elif _bench_module_ok(f"{module}.{name}"):
+            ok = True
+        elif module in BENCH_PUBLIC_PACKAGES:
+            ok = name in public_names(module)
+        else:
+            ok = _bench_module_ok(module) and module not in BENCH_PUBLIC_PACKAGES
+        if not ok:
+            bad.append((line, module, name))
+    return bad
+
+
+BENCHES = sorted(BENCH.glob("*.py"))
+
+
+@pytest.mark.parametrize("path", BENCHES, ids=[p.name for p in BENCHES])
+def test_bench_imports_only_public_names(path: Path) -> None:
+    """bench/ measures fmstore through its public API (issue 28): a bench needing something
+    private gets a public function or export, and calls the library instead of re-creating it."""
+    wrong = [
+        f"{path.name}:{line}: from {module} import {name}" if name else f"{path.name}:{line}: import {module}"
+        for line, module, name in bench_private_imports(path)
+    ]
+    assert not wrong, (
+        "bench/ must use fmstore's public API (issue 28): export what it needs from "
+        f"{', '.join(BENCH_PUBLIC_PACKAGES)} or {', '.join(BENCH_PUBLIC_MODULES)}; private imports found:\n"
+        + "\n".join(wrong)
+    )
+
+
+def test_the_bench_check_catches_private_imports(tmp_path: Path) -> None:
+    src = tmp_path / "probe.py"
+    src.write_text(
+        "from fmstore.checkpoint.level import SnapshotLevel\n"  # a private module
+        "from fmstore.units import format_size\n"  # exported by fmstore, not public itself
+        "from fmstore.cli._export_io import fsync_path\n"  # a private module of a public package
+        "from fmstore.cli import build_parser\n"  # not in fmstore.cli's __all__
+        "from fmstore.testing import _lazy\n"  # a private name
+        "import fmstore.gcpause\n"
+        "from fmstore import format_size, Checkpointer\n"  # public: fine
+        "from fmstore.cli import main\n"
+        "from fmstore.testing import start_seaweedfs\n"
+        "from fmstore.testing.metadata import Job\n"
+        "from fmstore.codec import huffman, as_bytes_tensor\n"
+        "import fmstore.testing.metadata\n"
+    )
+    assert [line for line, _, _ in bench_private_imports(src)] == [1, 2, 3, 4, 5, 6]
+
+
+def _puts_bench_on_sys_path(tree: ast.AST) -> bool:
+    """Whether a module calls ``sys.path.insert``/``append`` with an argument naming ``bench``."""
+    for node in ast.walk(tree):
+        f = getattr(node, "func", None)
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(f, ast.Attribute)
+            and f.attr in ("insert", "append")
+            and ast.unparse(f.value) == "sys.path"
+            and any(isinstance(c, ast.Constant) and "bench" in str(c.value) for c in ast.walk(node))
+        ):
+            return True
+    return False
+
+
+def test_no_test_imports_a_bench_script() -> None:
+    """The tests exercise the library (``fmstore.testing.metadata`` for the metadata bench's
+    job), never a bench script put on ``sys.path``."""
+    tests = sorted((REPO / "tests").glob("*.py"))
+    found = [p.name for p in tests if _puts_bench_on_sys_path(ast.parse(p.read_text()))]
+    assert not found, f"tests put bench/ on sys.path: {found}"
+    assert _puts_bench_on_sys_path(ast.parse('sys.path.insert(0, os.path.join(ROOT, "bench"))'))

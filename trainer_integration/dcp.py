@@ -33,6 +33,7 @@ Usage::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import os
@@ -40,8 +41,7 @@ import re
 import threading
 import uuid
 import weakref
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -74,23 +74,19 @@ try:  # the version torch's FileSystemWriter records in the Metadata it returns 
 except ImportError:  # pragma: no cover - a torch before 2.5 records none
     CURRENT_DCP_VERSION = None  # type: ignore[assignment]
 
-from fmstore.blob import as_bytes_tensor, dtype_name
 from fmstore.checkpoint import (
+    DEFAULT_TTL,
     BufferPool,
     Manifest,
+    Part,
     Region,
     SnapshotReader,
     Snapshots,
+    SnapshotWriter,
     check_save_options,
     step_dir,
+    tensor_names,
 )
-from fmstore.checkpoint.lease import DEFAULT_TTL
-from fmstore.checkpoint.level import SnapshotLevel
-from fmstore.checkpoint.manifest import Shard, TensorEntry
-from fmstore.checkpoint.sharding import Piece
-from fmstore.checkpoint.staging import Staged, StagedTensor, Stager
-from fmstore.checkpoint.tree import flatten, tensor_leaves, unflatten, unique_name
-from fmstore.checkpoint.writing import ItemBuilder
 from fmstore.errors import ConfigError, FmstoreError, LoadMismatchError, ManifestError, UnsupportedValueError
 from fmstore.storage import Storage
 
@@ -149,42 +145,34 @@ class _ResultData:
     rank: int
     name: str | None = None
     shard: dict[str, Any] | None = None
-    value: dict[str, Any] | None = None
+    value: Any = None  # a JSON value (a copy of it)
+    is_value: bool = False  # value is set (it may be None)
     files: dict[str, int] = field(default_factory=dict)  # on a rank's first result: its shard file
     blob: dict[str, Any] | None = None  # a bytes/BytesIO value stored as this uint8 shard: its kind
 
 
 class _Resources:
-    """What a writer or reader opens lazily and never pickles: the storage, thread pools and
-    the pinned staging pool."""
+    """What a writer or reader opens lazily and never pickles: the storage, the save pipeline
+    (a :class:`SnapshotWriter`: its thread pools and pinned staging pool) and the read pool."""
 
     def __init__(self, root: str, storage_options: dict[str, Any] | None, io_threads: int) -> None:
         self.root = root
         self.storage = Storage(root, storage_options, io_threads=io_threads)
         self.io_threads = io_threads
-        self._hash_pool: ThreadPoolExecutor | None = None
-        self._codec_pool: ThreadPoolExecutor | None = None
-        self._stager: Stager | None = None
+        self._writer: SnapshotWriter | None = None
         self._pool: BufferPool | None = None
 
-    def builder(self, compression: str | None, codec: str, quantize: tuple[str, ...]) -> ItemBuilder:
-        if self._hash_pool is None:
-            self._hash_pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="fmstore-dcp-hash")
-            self._codec_pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="fmstore-dcp-codec")
-        assert self._codec_pool is not None
-        return ItemBuilder(
-            compression=compression,
-            codec=codec,
-            quantize=quantize,
-            hash_pool=self._hash_pool,
-            codec_pool=self._codec_pool,
-        )
-
-    @property
-    def stager(self) -> Stager:
-        if self._stager is None:
-            self._stager = Stager()
-        return self._stager
+    def writer(self, compression: str | None, codec: str, quantize: tuple[str, ...]) -> SnapshotWriter:
+        if self._writer is None:
+            self._writer = SnapshotWriter(
+                self.storage,
+                compression=compression,
+                codec=codec,
+                quantize=quantize,
+                io_threads=self.io_threads,
+                name=_LAYER,
+            )
+        return self._writer
 
     @property
     def read_pool(self) -> BufferPool:
@@ -193,11 +181,8 @@ class _Resources:
         return self._pool
 
     def close(self) -> None:
-        for pool in (self._hash_pool, self._codec_pool):
-            if pool is not None:
-                pool.shutdown(wait=True)
-        if self._stager is not None:
-            self._stager.close()
+        if self._writer is not None:
+            self._writer.close()
         if self._pool is not None:
             self._pool.clear()
         self.storage.close()
@@ -254,13 +239,6 @@ class _Base:
             if self._res is None:
                 self._res = _Resources(self.root, self.storage_options, self.io_threads)
             return self._res
-
-    def _level(self, rank: int = 0, incremental: bool = False, writer: str | None = None) -> SnapshotLevel:
-        # world_size=1: DCP's own collectives bring the ranks' results to the coordinator,
-        # so the level's file-based reports are not used; the commit gets the real size.
-        return SnapshotLevel(
-            _LAYER, self._resources().storage, rank=rank, incremental=incremental, writer=writer
-        )
 
     def close(self) -> None:
         """Release the storage, thread pools and staging buffers (reopened on next use)."""
@@ -429,10 +407,10 @@ class FmstoreStorageWriter(_Base, StorageWriter):
             raise
 
     def _plan(self, plans: list[SavePlan], writer: str) -> list[SavePlan]:
-        level = self._level()
-        steps = level.steps()
+        snapshots = Snapshots(self._resources().storage)
+        steps = snapshots.steps()
         step = self.step if self.step is not None else (steps[-1] + 1 if steps else 0)
-        level.snapshots.begin(step)
+        snapshots.begin(step)
         mappings: dict[str, Any] = {}
         for p in plans:
             mappings.update(_mappings(p.planner_data))
@@ -481,10 +459,6 @@ class FmstoreStorageWriter(_Base, StorageWriter):
                 "save through torch.distributed.checkpoint.save / async_save"
             )
         step = self.step if self.step is not None else info.step
-        level = self._level(
-            info.rank, self.incremental, info.writer or None
-        )  # its base: the newest step before
-        level.snapshots.begin(step)
         results: list[WriteResult] = []
         chunks: list[_Chunk] = []
         for item in plan.items:
@@ -494,8 +468,10 @@ class FmstoreStorageWriter(_Base, StorageWriter):
                 obj = _lookup_object(planner, item)
                 blob = _blob(obj)
                 if blob is None:
-                    node = _json_node(fqn, obj)
-                    results.append(WriteResult(item.index, 0, _ResultData(step, info.rank, value=node)))
+                    value = _json_value(fqn, obj)
+                    results.append(
+                        WriteResult(item.index, 0, _ResultData(step, info.rank, value=value, is_value=True))
+                    )
                     continue
                 if name is None:
                     raise FmstoreError(
@@ -519,60 +495,35 @@ class FmstoreStorageWriter(_Base, StorageWriter):
                 )
             td = item.tensor_data
             chunks.append(_Chunk(name, item, data, tuple(td.size), tuple(td.chunk.offsets)))
-        results += self._write_tensors(level, step, info.rank, chunks)
+        results += self._write_tensors(step, info, chunks)
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
 
-    def _write_tensors(
-        self, level: SnapshotLevel, step: int, rank: int, chunks: list[_Chunk]
-    ) -> list[WriteResult]:
-        """Write this rank's chunks into its shard file.  A tensor of which the rank holds several
-        chunks (a ShardedTensor with several local shards) is recorded as several shards, as
-        the ranks' pieces of one tensor are; in the shard file (whose entries need distinct
-        names) each chunk is an entry named ``<name>@[offsets]``."""
-        if not chunks:
-            return []
-        count: dict[str, int] = {}
-        for c in chunks:
-            count[c.name] = count.get(c.name, 0) + 1
-        taken = set(count)
-        keys: list[str] = []  # each chunk's name in the shard file and in write_local's table
-        for c in chunks:
-            key = c.name
-            if count[c.name] > 1:
-                key = unique_name(f"{c.name}@[{','.join(map(str, c.offsets))}]", taken)
-                taken.add(key)
-            keys.append(key)
-        res = self._resources()
-        staged, held = _stage(res, {key: c.data for key, c in zip(keys, chunks)})
-        try:
-            # Codec choice (``quantize`` patterns) goes by the tensor's own name; write_local
-            # then keys each chunk by its entry name (an incremental save finds only whole
-            # tensors' shards in the base by name: several chunks of a rank are written anew).
-            pieces = [Piece(c.name, c.data, c.global_shape, c.offsets, True) for c in chunks]
-            items = res.builder(self.compression, self.codec, self.quantize).items(
-                [staged[key] for key in keys], pieces
-            )
-            for it, key in zip(items, keys):
-                if key != it.piece.name:
-                    it.piece = dataclasses.replace(it.piece, name=key)
-            local = level.write_local(step, items)
-        finally:
-            if held is not None:
-                held.release()
+    def _write_tensors(self, step: int, info: _PlanData, chunks: list[_Chunk]) -> list[WriteResult]:
+        """Write this rank's chunks into its shard file, through the save pipeline (a
+        :class:`SnapshotWriter`; incremental: its base is the newest step before).  A tensor of
+        which the rank holds several chunks (a ShardedTensor with several local shards) is
+        recorded as several shards, as the ranks' pieces of one tensor are."""
+        writer = self._resources().writer(self.compression, self.codec, self.quantize)
+        written = writer.write(
+            step,
+            [Part(c.name, c.data, c.global_shape, c.offsets) for c in chunks],
+            rank=info.rank,
+            writer=info.writer or None,
+            incremental=self.incremental,
+        )
         out = []
-        for i, (key, c) in enumerate(zip(keys, chunks)):
-            shard = local.entries[key].shards[0]
+        for i, c in enumerate(chunks):
             data = _ResultData(
                 step,
-                rank,
+                info.rank,
                 name=c.name,
-                shard=asdict(shard),
-                files=local.files if i == 0 else {},
+                shard=written.shards[i],
+                files=written.files if i == 0 else {},
                 blob=c.blob,
             )
-            out.append(WriteResult(c.item.index, shard.end - shard.begin, data))
+            out.append(WriteResult(c.item.index, written.nbytes(i), data))
         return out
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
@@ -594,52 +545,52 @@ class FmstoreStorageWriter(_Base, StorageWriter):
             )
         (step,) = steps
         assert step is not None
-        by_fqn: dict[str, tuple[str, list[Shard]]] = {}
-        values: dict[str, dict[str, Any]] = {}
-        blobs: dict[str, tuple[Shard, dict[str, Any]]] = {}  # fqn -> a bytes value's shard and kind
+        by_fqn: dict[str, tuple[str, list[dict[str, Any]]]] = {}
+        values: dict[str, Any] = {}
+        blobs: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}  # fqn -> a bytes value's shard and kind
         files: dict[str, int] = {}
         for rank_results in results:
             for r in rank_results:
                 d = r.storage_data
                 files.update(d.files)
-                if d.value is not None:
+                if d.is_value:
                     values[r.index.fqn] = d.value
                 elif d.blob is not None:
-                    blobs[r.index.fqn] = (Shard(**d.shard), d.blob)
+                    blobs[r.index.fqn] = (d.shard, d.blob)
                 else:
-                    by_fqn.setdefault(r.index.fqn, (d.name, []))[1].append(Shard(**d.shard))
+                    by_fqn.setdefault(r.index.fqn, (d.name, []))[1].append(d.shard)
         mappings = _mappings(metadata.planner_data)
-        entries: dict[str, TensorEntry] = {}
         nested: dict[str, Any] = {}
         for fqn, md in metadata.state_dict_metadata.items():
             if isinstance(md, TensorStorageMetadata):
-                name, shards = by_fqn.get(fqn, ("", []))
-                saved = {tuple(s.offsets) for s in shards}
+                _, shards = by_fqn.get(fqn, ("", []))
+                saved = {tuple(s["offsets"]) for s in shards}
                 if saved != {tuple(c.offsets) for c in md.chunks}:
                     raise FmstoreError(
                         f"step {step} not committed: not every chunk of tensor {fqn!r} was written"
                     )
-                entries[name] = TensorEntry(dtype_name(md.properties.dtype), list(md.size), shards)
                 set_element(nested, _path(fqn, mappings), _placeholder(md.size, md.properties.dtype))
             elif fqn in blobs:  # bytes: a uint8 tensor in the tree, marked as bytes in meta
-                set_element(nested, _path(fqn, mappings), _placeholder(blobs[fqn][0].lengths, torch.uint8))
+                set_element(nested, _path(fqn, mappings), _placeholder(blobs[fqn][0]["lengths"], torch.uint8))
             else:
                 if fqn not in values:
                     raise FmstoreError(f"step {step} not committed: no rank wrote value {fqn!r}")
-                set_element(nested, _path(fqn, mappings), unflatten(values[fqn], {}))
-        _, tree, _ = flatten(nested)
-        leaves = tensor_leaves(tree)
+                set_element(nested, _path(fqn, mappings), copy.deepcopy(values[fqn]))
+        leaves = tensor_names(nested)
+        shards_of: dict[str, list[dict[str, Any]]] = {}  # tensor name -> its shards, for the commit
         fqns: dict[str, str | None] = {}
         marked: dict[str, dict[str, Any]] = {}  # tensor name -> the kind of bytes value it holds
         for fqn, md in metadata.state_dict_metadata.items():
             name = by_fqn[fqn][0] if isinstance(md, TensorStorageMetadata) else None
-            if name is not None and leaves.get(_path(fqn, mappings)) != name:
-                raise FmstoreError(f"step {step} not committed: tensor {fqn!r} was written as {name!r}")
+            if name is not None:
+                if leaves.get(_path(fqn, mappings)) != name:
+                    raise FmstoreError(f"step {step} not committed: tensor {fqn!r} was written as {name!r}")
+                shards_of[name] = by_fqn[fqn][1]
             if fqn in blobs:
                 # Named as the tree names it (the shard file's entry name is only a label).
                 name = leaves[_path(fqn, mappings)]
                 shard, kind = blobs[fqn]
-                entries[name] = TensorEntry(dtype_name(torch.uint8), list(shard.lengths), [shard])
+                shards_of[name] = [shard]
                 marked[name] = kind
             fqns[fqn] = name
         # As torch's FileSystemWriter.finish: the Metadata dcp.save returns (and this snapshot
@@ -655,11 +606,10 @@ class FmstoreStorageWriter(_Base, StorageWriter):
         if marked:
             info["bytes"] = marked
         meta = {META_KEY: info}
-        level = self._level()
-        level.snapshots.begin(step)
         if self._lease is not None:
             self._lease.check()  # an S3 lease lost meanwhile (not renewed for a ttl): no commit
-        level.commit(step, entries, files, tree, meta, world_size=len(results))
+        writer = self._resources().writer(self.compression, self.codec, self.quantize)
+        writer.commit(step, nested, shards_of, files, meta, world_size=len(results))
         self._save_id = uuid.uuid4().hex  # the next save is another one
 
 
@@ -853,8 +803,7 @@ def _names(shapes: list[tuple[str, torch.Tensor]], mappings: dict[str, tuple[Any
     nested: dict[str, Any] = {}
     for fqn, placeholder in shapes:
         set_element(nested, _path(fqn, mappings), placeholder)
-    _, tree, _ = flatten(nested)
-    leaves = tensor_leaves(tree)
+    leaves = tensor_names(nested)
     return {fqn: leaves[_path(fqn, mappings)] for fqn, _ in shapes}
 
 
@@ -870,11 +819,11 @@ def _lookup_object(planner: SavePlanner, item: WriteItem) -> Any:
     return lookup(item.index)
 
 
-def _json_node(fqn: str, obj: Any) -> dict[str, Any]:
-    """The tree node of a JSON value (tuples and non-finite floats kept), or an
-    :class:`UnsupportedValueError` naming ``fqn``."""
+def _json_value(fqn: str, obj: Any) -> Any:
+    """A copy of a JSON value (tuples and non-finite floats kept: the commit stores it as the
+    tree stores any value), or an :class:`UnsupportedValueError` naming ``fqn``."""
     try:
-        tensors, node, _ = flatten(obj)
+        tensors = tensor_names(obj)
     except UnsupportedValueError as e:
         raise UnsupportedValueError(
             f"cannot save DCP value {fqn!r}: {e} (bytes and io.BytesIO values are stored as opaque bytes)"
@@ -884,32 +833,7 @@ def _json_node(fqn: str, obj: Any) -> dict[str, Any]:
             f"cannot save DCP value {fqn!r}: a {type(obj).__name__} holding tensors, which DCP saves as "
             "one pickled object; put the tensors in a dict or a list instead"
         )
-    return node
-
-
-def _stage(
-    res: _Resources, tensors: dict[str, torch.Tensor]
-) -> tuple[dict[str, StagedTensor], Staged | None]:
-    """Host bytes of each tensor: CPU tensors as they are (a contiguous copy only for a
-    non-contiguous view: DCP waits in write_data, so they cannot change meanwhile), device
-    tensors through the pinned staging pool (the Staged to release once written)."""
-    out: dict[str, StagedTensor] = {}
-    device = {}
-    for name, t in tensors.items():
-        if t.device.type == "cpu":
-            out[name] = StagedTensor(name, t.dtype, tuple(t.shape), as_bytes_tensor(t))
-        else:
-            device[name] = t
-    if not device:
-        return out, None
-    staged = res.stager.stage(device)
-    try:
-        staged.wait()
-    except BaseException:
-        staged.release()
-        raise
-    out.update({st.name: st for st in staged.tensors})
-    return out, staged
+    return copy.deepcopy(obj)  # the caller's object may change before the coordinator commits
 
 
 @dataclass

@@ -97,8 +97,6 @@ import weakref
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,7 +114,7 @@ from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO  # noqa: 
 from lightning.pytorch.strategies import Strategy  # noqa: E402 - after require() names the extra
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn  # noqa: E402 - after require() names the extra
 
-from fmstore import exiting
+from fmstore import BackgroundJobs
 from fmstore.checkpoint import (
     Checkpointer,
     LoadMismatchError,
@@ -841,20 +839,21 @@ class FmstoreCheckpointIO(CheckpointIO):
         self._cks: dict[str, Checkpointer] = {}
         self._writer_root: str | None = None
         self._next_step: int | None = None
-        self._queue: ThreadPoolExecutor | None = None
-        self._jobs: list[Future[None]] = []
-        self._errors: list[BaseException] = []
+        # One thread, in call order: commits (then their pointers) and removals.  Drained at
+        # interpreter exit (fmstore.exiting), so pointers of saves in flight are still written.
+        self._jobs = BackgroundJobs(
+            "queued Lightning checkpoint commit(s)/removal(s)", thread_name="fmstore-lightning"
+        )
         self._save_failures = 0  # saves whose commit or pointer failed (job thread)
         self._failures_told = 0  # how many of them the caller had been told of
         self._claims: dict[str, dict[str, Any]] = {}  # path -> the pending body of its newest save
         self.data_position = _DataPosition()
-        exiting.register(self)
 
     # Lightning's ddp_spawn pickles the trainer with its plugins: only the configuration travels.
     # What is still queued (the launcher's removal of its temporary checkpoint, say) is waited
     # for first: the copy must not be taken while a pointer is half-way.
     def __getstate__(self) -> dict[str, Any]:
-        self._drain(raise_errors=False)  # an error stays here, for the next call to raise
+        self._jobs.wait()  # an error stays here, for the next call to raise
         return {
             "root": self.root,
             "storage_options": self.storage_options,
@@ -919,7 +918,7 @@ class FmstoreCheckpointIO(CheckpointIO):
                 ) from e
             with self._lock:
                 self._claims[path] = claim
-        self._submit(self._commit_job, handle, path, ck, claim, linked)
+        self._jobs.submit(self._commit_job, handle, path, ck, claim, linked, label=path)
         if launcher:
             # ddp_spawn's worker saves its final weights for the main process after its Trainer
             # has torn this plugin down: nothing would drain it but the worker's exit.
@@ -975,11 +974,11 @@ class FmstoreCheckpointIO(CheckpointIO):
         path = _location(path)
         with self._lock:
             told = self._failures_told
-            idle = self._writer_root is None and all(f.done() for f in self._jobs)
+            idle = self._writer_root is None and not self._jobs.running()
         if idle:
             self._remove_job(path, told)
         else:
-            self._submit(self._remove_job, path, told)
+            self._jobs.submit(self._remove_job, path, told)
 
     def teardown(self) -> None:
         """Wait for every queued commit, pointer and removal; free the checkpointers' memory and
@@ -989,10 +988,8 @@ class FmstoreCheckpointIO(CheckpointIO):
         finally:
             with self._lock:
                 cks, self._cks = list(self._cks.values()), {}
-                queue, self._queue = self._queue, None
                 self._writer_root, self._next_step = None, None
-            if queue is not None:
-                queue.shutdown(wait=True)
+            self._jobs.stop()  # its thread comes back with the next job
             for ck in cks:
                 ck.close()
 
@@ -1086,20 +1083,6 @@ class FmstoreCheckpointIO(CheckpointIO):
                 f"{body['step']}; {outcome}",
                 stacklevel=3,
             )
-
-    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
-        with self._lock:
-            if self._queue is None:
-                self._queue = ThreadPoolExecutor(1, thread_name_prefix="fmstore-lightning")
-            self._jobs = [f for f in self._jobs if not f.done()]
-            self._jobs.append(self._queue.submit(self._run_job, fn, *args))
-
-    def _run_job(self, fn: Callable[..., None], *args: Any) -> None:
-        try:
-            fn(*args)
-        except BaseException as e:  # noqa: BLE001 - handed to the training thread by _raise_errors
-            with self._lock:
-                self._errors.append(e)
 
     def _commit_job(
         self, handle: SaveHandle, path: str, ck: Checkpointer, claim: dict[str, Any], linked: bool
@@ -1202,33 +1185,18 @@ class FmstoreCheckpointIO(CheckpointIO):
             ck.delete(step)
 
     def _drain(self, *, raise_errors: bool) -> None:
-        with self._lock:
-            jobs = list(self._jobs)
-        wait_futures(jobs)
+        self._jobs.wait()
         if raise_errors:
             self._raise_errors()
 
     def _raise_errors(self) -> None:
+        """Raise the oldest error of a finished job not raised yet (the others with it are
+        dropped: one failure stops Lightning), and count the failed saves as told."""
+        errors = self._jobs.pop_errors()  # first: a save counts as failed before its error is there
         with self._lock:
-            errors, self._errors = self._errors, []
             self._failures_told = self._save_failures
         if errors:
             raise errors[0]
-
-    # fmstore.exiting: pointers of saves in flight at interpreter exit are still written.
-    def _exit_pending(self) -> str | None:
-        with self._lock:
-            n = sum(not f.done() for f in self._jobs)
-        return f"{n} queued Lightning checkpoint commit(s)/removal(s)" if n else None
-
-    def _exit_wait(self, timeout: float | None) -> bool:
-        with self._lock:
-            jobs = list(self._jobs)
-        _, not_done = wait_futures(jobs, timeout=timeout)
-        if not_done:
-            return False
-        self._raise_errors()
-        return True
 
     def __repr__(self) -> str:
         return f"FmstoreCheckpointIO(root={self.root or self._writer_root!r}, block={self.block})"

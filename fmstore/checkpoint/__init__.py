@@ -23,10 +23,12 @@ from ..errors import (
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ loads them
     from .checkpointer import Checkpointer, SaveHandle, SnapshotInfo
+    from .lease import DEFAULT_TTL
     from .manifest import Manifest, step_dir
     from .memory import HOST
     from .options import check_save_options
     from .overlap import watch_optimizer_steps
+    from .parts import Part, PartsWritten, SnapshotWriter, tensor_names
     from .policy import Level, Policy
     from .reader import BufferPool, Region, SnapshotReader
     from .snapshot import Problem, Root, ShardInfo, Snapshot, TensorInfo
@@ -44,6 +46,11 @@ _LAZY = {
     "HOST": "memory",
     "check_save_options": "options",
     "watch_optimizer_steps": "overlap",
+    "DEFAULT_TTL": "lease",  # torch-free
+    "Part": "parts",
+    "PartsWritten": "parts",
+    "SnapshotWriter": "parts",
+    "tensor_names": "parts",
     "Level": "policy",
     "Policy": "policy",
     "Problem": "snapshot",  # torch-free
@@ -95,4 +102,9 @@ __all__ = [
     "SnapshotReader",  # reads regions of one committed snapshot (its Manifest), checked
     "Region",  # one region of a saved tensor and the tensor it is read into
     "BufferPool",  # the reusable host buffers (pinned with CUDA) a SnapshotReader reads through
+    "SnapshotWriter",  # writes one snapshot in parts (each rank's), then commits it: the save pipeline's
+    "Part",  # one piece of a tensor a rank writes through a SnapshotWriter
+    "PartsWritten",  # what SnapshotWriter.write wrote: the parts' shard records and files, for commit
+    "tensor_names",  # path in a nested state -> the name a save gives the tensor there
+    "DEFAULT_TTL",  # seconds a root's S3 writer lease stays valid unrenewed (lease_ttl= default)
 ]

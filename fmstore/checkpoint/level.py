@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -211,27 +212,15 @@ class SnapshotLevel:
             entries, files = local.entries, local.files
             if self.world_size > 1:
                 doing = f"writing {rel_dir}/rank-{self.rank:05d}.json"
-                self._report(
-                    rel_dir,
-                    {
-                        "token": token,
-                        "error": None,
-                        "names": names,
-                        "files": files,
-                        "entries": {n: asdict(e) for n, e in entries.items()},
-                        "per_rank": per_rank_nodes(tree) if self.rank != 0 else [],
-                    },
-                )
+                self._report(rel_dir, rank_report(token, names, files, entries, tree, self.rank))
                 if self.rank != 0:
                     doing = f"waiting for rank 0 to commit {rel_dir}"
                     self._wait_for_commit(rel_dir, token)
                     self._last_manifest = None  # only rank 0 holds it; read it back when needed
                     return Written(local.bytes_written, len(entries), local.tensors_written)
                 doing = f"merging the ranks' reports of {rel_dir}"
-                entries, files, per_rank = self._merge_reports(rel_dir, step, token)
-                tree = json.loads(json.dumps(tree))  # merged into a copy: the caller's tree stays this rank's
-                for r, nodes in per_rank.items():
-                    merge_per_rank(tree, r, nodes)
+                entries, files, per_rank = self.collect_reports(rel_dir, step, token)
+                tree = merge_trees(tree, per_rank)
             doing = f"writing {rel_dir}/{MANIFEST}"
             written = local.bytes_written + self.commit(step, entries, files, tree, meta)
         except OSError as e:
@@ -335,7 +324,7 @@ class SnapshotLevel:
     ) -> int:
         """Write ``pairs`` into shard file ``rel``; their entries go into ``entries``."""
         bodies = [_body(item) for item, _ in pairs]
-        header, spans = _shard_header([b for b, _ in bodies])
+        header, spans = shard_header([b for b, _ in bodies])
         segments: list[memoryview | bytes] = [header]
         segments += [seg for _, segs in bodies for seg in segs]
         size = self.storage.write(rel, segments)
@@ -403,11 +392,12 @@ class SnapshotLevel:
             time.sleep(delay)
             delay = min(delay * 1.5, 0.5)
 
-    def _merge_reports(
+    def collect_reports(
         self, rel_dir: str, step: int, token: str
     ) -> tuple[dict[str, TensorEntry], dict[str, int], dict[int, list[Any]]]:
-        """Coordinator: wait for every rank's report of this attempt, then merge them into one
-        tensor table."""
+        """Coordinator: wait for every rank's report of this attempt (``token``) in ``rel_dir``,
+        then merge them into one tensor table (:func:`~fmstore.checkpoint.reports.merge_reports`:
+        the table, files -> sizes, rank -> its per-rank nodes for :func:`merge_trees`)."""
         reports: dict[int, dict[str, Any]] = {}
 
         def all_in() -> dict[int, dict[str, Any]] | None:
@@ -496,8 +486,9 @@ def _same_shard(base: Manifest, piece: Piece, dtype: torch.dtype, new: Shard) ->
 
 
 @dataclass
-class _Entry:
-    """One safetensors entry of a shard file."""
+class FileEntry:
+    """One safetensors entry of a shard file: its name, safetensors dtype code, shape, size in
+    bytes and the codec stages of an encoded blob (a U8 entry; empty for raw bytes)."""
 
     name: str
     code: str
@@ -505,21 +496,61 @@ class _Entry:
     nbytes: int
     codec: list[dict]
 
+    @classmethod
+    def raw(cls, name: str, dtype: torch.dtype, shape: Sequence[int]) -> FileEntry:
+        """The entry of a tensor stored as its raw bytes, as a save writes one: its own dtype
+        code and shape where safetensors has the dtype, else U8 bytes (the manifest has the
+        dtype)."""
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        code = SAFETENSORS_CODES.get(dtype)
+        return cls(name, code or "U8", list(shape) if code else [nbytes], nbytes, [])
 
-def _body(item: WriteItem) -> tuple[_Entry, list[memoryview | bytes]]:
+
+def _body(item: WriteItem) -> tuple[FileEntry, list[memoryview | bytes]]:
     """The shard-file entry for a tensor and the segments of its bytes: the raw tensor, or
     its encoded blob as a U8 entry (the manifest records the codec)."""
     st = item.staged
     enc = item.encoded()
     if enc is not None:
-        return _Entry(st.name, "U8", [enc.nbytes], enc.nbytes, enc.codec), list(enc.segments)
-    code = SAFETENSORS_CODES.get(st.dtype)  # others are stored as U8; the manifest has the dtype
-    entry = _Entry(st.name, code or "U8", list(st.shape) if code else [st.nbytes], st.nbytes, [])
+        return FileEntry(st.name, "U8", [enc.nbytes], enc.nbytes, enc.codec), list(enc.segments)
+    entry = FileEntry.raw(st.name, st.dtype, st.shape)
     return entry, [memoryview(st.data.numpy())] if st.nbytes else []
 
 
-def _shard_header(entries: list[_Entry]) -> tuple[bytes, list[tuple[int, int]]]:
-    """A safetensors header for the entries to write, and each one's byte range in the file."""
+def rank_report(
+    token: str,
+    names: list[str],
+    files: dict[str, int],
+    entries: dict[str, TensorEntry],
+    tree: dict[str, Any],
+    rank: int,
+) -> dict[str, Any]:
+    """The report rank ``rank`` writes of its part of a multi-rank save (the body of its
+    ``rank-NNNNN.json``, which :meth:`SnapshotLevel.collect_reports` reads): the save attempt's
+    ``token``, every tensor name of its state, the files it wrote (name -> size), its tensor
+    entries and, from ranks other than 0, the per-rank nodes of its ``tree``."""
+    return {
+        "token": token,
+        "error": None,
+        "names": names,
+        "files": files,
+        "entries": {n: asdict(e) for n, e in entries.items()},
+        "per_rank": per_rank_nodes(tree) if rank != 0 else [],
+    }
+
+
+def merge_trees(tree: dict[str, Any], per_rank: dict[int, list[Any]]) -> dict[str, Any]:
+    """The snapshot's tree: a copy of rank 0's ``tree`` (the caller's stays as it is) with every
+    other rank's per-rank nodes (``collect_reports``' third part) merged in."""
+    tree = json.loads(json.dumps(tree))
+    for r, nodes in per_rank.items():
+        merge_per_rank(tree, r, nodes)
+    return tree
+
+
+def shard_header(entries: list[FileEntry]) -> tuple[bytes, list[tuple[int, int]]]:
+    """A safetensors header for the entries to write, in order, and each one's byte range in
+    the file (the header included)."""
     body: dict[str, Any] = {"__metadata__": {"format": "fmstore.shard", "fmstore": "1"}}
     pos = 0
     spans = []

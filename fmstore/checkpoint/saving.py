@@ -223,19 +223,22 @@ class SavePipeline:
                 found = True
         return found
 
-    def stage(self, pieces: list[Piece], slots: list[stateful.Slot] | None, block: bool) -> Staged:
+    def stage(
+        self, pieces: list[Piece], slots: list[stateful.Slot] | None, block: bool, *, gpu_encode: bool = True
+    ) -> Staged:
         """Copy ``pieces`` into host buffers.  ``block=False``: the copies of tensors an optimizer
-        step will change (``slots``' and the overlap guard's) run behind the caller's next work."""
-        gpu_encode = (
+        step will change (``slots``' and the overlap guard's) run behind the caller's next work.
+        ``gpu_encode=False``: every tensor is staged raw (encoded on the CPU when written)."""
+        encode = (
             self._gpu_encode
-            if self.compression and self.memory is None and registry.encodes_on_gpu(self.codec)
+            if gpu_encode and self.compression and self.memory is None and registry.encodes_on_gpu(self.codec)
             else None
         )
         deferred = None
         if not block:
             guarded = stateful.guarded_tensors(slots or []) | overlap.guarded_pointers()
             deferred = {p.name for p in pieces if p.local.numel() and p.local.data_ptr() in guarded}
-        return self.stager.stage({p.name: p.local for p in pieces}, gpu_encode, deferred, self._reserve)
+        return self.stager.stage({p.name: p.local for p in pieces}, encode, deferred, self._reserve)
 
     def persist(self, job: SaveJob, t0: float, stall: float) -> SaveHandle:
         """Write ``job`` to its levels in the background; its handle."""

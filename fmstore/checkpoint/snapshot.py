@@ -17,15 +17,12 @@ every checksum.  The ``fmstore`` command and :meth:`Checkpointer.load` read thro
 from __future__ import annotations
 
 import fnmatch
-import mmap
 import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-import xxhash
 
 from ..errors import CorruptBlobError
 from ..storage import Storage
@@ -266,7 +263,7 @@ class Snapshot:
         parallel (default: a thread per core, up to 8, for local files; 16 for object storage);
         the tensors that fail, each with its file and chunk ([] when all are intact).
         ``progress(nbytes)`` is called as each tensor's stored bytes are checked."""
-        from .reader import ChecksumError
+        from .reader import ChecksumError, verify_all
 
         infos = {t.name: t for t in self.tensors()}
         todo = [infos[n] for n in (names if names is not None else sorted(infos))]
@@ -284,70 +281,40 @@ class Snapshot:
             if progress is not None:
                 progress(sum(infos[n].stored_bytes for n in problems))
             todo = [t for t in todo if t.name not in problems]
-        # Raw shards: each checksum chunk read into a reused buffer and hashed, chunks in
-        # parallel (nothing is kept).  Coded shards: read through the reader, which decodes
-        # and checks them.
-        chunks = [
-            (t.name, shard, i)
-            for t in todo
-            if all(not s.codec for s in self.manifest.tensors[t.name].shards)
+        # Raw shards: a window of whole checksum chunks at a time read (through the storage
+        # layer) into this thread's reused buffer and checked by the reader's own chunk check,
+        # windows in parallel (nothing is kept).  Coded shards: read through the reader, which
+        # decodes and checks them.
+        raw = [t for t in todo if all(not s.codec for s in self.manifest.tensors[t.name].shards)]
+        windows = [
+            (t.name, shard, a, n)
+            for t in raw
             for shard in self.manifest.tensors[t.name].shards
-            for i in range(_nchunks(shard))
+            for a, n in _windows(shard)
         ]
-        raw_names = {name for name, _, _ in chunks}
+        raw_names = {t.name for t in raw}
         coded = [t for t in todo if t.name not in raw_names]
         local = threading.local()
         lock = threading.Lock()
-        maps: dict[str, mmap.mmap] = {}
 
-        def mapped(file: str, offset: int, n: int) -> memoryview | None:
-            """Local files are hashed where the page cache has them (a mapping, no copy)."""
-            if not self.storage.local:
-                return None
-            with lock:
-                m = maps.get(file)
-                if m is None:
-                    with open(self.storage.path(file), "rb") as f:
-                        size = os.fstat(f.fileno()).st_size
-                        if size == 0:
-                            return memoryview(b"")[:0] if n == 0 else _short(file, offset, n, 0)
-                        m = maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            if offset + n > len(m):
-                _short(file, offset, n, len(m))
-            return memoryview(m)[offset : offset + n]
-
-        def check_chunk(job: tuple[str, Shard, int]) -> None:
-            name, shard, i = job
-            cs = shard.chunk_size
-            a = i * cs
-            n = min(cs, shard.end - shard.begin - a)
+        def check_window(job: tuple[str, Shard, int, int]) -> None:
+            name, shard, a, n = job
             problem = None
             try:
-                view = mapped(shard.file, shard.begin + a, n)
-                if view is None:  # not a local file: read into this thread's buffer
-                    buf = getattr(local, "buf", None)
-                    if buf is None or len(buf) < n:
-                        buf = local.buf = bytearray(max(n, 1))
-                    view = memoryview(buf)[:n]
-                    if n:
-                        self.storage.read_ranges(shard.file, [(shard.begin + a, view)])
-                intact = (  # an empty shard has no chunk digest to match
-                    n == 0 and not shard.chunks
-                ) or (i < len(shard.chunks) and xxhash.xxh3_128_hexdigest(view) == shard.chunks[i])
-                if not intact:
-                    problem = Problem(
-                        name,
-                        shard.file,
-                        i,
-                        f"snapshot step {self.step}: tensor {name!r} in {shard.file!r} does not match its "
-                        f"checksum (chunk {i}, bytes {shard.begin + a}..{shard.begin + a + n})",
-                    )
+                buf = getattr(local, "buf", None)
+                if buf is None or len(buf) < n:
+                    buf = local.buf = bytearray(n)
+                view = memoryview(buf)[:n]
+                self.storage.read_ranges(shard.file, [(shard.begin + a, view)])
+                verify_all([(name, shard, view, a)], self.step, None)
+            except ChecksumError as e:
+                problem = Problem(name, e.file, e.chunk, str(e))
             except FileNotFoundError:
                 problem = Problem(
                     name, shard.file, None, f"snapshot step {self.step}: shard file {shard.file!r} is missing"
                 )
             except CorruptBlobError as e:  # a truncated file
-                problem = Problem(name, shard.file, i, f"snapshot step {self.step}: {e}")
+                problem = Problem(name, shard.file, a // shard.chunk_size, f"snapshot step {self.step}: {e}")
             finally:
                 if progress is not None:
                     progress(n)
@@ -377,16 +344,9 @@ class Snapshot:
         # Local files: hashing is the work, a thread a core; object storage: requests in flight.
         default = min(8, os.cpu_count() or 1) if self.storage.local else 16
         workers = max(1, threads or default)
-        try:
-            with ThreadPoolExecutor(workers, thread_name_prefix="fmstore-verify") as pool:
-                list(pool.map(check_chunk, chunks))
-                list(pool.map(check_coded, coded))
-        finally:
-            for m in maps.values():
-                try:
-                    m.close()
-                except BufferError:  # a view still exported (an exception's frame): the GC closes it
-                    pass
+        with ThreadPoolExecutor(workers, thread_name_prefix="fmstore-verify") as pool:
+            list(pool.map(check_window, windows))
+            list(pool.map(check_coded, coded))
         order = names if names is not None else sorted(infos)
         return [problems[n] for n in order if n in problems]
 
@@ -394,18 +354,21 @@ class Snapshot:
         return f"Snapshot({self.url!r}, {len(self.manifest.tensors)} tensors)"
 
 
-def _short(file: str, offset: int, n: int, size: int) -> None:
-    raise CorruptBlobError(f"{file}: truncated file: {size} bytes, {n} wanted at offset {offset}")
+#: The bytes of a raw shard :meth:`Snapshot.verify` reads back at once (whole checksum chunks).
+VERIFY_WINDOW = 16 << 20
 
 
-def _nchunks(shard: Shard) -> int:
-    """Checksum chunks of a raw shard (a shard without chunk digests is a manifest error)."""
+def _windows(shard: Shard) -> list[tuple[int, int]]:
+    """(start in the shard, bytes) of the windows of whole checksum chunks a raw shard is read
+    back in (a shard without chunk digests is a manifest error; an empty one has none)."""
     n = shard.end - shard.begin
-    if n and shard.chunk_size <= 0:
-        raise ManifestError(
-            f"{shard.file!r}: a raw shard without chunk checksums (chunk_size {shard.chunk_size})"
-        )
-    return max(1, -(-n // shard.chunk_size)) if n else 1
+    if not n:
+        return []
+    cs = shard.chunk_size
+    if cs <= 0:
+        raise ManifestError(f"{shard.file!r}: a raw shard without chunk checksums (chunk_size {cs})")
+    step = max(1, VERIFY_WINDOW // cs) * cs
+    return [(a, min(step, n - a)) for a in range(0, n, step)]
 
 
 class Root:

@@ -25,6 +25,8 @@ from ._common import EXIT_ERROR, exit_code
 #: fmstore as any other filter.  Not 0: the output was cut short.  Not 1: nothing failed.
 EXIT_BROKEN_PIPE = 141
 
+__all__ = ["main"]  # ``main(argv) -> exit status``: the ``fmstore`` command, run in-process
+
 #: Subcommand modules, in the order ``--help`` lists them.
 COMMANDS = ["ls", "inspect", "verify", "diff", "export", "import_", "cp", "gc", "du", "blobs"]
 

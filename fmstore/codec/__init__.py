@@ -10,6 +10,8 @@
 - ``planes`` and ``quant``: the CPU references of the split/merge and int8 kernels.
 """
 
+import importlib
+
 from .._lazy import lazy_names
 from ..errors import CodecError
 
@@ -23,10 +25,25 @@ _LAZY = {
     "read_header": "chain",
     "split": "planes",
     "merge": "planes",
+    # (fmstore.blob) the flat uint8 view of a tensor's (or bytes') data, what encode() takes
+    "as_bytes_tensor": ".blob",
 }
 
+#: Submodules public as a whole (the FMHS chain's parts, see above), imported when first asked for.
+_SUBMODULES = ("huffman", "gpu", "native")
 
-__getattr__, __dir__ = lazy_names(__name__, globals(), _LAZY)
+_lazy_getattr, _lazy_dir = lazy_names(__name__, globals(), _LAZY)
+
+
+def __getattr__(name: str) -> object:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    return _lazy_getattr(name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(_lazy_dir()) | set(_SUBMODULES))
+
 
 __all__ = [
     "encode",
@@ -37,4 +54,10 @@ __all__ = [
     "estimated_ratio",
     "split",
     "merge",
+    "as_bytes_tensor",
+    # the FMHS chain's modules: huffman (format and CPU reference: encode, decode), gpu (the CUDA
+    # kernels' wrappers), native (the compiled CPU decoder's loader)
+    "huffman",
+    "gpu",
+    "native",
 ]

@@ -42,6 +42,10 @@ class BufferPool:
     not the pool, decides what is stored).
     """
 
+    #: The bytes a buffer for ``nbytes`` takes: ``nbytes`` rounded up to its size class (at
+    #: most 1/8 above it, at least 512 B), what ``acquire`` and ``reserve`` count.
+    size_class = staticmethod(size_class)
+
     def __init__(self, *, pinned: bool, limit: int | None = None) -> None:
         self.pinned = pinned
         self.limit = limit
