@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ loads t
     from .checkpointer import Checkpointer, SaveHandle, SnapshotInfo
     from .lease import DEFAULT_TTL
     from .manifest import Manifest, step_dir
-    from .memory import HOST
+    from .host_level import HOST
     from .options import check_save_options
     from .overlap import watch_optimizer_steps
     from .parts import Part, PartsWritten, SnapshotWriter, tensor_names
@@ -43,7 +43,7 @@ _LAZY = {
     "SnapshotInfo": "checkpointer",
     "Manifest": "manifest",  # torch-free
     "step_dir": "manifest",  # torch-free
-    "HOST": "memory",
+    "HOST": "host_level",
     "check_save_options": "options",
     "watch_optimizer_steps": "overlap",
     "DEFAULT_TTL": "lease",  # torch-free

@@ -41,7 +41,7 @@ from .lease import DEFAULT_TTL
 from .level import SnapshotLevel, open_levels
 from .loading import SnapshotLoader
 from .manifest import Manifest, step_dir
-from .memory import MemoryLevel
+from .host_level import MemoryLevel
 from .options import COMPRESSION, check_limits, check_save_options  # noqa: F401
 from .policy import Policy, resolve
 from .saving import GPU_ENCODE_MIN_BYTES, SaveHandle, SavePipeline, SnapshotInfo  # noqa: F401

@@ -33,7 +33,7 @@ from ..tiers.host import BufferPool
 from . import stateful
 from .level import SnapshotLevel
 from .manifest import Manifest
-from .memory import HOST, MemoryLevel, MemorySnapshot, restore
+from .host_level import HOST, MemoryLevel, MemorySnapshot, restore
 from .reader import Region, SnapshotReader
 from .sharding import check_target, dtensor_region, is_dtensor
 from .tree import compare, flatten, subtree, tensor_leaves, unflatten

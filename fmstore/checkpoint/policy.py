@@ -21,9 +21,9 @@ from ..storage import FsspecStorage, scheme_of
 from ..storage.url import LOCAL_SCHEMES
 from ..store import TieredStore
 from ..tiers.base import Tier
-from ..tiers.local import LocalTier
+from ..tiers.disk import LocalTier
 from ..tiers.object import ObjectTier
-from .memory import HOST
+from .host_level import HOST
 
 #: Where a checkpointer backed by a TieredStore keeps snapshots inside each durable tier.
 STORE_PREFIX = f"{RESERVED_DIR}/checkpoints"

@@ -29,7 +29,7 @@ from ..gcpause import paused_gc
 from ..jobs import BackgroundJobs, Job
 from . import overlap, stateful
 from .level import SnapshotLevel, Written
-from .memory import HOST, MemoryItem, MemoryLevel, MemorySnapshot
+from .host_level import HOST, MemoryItem, MemoryLevel, MemorySnapshot
 from .sharding import Piece, pieces_to_save
 from .staging import Staged, Stager
 from .writing import ItemBuilder, completed

@@ -26,7 +26,7 @@ import torch
 from ..blob import SAFETENSORS_CODES, as_memoryview, dtype_name
 from ..checkpoint.manifest import numel
 from ..errors import ConfigError, FmstoreError
-from ._export_io import Feed, Item, Piece, pieces
+from ._export_io import Feed, Item, RowRange, pieces
 
 #: safetensors codes beyond those fmstore's blobs use (known to safetensors >= 0.4.3).
 EXTRA_CODES: dict[torch.dtype, str] = {
@@ -107,17 +107,17 @@ class Writer:
     """Feeds pieces to the format writers and counts bytes on the progress bar."""
 
     def __init__(self, snap: Any, order: list[Item], bar: Any, *, multiple: dict[str, int] | None = None):
-        todo: list[Piece] = []
+        todo: list[RowRange] = []
         for it in order:
             entry = snap.manifest.tensors[it.name]
             sizes = {s.chunk_size for s in entry.shards}
             chunk = sizes.pop() if len(sizes) == 1 else 0
             todo.extend(pieces(it, multiple=(multiple or {}).get(it.name, 1), chunk_size=chunk))
-        self._feed: Iterator[tuple[Piece, torch.Tensor]] = iter(Feed(snap, todo))
+        self._feed: Iterator[tuple[RowRange, torch.Tensor]] = iter(Feed(snap, todo))
         self.bar = bar
         self.bytes = 0
 
-    def take(self, item: Item) -> Iterator[tuple[Piece, torch.Tensor]]:
+    def take(self, item: Item) -> Iterator[tuple[RowRange, torch.Tensor]]:
         """The pieces of ``item`` (the next item of the order), in order."""
         got = 0
         while True:

@@ -103,7 +103,7 @@ def name_items(infos: list[Any], prefix: str | None) -> tuple[list[Item], str]:
 
 
 @dataclass(frozen=True)
-class Piece:
+class RowRange:
     """Rows ``[start, stop)`` along dim 0 of an item (the whole tensor for a 0-d one)."""
 
     item: Item
@@ -121,7 +121,7 @@ class Piece:
 
 def pieces(
     item: Item, *, piece_bytes: int | None = None, multiple: int = 1, chunk_size: int = 0
-) -> list[Piece]:
+) -> list[RowRange]:
     """How to read an item: whole, or (a raw tensor above ``piece_bytes``) in row ranges.
 
     Encoded shards are read whole: a slice of one would decode the whole shard every time.
@@ -137,7 +137,7 @@ def pieces(
     raw = all(not s.codec for s in shards)
     row_bytes = item.nbytes // rows if rows else 0
     if not shape or rows <= 1 or item.nbytes <= piece_bytes or not raw or not row_bytes:
-        return [Piece(item, 0, rows, True)]
+        return [RowRange(item, 0, rows, True)]
     step = max(1, piece_bytes // row_bytes)
     bounds = {0, rows}
     if multiple > 1:
@@ -151,7 +151,7 @@ def pieces(
             bounds |= {s.offsets[0] for s in shards}
     edges = sorted(bounds)
     return [
-        Piece(item, a, min(b, a + step), False) for lo, b in zip(edges, edges[1:]) for a in range(lo, b, step)
+        RowRange(item, a, min(b, a + step), False) for lo, b in zip(edges, edges[1:]) for a in range(lo, b, step)
     ]
 
 
@@ -189,7 +189,7 @@ class Feed:
     def __init__(
         self,
         snap: Any,
-        todo: list[Piece],
+        todo: list[RowRange],
         *,
         threads: int | None = None,
         window: int | None = None,
@@ -203,7 +203,7 @@ class Feed:
         self.threads = threads or (max(1, min(4, (os.cpu_count() or 1) // 2)) if local else 8)
         self._buffers = _Buffers()
 
-    def _read(self, p: Piece) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _read(self, p: RowRange) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the piece's values, the reused buffer holding them or None)."""
         shape = p.item.shape
         if p.whole:
@@ -219,8 +219,8 @@ class Feed:
                 self._buffers.give(buf)
             raise
 
-    def __iter__(self) -> Iterator[tuple[Piece, torch.Tensor]]:
-        pending: deque[tuple[Piece, Future[tuple[torch.Tensor, torch.Tensor | None]]]] = deque()
+    def __iter__(self) -> Iterator[tuple[RowRange, torch.Tensor]]:
+        pending: deque[tuple[RowRange, Future[tuple[torch.Tensor, torch.Tensor | None]]]] = deque()
         ahead = 0
         nxt = 0
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="fmstore-export")

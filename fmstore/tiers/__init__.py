@@ -3,7 +3,7 @@
 from .base import Tier
 from .device import DeviceTier
 from .host import BufferPool, HostTier
-from .local import LocalTier
+from .disk import LocalTier
 from .object import ObjectTier
 
 __all__ = ["Tier", "DeviceTier", "HostTier", "BufferPool", "LocalTier", "ObjectTier"]
