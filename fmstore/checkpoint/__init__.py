@@ -23,9 +23,9 @@ from ..errors import (
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ loads them
     from .checkpointer import Checkpointer, SaveHandle, SnapshotInfo
+    from .host_level import HOST
     from .lease import DEFAULT_TTL
     from .manifest import Manifest, step_dir
-    from .host_level import HOST
     from .options import check_save_options
     from .overlap import watch_optimizer_steps
     from .parts import Part, PartsWritten, SnapshotWriter, tensor_names

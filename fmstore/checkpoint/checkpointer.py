@@ -37,11 +37,11 @@ from ..store import TieredStore
 from . import overlap, stateful
 from .closing import Owned, dropped
 from .group import claim, rank_and_world, session_token
+from .host_level import MemoryLevel
 from .lease import DEFAULT_TTL
 from .level import SnapshotLevel, open_levels
 from .loading import SnapshotLoader
 from .manifest import Manifest, step_dir
-from .host_level import MemoryLevel
 from .options import COMPRESSION, check_limits, check_save_options  # noqa: F401
 from .policy import Policy, resolve
 from .saving import GPU_ENCODE_MIN_BYTES, SaveHandle, SavePipeline, SnapshotInfo  # noqa: F401

@@ -31,9 +31,9 @@ from ..errors import (
 from ..jobs import BackgroundJobs
 from ..tiers.host import BufferPool
 from . import stateful
+from .host_level import HOST, MemoryLevel, MemorySnapshot, restore
 from .level import SnapshotLevel
 from .manifest import Manifest
-from .host_level import HOST, MemoryLevel, MemorySnapshot, restore
 from .reader import Region, SnapshotReader
 from .sharding import check_target, dtensor_region, is_dtensor
 from .tree import compare, flatten, subtree, tensor_leaves, unflatten

@@ -28,8 +28,8 @@ from ..errors import CapacityError, FmstoreError, WaitTimeoutError
 from ..gcpause import paused_gc
 from ..jobs import BackgroundJobs, Job
 from . import overlap, stateful
-from .level import SnapshotLevel, Written
 from .host_level import HOST, MemoryItem, MemoryLevel, MemorySnapshot
+from .level import SnapshotLevel, Written
 from .sharding import Piece, pieces_to_save
 from .staging import Staged, Stager
 from .writing import ItemBuilder, completed

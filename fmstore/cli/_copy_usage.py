@@ -35,7 +35,6 @@ from typing import Any
 from ..checkpoint.manifest import MANIFEST, Manifest, step_dir
 from ..checkpoint.snapshots import Scan
 
-
 # ---------------------------------------------------------------------- du
 
 

@@ -2,8 +2,8 @@
 
 from .base import Tier
 from .device import DeviceTier
-from .host import BufferPool, HostTier
 from .disk import LocalTier
+from .host import BufferPool, HostTier
 from .object import ObjectTier
 
 __all__ = ["Tier", "DeviceTier", "HostTier", "BufferPool", "LocalTier", "ObjectTier"]
