@@ -180,7 +180,7 @@ class Checkpointer:
             rank=self.rank, levels=self.levels, memory=self.memory, pool=pipeline.stager.pool, persists=pipeline.persists
         )  # fmt: skip
         self._last: SaveHandle | None = None
-        self._deleting = threading.Lock()  # a delete and the start of a save exclude each other
+        self._exclusive = threading.Lock()  # a delete and the staging of a save exclude each other
         self._closed = False
         overlap.install()  # block=False saves make the next optimizer step wait for their copies
         # What close() frees, freed too when this object is dropped unclosed.  Nothing here
@@ -249,7 +249,9 @@ class Checkpointer:
         if self._closed:
             raise FmstoreError("the checkpointer is closed")
         step_dir(step)  # checks the step
-        with paused_gc():  # its objects are freed by refcount before a collection promotes them
+        # A delete removes files a save may reference: the two exclude each other.  Objects are
+        # freed by refcount before a collection would promote them.
+        with self._exclusive, paused_gc():
             self._last = handle = self._save(step, state, block, meta, levels)
         # An earlier persist's error nobody has seen: this step is saved all the same, then the
         # error is raised (once) here.
@@ -270,8 +272,6 @@ class Checkpointer:
         levels: Sequence[str] | str | None,
     ) -> SaveHandle:
         t0 = time.perf_counter()
-        with self._deleting:  # a delete in progress may remove the files this save would reference
-            pass
         pipeline = self._pipeline
         pipeline.persists.collect()
         prepared = stateful.for_save(state)
@@ -321,7 +321,7 @@ class Checkpointer:
         manifest first (from then on it does not exist), then the files no other committed
         snapshot references.  Waits for saves in flight, which may reference its files; a save
         called meanwhile waits for the delete."""
-        with self._deleting:
+        with self._exclusive:
             self._wait_all()
             if not self._pipeline.drop(step, level, self._levels):
                 raise SnapshotNotFoundError(f"no committed snapshot for step {step} in {self.level_names()}")
