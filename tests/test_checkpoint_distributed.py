@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import free_port, quick_exit
 
 from fmstore import Checkpointer
 
@@ -36,6 +36,7 @@ def _init(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
+@quick_exit  # gloo teardown at exit aborts now and then, after the body passed (conftest)
 def _save_worker(rank: int, world: int, port: int, root: str, compression: str | None = None) -> None:
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
 
@@ -67,6 +68,7 @@ def _save_worker(rank: int, world: int, port: int, root: str, compression: str |
         dist.destroy_process_group()
 
 
+@quick_exit  # gloo teardown at exit aborts now and then, after the body passed (conftest)
 def _load_worker(rank: int, world: int, port: int, root: str) -> None:
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
@@ -144,6 +146,7 @@ def test_compressed_snapshot_reshards(tmp_path):
     _spawn(_load_worker, 3, root)
 
 
+@quick_exit  # gloo teardown at exit aborts now and then, after the body passed (conftest)
 def _stale_worker(rank: int, world: int, port: int, root: str) -> None:
     _init(rank, world, port)
     try:
@@ -171,6 +174,7 @@ def test_a_dead_attempts_reports_are_never_merged(tmp_path):
     assert torch.equal(out["a"], torch.full((4,), 1.0)) and torch.equal(out["b"], torch.arange(3.0))
 
 
+@quick_exit  # gloo teardown at exit aborts now and then, after the body passed (conftest)
 def _refused_worker(rank: int, world: int, port: int, root: str) -> None:
     from fmstore import WriterConflictError
 
