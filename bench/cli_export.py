@@ -33,17 +33,9 @@ from safetensors import safe_open
 from fmstore import format_size, parse_size
 from fmstore.checkpoint import Checkpointer, Root
 from fmstore.cli import main as fmstore_main
+from fmstore.storage import fsync_path
 
 TARGET = 0.8
-
-
-def _fsync(path: str) -> None:
-    """fsync a file or a directory, as the export does for what it writes."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def main() -> int:
@@ -101,8 +93,8 @@ def main() -> int:
         for f in shards:
             dst = os.path.join(raw_dir, os.path.basename(f))
             shutil.copyfile(f, dst)
-            _fsync(dst)
-        _fsync(raw_dir)
+            fsync_path(dst)
+        fsync_path(raw_dir)
         return raw_bytes
 
     def export() -> int:

@@ -23,6 +23,7 @@ from ..blob import dtype_from_name
 from ..checkpoint import SnapshotNotFoundError
 from ..checkpoint.tree import tensor_leaves
 from ..errors import ConfigError, FmstoreError
+from ..storage.files import fsync_path
 
 #: A raw (uncompressed) tensor larger than this is read in row ranges of about this size,
 #: so memory stays bounded whatever the largest tensor.  (Reading a tensor whole goes straight
@@ -280,14 +281,6 @@ def _alive(pid: int) -> bool:
     except OSError:  # another user's process
         return True
     return True
-
-
-def fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class AtomicOutput:

@@ -7,7 +7,7 @@ fsspec file system).  Timeouts, retries and the translation of faults into
 """
 
 from .base import Reader, Storage, scheme_of
-from .files import write_atomic
+from .files import fsync_path, write_atomic
 from .fsspec_ import FsspecStorage
 from .local import LocalStorage
 from .s3 import S3_ATTEMPTS, S3_CONFIG, S3Storage
@@ -25,5 +25,6 @@ __all__ = [
     "scheme_of",
     "S3_CONFIG",
     "S3_ATTEMPTS",
+    "fsync_path",  # a local file or directory made durable (an export, a bench measuring raw writes)
     "write_atomic",  # a local file written crash-safely (temp + fsync + rename), outside a Storage
 ]

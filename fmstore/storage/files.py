@@ -94,8 +94,9 @@ def _pread_into(fd: int, dest: memoryview, offset: int, name: str) -> None:
         offset += n
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path: str) -> None:
+    """fsync a file or a directory (a rename or a new entry is durable once its directory is)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -190,7 +191,7 @@ def write_atomic_with(
             pass
         raise
     if fsync:
-        _fsync_dir(directory)
+        fsync_path(directory)
 
 
 def read_ranges_into(
