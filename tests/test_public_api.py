@@ -45,12 +45,10 @@ def public_names(package: str) -> set[str]:
     }
 
 
-def _module_ok(module: str) -> bool:
-    return (
-        module in PUBLIC_PACKAGES
-        or module in PUBLIC_MODULES
-        or module.startswith("fmstore.integrations.")
-    )
+def _module_ok(module: str, packages: tuple[str, ...], modules: tuple[str, ...]) -> bool:
+    """Whether importing ``module`` as a whole is allowed: a public package, or a public module
+    or one under it (``fmstore.integrations.loop``)."""
+    return module in packages or module in modules or any(module.startswith(f"{m}.") for m in modules)
 
 
 def imports(path: Path) -> list[tuple[int, str, str | None]]:
@@ -71,20 +69,23 @@ def imports(path: Path) -> list[tuple[int, str, str | None]]:
     return out
 
 
-def private_imports(path: Path) -> list[tuple[int, str, str | None]]:
-    """The imports of ``path`` that reach past fmstore's public API."""
+def private_imports(
+    path: Path, packages: tuple[str, ...] = PUBLIC_PACKAGES, modules: tuple[str, ...] = PUBLIC_MODULES
+) -> list[tuple[int, str, str | None]]:
+    """The imports of ``path`` that reach past fmstore's public API: ``packages``' exported
+    names and ``modules`` (and those under them) as a whole."""
     bad = []
     for line, module, name in imports(path):
         if name is None:
-            ok = _module_ok(module)
+            ok = _module_ok(module, packages, modules)
         elif name == "*" or name.startswith("_"):
             ok = False
-        elif _module_ok(f"{module}.{name}"):  # a public module itself (from fmstore import exiting)
+        elif _module_ok(f"{module}.{name}", packages, modules):  # a public module itself (from fmstore import exiting)
             ok = True
-        elif module in PUBLIC_PACKAGES:
+        elif module in packages:
             ok = name in public_names(module)
         else:
-            ok = module in PUBLIC_MODULES or module.startswith("fmstore.integrations.")
+            ok = _module_ok(module, packages, modules)
         if not ok:
             bad.append((line, module, name))
     return bad
@@ -150,32 +151,10 @@ BENCH_PUBLIC_PACKAGES = (*PUBLIC_PACKAGES, "fmstore.cli")
 BENCH_PUBLIC_MODULES = (*PUBLIC_MODULES, "fmstore.testing")
 
 
-def _bench_module_ok(module: str) -> bool:
-    return (
-        module in BENCH_PUBLIC_PACKAGES
-        or module in BENCH_PUBLIC_MODULES
-        or any(module.startswith(f"{m}.") for m in BENCH_PUBLIC_MODULES)
-    )
-
-
 def bench_private_imports(path: Path) -> list[tuple[int, str, str | None]]:
     """The imports of fmstore in bench script ``path`` that reach past the public API (the same
     rule as for trainer_integration/, plus ``fmstore.cli.main`` and ``fmstore.testing``)."""
-    bad = []
-    for line, module, name in imports(path):
-        if name is None:
-            ok = _bench_module_ok(module)
-        elif name == "*" or name.startswith("_"):
-            ok = False
-        elif _bench_module_ok(f"{module}.{name}"):
-            ok = True
-        elif module in BENCH_PUBLIC_PACKAGES:
-            ok = name in public_names(module)
-        else:
-            ok = _bench_module_ok(module) and module not in BENCH_PUBLIC_PACKAGES
-        if not ok:
-            bad.append((line, module, name))
-    return bad
+    return private_imports(path, BENCH_PUBLIC_PACKAGES, BENCH_PUBLIC_MODULES)
 
 
 BENCHES = sorted(BENCH.glob("*.py"))
