@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from fmstore.integrations.train import read_log
+
+from fmstore.storage import remove_local
 
 __all__ = ["main"]
 
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-every", type=int, default=10)
     args = p.parse_args(argv)
     data = Path(args.data)
-    shutil.rmtree(data, ignore_errors=True)  # a fresh run each time: committed steps are never overwritten
+    remove_local(data)  # a fresh run each time: committed steps are never overwritten
     data.mkdir(parents=True)
     t_start = time.perf_counter()
 

@@ -49,14 +49,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-
 from fmstore.integrations import require
 
 transformers = require("transformers", "hf", by=__name__)
@@ -65,7 +63,7 @@ from transformers.trainer_callback import ExportableState  # noqa: E402
 
 from fmstore import Checkpointer, ConfigError, Policy, RNGState
 from fmstore.checkpoint import HOST, LoadMismatchError, SaveHandle, watch_optimizer_steps
-from fmstore.storage import write_atomic
+from fmstore.storage import remove_local, write_atomic
 
 __all__ = ["FmstoreCallback", "TRAINER_STATE_NAME", "LOADERS"]
 
@@ -408,7 +406,7 @@ class FmstoreCallback(TrainerCallback):
             return
         for name in LOADERS:
             self._trainer.__dict__.pop(name, None)
-        shutil.rmtree(self._resume.folder, ignore_errors=True)
+        remove_local(self._resume.folder)
         self._resume = None
 
     def __repr__(self) -> str:

@@ -1,5 +1,5 @@
 """The output formats of ``fmstore export``: a safetensors file, a Hugging Face folder, a
-zarr v3 store.  Each writes into a temporary name that :class:`AtomicOutput` renames.
+zarr v3 store.  Each writes into a temporary name that :class:`fmstore.storage.AtomicOutput` renames.
 
 safetensors files are streamed: the header is laid out first (the same layout the
 ``safetensors`` library writes: tensors by descending dtype, as the library orders dtypes,

@@ -1,5 +1,6 @@
 """What ``fmstore export`` and ``fmstore import`` share: picking and naming a snapshot's
-tensors, reading them in bounded pieces ahead of the writer, and atomic output.
+tensors and reading them in bounded pieces ahead of the writer (the atomic output is the
+storage layer's :class:`fmstore.storage.AtomicOutput`).
 
 Imported only inside the commands' ``run`` (it imports torch).
 """
@@ -8,11 +9,9 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import secrets
-import shutil
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -22,8 +21,7 @@ import torch
 from ..blob import dtype_from_name
 from ..checkpoint import SnapshotNotFoundError
 from ..checkpoint.tree import tensor_leaves
-from ..errors import ConfigError, FmstoreError
-from ..storage.files import fsync_path
+from ..errors import ConfigError
 
 #: A raw (uncompressed) tensor larger than this is read in row ranges of about this size,
 #: so memory stays bounded whatever the largest tensor.  (Reading a tensor whole goes straight
@@ -243,122 +241,3 @@ class Feed:
             for _, fut in pending:
                 fut.cancel()
             pool.shutdown(wait=True)
-
-
-# ------------------------------------------------------------------ atomic output
-
-
-def temp_name(final: str) -> str:
-    parent, base = os.path.split(os.path.abspath(final))
-    return os.path.join(parent, f".{base}.fmstore-tmp-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def remove_stale(final: str) -> None:
-    """Remove the temporaries that killed exports to ``final`` left (their process is gone)."""
-    parent, base = os.path.split(final)
-    prefix = f".{base}.fmstore-tmp-"
-    for name in os.listdir(parent):
-        if not name.startswith(prefix):
-            continue
-        pid_text = name[len(prefix) :].split("-", 1)[0]
-        if not pid_text.isdigit() or _alive(int(pid_text)):
-            continue
-        path = os.path.join(parent, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process
-        return True
-    return True
-
-
-class AtomicOutput:
-    """Write ``final`` (a file, or a directory with ``is_dir``) under a temporary name in the
-    same directory and rename it into place on :meth:`commit`: a killed export leaves at most a
-    hidden ``.NAME.fmstore-tmp-PID-*`` behind, never a partial file under the final name (the
-    next export to the same name removes it once that process is gone).
-
-    An existing ``final`` is refused unless ``force``; even then only one of the same kind
-    (a file or a directory, and ``looks_like(path)``) is replaced, so a typo cannot wipe a
-    random file or folder.
-    """
-
-    def __init__(
-        self, final: str, *, is_dir: bool, force: bool, looks_like: Callable[[str], bool] | None = None
-    ) -> None:
-        self.check(final, is_dir=is_dir, force=force, looks_like=looks_like)
-        self.final = os.path.abspath(final)
-        self.is_dir = is_dir
-        os.makedirs(os.path.dirname(self.final), exist_ok=True)
-        remove_stale(self.final)
-        self.tmp = temp_name(self.final)
-        if is_dir:
-            os.mkdir(self.tmp)
-        self.done = False
-
-    @staticmethod
-    def check(
-        final: str, *, is_dir: bool, force: bool, looks_like: Callable[[str], bool] | None = None
-    ) -> None:
-        """Raise unless ``final`` may be written (see the class docstring)."""
-        if "://" in final:
-            raise ConfigError(f"the output must be a local path, got {final!r}")
-        path = os.path.abspath(final)
-        if os.path.lexists(path):
-            if not force:
-                raise FmstoreError(f"{final!r} exists; pass --force to replace it")
-            kind_ok = os.path.isdir(path) if is_dir else os.path.isfile(path)
-            if not kind_ok or (looks_like is not None and not looks_like(path)):
-                raise FmstoreError(
-                    f"{final!r} exists and does not look like an earlier export of this format; "
-                    "not replacing it even with --force"
-                )
-
-    def commit(self) -> None:
-        parent = os.path.dirname(self.final)
-        if self.is_dir:
-            for dirpath, _, files in os.walk(self.tmp):
-                for f in files:
-                    fsync_path(os.path.join(dirpath, f))
-                fsync_path(dirpath)
-            old = None
-            if os.path.lexists(self.final):
-                old = temp_name(self.final) + "-old"
-                os.rename(self.final, old)
-            os.rename(self.tmp, self.final)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            fsync_path(self.tmp)
-            os.replace(self.tmp, self.final)
-        fsync_path(parent)
-        self.done = True
-
-    def abort(self) -> None:
-        if self.done:
-            return
-        if self.is_dir:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        else:
-            try:
-                os.unlink(self.tmp)
-            except FileNotFoundError:
-                pass
-
-    def __enter__(self) -> AtomicOutput:
-        return self
-
-    def __exit__(self, exc_type: Any, *rest: object) -> None:
-        if exc_type is not None:
-            self.abort()

@@ -88,9 +88,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError, FmstoreError
+    from ..storage import AtomicOutput
     from ..units import format_size, parse_size
     from . import _export_formats as fmt
-    from ._export_io import AtomicOutput, name_items, select
+    from ._export_io import name_items, select
 
     if args.config is not None and args.format != "hf":
         raise ConfigError("--config goes with --format hf")

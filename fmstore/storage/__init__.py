@@ -10,6 +10,7 @@ from .base import Reader, Storage, scheme_of
 from .files import fsync_path, write_atomic
 from .fsspec_ import FsspecStorage
 from .local import LocalStorage
+from .output import AtomicOutput, remove_local
 from .s3 import S3_ATTEMPTS, S3_CONFIG, S3Storage
 from .url import delete_file, open_fs, storage_class
 
@@ -26,5 +27,7 @@ __all__ = [
     "S3_CONFIG",
     "S3_ATTEMPTS",
     "fsync_path",  # a local file or directory made durable (an export, a bench measuring raw writes)
-    "write_atomic",  # a local file written crash-safely (temp + fsync + rename), outside a Storage
+    "write_atomic",
+    "AtomicOutput",  # a local file or directory written under a temporary name, renamed into place
+    "remove_local",  # a local scratch file or folder removed (not under a root: Snapshots owns those)  # a local file written crash-safely (temp + fsync + rename), outside a Storage
 ]
