@@ -20,7 +20,14 @@ REPO = Path(__file__).resolve().parent.parent
 INTEGRATIONS = REPO / "trainer_integration"
 
 #: The packages whose exported names are fmstore's public API.
-PUBLIC_PACKAGES = ("fmstore", "fmstore.checkpoint", "fmstore.errors", "fmstore.storage", "fmstore.codec")
+PUBLIC_PACKAGES = (
+    "fmstore",
+    "fmstore.checkpoint",
+    "fmstore.errors",
+    "fmstore.storage",
+    "fmstore.codec",
+    "fmstore.offload",
+)
 #: Modules public as a whole (any name not starting with ``_``).
 PUBLIC_MODULES = ("fmstore.exiting", "fmstore.integrations")
 
