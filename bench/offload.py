@@ -65,6 +65,7 @@ import torch
 from common import machine_info  # bench/common.py
 
 from fmstore import format_size
+from fmstore.offload import OffloadedOptimizer, offload_parameters
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -141,14 +142,6 @@ def store_at(root: str, host_bytes: int) -> Iterator[Any]:
         store.close(flush=False)
         shutil.rmtree(path, ignore_errors=True)
 
-
-def import_fmstore(name: str) -> Any:
-    try:
-        import fmstore.offload as off
-
-        return getattr(off, name)
-    except Exception as e:  # the API is being written: skip until it lands
-        raise Skip(f"fmstore.offload.{name} not importable ({type(e).__name__}: {e})") from None
 
 
 # =============================================================================== Part A: training
@@ -324,7 +317,6 @@ def train_torchao(a: argparse.Namespace, n: int) -> Train:
 
 
 def train_fmstore(a: argparse.Namespace, n: int, overlap: bool, stack: contextlib.ExitStack) -> Train:
-    OffloadedOptimizer = import_fmstore("OffloadedOptimizer")
     model = make_stack(a, torch.bfloat16 if CUDA else torch.float32, DEVICE)
     states = STATE_BPP * n
     store = stack.enter_context(store_at(a.dir, int(states * (1 - a.device_fraction) * 1.25) + (64 << 20)))
@@ -518,7 +510,6 @@ class Serve:
 def serve_fmstore(
     a: argparse.Namespace, path: str, nbytes: int, budget: int, stack: contextlib.ExitStack
 ) -> Serve:
-    offload_parameters = import_fmstore("offload_parameters")
     model = load(path)
     store = stack.enter_context(store_at(a.dir, nbytes + (256 << 20)))
     h = offload_parameters(model, store=store, device=torch.device(DEVICE), budget=budget, prefetch=2)
