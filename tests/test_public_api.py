@@ -27,6 +27,7 @@ PUBLIC_PACKAGES = (
     "fmstore.storage",
     "fmstore.codec",
     "fmstore.offload",
+    "fmstore.serving",
 )
 #: Modules public as a whole (any name not starting with ``_``).
 PUBLIC_MODULES = ("fmstore.exiting", "fmstore.integrations")

@@ -25,12 +25,12 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ loads t
     from .checkpointer import Checkpointer, SaveHandle, SnapshotInfo
     from .host_level import HOST
     from .lease import DEFAULT_TTL
-    from .manifest import Manifest, step_dir
+    from .manifest import Manifest, Shard, step_dir
     from .options import check_save_options
     from .overlap import watch_optimizer_steps
     from .parts import Part, PartsWritten, SnapshotWriter, tensor_names
     from .policy import Level, Policy
-    from .reader import BufferPool, Region, SnapshotReader
+    from .reader import BufferPool, Region, SnapshotReader, verify_all
     from .snapshot import Problem, Root, ShardInfo, Snapshot, TensorInfo
     from .snapshots import Snapshots
     from .stateful import RNGState, is_stateful
@@ -43,6 +43,7 @@ _LAZY = {
     "SnapshotInfo": "checkpointer",
     "Manifest": "manifest",  # torch-free
     "step_dir": "manifest",  # torch-free
+    "Shard": "manifest",  # torch-free
     "HOST": "host_level",
     "check_save_options": "options",
     "watch_optimizer_steps": "overlap",
@@ -64,6 +65,7 @@ _LAZY = {
     "MOMENTS": "writing",
     "SnapshotReader": "reader",
     "Region": "reader",
+    "verify_all": "reader",
     "BufferPool": "reader",  # defined in fmstore.tiers.host; the pool a SnapshotReader reads through
 }
 
@@ -101,6 +103,8 @@ __all__ = [
     "watch_optimizer_steps",  # let non-blocking saves overlap the next forward and backward
     "SnapshotReader",  # reads regions of one committed snapshot (its Manifest), checked
     "Region",  # one region of a saved tensor and the tensor it is read into
+    "Shard",  # one shard's record in a manifest: rank, offsets, lengths, file, byte range, checksums
+    "verify_all",  # check bytes read from a shard against its chunk checksums (a streaming loader)
     "BufferPool",  # the reusable host buffers (pinned with CUDA) a SnapshotReader reads through
     "SnapshotWriter",  # writes one snapshot in parts (each rank's), then commits it: the save pipeline's
     "Part",  # one piece of a tensor a rank writes through a SnapshotWriter
