@@ -28,7 +28,7 @@ EXIT_BROKEN_PIPE = 141
 __all__ = ["main"]  # ``main(argv) -> exit status``: the ``fmstore`` command, run in-process
 
 #: Subcommand modules, in the order ``--help`` lists them.
-COMMANDS = ["ls", "inspect", "verify", "diff", "export", "import_", "cp", "gc", "du", "blobs"]
+COMMANDS = ["ls", "inspect", "verify", "diff", "export", "import_", "cp", "gc", "du", "blobs", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:
