@@ -375,6 +375,32 @@ def run_train_method(name: str, a: argparse.Namespace, n: int) -> tuple[list[flo
     return times, note, mem
 
 
+def rotated_rounds(
+    names: list[str], a: argparse.Namespace, notes: dict[str, str], width: int, run: Callable[[str], Any]
+) -> Iterator[tuple[int, str, Any]]:
+    """(round, method, result) of ``run(method)`` for every method in ``--repeats`` rounds, the
+    order rotated each round; a method that is skipped or fails is noted once and not run again."""
+    for rnd in range(a.repeats):
+        for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
+            if notes.get(name, "").startswith(("skipped", "error")):
+                continue
+            try:
+                result = run(name)
+            except Skip as e:
+                notes[name] = f"skipped: {e}"
+                print(f"  round {rnd + 1}: {name:<{width}} skipped: {e}", flush=True)
+                continue
+            except Exception as e:
+                notes[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                print(f"  round {rnd + 1}: {name:<{width}} {notes[name]}", flush=True)
+                if a.verbose:
+                    traceback.print_exc()
+                continue
+            finally:
+                free_device()
+            yield rnd, name, result
+
+
 def part_train(a: argparse.Namespace, h2d: float, d2h: float) -> None:
     n_blk = n_blocks(a.params, a.hidden)
     n = n_blk * (8 * a.hidden**2 + 5 * a.hidden)
@@ -393,29 +419,12 @@ def part_train(a: argparse.Namespace, h2d: float, d2h: float) -> None:
     names = [m for m in TRAIN if not a.only or m in a.only.split(",")]
     rounds: dict[str, list[float]] = {m: [] for m in names}
     notes: dict[str, str] = {}
-    for rnd in range(a.repeats):
-        for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
-            if notes.get(name, "").startswith(("skipped", "error")):
-                continue
-            try:
-                times, note, mem = run_train_method(name, a, n)
-            except Skip as e:
-                notes[name] = f"skipped: {e}"
-                print(f"  round {rnd + 1}: {name:<17} skipped: {e}", flush=True)
-                continue
-            except Exception as e:
-                notes[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                print(f"  round {rnd + 1}: {name:<17} {notes[name]}", flush=True)
-                if a.verbose:
-                    traceback.print_exc()
-                continue
-            finally:
-                free_device()
-            med = statistics.median(times)
-            rounds[name].append(med)
-            notes[name] = note
-            print(f"  round {rnd + 1}: {name:<17} {med * 1e3:9.1f} ms/iter (min {min(times) * 1e3:.1f}, max "
-                  f"{max(times) * 1e3:.1f}; peak device memory {mem})  {note}", flush=True)  # fmt: skip
+    for rnd, name, (times, note, mem) in rotated_rounds(names, a, notes, 17, lambda m: run_train_method(m, a, n)):
+        med = statistics.median(times)
+        rounds[name].append(med)
+        notes[name] = note
+        print(f"  round {rnd + 1}: {name:<17} {med * 1e3:9.1f} ms/iter (min {min(times) * 1e3:.1f}, max "
+              f"{max(times) * 1e3:.1f}; peak device memory {mem})  {note}", flush=True)  # fmt: skip
     med = {m: statistics.median(v) for m, v in rounds.items() if v}
     print("\n== train: median over rounds of each round's median iteration ==")
     base = med.get("gpu")
@@ -615,29 +624,13 @@ def part_serve(a: argparse.Namespace, h2d: float) -> None:
         names = [m for m in SERVE if not a.only or m in a.only.split(",")]
         rounds: dict[str, list[dict[str, Any]]] = {m: [] for m in names}
         notes: dict[str, str] = {}
-        for rnd in range(a.repeats):
-            for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
-                if notes.get(name, "").startswith(("skipped", "error")):
-                    continue
-                try:
-                    r = run_serve_method(name, a, path, nbytes, budget)
-                except Skip as e:
-                    notes[name] = f"skipped: {e}"
-                    print(f"  round {rnd + 1}: {name:<12} skipped: {e}", flush=True)
-                    continue
-                except Exception as e:
-                    notes[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                    print(f"  round {rnd + 1}: {name:<12} {notes[name]}", flush=True)
-                    if a.verbose:
-                        traceback.print_exc()
-                    continue
-                finally:
-                    free_device()
-                rounds[name].append(r)
-                notes[name] = r["note"]
-                print(f"  round {rnd + 1}: {name:<12} {r['total']:8.2f} tok/s whole generate, {r['decode']:8.2f} tok/s "
-                      f"decode (prefill+1 token {r['prefill'] * 1e3:.0f} ms; peak device memory {r['mem']})  {r['note']}",
-                      flush=True)  # fmt: skip
+        serve = lambda m: run_serve_method(m, a, path, nbytes, budget)  # noqa: E731
+        for rnd, name, r in rotated_rounds(names, a, notes, 12, serve):
+            rounds[name].append(r)
+            notes[name] = r["note"]
+            print(f"  round {rnd + 1}: {name:<12} {r['total']:8.2f} tok/s whole generate, {r['decode']:8.2f} tok/s "
+                  f"decode (prefill+1 token {r['prefill'] * 1e3:.0f} ms; peak device memory {r['mem']})  {r['note']}",
+                  flush=True)  # fmt: skip
         print("\n== serve: median over rounds; bound = batch / (offloaded bytes / H2D bandwidth) ==")
         med: dict[str, float] = {}
         ref_tokens = next((rounds[m][0]["tokens"] for m in names if rounds[m]), None)

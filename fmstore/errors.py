@@ -134,6 +134,23 @@ class StateKeysError(LoadMismatchError, KeyError):
     def __reduce__(self) -> tuple[Any, ...]:  # torch DCP pickles errors between ranks
         return (type(self), (self.args[0], self.missing, self.unexpected))
 
+    @classmethod
+    def of(cls, step: int, missing: list[str], unexpected: list[str], hint: str = "") -> StateKeysError:
+        """The error for snapshot ``step`` and a target with these key differences (the first
+        few of each side named), ``hint`` appended."""
+
+        def some(keys: list[str], shown: int = 8) -> str:
+            more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+            return ", ".join(repr(k) for k in keys[:shown]) + more
+
+        parts = []
+        if missing:
+            parts.append(f"the target has {some(missing)}, which the snapshot lacks")
+        if unexpected:
+            parts.append(f"the snapshot has {some(unexpected)}, which the target lacks")
+        message = f"snapshot step {step} does not fit the load target: {'; '.join(parts)}{hint}"
+        return cls(message, missing, unexpected)
+
 
 class PointerError(FmstoreError, ValueError):
     """A checkpoint path that is not a readable fmstore pointer file; the message names it."""

@@ -224,7 +224,7 @@ class SnapshotLoader:
         if strict:
             missing, unexpected = compare(saved, target, self.rank, opaque)
             if missing or unexpected:
-                raise StateKeysError(_keys_message(step, missing, unexpected), missing, unexpected)
+                raise _keys_error(step, missing, unexpected)
         wanted = tensor_leaves(target, self.rank)
         return {name for path, name in tensor_leaves(saved, self.rank).items() if path in wanted}
 
@@ -286,23 +286,15 @@ def _first_tree(holders: list[SnapshotLevel], step: int) -> dict[str, Any]:
     raise AssertionError("unreachable")
 
 
-def _keys_message(step: int, missing: list[str], unexpected: list[str], shown: int = 8) -> str:
-    def some(keys: list[str]) -> str:
-        more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
-        return ", ".join(repr(k) for k in keys[:shown]) + more
-
-    parts = []
-    if missing:
-        parts.append(f"the target has {some(missing)}, which the snapshot lacks")
-    if unexpected:
-        parts.append(f"the snapshot has {some(unexpected)}, which the target lacks")
+def _keys_error(step: int, missing: list[str], unexpected: list[str]) -> StateKeysError:
     hint = ""
     if any("/state/" in k for k in unexpected):
         hint = (
             "; an optimizer's state_dict() is empty until its first step: put the optimizer itself in "
             "the state (it is restored through load_state_dict)"
         )
-    return f"snapshot step {step} does not fit the load target: {'; '.join(parts)}{hint}; pass strict=False to load the keys both have"
+    hint += "; pass strict=False to load the keys both have"
+    return StateKeysError.of(step, missing, unexpected, hint)
 
 
 def slot_text(slot: stateful.Slot) -> str:

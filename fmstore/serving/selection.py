@@ -81,20 +81,11 @@ def check_targets(
     missing = sorted(set(targets) - set(names))
     unexpected = sorted(set(names) - set(targets))
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"the target has {_some(missing)}, which the snapshot lacks")
-        if unexpected:
-            parts.append(f"the snapshot has {_some(unexpected)}, which the target lacks")
         hint = ""
         tops = {n.split("/", 1)[0] for n in names.values()}
         if prefix is None and any(f"{top}/{k}" in names for top in tops for k in targets):
             hint = f"; pass prefix= (one of {sorted(tops)}, e.g. prefix={sorted(tops)[0]!r})"
-        raise StateKeysError(
-            f"snapshot step {manifest.step} does not fit the load target: {'; '.join(parts)}{hint}",
-            missing,
-            unexpected,
-        )
+        raise StateKeysError.of(manifest.step, missing, unexpected, hint)
     for key, t in targets.items():
         if not isinstance(t, torch.Tensor):
             raise ConfigError(f"into[{key!r}] is a {type(t).__name__}, not a tensor")
@@ -107,8 +98,3 @@ def check_targets(
                 f"{list(entry.shape)}, the target is {dtype_name(t.dtype)} {list(t.shape)}"
             )
     return targets
-
-
-def _some(keys: list[str], shown: int = 8) -> str:
-    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
-    return ", ".join(repr(k) for k in keys[:shown]) + more
