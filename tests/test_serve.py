@@ -1,6 +1,8 @@
 """``fmstore serve`` (fmstore.integrations.serve): a real uvicorn on loopback, talked to over HTTP
 with the standard library.  A tiny train.py run makes the snapshots; new steps are committed
-while the server runs (the model part, perturbed, as a training job's next commit would be)."""
+while the server runs (the model part, perturbed, as a training job's next commit would be).
+A tiny transformers Llama with a tokenizer trained here (offline) is served through
+``hf_config=``, and both models through parameter offload (``gpu_budget=``) on the CPU."""
 
 from __future__ import annotations
 
@@ -98,9 +100,9 @@ def start(root: Path) -> Iterator[Any]:
     """``start(**serve_kwargs)``: a server on a free loopback port, ready (/health answers)."""
     started: list[tuple[srv.Server, threading.Thread]] = []
 
-    def go(**kw: Any) -> Running:
+    def go(at: Path | None = None, **kw: Any) -> Running:
         port = free_port()
-        server = srv.serve(str(root), port=port, log_level="warning", **{"poll": 0.2, **kw})
+        server = srv.serve(str(at or root), port=port, log_level="warning", **{"poll": 0.2, **kw})
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         started.append((server, thread))
@@ -141,7 +143,7 @@ def greedy(root: Path, step: int, prompt: str = PROMPT, n: int = 8) -> str:
     with Checkpointer(root) as ck:
         shapes = {k: list(v.shape) for k, v in ck.manifest(step).tensors.items()}
     model = srv.build_model(shapes)
-    srv._load_weights(str(root), step, model)
+    srv.load_weights(str(root), step, model)
     tokens = list(prompt.encode())
     out: list[int] = []
     with torch.inference_mode():
@@ -377,3 +379,209 @@ def test_cli_help_and_missing_root(tmp_path: Path, capsys: pytest.CaptureFixture
     (tmp_path / "empty").mkdir()
     assert cli(["serve", str(tmp_path / "empty"), "--port", str(free_port())]) == 3
     assert "no committed snapshot" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- transformers, offload
+
+HF_PROMPTS = ["def main(", "hello world", "return x + 1"]
+
+
+def _hf_model(config_dir: Path, seed: int) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir)).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A tiny Llama (hidden 64, 2 layers, vocab 320) and a byte-level BPE tokenizer trained here
+    on a few strings, saved in one directory; steps 1 and 2 (two random inits) committed as
+    ``{"model": model, "extra": ...}`` (what the serving load must leave unread)."""
+    pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    base = tmp_path_factory.mktemp("hf")
+    config_dir, root = base / "config", base / "run"
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<eos>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(["def main(): return x + 1", "hello world", "import torch"] * 20, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    tokenizer.save_pretrained(config_dir)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=320,
+        max_position_embeddings=128,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    cfg.save_pretrained(config_dir)
+    models = {step: _hf_model(config_dir, seed=step) for step in (1, 2)}
+    with Checkpointer(root) as ck:
+        for step, model in models.items():
+            ck.save(step, {"model": model, "extra": {"w": torch.ones(3)}})
+        ck.wait()
+    return {"config": config_dir, "root": root, "models": models, "tokenizer": tokenizer}
+
+
+def hf_greedy(run: dict[str, Any], step: int, prompt: str, n: int = 8) -> str:
+    """Greedy decoding by the saved model itself (not the snapshot), one request alone."""
+    model, tok = run["models"][step], run["tokenizer"]
+    ids = tok(prompt)["input_ids"]
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+            if token == tok.eos_token_id:
+                break
+            out.append(token)
+        gen = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)  # fmt: skip
+    assert [t for t in gen[0, len(ids) :].tolist() if t != tok.eos_token_id] == out  # the same decode
+    return tok.decode(out, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def _unit_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(all parameters' bytes, the largest offload unit's: a module's own parameters)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    unit = max(
+        sum(p.numel() * p.element_size() for p in m.parameters(recurse=False)) for m in model.modules()
+    )
+    return total, unit
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["whole", "offloaded"])
+def test_hf_causal_lm(start: Any, hf_run: dict[str, Any], offload: bool) -> None:
+    total, unit = _unit_bytes(hf_run["models"][2])
+    budget = total // 3 if offload else None
+    assert budget is None or unit <= budget < total
+    s = start(hf_run["root"], hf_config=str(hf_run["config"]), gpu_budget=budget, device="cpu")
+    status, models = s.call("GET", "/v1/models")
+    assert status == 200 and models["data"][0]["id"] == "run@step-2", models
+    assert models["data"][0]["max_model_len"] == 128 and models["data"][0]["fmstore_model"] == "transformers"
+    for prompt in HF_PROMPTS:
+        out = s.complete(prompt, temperature=0)
+        assert out["fmstore_step"] == 2 and out["choices"][0]["text"] == hf_greedy(hf_run, 2, prompt), out
+        n = len(hf_run["tokenizer"](prompt)["input_ids"])
+        assert out["usage"]["prompt_tokens"] == n
+    assert s.complete(HF_PROMPTS[0], temperature=1.0, max_tokens=5)["usage"]["completion_tokens"] <= 5
+    old = s.server.engine.weights
+    assert (old.offload is not None) == offload
+    # A swap (to step 1): the new weights serve (offloaded too), the old offload is removed.
+    status, out = s.call("POST", "/update_weights_from_disk", {"model_path": str(hf_run["root"]), "step": 1})
+    assert status == 200 and out["success"] is True, out
+    for prompt in HF_PROMPTS:
+        out = s.complete(prompt, temperature=0)
+        assert out["fmstore_step"] == 1 and out["choices"][0]["text"] == hf_greedy(hf_run, 1, prompt), out
+    models = s.call("GET", "/v1/models")[1]
+    if offload:
+        info = models["offload"]
+        assert info["budget"] == budget and 0 < info["peak_resident_bytes"] <= budget < info["model_bytes"]
+        assert s.call("GET", "/health")[1]["offload"]["budget"] == budget
+        _assert_removed(old)
+    else:
+        assert models["offload"] is None and "offload" not in s.call("GET", "/health")[1]
+
+
+def _assert_removed(old: srv.Weights) -> None:
+    """The swapped-out model's offload was removed: it can be offloaded again (a live offload
+    refuses a second one) and its store holds nothing."""
+    from fmstore import HostTier, TieredStore
+    from fmstore.offload import offload_parameters
+
+    assert old.offload is not None and not list(old.offload.store.keys())
+    again = offload_parameters(old.model, store=TieredStore([HostTier()]), device="cpu", budget=1 << 30)
+    again.remove()
+
+
+def test_offload_answers_as_whole(start: Any, root: Path) -> None:
+    """train.py's GPT with a budget under its size: the same answers as the whole model's, peak
+    within the budget; a committed step is loaded, offloaded, swapped in, the old offload removed."""
+    with Checkpointer(root) as ck:
+        shapes = {k: list(v.shape) for k, v in ck.manifest(4).tensors.items()}
+    total, unit = _unit_bytes(srv.build_model(shapes))
+    budget = total // 2
+    assert unit <= budget < total
+    whole, offl = start(), start(gpu_budget=budget, device="cpu")
+    prompts = [PROMPT, "import os\n", "x" * 100]
+    for prompt in prompts:
+        assert (
+            offl.complete(prompt, temperature=0)["choices"][0]["text"]
+            == (whole.complete(prompt, temperature=0)["choices"][0]["text"])
+        )
+    info = offl.call("GET", "/v1/models")[1]["offload"]
+    assert (
+        info["budget"] == budget
+        and 0 < info["peak_resident_bytes"] <= budget
+        and info["model_bytes"] == total
+    )
+    assert info["device"] == "cpu" and whole.call("GET", "/v1/models")[1]["offload"] is None
+    health = offl.call("GET", "/health")[1]
+    assert health["step"] == 4 and health["offload"]["peak_resident_bytes"] <= budget
+    old = offl.server.engine.weights
+    commit(root, 6, seed=1)
+    deadline = time.monotonic() + 20
+    while offl.server.engine.weights.step != 6:
+        assert time.monotonic() < deadline, "step 6 was not served"
+        time.sleep(0.02)
+    assert offl.server.engine.weights.offload is not None
+    assert offl.complete(temperature=0)["choices"][0]["text"] == greedy(root, 6)
+    _assert_removed(old)
+
+
+def test_hf_config_refused(
+    hf_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A config without its tokenizer, or no config at all: a ConfigError naming what is missing,
+    before anything is served."""
+    from fmstore import ConfigError, FmstoreError
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_bytes((hf_run["config"] / "config.json").read_bytes())
+    root = str(hf_run["root"])
+    with pytest.raises(ConfigError, match="no tokenizer in .*tokenizer.json"):
+        srv.serve(root, hf_config=str(bare), port=free_port())
+    with pytest.raises(ConfigError, match="no such file"):
+        srv.serve(root, hf_config=str(tmp_path / "nothing"), port=free_port())
+    with pytest.raises(ConfigError, match="gpu-budget"):
+        srv.serve(root, hf_config=str(hf_run["config"]), gpu_budget="lots", port=free_port())
+    # --prefix names the part of the state holding the model: here one that is not a model.
+    with pytest.raises(FmstoreError, match="does not fit the load target"):
+        srv.serve(root, hf_config=str(hf_run["config"]), prefix="extra", port=free_port())
+    code = cli(["serve", root, "--hf-config", str(bare / "config.json"), "--port", str(free_port())])
+    assert code != 0 and "no tokenizer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(["serve", "--help"])
+    help_text = capsys.readouterr().out
+    assert all(opt in help_text for opt in ("--hf-config", "--prefix", "--gpu-budget", "--device"))
+
+
+def test_hf_dtypes_follow_the_snapshot(hf_run: dict[str, Any], tmp_path: Path) -> None:
+    """A bfloat16 snapshot with one float32 tensor: the model is built in those dtypes, and the
+    streaming load fills it with the saved values."""
+    model = _hf_model(hf_run["config"], seed=3).to(torch.bfloat16)
+    model.model.norm.weight.data = model.model.norm.weight.data.float()
+    root = tmp_path / "bf16"
+    with Checkpointer(root) as ck:
+        ck.save(1, {"model": model}).wait()
+        tensors = dict(ck.manifest(1).tensors)
+    family = srv.CausalLM(hf_run["config"])
+    built = family.build(tensors, "cpu")
+    srv.load_weights(str(root), 1, built)
+    saved, loaded = model.state_dict(), built.state_dict()
+    assert loaded["model.norm.weight"].dtype == torch.float32
+    assert loaded["lm_head.weight"].dtype == torch.bfloat16
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)

@@ -1,5 +1,7 @@
 """``fmstore serve ROOT [--step N] [--port 8000] ...``: serve the newest committed snapshot of a
-train.py run over HTTP (OpenAI-style completions), loading each newer step as training commits it.
+train.py run (or, with ``--hf-config``, of a transformers causal LM) over HTTP (OpenAI-style
+completions), loading each newer step as training commits it; ``--gpu-budget`` offloads weights
+larger than the budget.
 The server is :mod:`fmstore.integrations.serve` (the ``serve`` extra: fastapi, uvicorn); this
 module only parses its options, so ``fmstore --help`` imports neither it nor torch."""
 
@@ -14,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="serve a training run's newest snapshot over HTTP (completions), following new commits",
-        description="Serve the newest committed snapshot of a fmstore.integrations.train run: "
+        description="Serve the newest committed snapshot of a fmstore.integrations.train run (or of a "
+        "transformers causal LM: --hf-config): "
         "GET /health, GET /v1/models, POST /v1/completions (OpenAI-style, stream=true for SSE), "
         "POST /update_weights_from_disk, /pause_generation, /continue_generation.  Binds 127.0.0.1 "
         'unless --host is given.  Needs: pip install "fmstore[serve]".',
@@ -28,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "root", help="a checkpoint root of a train.py run (directory or URL), or a snapshot's directory"
+        "root",
+        help="a checkpoint root of a train.py (or --hf-config model's) run (directory or URL), or a "
+        "snapshot's directory",
     )
     p.add_argument("--step", type=int, help="the step to serve first (default: the newest committed)")
     p.add_argument(
@@ -42,6 +47,25 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="train.py's --size of the run: gives the number of heads")  # fmt: skip
     p.add_argument(
         "--n-head", type=int, help="attention heads (default: train.py's size with the snapshot's d_model)"
+    )
+    p.add_argument(
+        "--hf-config",
+        metavar="PATH_OR_DIR",
+        help="serve a transformers causal LM of this config.json (or its directory), with the tokenizer "
+        "saved beside it, instead of train.py's GPT",
+    )
+    p.add_argument(
+        "--prefix",
+        default="model",
+        help="the part of the snapshot's state holding the model (default: model, as train.py and "
+        "fmstore.integrations.hf save it)",
+    )
+    p.add_argument("--device", help="where the model runs (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--gpu-budget",
+        metavar="SIZE",
+        help="the most bytes of weights on the device (e.g. 8GiB); larger weights are offloaded to "
+        "host memory and streamed to the device layer by layer",
     )
     p.add_argument("--max-tokens", type=int, default=256, help="the largest max_tokens a request may ask")
     p.add_argument("--max-prompt", type=int, default=4096, help="the longest prompt, in bytes of UTF-8")
