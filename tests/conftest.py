@@ -362,3 +362,9 @@ def quick_exit(fn: Any) -> Any:
         os._exit(0)
 
     return run
+
+
+def rss_bytes() -> int:
+    """This process's resident set size (Linux /proc), for tests of memory that must stay flat."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

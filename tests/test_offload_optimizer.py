@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from conftest import gpu
+from conftest import gpu, rss_bytes
 
 from fmstore import CapacityError, Checkpointer, ConfigError, HostTier, LocalTier, TieredStore
 from fmstore.offload import OffloadedOptimizer
@@ -204,11 +204,6 @@ def test_bad_input_fails_before_anything_is_touched(tmp_path):
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
 def test_memory_is_flat_over_100_steps(tmp_path):
     model = tiny_transformer()
@@ -216,13 +211,13 @@ def test_memory_is_flat_over_100_steps(tmp_path):
     opt = offloaded(model, store)
     xs = batches(4)
     train(model, opt, xs * 3)
-    keys, rss = len(store), _rss()
+    keys, rss = len(store), rss_bytes()
     pool = store.tiers[0].stats()
     train(model, opt, xs * 25)  # 100 steps more
     assert len(store) == keys
     assert store.tiers[0].stats()["used"] == pool["used"]
     assert not opt._loads and not opt._writes
-    assert _rss() < rss * 1.05, (rss, _rss())
+    assert rss_bytes() < rss * 1.05, (rss, rss_bytes())
     opt.close()
 
 
