@@ -118,7 +118,7 @@ def budget_for(model: nn.Module) -> int:
 
 @pytest.fixture
 def store(tmp_path: Path):
-    s = TieredStore([HostTier(capacity=HOST_CAPACITY, pinned=False), LocalTier(tmp_path / "spill")])
+    s = TieredStore([HostTier(capacity=HOST_CAPACITY, pinned=False), LocalTier(tmp_path / "spill", fsync=False)])
     yield s
     s.close(flush=False)
 
