@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from fmstore import Checkpointer, CorruptBlobError
+from fmstore import Checkpointer, CorruptBlobError, LocalTier, TieredStore
 from fmstore.checkpoint import ChecksumError, LoadMismatchError, Part, Root, SnapshotWriter, StateKeysError
 from fmstore.serving import LoadStats, StreamingLoader, load_state_dict
 from fmstore.storage import Storage
@@ -248,3 +248,130 @@ def test_cuda(tmp_path: Path, compression: str | None) -> None:
     torch.cuda.synchronize()
     for k, v in dst.state_dict().items():
         assert v.data_ptr() == ptrs[k] and same_bits(v, src.state_dict()[k]), k
+
+
+# ----------------------------------------------------------------- the local cache of a remote root
+
+
+def s3_root(s3: Any, seed: int = 2, **kw: Any) -> tuple[str, dict[str, Any], Net]:
+    url, opt, m = s3.url(f"serve-cache-{time.time_ns()}"), s3.storage_options, model(seed)
+    with Checkpointer(url, storage_options=opt, **kw) as ck:
+        ck.save(1, {"model": m, "step": 1}).wait()
+    return url, opt, m
+
+
+def count_shard_reads(monkeypatch: pytest.MonkeyPatch, url: str, opt: dict[str, Any]) -> list[str]:
+    """Every read of a shard file of the S3 storage's class (ranges, whole, versioned), listed."""
+    with Storage(url, opt, create=False) as st:
+        cls = type(st)
+    calls: list[str] = []
+    for verb in ("_read_ranges", "_read_bytes", "_read_with"):
+        real = getattr(cls, verb)
+
+        def counted(self: Any, rel: str, *a: Any, _real: Any = real, **k: Any) -> Any:
+            if rel.endswith(".safetensors"):
+                calls.append(rel)
+            return _real(self, rel, *a, **k)
+
+        monkeypatch.setattr(cls, verb, counted)
+    return calls
+
+
+def cached_files(cache: Path) -> list[Path]:
+    return sorted(cache.rglob("*.safetensors"))
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("compression", [None, "lossless"])
+def test_cache_second_load_reads_locally(
+    s3: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str | None
+) -> None:
+    url, opt, m = s3_root(s3, compression=compression)
+    cache = tmp_path / "cache"
+    first = LoadStats()
+    sd = load_state_dict(url, prefix="model", storage_options=opt, cache=cache, stats=first)
+    assert all(same_bits(sd[k], v) for k, v in m.state_dict().items())
+    assert first.remote_bytes_read > 0 and first.cache_hits == 0 and first.cache_bytes_read == 0
+    with Root(url, opt) as r:
+        shard_files = {s.file for e in r.snapshot().manifest.tensors.values() for s in e.shards}
+    assert len(cached_files(cache)) == len(shard_files) > 0  # filled (the loader's close waits)
+    reads = count_shard_reads(monkeypatch, url, opt)
+    second = LoadStats()
+    sd = load_state_dict(url, prefix="model", storage_options=opt, cache=str(cache), stats=second)
+    assert all(same_bits(sd[k], v) for k, v in m.state_dict().items())
+    assert second.remote_bytes_read == 0 and reads == []
+    assert second.cache_hits > 0 and second.cache_bytes_read >= second.read_bytes > 0
+    # A store of one LocalTier serves as well (and is not closed by the load).
+    with TieredStore([LocalTier(cache)]) as store:
+        sd = load_state_dict(url, storage_options=opt, cache=store, ring_bytes="64KiB")
+        assert same_bits(sd["model/lin.weight"], m.lin.weight) and reads == []
+        assert len(store) == len(shard_files)
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("ring", ["512MiB", "16KiB"])  # into a target: a chunk larger than a slot, too
+def test_cache_damaged_entry_falls_back_and_is_refreshed(s3: Any, tmp_path: Path, ring: str) -> None:
+    url, opt, m = s3_root(s3)
+    cache = tmp_path / "cache"
+    load_state_dict(url, prefix="model", storage_options=opt, cache=cache)
+    with Root(url, opt) as r:
+        shard = r.snapshot().tensor("model/lin.weight").shards[0]
+        good = r.storage.read_bytes(shard.file)
+    (path,) = [p for p in cached_files(cache) if p.name == Path(shard.file).name + ".safetensors"]
+    data = bytearray(path.read_bytes())
+    at = len(data) - len(good) + shard.begin + 100  # the tier's header, then the file's bytes
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    dst, stats = model(11), LoadStats()
+    with pytest.warns(RuntimeWarning, match="dropped"):
+        load_state_dict(
+            url, into=dst, prefix="model", storage_options=opt, cache=cache, ring_bytes=ring, stats=stats
+        )
+    assert all(same_bits(v, m.state_dict()[k]) for k, v in dst.state_dict().items())
+    assert stats.remote_bytes_read > 0
+    assert path.read_bytes()[-len(good) :] == good  # refilled from the root
+    again = LoadStats()
+    sd = load_state_dict(url, prefix="model", storage_options=opt, cache=cache, stats=again)
+    assert same_bits(sd["lin.weight"], m.lin.weight) and again.remote_bytes_read == 0
+
+
+@pytest.mark.s3
+def test_cache_bounded_evicts_least_recent(s3: Any, tmp_path: Path) -> None:
+    (url1, opt, _), (url2, _, m2) = s3_root(s3, 3), s3_root(s3, 4)
+    cache = tmp_path / "cache"
+    load_state_dict(url1, prefix="model", storage_options=opt, cache=cache)
+    one = cached_files(cache)
+    bound = sum(p.stat().st_size for p in one) * 3 // 2  # room for one root's files, not two
+    load_state_dict(url2, prefix="model", storage_options=opt, cache=cache, cache_bytes=bound)
+    two = cached_files(cache)  # the first root's files were evicted to make room
+    assert two and not set(two) & set(one)
+    stats = LoadStats()
+    sd = load_state_dict(
+        url2, prefix="model", storage_options=opt, cache=cache, cache_bytes=bound, stats=stats
+    )
+    assert stats.remote_bytes_read == 0 and all(same_bits(sd[k], v) for k, v in m2.state_dict().items())
+
+
+@pytest.mark.s3
+def test_cache_shares_an_incremental_snapshots_older_files(s3: Any, tmp_path: Path) -> None:
+    url, opt = s3.url(f"serve-cache-{time.time_ns()}"), s3.storage_options
+    save(url, model(3), step=1, storage_options=opt)
+    save(url, model(4), step=2, storage_options=opt)  # unchanged tensors stay in step 1's file
+    with Checkpointer(url, storage_options=opt) as ck:
+        ref = ck.load(step=2)["model"]
+    cache = tmp_path / "cache"
+    load_state_dict(url, 1, prefix="model", storage_options=opt, cache=cache)
+    assert len(cached_files(cache)) == 1
+    load_state_dict(url, 2, prefix="model", storage_options=opt, cache=cache)
+    assert len(cached_files(cache)) == 2  # step 1's file is cached once, under its own step
+    stats = LoadStats()
+    sd = load_state_dict(url, 2, prefix="model", storage_options=opt, cache=cache, stats=stats)
+    assert stats.remote_bytes_read == 0 and all(same_bits(sd[k], v) for k, v in ref.items())
+
+
+def test_cache_ignored_for_local_root(tmp_path: Path) -> None:
+    save(tmp_path / "ck", model())
+    stats = LoadStats()
+    load_state_dict(tmp_path / "ck", prefix="model", cache=tmp_path / "cache", stats=stats)
+    assert not (tmp_path / "cache").exists() or not cached_files(tmp_path / "cache")
+    assert stats.cache_hits == stats.cache_bytes_read == stats.remote_bytes_read == 0

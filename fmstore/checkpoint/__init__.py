@@ -25,7 +25,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ loads t
     from .checkpointer import Checkpointer, SaveHandle, SnapshotInfo
     from .host_level import HOST
     from .lease import DEFAULT_TTL
-    from .manifest import Manifest, Shard, step_dir
+    from .listing import read_manifest
+    from .manifest import Manifest, Shard, parse_step_dir, step_dir
     from .options import check_save_options
     from .overlap import watch_optimizer_steps
     from .parts import Part, PartsWritten, SnapshotWriter, tensor_names
@@ -44,6 +45,8 @@ _LAZY = {
     "Manifest": "manifest",  # torch-free
     "step_dir": "manifest",  # torch-free
     "Shard": "manifest",  # torch-free
+    "parse_step_dir": "manifest",  # torch-free
+    "read_manifest": "listing",  # torch-free
     "HOST": "host_level",
     "check_save_options": "options",
     "watch_optimizer_steps": "overlap",
@@ -99,6 +102,8 @@ __all__ = [
     # for integrations that drive a save or a load themselves (fmstore.integrations)
     "HOST",  # the host-memory level's name in Checkpointer.level_names(), steps(level=), load(level=)
     "step_dir",  # the directory name of snapshot ``step`` under a root: ``step-NNNNNNNNNN``
+    "parse_step_dir",  # the step of a directory name ``step-NNNNNNNNNN`` (None: not one)
+    "read_manifest",  # the manifest of a step (default: the newest committed) of a root's Storage
     "check_save_options",  # compression= and codec= checked and resolved as a save does
     "watch_optimizer_steps",  # let non-blocking saves overlap the next forward and backward
     "SnapshotReader",  # reads regions of one committed snapshot (its Manifest), checked

@@ -29,6 +29,9 @@ every shape and dtype before anything is read, and the tensors are filled in pla
 whatever device they are on).  No returned tensor aliases a ring buffer.  A failed load may
 leave ``into`` partly filled with verified bytes of the snapshot; the damaged piece itself is
 never copied (raw shards; a coded shard decodes into a contiguous CPU target before its check).
+
+With a remote root and ``cache=`` (a local directory), shard files are kept on local disk and a
+second start reads them there, every piece still verified (:mod:`fmstore.serving.cache`).
 """
 
 from __future__ import annotations
@@ -37,17 +40,18 @@ import os
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
-from math import prod
 from typing import Any
 
 import torch
 
-from ..checkpoint import BufferPool, Region, Root, Shard, SnapshotReader, verify_all
-from ..errors import ChecksumError, ConfigError, CorruptBlobError, FmstoreError
+from ..checkpoint import BufferPool, Region, Root, SnapshotReader, verify_all
+from ..errors import ChecksumError, ConfigError, CorruptBlobError
+from ..store import TieredStore
 from ..units import parse_size
+from .cache import CachedFiles, guarded, is_remote, open_cache
 from .copying import place
-from .ring import MAX_SLOT, HostRing
+from .planning import Job, plan_jobs
+from .ring import HostRing
 from .selection import Target, check_targets, select
 from .stats import LoadStats, StagingBudget
 
@@ -56,16 +60,6 @@ __all__ = ["LoadStats", "StreamingLoader", "load_state_dict"]
 
 class _Aborted(Exception):
     """A job stopped because another one failed (that one's error is raised)."""
-
-
-@dataclass
-class _Job:
-    name: str
-    shard: Shard | None  # None: a coded tensor, read whole through the checkpoint reader
-    view: torch.Tensor  # the shard's region of the destination (the whole destination when coded)
-    start: int = 0  # byte range in the shard
-    nbytes: int = 0
-    direct: bool = False  # read straight into ``view`` (a new CPU tensor), no ring slot
 
 
 class StreamingLoader:
@@ -82,6 +76,8 @@ class StreamingLoader:
         ring_bytes: int | str = "512MiB",
         threads: int = 8,
         storage_options: dict[str, Any] | None = None,
+        cache: str | os.PathLike[str] | TieredStore | None = None,
+        cache_bytes: int | str | None = None,
     ) -> None:
         limit = parse_size(ring_bytes, what="ring_bytes")
         if limit is None:
@@ -91,13 +87,21 @@ class StreamingLoader:
         self.ring_bytes = limit
         self.threads = threads
         self.root = Root(root_or_url, storage_options)
+        self.cache: CachedFiles | None = None
         try:
             self.snapshot = self.root.snapshot(step)
+            if cache is not None and is_remote(self.root.storage):  # a local root: no copy
+                store, owned = open_cache(cache, cache_bytes)
+                endpoint = (storage_options or {}).get("endpoint_url")
+                self.cache = CachedFiles(
+                    self.root.storage, self.snapshot.manifest, store, owned=owned, endpoint=endpoint
+                )
         except BaseException:
             self.root.close()
             raise
         self.manifest = self.snapshot.manifest
-        self.storage = self.root.storage
+        # With a cache, shard files are read through it (from the cache where it holds them).
+        self.storage: Any = self.cache or self.root.storage
         self.stats = LoadStats(step=self.manifest.step)
         # The checkpoint reader checks each shard file once (size, safetensors header) and
         # decodes coded shards; its pool holds the coded bytes bound for a GPU decode.
@@ -127,9 +131,15 @@ class StreamingLoader:
         t0 = time.perf_counter()
         names = self.names(prefix)
         targets = check_targets(self.manifest, into, names, prefix)
+        files = sorted({s.file for n in names.values() for s in self.manifest.tensors[n].shards})
+        cache = self.cache
+        before = (cache.hits, cache.cache_bytes, cache.remote_bytes) if cache else (0, 0, 0)
+        if cache is not None:
+            cache.want(files)  # fills of the files it lacks, in the background
         # Every file's real size and safetensors header against the manifest, before anything
         # is allocated for its tensors.
-        self._reader.check_files(names.values())
+        for file in files:
+            guarded(cache, lambda f=file: self._reader.check_file(f))
         dev = torch.device(device)
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
@@ -140,7 +150,7 @@ class StreamingLoader:
                 dests[key] = targets[key]
             else:
                 dests[key] = torch.empty(tuple(entry.shape), dtype=entry.torch_dtype, device=dev)
-        jobs = self._plan(names, dests, fresh=targets is None)
+        jobs = plan_jobs(self.manifest, self.ring_bytes, self.threads, names, dests, fresh=targets is None)
         to_gpu = any(d.device.type == "cuda" for d in dests.values())
         ring = HostRing(self.ring_bytes, self.threads, pinned=to_gpu and torch.cuda.is_available())
         self.stats = LoadStats(
@@ -156,6 +166,13 @@ class StreamingLoader:
         finally:
             ring.close()
             self.stats.peak_ring_bytes = ring.peak_bytes
+            if cache is not None:
+                st = self.stats
+                st.cache_hits, st.cache_bytes_read, st.remote_bytes_read = (
+                    now - was for now, was in zip((cache.hits, cache.cache_bytes, cache.remote_bytes), before)
+                )
+            elif is_remote(self.root.storage):
+                self.stats.remote_bytes_read = self.stats.read_bytes
             self.stats.seconds = time.perf_counter() - t0
         if isinstance(into, torch.nn.Module):
             return into
@@ -163,55 +180,7 @@ class StreamingLoader:
             return into
         return dests
 
-    def _plan(self, names: dict[str, str], dests: dict[str, torch.Tensor], fresh: bool) -> list[_Job]:
-        """The pieces to read: for raw shards, runs of whole checksum chunks that fit a slot (or
-        one chunk, where a chunk is larger than a slot); a coded tensor is one job.  ``fresh``:
-        the destinations are new tensors, so a contiguous CPU region is read straight into
-        (a ring would only add a copy there, and a failed load returns nothing to look at)."""
-        from .ring import slot_size
-
-        slot = slot_size(self.ring_bytes, self.threads)
-        jobs: list[_Job] = []
-        for key, name in names.items():
-            entry = self.manifest.tensors[name]
-            dest = dests[key]
-            if any(s.codec for s in entry.shards):
-                jobs.append(_Job(name, None, dest))
-                continue
-            itemsize = dest.element_size()
-            covered = 0
-            for shard in entry.shards:
-                n = prod(shard.lengths)
-                covered += n
-                stored = shard.end - shard.begin
-                if stored != n * itemsize:
-                    raise FmstoreError(
-                        f"tensor {name!r}: {stored} bytes recorded in {shard.file!r} for {n} elements"
-                    )
-                if not stored:
-                    continue
-                cs = shard.chunk_size
-                if cs <= 0 or cs % itemsize:
-                    raise FmstoreError(f"tensor {name!r} in {shard.file!r}: checksum chunks of {cs} bytes")
-                view = dest[tuple(slice(o, o + k) for o, k in zip(shard.offsets, shard.lengths))]
-                direct = fresh and view.device.type == "cpu" and view.is_contiguous()
-                # Whole chunks a slot holds (one, if it holds none); straight reads in pieces of
-                # the largest slot, for as many reads in flight.
-                group = max(1, (MAX_SLOT if direct else slot) // cs) * cs
-                jobs.extend(
-                    _Job(name, shard, view, a, min(group, stored - a), direct)
-                    for a in range(0, stored, group)
-                )
-            if covered != dest.numel():
-                raise FmstoreError(
-                    f"snapshot step {self.step}: tensor {name!r}: its shards cover {covered} of "
-                    f"{dest.numel()} elements"
-                )
-        # The file order: neighbouring pieces are read at about the same time.
-        jobs.sort(key=lambda j: (j.shard.file, j.shard.begin + j.start) if j.shard else ("", 0))
-        return jobs
-
-    def _run(self, jobs: list[_Job], ring: HostRing, to_gpu: bool) -> None:
+    def _run(self, jobs: list[Job], ring: HostRing, to_gpu: bool) -> None:
         abort = threading.Event()
         local = threading.local()
         start: torch.cuda.Event | None = None
@@ -233,13 +202,13 @@ class StreamingLoader:
                     s.wait_event(start)
             return s
 
-        def run(job: _Job) -> None:
+        def run(job: Job) -> None:
             if abort.is_set():
                 raise _Aborted()
             if job.shard is None:
-                self._coded(job, staging)
-            else:
-                self._raw(job, ring, abort, stream)
+                guarded(self.cache, lambda: self._coded(job, staging))
+            else:  # a piece from the cache that fails its check is read again, remotely
+                guarded(self.cache, lambda: self._raw(job, ring, abort, stream))
 
         with ThreadPoolExecutor(self.threads, thread_name_prefix="fmstore-serve") as pool:
             futures: list[Future[None]] = [pool.submit(run, j) for j in jobs]
@@ -260,7 +229,7 @@ class StreamingLoader:
 
     # ------------------------------------------------------------------ pieces
 
-    def _raw(self, job: _Job, ring: HostRing, abort: threading.Event, stream: Any) -> None:
+    def _raw(self, job: Job, ring: HostRing, abort: threading.Event, stream: Any) -> None:
         shard = job.shard
         assert shard is not None
         cs = shard.chunk_size
@@ -318,7 +287,7 @@ class StreamingLoader:
             self.stats.pieces += 1
         return buf
 
-    def _read(self, job: _Job, start: int, piece: torch.Tensor) -> None:
+    def _read(self, job: Job, start: int, piece: torch.Tensor) -> None:
         shard = job.shard
         assert shard is not None
         at = f"snapshot step {self.step}: tensor {job.name!r} in shard file {shard.file!r}"
@@ -331,7 +300,7 @@ class StreamingLoader:
         with self._lock:
             self.stats.read_bytes += piece.numel()
 
-    def _coded(self, job: _Job, staging: StagingBudget) -> None:
+    def _coded(self, job: Job, staging: StagingBudget) -> None:
         """A coded tensor, whole, through the checkpoint reader (GPU decode where it can)."""
         dest = job.view
         entry = self.manifest.tensors[job.name]
@@ -346,7 +315,12 @@ class StreamingLoader:
     # ------------------------------------------------------------------ lifetime
 
     def close(self) -> None:
-        self.root.close()
+        """Wait for the cache's fills (if any), close the cache (if opened here) and the root."""
+        try:
+            if self.cache is not None:
+                self.cache.close()
+        finally:
+            self.root.close()
 
     def __enter__(self) -> StreamingLoader:
         return self
@@ -374,14 +348,25 @@ def load_state_dict(
     threads: int = 8,
     storage_options: dict[str, Any] | None = None,
     stats: LoadStats | None = None,
+    cache: str | os.PathLike[str] | TieredStore | None = None,
+    cache_bytes: int | str | None = None,
 ) -> dict[str, torch.Tensor] | torch.nn.Module:
     """The tensors of the newest committed snapshot under ``root_or_url`` (or of ``step``), on
     ``device``, streamed through a ring of ``ring_bytes`` host buffers by ``threads`` threads
     (see the module docstring).  ``prefix="model"``: the tensors saved under ``"model"``, keyed
     by the module's state-dict names.  ``into``: a module or dict of tensors filled in place
-    (and returned).  ``stats``: a :class:`LoadStats` filled with the load's figures."""
+    (and returned).  ``stats``: a :class:`LoadStats` filled with the load's figures.  ``cache``:
+    a directory (or a one-:class:`~fmstore.LocalTier` :class:`~fmstore.TieredStore`) where a
+    remote root's shard files are kept, up to ``cache_bytes``, so a second start reads them
+    locally (:mod:`fmstore.serving.cache`); ignored for a local root."""
     with StreamingLoader(
-        root_or_url, step, ring_bytes=ring_bytes, threads=threads, storage_options=storage_options
+        root_or_url,
+        step,
+        ring_bytes=ring_bytes,
+        threads=threads,
+        storage_options=storage_options,
+        cache=cache,
+        cache_bytes=cache_bytes,
     ) as loader:
         try:
             return loader.load(device=device, into=into, prefix=prefix)

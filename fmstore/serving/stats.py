@@ -23,6 +23,11 @@ class LoadStats:
     peak_ring_bytes: int = 0  # the most ring bytes in use at once: <= ring_bytes
     peak_staging_bytes: int = 0  # the most host bytes coded tensors held at once (outside the ring)
     seconds: float = 0.0
+    # With a remote root: bytes read from it (headers included, with a cache); with a cache,
+    # the reads served from it and their bytes (a cache's background fills are not counted).
+    remote_bytes_read: int = 0
+    cache_hits: int = 0
+    cache_bytes_read: int = 0
 
     @property
     def throughput(self) -> float:

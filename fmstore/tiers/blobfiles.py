@@ -54,6 +54,14 @@ class FileTier(Tier):
         """The file that holds (or would hold) ``key``, in the storage's terms."""
         return self.storage.path(key + SUFFIX)
 
+    def extent(self, key: str) -> tuple[str, int, BlobInfo]:
+        """Where ``key``'s bytes lie: its file's name in :attr:`storage`, the offset of the data
+        in it (past the header) and its info, for readers that read byte ranges of a blob in
+        place (the serving cache).  Raises :class:`BlobNotFoundError` if it is not there."""
+        info = self.stat(key)
+        rel = key + SUFFIX
+        return rel, self.storage.size(rel) - info.nbytes, info
+
     def footprint(self, info: BlobInfo) -> int:
         return len(encode_header(info)) + info.nbytes
 
