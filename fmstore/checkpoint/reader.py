@@ -30,8 +30,8 @@ from ..errors import ChecksumError, CorruptBlobError, FmstoreError
 from ..gcpause import paused_gc
 from ..storage import Storage
 from ..tiers.host import BufferPool
-from .manifest import Manifest, ManifestError, Shard, numel
-from .sharding import overlaps, plan_read
+from .manifest import Manifest, ManifestError, Shard, TensorEntry, numel
+from .sharding import plan_read
 
 #: The longest safetensors header a shard file may have (safetensors' own limit).
 MAX_HEADER = 100_000_000
@@ -75,7 +75,7 @@ class SnapshotReader:
         self.pool = pool or BufferPool(pinned=False)
         self._lock = threading.Lock()
         self._checked: set[str] = set()  # shard files whose size and header were checked
-        self._by_file: dict[str, list[tuple[str, Shard]]] | None = None
+        self._by_file: dict[str, list[tuple[str, int, int]]] | None = None
 
     def read(self, regions: list[Region]) -> None:
         """Fill every region's destination; a damaged or missing byte raises, naming the
@@ -94,7 +94,7 @@ class SnapshotReader:
     def check_files(self, names: Iterable[str]) -> None:
         """:meth:`check_file` every file holding a shard of tensors ``names``: what a caller
         does before it allocates whole tensors for them."""
-        files = {s.file for n in names if (e := self.manifest.tensors.get(n)) for s in e.shards}
+        files: set[str] = set().union(*(e.files() for n in names if (e := self.manifest.tensors.get(n))))
         for file in sorted(files):
             self.check_file(file)
 
@@ -106,18 +106,10 @@ class SnapshotReader:
         with self._lock:
             if file in self._checked:
                 return
-            if self._by_file is None:  # every shard of the table, once: a shard per rank and tensor
-                by_file: dict[str, list[tuple[str, Shard]]] = {}
-                with paused_gc():
-                    for name, entry in self.manifest.tensors.items():
-                        for s in entry.shards:
-                            in_file = by_file.get(s.file)
-                            if in_file is None:
-                                by_file[s.file] = [(name, s)]
-                            else:
-                                in_file.append((name, s))
-                self._by_file = by_file
-            shards = self._by_file.get(file, [])
+            if self._by_file is None:  # every shard of the table, by file, once
+                self._by_file = self.manifest.shards_by_file()
+            with paused_gc():
+                shards = self._by_file.get(file, [])
         try:
             check_shard_file(self.storage, file, shards, self.manifest.step)
         except FileNotFoundError:
@@ -178,7 +170,7 @@ def find_overlaps(manifest: Manifest, regions: list[Region]) -> list[Overlaps | 
     out: list[Overlaps | None] = []
     for r in regions:
         entry = manifest.tensors.get(r.name)
-        out.append(None if entry is None else overlaps(entry.shards, tuple(r.offsets), tuple(r.dest.shape)))
+        out.append(None if entry is None else entry.overlaps(tuple(r.offsets), tuple(r.dest.shape)))
     return out
 
 
@@ -214,7 +206,7 @@ def _plan(manifest: Manifest, r: Region, pool: BufferPool, plan: ReadPlan, found
     itemsize = torch.empty(0, dtype=dtype).element_size()
     dest, region_off = r.dest, tuple(r.offsets)
     region_len = tuple(dest.shape)
-    gpu_codec = _decodes_on_gpu(r.name, entry.shards, dest, region_off)
+    gpu_codec = _decodes_on_gpu(r.name, entry, dest, region_off)
     if gpu_codec is not None:
         # One shard for the whole of a CUDA destination, in a codec that decodes there:
         # its coded bytes go up (from pinned memory) and decode in place, rather than
@@ -238,7 +230,7 @@ def _plan(manifest: Manifest, r: Region, pool: BufferPool, plan: ReadPlan, found
     row_bytes = prod(region_len[1:]) * itemsize
     host_bytes: memoryview | None = None  # host's bytes, for reads straight into it
     if found is None:
-        found = overlaps(entry.shards, region_off, region_len)
+        found = entry.overlaps(region_off, region_len)
     reads, checks = plan.reads, plan.checks
     for shard, ov_off, ov_len, rows in found:
         ov = (ov_off, ov_len)
@@ -323,16 +315,17 @@ def _plan_encoded(
         plan.copies.append((host[dslices] if dslices else host, block))
 
 
-def check_shard_file(storage: Storage, file: str, shards: list[tuple[str, Shard]], step: int) -> None:
-    """See :meth:`SnapshotReader.check_file` (``shards``: (tensor, shard) of those in ``file``)."""
+def check_shard_file(storage: Storage, file: str, shards: list[tuple[str, int, int]], step: int) -> None:
+    """See :meth:`SnapshotReader.check_file` (``shards``: (tensor, begin, end) of the shards
+    in ``file``)."""
     at = f"snapshot step {step}: shard file {file!r}"
     size = storage.size(file)
     # The real size first: it is what bounds the buffers a load allocates for these ranges.
-    for name, s in shards:
-        if s.end > size:
+    for name, begin, end in shards:
+        if end > size:
             raise _in_file(
                 CorruptBlobError(
-                    f"{at}: tensor {name!r} is at bytes {s.begin}..{s.end}, the file has {size} "
+                    f"{at}: tensor {name!r} is at bytes {begin}..{end}, the file has {size} "
                     "(truncated file?)"
                 ),
                 file,
@@ -366,11 +359,11 @@ def check_shard_file(storage: Storage, file: str, shards: list[tuple[str, Shard]
         ):
             spans.add((offsets[0], offsets[1]))
     base = 8 + n  # safetensors' data offsets count from the end of the header
-    for name, s in shards:
-        if (s.begin - base, s.end - base) not in spans:
+    for name, begin, end in shards:
+        if (begin - base, end - base) not in spans:
             raise _in_file(
                 CorruptBlobError(
-                    f"{at}: its safetensors header lists no tensor at bytes {s.begin}..{s.end}, "
+                    f"{at}: its safetensors header lists no tensor at bytes {begin}..{end}, "
                     f"where the manifest has tensor {name!r}"
                 ),
                 file,
@@ -424,13 +417,13 @@ def _codec(name: str, shard: Shard, itemsize: int) -> Codec:
 
 
 def _decodes_on_gpu(
-    name: str, shards: list[Shard], dest: torch.Tensor, region_off: tuple[int, ...]
+    name: str, entry: TensorEntry, dest: torch.Tensor, region_off: tuple[int, ...]
 ) -> Codec | None:
     """The codec to decode straight into CUDA ``dest`` with, where one shard covers it and
     its codec decodes on a GPU here."""
-    if len(shards) != 1 or not shards[0].codec or dest.device.type != "cuda":
+    if entry.nshards != 1 or dest.device.type != "cuda" or not entry.shards[0].codec:
         return None
-    shard = shards[0]
+    shard = entry.shards[0]
     if not dest.is_contiguous() or dest.numel() == 0:
         return None
     if tuple(shard.offsets) != region_off or tuple(shard.lengths) != tuple(dest.shape):
