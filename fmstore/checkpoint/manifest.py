@@ -34,7 +34,6 @@ import numpy as np
 
 from ..errors import CorruptBlobError, FmstoreError, ManifestError
 from ..gcpause import paused_gc
-from .sharding import overlaps
 from .shardtable import ShardTable, TableError
 from .tree import MISSING, path_text, per_rank_ranks, subtree, tensor_leaves, unflatten
 from .tree import arrays_as_tensors as _arrays_read_as_tensors
@@ -147,6 +146,8 @@ class TensorEntry:
         the table where there is one (array arithmetic, and Shard objects only for the shards
         that meet the box: a resharded load meets a few of a tensor's shards, one per saved rank)."""
         if self._shards is not None:
+            from .sharding import overlaps  # imports torch: reading a manifest does not
+
             return overlaps(self._shards, off, ln)
         table = self.table
         assert table is not None
