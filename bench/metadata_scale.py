@@ -51,8 +51,16 @@ from collections.abc import Callable
 from typing import Any
 
 from fmstore.checkpoint import Manifest
-from fmstore.checkpoint.manifest_compat import to_json_v2
-from fmstore.testing.metadata import Job, MemoryStorage, Target, commit, merge, merge_files, plan_load
+from fmstore.testing.metadata import (
+    Job,
+    MemoryStorage,
+    Target,
+    commit,
+    merge,
+    merge_files,
+    plan_load,
+    to_json_v2,
+)
 
 GOAL = 1.0  # seconds, per operation (issue 13)
 

@@ -198,3 +198,27 @@ def test_fuzzed_version_3_tables_fail_cleanly_or_load_the_saved_values(
             outcomes["refused"] += 1
     assert outcomes["refused"] > 40, outcomes
     path.write_bytes(good)
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_a_dtype_the_shard_header_contradicts_is_refused(tmp_path: Path, version: int) -> None:
+    """A damaged manifest giving a raw tensor another dtype of the same size (int64 read as
+    float64) keeps every byte range and checksum: the shard file's safetensors header, which
+    names each entry's dtype and shape, is what refuses it, naming the tensor and file.  (A
+    coded tensor's entry is U8 bytes: its header has no dtype to compare.)"""
+    from fmstore import CorruptBlobError
+
+    with Checkpointer(tmp_path) as ck:  # raw bytes: no codec
+        ck.save(1, state(1)).wait()
+    path = tmp_path / STEPS[0] / MANIFEST
+    m = Manifest.from_json(path.read_bytes(), where=str(path))
+    path.write_bytes(m.to_json() if version == 3 else to_json_v2(m, version))
+    body = json.loads(path.read_bytes())
+    if version == 3:
+        body["tensors"]["dtypes"][body["tensors"]["names"].index("ids")] = "float64"
+    else:
+        body["tensors"]["ids"]["dtype"] = "float64"
+    path.write_text(json.dumps(body))
+    with Checkpointer(tmp_path) as ck, pytest.raises(CorruptBlobError) as err:
+        ck.load(step=1)
+    assert "'ids'" in str(err.value) and "shard-r00000.safetensors" in str(err.value), err.value

@@ -41,6 +41,8 @@ from .tree import arrays_as_tensors as _arrays_read_as_tensors
 if TYPE_CHECKING:  # TensorEntry.torch_dtype's annotation: reading a manifest imports no torch
     import torch
 
+    from .manifest_check import FileShard
+
 FORMAT = "fmstore.snapshot"
 #: Checksum chunk: a partial read (resharding) verifies just the chunks it touches.
 CHUNK_SIZE = 16 << 20
@@ -253,10 +255,11 @@ class Manifest:
 
         validate(self, where)
 
-    def shards_by_file(self) -> dict[str, list[tuple[str, int, int]]]:
-        """File -> (tensor, begin, end) of every shard in it: what a reader checks a file
-        against.  The lists are made when first asked for (a large job's table has 512 k rows;
-        a load reads a few of its files)."""
+    def shards_by_file(self) -> dict[str, list[FileShard]]:
+        """File -> every shard in it as a :class:`.manifest_check.FileShard` (tensor, byte
+        range, dtype, shape, coded or not): what a reader checks a file's header against.
+        The lists are made when first asked for (a large job's table has 512 k rows; a load
+        reads a few of its files)."""
         from .manifest_check import ByFile
 
         return ByFile(self)

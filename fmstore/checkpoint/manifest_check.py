@@ -13,7 +13,7 @@ file's real size, which the reader checks when it opens one).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -36,6 +36,8 @@ from .manifest import (
 )
 from .shardtable import ShardTable, TableError
 from .tree import path_text
+
+INT64_MAX = int(np.iinfo(np.int64).max)
 
 
 def validate(m: Manifest, where: str) -> None:
@@ -133,7 +135,9 @@ def _check_table(
             )
         if int(mt.group(1)) == m.step:
             recorded = m.files.get(name)
-            limit[f] = -2 if recorded is None else recorded  # -2: not recorded, nothing fits
+            # -2: not recorded, nothing fits; a size past int64 (a damaged manifest) bounds no
+            # int64 end, so it is clamped rather than overflowing the column
+            limit[f] = -2 if recorded is None else min(recorded, INT64_MAX)
     lim = limit[table.file]
     fail(
         (lim == -2) | ((lim >= 0) & (end > lim)),
@@ -267,43 +271,67 @@ def _key(k: Any) -> bool:
 
 
 
+class FileShard(NamedTuple):
+    """A shard as the reader checks it against its file's safetensors header: the entry there
+    at bytes ``begin..end`` must be named ``name`` and, for raw bytes (not ``coded``), have
+    the safetensors code of ``dtype`` and shape ``lengths`` (or be U8 bytes where safetensors
+    has no code for ``dtype``); a coded shard's entry is U8 bytes of its size."""
+
+    name: str
+    begin: int
+    end: int
+    dtype: str
+    lengths: tuple[int, ...]
+    coded: bool
+
+
 class ByFile(dict):  # type: ignore[type-arg]
     """:meth:`Manifest.shards_by_file`: the rows of the shard table sorted by file once, each
     file's list made on its first lookup."""
 
     def __init__(self, m: Manifest) -> None:
         super().__init__()
-        self._groups: dict[str, list[tuple[ShardTable, list[str], np.ndarray, np.ndarray]]] = {}
-        tables: dict[int, tuple[ShardTable, list[tuple[str, tuple[int, int]]]]] = {}
+        # file -> (table, (name, dtype, ndim) of its entries, row -> entry, rows in the file)
+        self._groups: dict[str, list[tuple[ShardTable, list[tuple[str, str, int]], np.ndarray, np.ndarray]]]
+        self._groups = {}
+        tables: dict[int, tuple[ShardTable, list[tuple[str, TensorEntry]]]] = {}
         for name, e in m.tensors.items():
             if e.table is None:
                 for s in e.shards:
-                    self.setdefault(s.file, []).append((name, s.begin, s.end))
+                    self.setdefault(s.file, []).append(
+                        FileShard(name, s.begin, s.end, e.dtype, tuple(s.lengths), bool(s.codec))
+                    )
             else:
-                tables.setdefault(id(e.table), (e.table, []))[1].append((name, e.rows))
+                tables.setdefault(id(e.table), (e.table, []))[1].append((name, e))
         for table, ents in tables.values():
             which = np.full(table.rows, -1, dtype=np.int64)  # row -> its entry, -1: none here
-            for k, (_, (a, b)) in enumerate(ents):
-                which[a:b] = k
+            for k, (_, e) in enumerate(ents):
+                which[e.rows[0] : e.rows[1]] = k
             rows = np.flatnonzero(which >= 0)
             rows = rows[np.argsort(table.file[rows], kind="stable")]
             f = table.file[rows]
             cuts = np.flatnonzero(np.r_[True, f[1:] != f[:-1]]) if len(f) else np.zeros(0, np.int64)
-            names = [n for n, _ in ents]
+            info = [(n, e.dtype, len(e.shape)) for n, e in ents]
             for a, b in zip(cuts.tolist(), [*cuts[1:].tolist(), len(f)]):
-                self._groups.setdefault(table.files[int(f[a])], []).append((table, names, which, rows[a:b]))
+                self._groups.setdefault(table.files[int(f[a])], []).append((table, info, which, rows[a:b]))
 
         for file in [f for f in self if f in self._groups]:  # shards of both kinds in one file
             self[file] = self[file] + self._of_groups(file)
 
-    def __missing__(self, file: str) -> list[tuple[str, int, int]]:
+    def __missing__(self, file: str) -> list[FileShard]:
         self[file] = out = self._of_groups(file)
         return out
 
-    def _of_groups(self, file: str) -> list[tuple[str, int, int]]:
-        out: list[tuple[str, int, int]] = []
-        for table, names, which, rows in self._groups.get(file, []):
-            out += zip([names[k] for k in which[rows].tolist()], table.begin[rows].tolist(), table.end[rows].tolist())
+    def _of_groups(self, file: str) -> list[FileShard]:
+        out: list[FileShard] = []
+        for table, info, which, rows in self._groups.get(file, []):
+            coded = [bool(table.codecs[c]) for c in table.codec[rows].tolist()]
+            for k, b, e, ln, c in zip(
+                which[rows].tolist(), table.begin[rows].tolist(), table.end[rows].tolist(),
+                table.lengths[rows].tolist(), coded,
+            ):  # fmt: skip
+                name, dtype, ndim = info[k]
+                out.append(FileShard(name, b, e, dtype, tuple(ln[:ndim]), c))
         return out
 
     def get(self, file: str, default: Any = None) -> Any:  # noqa: ARG002 - every file has a list
