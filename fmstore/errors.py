@@ -96,6 +96,16 @@ class ManifestError(FmstoreError):
     """A manifest that is malformed, of an unknown version, or names a file it may not."""
 
 
+class TableError(ValueError):
+    """A shard table (:mod:`fmstore.checkpoint.shardtable`) that is not well formed; its reader
+    says whose (a manifest's: a :class:`ManifestError`, a rank report's: a :class:`ReportError`).
+    ``row``: the row at fault, where one is."""
+
+    def __init__(self, message: str, row: int | None = None) -> None:
+        super().__init__(message)
+        self.row = row
+
+
 class ReportError(FmstoreError):
     """The ranks' reports of a save do not add up to a snapshot (a malformed report, ranks that
     disagree on a tensor, a tensor not fully saved)."""

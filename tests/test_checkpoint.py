@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import rounds, shard_file, shard_rel
+from manifest_versions import v3_to_v2
 
 from fmstore import Checkpointer, CorruptBlobError
 from fmstore.blob import as_bytes_tensor
@@ -277,7 +278,7 @@ def test_manifest_naming_a_path_outside_its_snapshot(tmp_path, bad_file):
     with Checkpointer(tmp_path) as ck:
         ck.save(1, {"w": torch.ones(3)}).wait()
         path = tmp_path / "step-0000000001" / "manifest.json"
-        body = json.loads(path.read_text())
+        body = v3_to_v2(json.loads(path.read_text()))  # edited as version 2 (an object per shard)
         body["tensors"]["w"]["shards"][0]["file"] = bad_file
         path.write_text(json.dumps(body))
         with pytest.raises(ManifestError) as err:

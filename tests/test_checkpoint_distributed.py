@@ -146,6 +146,32 @@ def test_compressed_snapshot_reshards(tmp_path):
     _spawn(_load_worker, 3, root)
 
 
+def test_a_version_3_snapshot_reshards_on_2_ranks_as_version_2_does(tmp_path):
+    """Issue 30: the manifests a 4-rank save commits are version 3 (the ranks' report tables
+    concatenated); 2 gloo ranks load them resharded, and load the same once they are
+    rewritten as version 2."""
+    import json
+
+    from fmstore.checkpoint import Manifest
+    from fmstore.checkpoint.manifest import MANIFEST
+    from fmstore.checkpoint.manifest_compat import to_json_v2
+
+    root = str(tmp_path / "ckpt")
+    _spawn(_save_worker, 4, root)
+    paths = [os.path.join(root, f"step-000000000{s}", MANIFEST) for s in (1, 2)]
+    for path in paths:
+        with open(path, "rb") as f:
+            raw = f.read()
+        assert json.loads(raw)["version"] == 3
+    _spawn(_load_worker, 2, root)  # from version 3
+    for path in paths:
+        with open(path, "rb") as f:
+            m = Manifest.from_json(f.read(), where=path)
+        with open(path, "wb") as f:
+            f.write(to_json_v2(m))
+    _spawn(_load_worker, 2, root)  # the same from version 2
+
+
 @quick_exit  # gloo teardown at exit aborts now and then, after the body passed (conftest)
 def _stale_worker(rank: int, world: int, port: int, root: str) -> None:
     _init(rank, world, port)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, run_cli
+from manifest_versions import v3_to_v2
 
 from fmstore import Checkpointer
 from fmstore.checkpoint import ManifestError, Root
@@ -120,9 +121,9 @@ def test_verify_reads_a_shard_in_windows_and_names_the_first_bad_chunk(
         ck.save(1, {"w": torch.zeros(10 << 20)}).wait()  # 40 MiB: three 16 MiB checksum chunks
     with Root(tmp_path) as root:
         (shard,) = root.snapshot().tensor("w").shards
-    cs = json.loads((tmp_path / shard.file).parent.joinpath(MANIFEST).read_bytes())["tensors"]["w"]["shards"][0][
-        "chunk_size"
-    ]
+    cs = v3_to_v2(json.loads((tmp_path / shard.file).parent.joinpath(MANIFEST).read_bytes()))["tensors"]["w"][
+        "shards"
+    ][0]["chunk_size"]
     nchunks = -(-shard.stored_bytes // cs)
     assert not shard.codec and nchunks >= 3, "the test needs a raw shard of several checksum chunks"
     monkeypatch.setattr(snapshot_module, "VERIFY_WINDOW", cs)  # a window a chunk
@@ -205,7 +206,7 @@ def test_snapshot_reads_slices_and_whole_state(tmp_path: Path) -> None:
 def test_version_1_manifest_still_loads_and_unknown_codec_is_refused(tmp_path: Path) -> None:
     states = make_root(tmp_path, compression="lossless")
     path = tmp_path / "step-0000000002" / MANIFEST
-    body = json.loads(path.read_bytes())
+    body = v3_to_v2(json.loads(path.read_bytes()))  # edited as version 2 (an object per shard)
     legacy = json.loads(json.dumps(body))
     legacy["version"] = 1
     for entry in legacy["tensors"].values():

@@ -12,7 +12,6 @@ destination is compared with the tensor's bytes."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from typing import Any
 
 import pytest
@@ -20,7 +19,8 @@ import torch
 
 import fmstore.testing.metadata as ms
 from fmstore.checkpoint.level import SnapshotLevel
-from fmstore.checkpoint.manifest import MIN_CHUNK_SIZE, Manifest, Shard, TensorEntry
+from fmstore.checkpoint.manifest import MIN_CHUNK_SIZE, Manifest, TensorEntry, tensors_body, tensors_of_table
+from fmstore.checkpoint.manifest_compat import to_json_v2
 from fmstore.checkpoint.reader import SnapshotReader
 from fmstore.checkpoint.reports import ReportError, merge_reports
 from fmstore.checkpoint.tree import tensor_leaves
@@ -55,14 +55,14 @@ def test_the_slices_are_torchs_shard_0() -> None:
 
 def test_reports_are_in_the_form_a_level_writes(job: ms.Job) -> None:
     rep = job.reports[1]
-    assert list(rep) == ["token", "error", "names", "files", "entries", "per_rank"]
+    assert list(rep) == ["token", "error", "names", "files", "tensors", "shards", "per_rank"]
     (file,) = rep["files"]
     assert rep["files"][file] == len(job.blobs[file])
-    for e in rep["entries"].values():  # as asdict(TensorEntry) of write_local's entry
-        (sh,) = e["shards"]
-        assert e == asdict(TensorEntry(e["dtype"], e["shape"], [Shard(**sh)]))
-        assert sh["file"] == file and len(sh["chunks"]) == -(-(sh["end"] - sh["begin"]) // MIN_CHUNK_SIZE)
-    assert "rng/rank-1/torch" in rep["entries"] and "rng/rank-1/torch" in rep["names"]
+    entries = tensors_of_table(rep["tensors"], rep["shards"])  # a version-3 manifest's table
+    for e in entries.values():
+        (sh,) = e.shards
+        assert sh.file == file and len(sh.chunks) == -(-(sh.end - sh.begin) // MIN_CHUNK_SIZE)
+    assert "rng/rank-1/torch" in entries and "rng/rank-1/torch" in rep["names"]
     assert [path for path, _ in rep["per_rank"]] == [["rng"]]
 
 
@@ -90,19 +90,32 @@ def test_the_merged_table_covers_every_tensor_once(job: ms.Job, merged: Any) -> 
     assert ms.merge_files(job, ms.MemoryStorage(job)) == merged
 
 
+def _report_without(rep: dict[str, Any], name: str) -> dict[str, Any]:
+    """``rep`` with tensor ``name``'s shard rows gone (its name still in ``names``)."""
+    entries = tensors_of_table(rep["tensors"], rep["shards"])
+    del entries[name]
+    kept = {n: TensorEntry(e.dtype, e.shape, e.shards) for n, e in entries.items()}
+    return {**rep, **tensors_body(kept)}
+
+
 def test_the_merge_refuses_reports_that_do_not_add_up(job: ms.Job) -> None:
     reports = json.loads(json.dumps(job.reports))
     reports = {int(r): rep for r, rep in reports.items()}
     name = job.sharded[0].name
-    del reports[3]["entries"][name]  # rank 3's rows of it never saved
+    reports[3] = _report_without(reports[3], name)  # rank 3's rows of it never saved
     with pytest.raises(ReportError, match="not fully saved"):
         merge_reports(reports, job.step)
     reports[3] = json.loads(json.dumps(job.reports[3]))
-    reports[5]["entries"][name]["shape"] = [1, 2]
+    reports[5]["tensors"]["shapes"][reports[5]["tensors"]["names"].index(name)] = [1, 2]
     with pytest.raises(ReportError, match="ranks disagree"):
         merge_reports(reports, job.step)
     reports[5] = json.loads(json.dumps(job.reports[5]))
-    del reports[7]["entries"][name]["shards"][0]["offsets"]
+    del reports[7]["shards"]["offsets"]
+    with pytest.raises(ReportError, match="rank 7's report is malformed"):
+        merge_reports(reports, job.step)
+    reports[7] = json.loads(json.dumps(job.reports[7]))
+    reports[7]["shards"]["tensor"] = reports[7]["shards"]["file"]  # rows naming no tensor of it
+    reports[7]["shards"]["tensor"][0] = "<i8"
     with pytest.raises(ReportError, match="rank 7's report is malformed"):
         merge_reports(reports, job.step)
 
@@ -127,9 +140,15 @@ def test_the_manifest_is_the_json_of_its_fields(job: ms.Job, merged: Any) -> Non
     raw = ms.commit(job, entries, files, tree)
     m = Manifest(step=job.step, world_size=WORLD, tensors=entries, tree=tree, files=files, meta=job.meta())
     m.created = json.loads(raw)["created"]
-    body = {"format": "fmstore.snapshot", "version": 2, **asdict(m)}
-    assert raw == json.dumps(body, separators=(",", ":")).encode()  # what asdict wrote, byte for byte
-    assert Manifest.from_json(raw, where="test") == m
+    body = {
+        "format": "fmstore.snapshot", "version": 3, "step": m.step, "world_size": WORLD,
+        **tensors_body(entries), "tree": tree, "files": files, "created": m.created, "meta": m.meta,
+    }  # fmt: skip
+    assert raw == json.dumps(body, separators=(",", ":")).encode()
+    back = Manifest.from_json(raw, where="test")
+    assert back == m
+    # Version 2 of the same manifest (an object per shard) reads back the same.
+    assert Manifest.from_json(to_json_v2(m), where="test") == m
 
 
 def expected(job: ms.Job, spec: ms.Spec, offsets: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ from ..gcpause import paused_gc
 from ..storage import Storage
 from .lease import DEFAULT_TTL, WriterLease
 from .listing import SnapshotNotFoundError, committed_steps, read_manifest  # noqa: F401
-from .manifest import CHUNK_SIZE, MANIFEST, Manifest, Shard, TensorEntry, step_dir
+from .manifest import CHUNK_SIZE, MANIFEST, Manifest, Shard, TensorEntry, step_dir, tensors_body
 from .reports import ReportError, merge_reports
 from .sharding import Piece
 from .snapshots import Snapshots
@@ -527,14 +527,15 @@ def rank_report(
 ) -> dict[str, Any]:
     """The report rank ``rank`` writes of its part of a multi-rank save (the body of its
     ``rank-NNNNN.json``, which :meth:`SnapshotLevel.collect_reports` reads): the save attempt's
-    ``token``, every tensor name of its state, the files it wrote (name -> size), its tensor
-    entries and, from ranks other than 0, the per-rank nodes of its ``tree``."""
+    ``token``, every tensor name of its state, the files it wrote (name -> size), its tensors
+    (names, dtypes, shapes) and their shards as a shard table (``tensors``/``shards``, as a
+    version-3 manifest has them) and, from ranks other than 0, the per-rank nodes of its ``tree``."""
     return {
         "token": token,
         "error": None,
         "names": names,
         "files": files,
-        "entries": {n: asdict(e) for n, e in entries.items()},
+        **tensors_body(entries),
         "per_rank": per_rank_nodes(tree) if rank != 0 else [],
     }
 

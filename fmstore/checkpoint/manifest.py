@@ -27,16 +27,21 @@ import json
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ..errors import CorruptBlobError, FmstoreError, ManifestError
 from ..gcpause import paused_gc
+from .shardtable import ShardTable, TableError
 from .tree import MISSING, path_text, per_rank_ranks, subtree, tensor_leaves, unflatten
 from .tree import arrays_as_tensors as _arrays_read_as_tensors
 
 if TYPE_CHECKING:  # TensorEntry.torch_dtype's annotation: reading a manifest imports no torch
     import torch
+
+    from .manifest_check import FileShard
 
 FORMAT = "fmstore.snapshot"
 #: Checksum chunk: a partial read (resharding) verifies just the chunks it touches.
@@ -46,9 +51,14 @@ CHUNK_SIZE = 16 << 20
 MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 4 << 10, 1 << 30
 #: How deep a state tree may nest (rebuilding it recurses; real states are a few levels).
 MAX_TREE_DEPTH = 200
-#: 2: codecs as {"name", "configuration"} entries (1: chains of strings, still read).
-VERSION = 2
-READS = (1, 2)
+#: Bounds on a tensor's shape: its rank, and its elements (beyond any real tensor, and what
+#: keeps every count and byte offset a load computes within 64 bits).
+MAX_DIMS, MAX_NUMEL = 64, 1 << 53
+#: 3: the shards as the columns of a shard table (:mod:`.shardtable`); 2: a JSON object per
+#: shard, codecs as {"name", "configuration"} entries; 1: codecs as chains of strings.  All
+#: three are read (:mod:`.manifest_compat` reads and writes the older two).
+VERSION = 3
+READS = (1, 2, 3)
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d{10})$")
 _FILE = re.compile(r"^step-(\d{10})/[A-Za-z0-9._-]+\.safetensors$")
@@ -79,36 +89,41 @@ class Shard:
     chunk_size: int = 0  # the original bytes are checked in chunks of this many bytes...
     chunks: list[str] = field(default_factory=list)  # ...each with its xxh3_128 hex digest
 
-    @classmethod
-    def from_body(cls, body: dict[str, Any]) -> Shard:
-        """The shard of a manifest's (or a rank report's) JSON object.  One with exactly the
-        fields, in order (as :meth:`Manifest.to_json` writes them), becomes the shard's
-        attributes as it is: a large job's table has a shard per rank and tensor, and the
-        constructor's keyword matching is most of the cost of reading one.  Any other object
-        goes through the constructor, which refuses unknown names and fills defaults."""
-        if type(body) is dict and len(body) == _NFIELDS and list(body) == _FIELDS:
-            shard = object.__new__(cls)
-            shard.__dict__ = body
-            return shard
-        return cls(**body)
 
-
-_FIELDS = [f.name for f in fields(Shard)]
-_NFIELDS = len(_FIELDS)
-
-
-def _shard_body(s: Shard) -> dict[str, Any]:
-    """What ``asdict`` gives for a shard (the JSON is the same), without copying its lists: its
-    own attributes, which hold exactly the fields in order unless something added one."""
-    d = s.__dict__
-    return d if len(d) == _NFIELDS else {f: getattr(s, f) for f in _FIELDS}
-
-
-@dataclass
 class TensorEntry:
-    dtype: str
-    shape: list[int]
-    shards: list[Shard]
+    """A tensor of a snapshot: its dtype, global shape and saved shards.  Built from a list of
+    :class:`Shard` (a rank's own write), or as rows ``rows`` of a :class:`ShardTable` (a
+    merged or read manifest), whose ``shards`` are made when first asked for."""
+
+    __slots__ = ("dtype", "shape", "_shards", "table", "rows")
+
+    def __init__(
+        self,
+        dtype: str,
+        shape: list[int],
+        shards: list[Shard] | None = None,
+        *,
+        table: ShardTable | None = None,
+        rows: tuple[int, int] = (0, 0),
+    ) -> None:
+        self.dtype, self.shape = dtype, shape
+        self._shards = shards if shards is not None or table is not None else []
+        self.table, self.rows = table, rows
+
+    @property
+    def shards(self) -> list[Shard]:
+        if self._shards is None:
+            assert self.table is not None
+            self._shards = self.table.shards(*self.rows, len(self.shape))
+        return self._shards
+
+    @shards.setter
+    def shards(self, value: list[Shard]) -> None:
+        self._shards, self.table = value, None
+
+    @property
+    def nshards(self) -> int:
+        return self.rows[1] - self.rows[0] if self._shards is None else len(self._shards)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -117,6 +132,42 @@ class TensorEntry:
         from ..blob import dtype_from_name
 
         return dtype_from_name(self.dtype)
+
+    def files(self) -> set[str]:
+        """The files holding a shard of this tensor."""
+        if self._shards is None:
+            a, b = self.rows
+            t = self.table
+            return {t.files[i] for i in np.unique(t.file[a:b]).tolist()}  # type: ignore[union-attr]
+        return {s.file for s in self._shards}
+
+    def overlaps(
+        self, off: tuple[int, ...], ln: tuple[int, ...]
+    ) -> list[tuple[Shard, tuple[int, ...], tuple[int, ...], bool]]:
+        """:func:`.sharding.overlaps` of this tensor's shards with the box ``off``/``ln``; from
+        the table where there is one (array arithmetic, and Shard objects only for the shards
+        that meet the box: a resharded load meets a few of a tensor's shards, one per saved rank)."""
+        if self._shards is not None:
+            from .sharding import overlaps  # imports torch: reading a manifest does not
+
+            return overlaps(self._shards, off, ln)
+        table = self.table
+        assert table is not None
+        rows, ov_off, ov_len = table.meeting(*self.rows, off, ln)
+        shards = table.shards_of(rows, len(off))
+        if not off:
+            return [(s, (), (), False) for s in shards]
+        o, k = table.offsets[rows, 1 : len(off)], table.lengths[rows, 1 : len(off)]
+        same = ((o == np.asarray(off[1:], np.int64)) & (k == np.asarray(ln[1:], np.int64))).all(axis=1).tolist()
+        return [(s, tuple(a), tuple(b), r) for s, a, b, r in zip(shards, ov_off.tolist(), ov_len.tolist(), same)]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TensorEntry):
+            return NotImplemented
+        return (self.dtype, self.shape, self.shards) == (other.dtype, other.shape, other.shards)
+
+    def __repr__(self) -> str:
+        return f"TensorEntry(dtype={self.dtype!r}, shape={self.shape!r}, shards=<{self.nshards}>)"
 
 
 @dataclass
@@ -130,17 +181,14 @@ class Manifest:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        """The manifest's JSON: ``{"format", "version", **asdict(self)}``, compact.  Built without
-        ``asdict``, whose deep copy of every shard's lists cost more than the encoding."""
+        """The manifest's JSON (version 3), compact: the tensors' names, dtypes and shapes, and
+        every shard as a row of the shard table (:mod:`.shardtable`)."""
         body = {
             "format": FORMAT,
             "version": VERSION,
             "step": self.step,
             "world_size": self.world_size,
-            "tensors": {
-                name: {"dtype": e.dtype, "shape": e.shape, "shards": [_shard_body(s) for s in e.shards]}
-                for name, e in self.tensors.items()
-            },
+            **tensors_body(self.tensors),
             "tree": self.tree,
             "files": self.files,
             "created": self.created,
@@ -150,8 +198,8 @@ class Manifest:
 
     @classmethod
     def from_json(cls, raw: bytes, *, where: str) -> Manifest:
-        # Millions of objects for a large job (a shard per rank and tensor), none of them
-        # garbage: the collector would only rescan them, many times over (2-4x the parse).
+        # A version-2 manifest of a large job is millions of objects, none of them garbage:
+        # the collector would only rescan them, many times over (2-4x the parse).
         with paused_gc():
             return cls._from_json(raw, where)
 
@@ -171,13 +219,12 @@ class Manifest:
                 f"{where}: manifest version {version!r}; this fmstore reads versions {list(READS)}"
             )
         try:
-            from_body = Shard.from_body
-            if version == 1:
-                from_body = lambda s: _legacy_shard(s, where)  # noqa: E731
-            tensors = {
-                name: TensorEntry(e["dtype"], list(e["shape"]), [from_body(s) for s in e["shards"]])
-                for name, e in body["tensors"].items()
-            }
+            if version == 3:
+                tensors = tensors_of_table(body["tensors"], body["shards"])
+            else:
+                from .manifest_compat import tensors_of_v2
+
+                tensors = tensors_of_v2(body["tensors"], version, where)
             m = cls(
                 step=_count(body["step"], "step"),
                 world_size=_count(body["world_size"], "world_size"),
@@ -187,6 +234,8 @@ class Manifest:
                 created=float(body.get("created", 0.0)),
                 meta=dict(body.get("meta", {})),
             )
+        except TableError as e:
+            raise ManifestError(f"{where}: malformed manifest (shard table: {e})") from None
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise ManifestError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
         m.validate(where)
@@ -197,108 +246,35 @@ class Manifest:
         of this or an earlier snapshot of the root, lies inside its tensor's shape, and its byte
         range, checksum chunks and codec fit its size; the shards cover the tensor; the tree is
         well formed and names only tensors of the table.  A shard in an earlier snapshot's file
-        is checked against that file's real size when a load opens it (the reader)."""
-        # A large job's table has a shard per rank and tensor (512 k for 1,024 ranks x 500
-        # tensors): what is the same for many shards (a file's name and size, a tensor's dtype
-        # and shape) is checked once, and the shards of a tensor are first passed by a quick
-        # check that accepts only what the full one does; where it finds anything else, the
-        # full check runs on each shard and names what is wrong.
-        known: dict[str, tuple[bool, int | None]] = {}  # good file names -> (this snapshot's, recorded size)
-        for name, entry in self.tensors.items():
-            at = f"{where}: tensor {name!r}"
-            if not isinstance(entry.dtype, str):
-                raise ManifestError(f"{at}: dtype {entry.dtype!r} is not a dtype name")
-            try:
-                itemsize = dtype_itemsize(entry.dtype)
-            except ManifestError:
-                raise ManifestError(f"{at}: unknown dtype {entry.dtype!r}") from None
-            if not _ints(entry.shape):
-                raise ManifestError(f"{at}: shape {entry.shape!r} is not a list of ints >= 0")
-            held = _held_by_plain_shards(entry, itemsize, known)
-            if held is None:  # not all raw shards of files seen already: each checked in full
-                held = 0
-                for s in entry.shards:
-                    held += self._validate_shard(at, entry, s, itemsize, known)
-            # Shards may repeat a region (replicas), never leave one out: a tensor is at most
-            # as large as its shards, which are bounded by the bytes stored for them.
-            if held < numel(entry.shape):
-                raise ManifestError(
-                    f"{at}: its shards hold {held} of the {numel(entry.shape)} elements of shape {entry.shape}"
-                )
-        _validate_tree(self.tree, self.tensors, where)
+        is checked against that file's real size when a load opens it (the reader).
 
-    def _validate_shard(
-        self, at: str, entry: TensorEntry, s: Shard, itemsize: int, known: dict[str, tuple[bool, int | None]]
-    ) -> int:
-        """Check one shard (see :meth:`validate`); its number of elements."""
-        file = s.file
-        if type(file) is str and file in known:
-            own, size = known[file]
-        else:
-            m = _FILE.match(file) if isinstance(file, str) else None
-            if m is None or int(m.group(1)) > self.step:
-                raise ManifestError(
-                    f"{at} names file {file!r}, which is not a shard file "
-                    "of this snapshot or an earlier one under the same root"
-                )
-            own = int(m.group(1)) == self.step  # a file this snapshot wrote: its size is recorded
-            size = self.files.get(file) if own else None
-            known[file] = (own, size)
-        begin, end = s.begin, s.end
-        if not (_int(begin) and _int(end) and 0 <= begin <= end):
-            raise ManifestError(f"{at} has a bad byte range {begin!r}..{end!r}")
-        if own and (size is None or end > size):
-            raise ManifestError(
-                f"{at}: bytes {begin}..{end} of {file!r} lie outside the file "
-                f"({'not in the files' if size is None else f'{size} bytes'} this snapshot records)"
-            )
-        offsets, lengths, shape = s.offsets, s.lengths, entry.shape
-        if not _ints(offsets) or not _ints(lengths):
-            raise ManifestError(f"{at}: shard offsets/lengths are not lists of ints >= 0")
-        if len(offsets) != len(shape) or len(lengths) != len(shape):
-            raise ManifestError(f"{at}: shard rank does not match shape")
-        n = 1
-        for o, k, g in zip(offsets, lengths, shape):
-            if o + k > g:
-                raise ManifestError(f"{at}: a shard lies outside shape {shape}")
-            n *= k
-        chunks, codec = s.chunks, s.codec
-        if not isinstance(s.checksum, str) or not isinstance(chunks, list):
-            raise ManifestError(f"{at}: shard checksum/chunks are malformed")
-        if not isinstance(codec, list) or len(codec) > 1:
-            raise ManifestError(f"{at}: codec {codec!r} is not a list of at most one codec")
-        nbytes = n * itemsize
-        stored = end - begin
-        checksum = "chunks"
-        if not codec:
-            if stored != nbytes:
-                raise ManifestError(
-                    f"{at}: {stored} bytes recorded in {file!r} for a raw shard of {nbytes} bytes"
-                )
-        else:
-            registry = _registry()
-            try:
-                c = registry.get(codec[0], at)
-                c.check(itemsize, at)
-                c.check_sizes(stored, nbytes, itemsize, f"{at} in {file!r}")
-            except registry.CodecConfigError as e:
-                raise ManifestError(str(e)) from None
-            checksum = c.checksum
-        if checksum == "chunks":  # the reader hashes the (decoded) bytes in these chunks
-            cs = s.chunk_size
-            if not _int(cs) or not MIN_CHUNK_SIZE <= cs <= MAX_CHUNK_SIZE:
-                raise ManifestError(
-                    f"{at}: chunk_size {cs!r} in {file!r} is not in [{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}]"
-                )
-            if len(chunks) != -(-nbytes // cs):
-                raise ManifestError(
-                    f"{at}: {len(chunks)} chunk digests in {file!r} for {nbytes} bytes "
-                    f"in chunks of {cs} (want {-(-nbytes // cs)})"
-                )
-        return n
+        The shards are checked as the columns of the shard table, a column at a time (a large
+        job's table has a shard per rank and tensor); the first row that fails a check is
+        named in the error (:mod:`.manifest_check`)."""
+        from .manifest_check import validate
+
+        validate(self, where)
+
+    def shards_by_file(self) -> dict[str, list[FileShard]]:
+        """File -> every shard in it as a :class:`.manifest_check.FileShard` (tensor, byte
+        range, dtype, shape, coded or not): what a reader checks a file's header against.
+        The lists are made when first asked for (a large job's table has 512 k rows; a load
+        reads a few of its files)."""
+        from .manifest_check import ByFile
+
+        return ByFile(self)
 
     def referenced_files(self) -> set[str]:
-        return {s.file for e in self.tensors.values() for s in e.shards}
+        out: set[str] = set()
+        tables = {}
+        for e in self.tensors.values():
+            if e._shards is None:
+                tables[id(e.table)] = e.table
+            else:
+                out.update(s.file for s in e._shards)
+        for t in tables.values():
+            out.update(t.files[i] for i in np.unique(t.file).tolist())
+        return out
 
     def state(
         self,
@@ -336,46 +312,58 @@ class Manifest:
         return per_rank_ranks(self.tree, tuple(path))
 
 
-def _held_by_plain_shards(
-    entry: TensorEntry, itemsize: int, known: dict[str, tuple[bool, int | None]]
-) -> int | None:
-    """The elements ``entry``'s shards hold, if every shard is raw, of a file whose name
-    :meth:`Manifest._validate_shard` accepted already (in ``known``) and passes its every check
-    in the plainest form (exact ints and lists); else None (for the full check, which this never
-    contradicts: it accepts a subset of what that does)."""
-    shape = entry.shape
-    ndim = len(shape)
-    held = 0
-    for s in entry.shards:
-        file, begin, end, offsets, lengths = s.file, s.begin, s.end, s.offsets, s.lengths
-        info = known.get(file) if type(file) is str else None
-        if info is None or type(begin) is not int or type(end) is not int or not 0 <= begin <= end:
-            return None
-        own, size = info
-        if own and (size is None or end > size):
-            return None
-        if (
-            type(offsets) is not list
-            or type(lengths) is not list
-            or len(offsets) != ndim
-            or len(lengths) != ndim
+
+
+def tensors_body(tensors: dict[str, TensorEntry]) -> dict[str, Any]:
+    """The ``tensors`` (names, dtypes, shapes) and ``shards`` (the shard table) of a
+    version-3 manifest's JSON, and of a rank's report."""
+    return {
+        "tensors": {
+            "names": list(tensors),
+            "dtypes": [e.dtype for e in tensors.values()],
+            "shapes": [e.shape for e in tensors.values()],
+        },
+        "shards": table_of(tensors).to_body(),
+    }
+
+
+def table_of(tensors: dict[str, TensorEntry]) -> ShardTable:
+    """The shard table of ``tensors`` in their order: the one they are rows of, where they are
+    all of it in order (a merged or read manifest), else one built from their shards.  A
+    shard field of the wrong type is a :class:`TableError` naming the row."""
+    entries = list(tensors.values())
+    first = entries[0].table if entries else None
+    if first is not None and all(e.table is first and e._shards is None for e in entries):
+        bounds = [e.rows for e in entries]
+        if bounds[0][0] == 0 and bounds[-1][1] == first.rows and all(
+            a[1] == b[0] for a, b in zip(bounds, bounds[1:])
         ):
-            return None
-        n = 1
-        for o, k, g in zip(offsets, lengths, shape):
-            if type(o) is not int or type(k) is not int or o < 0 or k < 0 or o + k > g:
-                return None
-            n *= k
-        codec, chunks, cs = s.codec, s.chunks, s.chunk_size
-        if type(codec) is not list or codec or type(s.checksum) is not str or type(chunks) is not list:
-            return None
-        nbytes = n * itemsize
-        if end - begin != nbytes or type(cs) is not int or not MIN_CHUNK_SIZE <= cs <= MAX_CHUNK_SIZE:
-            return None
-        if len(chunks) != -(-nbytes // cs):
-            return None
-        held += n
-    return held
+            counts = np.array([b - a for a, b in bounds], dtype=np.int64)
+            if np.array_equal(first.tensor, np.repeat(np.arange(len(entries)), counts)):
+                return first
+    ndims = [len(e.shape) if isinstance(e.shape, list) else 0 for e in entries]
+    return ShardTable.of_shards(((i, s) for i, e in enumerate(entries) for s in e.shards), max(ndims, default=0), ndims)
+
+
+def tensors_of_table(tbody: Any, sbody: Any) -> dict[str, TensorEntry]:
+    """The tensor entries of a version-3 manifest (or a report): rows of its shard table, one
+    tensor's shards together, in the order of the tensors."""
+    names, dtypes, shapes = tbody["names"], tbody["dtypes"], tbody["shapes"]
+    if not (type(names) is list and type(dtypes) is list and type(shapes) is list):
+        raise TableError("tensors' names, dtypes and shapes are not lists")
+    if not len(names) == len(dtypes) == len(shapes) or not all(type(n) is str for n in names):
+        raise TableError("tensors' names, dtypes and shapes do not match")
+    if len(set(names)) != len(names):
+        raise TableError("a tensor name is listed twice")
+    table = ShardTable.from_body(sbody)
+    t = table.tensor
+    if table.rows and (t.min() < 0 or t.max() >= len(names) or (np.diff(t) < 0).any()):
+        raise TableError("rows are not grouped by tensor in the tensors' order")
+    ends = np.cumsum(np.bincount(t, minlength=len(names))).tolist() if names else []
+    starts = [0, *ends[:-1]]
+    return {
+        n: TensorEntry(d, s, table=table, rows=(a, b)) for n, d, s, a, b in zip(names, dtypes, shapes, starts, ends)
+    }
 
 
 def _count(x: Any, what: str) -> int:
@@ -407,79 +395,6 @@ def numel(shape: object) -> int:
         n *= int(s)
     return n
 
-
-def _validate_tree(tree: Any, tensors: dict[str, TensorEntry], where: str) -> None:
-    """The state tree: nodes of the kinds :mod:`.tree` writes, at most ``MAX_TREE_DEPTH``
-    deep (rebuilding it recurses), each tensor leaf naming an entry of ``tensors``.  Walked
-    with a stack, so a hostile tree cannot exhaust the interpreter's."""
-    stack: list[tuple[tuple[Any, ...], int, Any]] = [((), 1, tree)]
-    while stack:
-        path, depth, node = stack.pop()
-        problem = (
-            _node_problem(node, tensors)
-            if depth <= MAX_TREE_DEPTH
-            else f"nested deeper than {MAX_TREE_DEPTH}"
-        )
-        if problem is not None:
-            raise ManifestError(f"{where}: state tree at {path_text(path)!r}: {problem}")
-        kind = node["t"]
-        if kind == "per_rank":
-            stack.extend((path, depth + 1, sub) for sub in node["ranks"].values())
-        elif kind in ("dict", "odict"):
-            stack.extend(((*path, k), depth + 1, v) for k, v in node["items"])
-        elif kind in ("list", "tuple"):
-            stack.extend(((*path, i), depth + 1, v) for i, v in enumerate(node["items"]))
-
-
-def _node_problem(node: Any, tensors: dict[str, TensorEntry]) -> str | None:
-    """What is wrong with one node of a state tree (its children are checked on their own)."""
-    kind = node.get("t") if isinstance(node, dict) else None
-    if kind in ("tensor", "ndarray"):
-        name = node.get("name")
-        if not isinstance(name, str) or name not in tensors:
-            return f"names tensor {name!r}, which the manifest does not have"
-    elif kind == "per_rank":
-        if not isinstance(node.get("ranks"), dict):
-            return "a per-rank node without ranks"
-    elif kind in ("dict", "odict"):
-        items, meta = node.get("items"), node.get("metadata", [])
-        if not isinstance(items, list) or not all(_pair(kv) and _key(kv[0]) for kv in items):
-            return f"a {kind} node whose items are not [key, node] pairs"
-        if not isinstance(meta, list) or not all(map(_pair, meta)):
-            return f"a {kind} node whose metadata is not [key, value] pairs"
-    elif kind in ("list", "tuple"):
-        if not isinstance(node.get("items"), list):
-            return f"a {kind} node without items"
-    elif kind == "value":
-        if "v" not in node:
-            return "a value node without a value"
-    elif kind == "float":
-        try:
-            float(node.get("v"))
-        except (TypeError, ValueError):
-            return f"a float node of {node.get('v')!r}"
-    else:
-        return f"unknown node kind {kind!r}" if kind is not None else "not a tree node"
-    return None
-
-
-def _pair(x: Any) -> bool:
-    return isinstance(x, list) and len(x) == 2
-
-
-def _key(k: Any) -> bool:
-    return isinstance(k, str) or _int(k)
-
-
-def _legacy_shard(body: dict[str, Any], where: str) -> Shard:
-    """A shard of a version-1 manifest: its codec a chain of strings (["planes4", "zstd"])."""
-    shard = Shard(**body)
-    registry = _registry()
-    try:
-        shard.codec = registry.from_legacy(list(shard.codec), where)
-    except registry.CodecConfigError as e:
-        raise ManifestError(str(e)) from None
-    return shard
 
 
 _codec_registry: Any = None

@@ -6,8 +6,9 @@ or a DTensor's local shard).  Every saved shard that overlaps the region is read
 overlap is a run of whole rows only those bytes, rounded out to the checksum chunks covering
 them; encoded shards whole, then decoded.  Every byte read is checked against the manifest's
 checksums before it reaches its destination.  Each shard file is first checked once (its real
-size, and the data offsets of its safetensors header, against the manifest's byte ranges), so
-no buffer is allocated for bytes the file does not hold.  The checkpointer's load, the torch
+size, and its safetensors header's entries against the manifest's byte ranges, tensor names,
+dtypes and shapes), so no buffer is allocated for bytes the file does not hold, and a manifest
+whose names or dtypes were permuted does not load other values.  The checkpointer's load, the torch
 DCP reader and serving all read through here.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from math import prod
@@ -23,20 +24,23 @@ from typing import Any
 
 import torch
 
-from ..blob import as_memoryview, dtype_from_name
+from ..blob import SAFETENSORS_CODES, as_memoryview, dtype_from_name, dtype_name
 from ..codec import registry
 from ..codec.registry import Codec
 from ..errors import ChecksumError, CorruptBlobError, FmstoreError
 from ..gcpause import paused_gc
 from ..storage import Storage
 from ..tiers.host import BufferPool
-from .manifest import Manifest, ManifestError, Shard, numel
-from .sharding import overlaps, plan_read
+from .manifest import Manifest, ManifestError, Shard, TensorEntry, numel
+from .manifest_check import FileShard
+from .sharding import plan_read
 
 #: The longest safetensors header a shard file may have (safetensors' own limit).
 MAX_HEADER = 100_000_000
 #: The first read of a shard file: its header length and, for all but huge tables, its header.
 HEAD_READ = 64 << 10
+#: The safetensors dtype code of each dtype (by the manifest's name for it) that has one.
+_CODES_BY_NAME: dict[str, str] = {dtype_name(d): c for d, c in SAFETENSORS_CODES.items()}
 
 
 @dataclass
@@ -75,7 +79,7 @@ class SnapshotReader:
         self.pool = pool or BufferPool(pinned=False)
         self._lock = threading.Lock()
         self._checked: set[str] = set()  # shard files whose size and header were checked
-        self._by_file: dict[str, list[tuple[str, Shard]]] | None = None
+        self._by_file: dict[str, list[FileShard]] | None = None
 
     def read(self, regions: list[Region]) -> None:
         """Fill every region's destination; a damaged or missing byte raises, naming the
@@ -94,30 +98,23 @@ class SnapshotReader:
     def check_files(self, names: Iterable[str]) -> None:
         """:meth:`check_file` every file holding a shard of tensors ``names``: what a caller
         does before it allocates whole tensors for them."""
-        files = {s.file for n in names if (e := self.manifest.tensors.get(n)) for s in e.shards}
+        files: set[str] = set().union(*(e.files() for n in names if (e := self.manifest.tensors.get(n))))
         for file in sorted(files):
             self.check_file(file)
 
     def check_file(self, file: str) -> None:
         """That shard file ``file`` holds the byte range of every shard the manifest puts
         there, by its real size (a manifest records the sizes of its own files only) and by
-        the data offsets of its safetensors header.  Once per file and reader: one size query
-        and one small read; a mismatch is a :class:`CorruptBlobError` naming file and tensor."""
+        its safetensors header: an entry at each shard's byte range, named for its tensor,
+        with its dtype and shape.  Once per file and reader: one size query and one small
+        read; a mismatch is a :class:`CorruptBlobError` naming file and tensor."""
         with self._lock:
             if file in self._checked:
                 return
-            if self._by_file is None:  # every shard of the table, once: a shard per rank and tensor
-                by_file: dict[str, list[tuple[str, Shard]]] = {}
-                with paused_gc():
-                    for name, entry in self.manifest.tensors.items():
-                        for s in entry.shards:
-                            in_file = by_file.get(s.file)
-                            if in_file is None:
-                                by_file[s.file] = [(name, s)]
-                            else:
-                                in_file.append((name, s))
-                self._by_file = by_file
-            shards = self._by_file.get(file, [])
+            if self._by_file is None:  # every shard of the table, by file, once
+                self._by_file = self.manifest.shards_by_file()
+            with paused_gc():
+                shards = self._by_file.get(file, [])
         try:
             check_shard_file(self.storage, file, shards, self.manifest.step)
         except FileNotFoundError:
@@ -178,7 +175,7 @@ def find_overlaps(manifest: Manifest, regions: list[Region]) -> list[Overlaps | 
     out: list[Overlaps | None] = []
     for r in regions:
         entry = manifest.tensors.get(r.name)
-        out.append(None if entry is None else overlaps(entry.shards, tuple(r.offsets), tuple(r.dest.shape)))
+        out.append(None if entry is None else entry.overlaps(tuple(r.offsets), tuple(r.dest.shape)))
     return out
 
 
@@ -214,7 +211,7 @@ def _plan(manifest: Manifest, r: Region, pool: BufferPool, plan: ReadPlan, found
     itemsize = torch.empty(0, dtype=dtype).element_size()
     dest, region_off = r.dest, tuple(r.offsets)
     region_len = tuple(dest.shape)
-    gpu_codec = _decodes_on_gpu(r.name, entry.shards, dest, region_off)
+    gpu_codec = _decodes_on_gpu(r.name, entry, dest, region_off)
     if gpu_codec is not None:
         # One shard for the whole of a CUDA destination, in a codec that decodes there:
         # its coded bytes go up (from pinned memory) and decode in place, rather than
@@ -238,7 +235,7 @@ def _plan(manifest: Manifest, r: Region, pool: BufferPool, plan: ReadPlan, found
     row_bytes = prod(region_len[1:]) * itemsize
     host_bytes: memoryview | None = None  # host's bytes, for reads straight into it
     if found is None:
-        found = overlaps(entry.shards, region_off, region_len)
+        found = entry.overlaps(region_off, region_len)
     reads, checks = plan.reads, plan.checks
     for shard, ov_off, ov_len, rows in found:
         ov = (ov_off, ov_len)
@@ -323,16 +320,17 @@ def _plan_encoded(
         plan.copies.append((host[dslices] if dslices else host, block))
 
 
-def check_shard_file(storage: Storage, file: str, shards: list[tuple[str, Shard]], step: int) -> None:
-    """See :meth:`SnapshotReader.check_file` (``shards``: (tensor, shard) of those in ``file``)."""
+def check_shard_file(storage: Storage, file: str, shards: Sequence[FileShard], step: int) -> None:
+    """See :meth:`SnapshotReader.check_file` (``shards``: those the manifest puts in ``file``,
+    see :class:`.manifest_check.FileShard`)."""
     at = f"snapshot step {step}: shard file {file!r}"
     size = storage.size(file)
     # The real size first: it is what bounds the buffers a load allocates for these ranges.
-    for name, s in shards:
-        if s.end > size:
+    for name, begin, end, *_ in shards:
+        if end > size:
             raise _in_file(
                 CorruptBlobError(
-                    f"{at}: tensor {name!r} is at bytes {s.begin}..{s.end}, the file has {size} "
+                    f"{at}: tensor {name!r} is at bytes {begin}..{end}, the file has {size} "
                     "(truncated file?)"
                 ),
                 file,
@@ -355,7 +353,10 @@ def check_shard_file(storage: Storage, file: str, shards: list[tuple[str, Shard]
         raise _in_file(CorruptBlobError(f"{at}: bad safetensors header ({e})"), file) from None
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise _in_file(CorruptBlobError(f"{at}: safetensors header is not JSON ({e})"), file) from None
-    spans = set()
+    # The header's entries by byte range: each shard's must be there, named for its tensor,
+    # with the dtype code and shape the manifest implies (a damaged manifest that permutes
+    # names or dtypes keeps every byte range, and would load other values).
+    entries: dict[tuple[int, int], tuple[str, Any, Any]] = {}
     for key, value in header.items():
         offsets = value.get("data_offsets") if isinstance(value, dict) and key != "__metadata__" else None
         if (
@@ -364,14 +365,30 @@ def check_shard_file(storage: Storage, file: str, shards: list[tuple[str, Shard]
             and type(offsets[0]) is int
             and type(offsets[1]) is int
         ):
-            spans.add((offsets[0], offsets[1]))
+            entries[(offsets[0], offsets[1])] = (key, value.get("dtype"), value.get("shape"))
     base = 8 + n  # safetensors' data offsets count from the end of the header
-    for name, s in shards:
-        if (s.begin - base, s.end - base) not in spans:
+    codes = _CODES_BY_NAME
+    for s in shards:
+        name, begin, end = s.name, s.begin, s.end
+        found = entries.get((begin - base, end - base))
+        if found is None:
             raise _in_file(
                 CorruptBlobError(
-                    f"{at}: its safetensors header lists no tensor at bytes {s.begin}..{s.end}, "
+                    f"{at}: its safetensors header lists no tensor at bytes {begin}..{end}, "
                     f"where the manifest has tensor {name!r}"
+                ),
+                file,
+            )
+        key, code, shape = found
+        # As the writer puts it (level.FileEntry): raw bytes under their dtype's code and
+        # shape, where safetensors has one; coded bytes, or a dtype it lacks, as U8 bytes.
+        want = None if s.coded else codes.get(s.dtype)
+        want_code, want_shape = (want, list(s.lengths)) if want else ("U8", [end - begin])
+        if key != name or code != want_code or shape != want_shape:
+            raise _in_file(
+                CorruptBlobError(
+                    f"{at}: its safetensors header has {key!r} ({code} {shape}) at bytes {begin}..{end}, "
+                    f"where the manifest has tensor {name!r} ({want_code} {want_shape})"
                 ),
                 file,
             )
@@ -424,13 +441,13 @@ def _codec(name: str, shard: Shard, itemsize: int) -> Codec:
 
 
 def _decodes_on_gpu(
-    name: str, shards: list[Shard], dest: torch.Tensor, region_off: tuple[int, ...]
+    name: str, entry: TensorEntry, dest: torch.Tensor, region_off: tuple[int, ...]
 ) -> Codec | None:
     """The codec to decode straight into CUDA ``dest`` with, where one shard covers it and
     its codec decodes on a GPU here."""
-    if len(shards) != 1 or not shards[0].codec or dest.device.type != "cuda":
+    if entry.nshards != 1 or dest.device.type != "cuda" or not entry.shards[0].codec:
         return None
-    shard = shards[0]
+    shard = entry.shards[0]
     if not dest.is_contiguous() or dest.numel() == 0:
         return None
     if tuple(shard.offsets) != region_off or tuple(shard.lengths) != tuple(dest.shape):

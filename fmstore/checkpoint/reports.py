@@ -4,10 +4,11 @@ waits for and reads them), so that its cost for a large job is measured and test
 processes (``bench/metadata_scale.py``: 1,024 ranks with 500 tensors each).
 
 A report is what :meth:`SnapshotLevel.write` of one rank writes: the names of every tensor of its
-state, its shard file and size, the tensor entries (dtype, global shape, the shards it wrote or
-references) and, from ranks other than 0, its per-rank subtrees.  The merge takes each tensor's
-shards in rank order, a region that several ranks report (a replica, an empty slice) once, and
-refuses a table in which a tensor some rank holds is not fully covered.
+state, its shard file and size, the tensors it wrote or references (names, dtypes, global
+shapes) with their shards as a shard table (:mod:`.shardtable`, the manifest's own form) and,
+from ranks other than 0, its per-rank subtrees.  The merge concatenates the tables in rank
+order, keeps a region that several ranks report (a replica, an empty slice) once, groups the
+rows by tensor, and refuses a table in which a tensor some rank holds is not fully covered.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from collections.abc import Mapping
 from math import prod
 from typing import Any
 
+import numpy as np
+
 from ..errors import ReportError
 from ..gcpause import paused_gc
-from .manifest import Shard, TensorEntry
+from .manifest import TensorEntry
+from .shardtable import ShardTable
 
 
 def merge_reports(
@@ -26,69 +30,92 @@ def merge_reports(
 ) -> tuple[dict[str, TensorEntry], dict[str, int], dict[int, list[Any]]]:
     """(tensor table, files written -> size, rank -> its per-rank nodes) of the reports of one
     save attempt (rank -> report, every rank's, none with an error)."""
-    with paused_gc():  # a shard per rank and tensor (512 k for 1,024 x 500), none of them garbage
+    with paused_gc():
         return _merge(reports, step)
 
 
 def _merge(
     reports: Mapping[int, Mapping[str, Any]], step: int
 ) -> tuple[dict[str, TensorEntry], dict[str, int], dict[int, list[Any]]]:
-    # Per tensor: its entry, the regions it has, the elements they hold (one lookup per entry:
-    # a 1,024-rank job's reports hold 500 k of them).
-    table: dict[str, list[Any]] = {}
+    index: dict[str, int] = {}  # tensor name -> its index, in the order ranks first report them
+    dtypes: list[Any] = []
+    shapes: list[Any] = []
     files: dict[str, int] = {}
     names: set[str] = set()
-    from_body = Shard.from_body
+    tables: list[ShardTable] = []
+    maps: list[np.ndarray] = []
     for r in sorted(reports):
         rep = reports[r]
         try:
             names.update(rep["names"])
             files.update(rep["files"])
-            for name, e in rep["entries"].items():
-                dtype, shape, shards = e["dtype"], e["shape"], e["shards"]
-                t = table.get(name)
-                if t is None:
-                    t = table[name] = [TensorEntry(dtype, shape, []), set(), 0]
-                elif t[0].dtype != dtype or t[0].shape != shape:
-                    have = t[0]
+            tb = rep["tensors"]
+            ns, ds, ss = tb["names"], tb["dtypes"], tb["shapes"]
+            if not (type(ns) is list and type(ds) is list and type(ss) is list and len(ns) == len(ds) == len(ss)):
+                raise ValueError("its tensors' names, dtypes and shapes do not match")
+            table = ShardTable.from_body(rep["shards"])
+            if table.rows and (table.tensor.min() < 0 or table.tensor.max() >= len(ns)):
+                raise ValueError("a shard row names no tensor of the report")
+            to_global = []
+            for name, dtype, shape in zip(ns, ds, ss):
+                g = index.get(name)
+                if g is None:
+                    g = index[name] = len(dtypes)
+                    dtypes.append(dtype)
+                    shapes.append(shape)
+                elif dtypes[g] != dtype or shapes[g] != shape:
                     raise ReportError(
-                        f"step {step}: ranks disagree on tensor {name!r}: {have.dtype} {have.shape} "
+                        f"step {step}: ranks disagree on tensor {name!r}: {dtypes[g]} {shapes[g]} "
                         f"vs {dtype} {shape} (rank {r})"
                     )
-                seen = t[1]
-                if len(shards) == 1:  # what a rank reports for each of its tensors
-                    sh = shards[0]
-                    box = (tuple(sh["offsets"]), tuple(sh["lengths"]))
-                    if box not in seen:
-                        seen.add(box)
-                        t[0].shards.append(from_body(sh))
-                        t[2] += prod(box[1])
-                    continue
-                new = [
-                    (box, sh)
-                    for sh in shards
-                    if (box := (tuple(sh["offsets"]), tuple(sh["lengths"]))) not in seen
-                ]
-                for box, sh in new:  # (a region repeated within one report is kept, as it was)
-                    seen.add(box)
-                    t[0].shards.append(from_body(sh))
-                    t[2] += prod(box[1])
+                to_global.append(g)
+            tables.append(table)
+            maps.append(np.array(to_global, dtype=np.int64))
         except ReportError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ReportError(
                 f"step {step}: rank {r}'s report is malformed ({type(e).__name__}: {e})"
             ) from None
-    entries = {name: t[0] for name, t in table.items()}
-    covered = {name: t[2] for name, t in table.items()}
+    order = list(index)
+    merged = ShardTable.concat(tables, maps)
+    ndims = np.array([len(s) for s in shapes], dtype=np.int64)
+    table, count = _first_of_each_region(merged, ndims)
+    t = table.tensor
+    ends = np.cumsum(np.bincount(t, minlength=len(order))).tolist()
+    starts = [0, *ends[:-1]]
+    entries = {
+        name: TensorEntry(dtypes[i], shapes[i], table=table, rows=(starts[i], ends[i]))
+        for i, name in enumerate(order)
+    }
+    held = [sum(count[a:b].tolist()) for a, b in zip(starts, ends)]
     for name in sorted(names):
-        entry = entries.get(name)
-        total = prod(int(n) for n in entry.shape) if entry is not None else None
-        if entry is None or covered[name] != total:
+        i = index.get(name)
+        total = prod(int(n) for n in shapes[i]) if i is not None else None
+        if i is None or held[i] != total:
             raise ReportError(
                 f"step {step} not committed: tensor {name!r} is not fully saved "
-                f"({covered.get(name, 0)} of {total if entry else '?'} elements); a plain tensor must "
-                "exist on every rank (it is taken to be replicated), a sharded one must be a DTensor"
+                f"({held[i] if i is not None else 0} of {total if i is not None else '?'} elements); "
+                "a plain tensor must exist on every rank (it is taken to be replicated), a sharded one "
+                "must be a DTensor"
             )
     per_rank = {r: rep.get("per_rank", []) for r, rep in reports.items() if r != 0}
     return entries, files, per_rank
+
+
+def _first_of_each_region(merged: ShardTable, ndims: np.ndarray) -> tuple[ShardTable, np.ndarray]:
+    """``merged`` with each region of a tensor once (its first row: the lowest rank's), the rows
+    grouped by tensor in rank order; and each row's number of elements."""
+    n, dims = merged.rows, merged.dims
+    key = np.column_stack([merged.tensor, merged.offsets, merged.lengths])
+    by_key = np.lexsort(key.T[::-1])  # stable: of equal regions, the first row comes first
+    repeat = np.zeros(n, dtype=bool)
+    if n > 1:
+        sk = key[by_key]
+        repeat[by_key[1:]] = (sk[1:] == sk[:-1]).all(axis=1)
+    keep = np.flatnonzero(~repeat)
+    keep = keep[np.argsort(merged.tensor[keep], kind="stable")]
+    table = merged if len(keep) == n and (keep == np.arange(n)).all() else merged.take(keep)
+    pad = np.arange(dims)[None, :] >= ndims[table.tensor][:, None]
+    count = np.where(pad, 1, table.lengths).prod(axis=1) if dims else np.ones(table.rows, dtype=np.int64)
+    return table, count

@@ -32,6 +32,7 @@ import xxhash
 from ..blob import dtype_name
 from ..checkpoint.level import FileEntry, SnapshotLevel, merge_trees, rank_report, shard_header
 from ..checkpoint.manifest import CHUNK_SIZE, MANIFEST, Manifest, Shard, TensorEntry, step_dir
+from ..checkpoint.manifest_compat import to_json_v2
 from ..checkpoint.reader import Region, SnapshotReader, files_of, find_overlaps, plan_regions
 from ..checkpoint.reports import merge_reports
 from ..checkpoint.sharding import owner_of
@@ -51,6 +52,9 @@ __all__ = [
     "merge_files",
     "commit",
     "plan_load",
+    # A manifest as an older fmstore wrote it (version 1 or 2): the metadata bench measures
+    # the size and validated read of the same job's manifest in both formats.
+    "to_json_v2",
 ]
 
 # An 8B-class decoder (Llama 3 8B's shapes): (name, shape) of its parameters.

@@ -1,0 +1,325 @@
+"""The shard table: every saved piece of a snapshot's tensors as columns, one row per shard.
+
+A large job's snapshot has a shard per rank and tensor: 512 k of them for 1,024 ranks with
+500 tensors each.  As one JSON object apiece (manifest version 2) that was 136 MB, seconds to
+write, seconds to read and seconds more to check.  As columns, each integer column the base64
+of a little-endian array of the narrowest integer type that holds it, the file names and codecs
+in small tables the rows index, every chunk digest in one string, it is a fraction of that, which
+``json`` and numpy turn into arrays in milliseconds; it is checked a column at a time
+(:meth:`Manifest.validate <fmstore.checkpoint.manifest.Manifest.validate>`), the ranks' reports
+are merged by concatenating their tables (:mod:`.reports`), and a reader finds the shards a
+region meets with array arithmetic (:meth:`ShardTable.meeting`).  :class:`~.manifest.Shard`
+objects are made on demand, for the shards something looks at.
+
+Columns (``rows`` long, ``offsets``/``lengths`` ``rows * dims``, padded with zeros past a
+tensor's rank): ``tensor`` (index into the tensor list the table comes with), ``file`` (index
+into ``files``), ``begin`` and ``size`` (the byte range in the file), ``offsets`` and
+``lengths`` (the slice of the global tensor), ``chunk_size`` and ``nchunks`` (the checksum
+chunks; their 32-character xxh3-128 hex digests follow one another in ``chunks``), ``codec``
+(index into ``codecs``, whose entry 0 is the raw ``[]``) and ``checksums`` (a list of strings).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import TableError
+
+if TYPE_CHECKING:
+    from .manifest import Shard
+
+#: The length of an xxh3-128 hex digest, the form of every chunk digest.
+HEX = 32
+_INTS = ("<i1", "<i2", "<i4", "<i8")
+_COLUMNS = ("tensor", "file", "begin", "size", "chunk_size", "nchunks", "codec")
+
+
+def encode_ints(a: np.ndarray) -> list[str]:
+    """``[type, base64]`` of an integer column, in the narrowest little-endian type holding it."""
+    a = np.asarray(a, dtype=np.int64)
+    lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+    for t in _INTS:
+        info = np.iinfo(np.dtype(t))
+        if info.min <= lo and hi <= info.max:
+            break
+    return [t, base64.b64encode(a.astype(t).tobytes()).decode("ascii")]
+
+
+def decode_ints(x: Any, n: int, what: str) -> np.ndarray:
+    """The int64 column of ``encode_ints``'s ``x``, which must hold ``n`` values."""
+    if not (isinstance(x, list) and len(x) == 2 and x[0] in _INTS and isinstance(x[1], str)):
+        raise TableError(f"column {what!r} is not a [type, base64] pair of an integer type")
+    try:
+        raw = base64.b64decode(x[1], validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise TableError(f"column {what!r} is not base64 ({e})") from None
+    t = np.dtype(x[0])
+    if len(raw) != n * t.itemsize:
+        raise TableError(f"column {what!r} holds {len(raw)} bytes, not {n} values of {x[0]}")
+    return np.frombuffer(raw, dtype=t).astype(np.int64)
+
+
+class ShardTable:
+    """The shards of a set of tensors as columns (see the module docstring)."""
+
+    __slots__ = (
+        "tensor", "file", "begin", "size", "offsets", "lengths", "chunk_size", "nchunks", "codec",
+        "checksums", "chunks", "files", "codecs", "_chunk_at",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        *,
+        tensor: np.ndarray,
+        file: np.ndarray,
+        begin: np.ndarray,
+        size: np.ndarray,
+        offsets: np.ndarray,
+        lengths: np.ndarray,
+        chunk_size: np.ndarray,
+        nchunks: np.ndarray,
+        codec: np.ndarray,
+        checksums: list[Any],
+        chunks: str,
+        files: list[Any],
+        codecs: list[Any],
+    ) -> None:
+        self.tensor, self.file, self.begin, self.size = tensor, file, begin, size
+        self.offsets, self.lengths = offsets, lengths  # (rows, dims)
+        self.chunk_size, self.nchunks, self.codec = chunk_size, nchunks, codec
+        self.checksums, self.chunks, self.files, self.codecs = checksums, chunks, files, codecs
+        self._chunk_at: np.ndarray | None = None
+
+    @property
+    def rows(self) -> int:
+        return len(self.tensor)
+
+    @property
+    def dims(self) -> int:
+        return self.offsets.shape[1]
+
+    @property
+    def end(self) -> np.ndarray:
+        return self.begin + self.size
+
+    @property
+    def chunk_at(self) -> np.ndarray:
+        """Where each row's digests start in ``chunks`` (in digests), and the total at the end."""
+        if self._chunk_at is None:
+            at = np.zeros(self.rows + 1, dtype=np.int64)
+            np.cumsum(self.nchunks, out=at[1:])
+            self._chunk_at = at
+        return self._chunk_at
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def of_shards(cls, rows: Iterable[tuple[int, Shard]], dims: int, ndims: Sequence[int]) -> ShardTable:
+        """The table of ``(tensor index, shard)`` pairs, in order (``ndims``: each tensor's
+        rank).  A field without the type the manifest gives it is a :class:`TableError`
+        naming the row."""
+        tensor, file, begin, size, cs, nch, codec, checksums = [], [], [], [], [], [], [], []
+        offsets: list[int] = []
+        lengths: list[int] = []
+        chunks: list[str] = []
+        files: dict[str, int] = {}
+        codecs: dict[str, int] = {"[]": 0}
+        codec_list: list[Any] = [[]]
+        for row, (t, s) in enumerate(rows):
+            try:
+                f = files.setdefault(s.file, len(files)) if isinstance(s.file, str) else None
+                key = json.dumps(s.codec, sort_keys=True)
+            except (TypeError, ValueError):
+                f = None
+            if f is None:
+                raise TableError(f"shard file {s.file!r} or codec {s.codec!r} is malformed", row)
+            c = codecs.get(key)
+            if c is None:
+                c = codecs[key] = len(codec_list)
+                codec_list.append(s.codec)
+            if not (_ints(s.offsets) and _ints(s.lengths)):
+                raise TableError("shard offsets/lengths are not lists of ints >= 0", row)
+            if len(s.offsets) != ndims[t] or len(s.lengths) != ndims[t]:
+                raise TableError("shard rank does not match shape", row)
+            if not (_int(s.begin) and _int(s.end)):
+                raise TableError(f"has a bad byte range {s.begin!r}..{s.end!r}", row)
+            if not _int(s.chunk_size):
+                raise TableError(f"chunk_size {s.chunk_size!r} in {s.file!r} is not an int", row)
+            if not isinstance(s.checksum, str) or not isinstance(s.chunks, list):
+                raise TableError("shard checksum/chunks are malformed", row)
+            if not all(isinstance(h, str) and len(h) == HEX and h.isascii() for h in s.chunks):
+                raise TableError("shard chunks are not xxh3-128 hex digests", row)
+            offsets += s.offsets
+            offsets += [0] * (dims - len(s.offsets))
+            lengths += s.lengths
+            lengths += [0] * (dims - len(s.lengths))
+            tensor.append(t)
+            file.append(f)
+            begin.append(s.begin)
+            size.append(s.end - s.begin)
+            cs.append(s.chunk_size)
+            nch.append(len(s.chunks))
+            codec.append(c)
+            checksums.append(s.checksum)
+            chunks += s.chunks
+        try:
+            cols = {
+                k: np.array(v, dtype=np.int64)
+                for k, v in zip(_COLUMNS, (tensor, file, begin, size, cs, nch, codec))
+            }
+            off = np.array(offsets, dtype=np.int64).reshape(len(tensor), dims)
+            ln = np.array(lengths, dtype=np.int64).reshape(len(tensor), dims)
+        except OverflowError as e:
+            raise TableError(f"a shard field does not fit 64 bits ({e})") from None
+        return cls(
+            **cols, offsets=off, lengths=ln, checksums=checksums, chunks="".join(chunks),
+            files=list(files), codecs=codec_list,
+        )  # fmt: skip
+
+    @classmethod
+    def concat(cls, tables: Sequence[ShardTable], tensor_maps: Sequence[np.ndarray]) -> ShardTable:
+        """One table of ``tables`` one after the other, each one's tensor indices mapped
+        through its ``tensor_maps`` entry; files and codecs are pooled."""
+        dims = max((t.dims for t in tables), default=0)
+        files: dict[str, int] = {}
+        codecs: dict[str, int] = {"[]": 0}
+        codec_list: list[Any] = [[]]
+        cols: dict[str, list[np.ndarray]] = {k: [] for k in (*_COLUMNS, "offsets", "lengths")}
+        checksums: list[Any] = []
+        for t, tmap in zip(tables, tensor_maps):
+            fmap = np.array([files.setdefault(f, len(files)) for f in t.files], dtype=np.int64)
+            cmap = []
+            for c in t.codecs:
+                key = json.dumps(c, sort_keys=True)
+                if key not in codecs:
+                    codecs[key] = len(codec_list)
+                    codec_list.append(c)
+                cmap.append(codecs[key])
+            cols["tensor"].append(tmap[t.tensor])
+            cols["file"].append(fmap[t.file] if len(fmap) else t.file)
+            cols["codec"].append(np.array(cmap, dtype=np.int64)[t.codec])
+            for k in ("begin", "size", "chunk_size", "nchunks"):
+                cols[k].append(getattr(t, k))
+            for k in ("offsets", "lengths"):
+                a = getattr(t, k)
+                cols[k].append(np.pad(a, ((0, 0), (0, dims - a.shape[1]))) if a.shape[1] < dims else a)
+            checksums += t.checksums
+        cat = {k: np.concatenate(v) if v else np.zeros((0, dims) if k in ("offsets", "lengths") else 0, np.int64) for k, v in cols.items()}  # fmt: skip
+        return cls(
+            **cat, checksums=checksums, chunks="".join(t.chunks for t in tables),
+            files=list(files), codecs=codec_list,
+        )  # fmt: skip
+
+    def take(self, rows: np.ndarray) -> ShardTable:
+        """The table of ``rows`` (indices), in that order."""
+        lens = self.nchunks[rows]
+        first = self.chunk_at[rows]
+        # The digests of the rows, as indices into the table's (one string of 32-byte records).
+        which = np.repeat(first - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
+        digests = np.frombuffer(self.chunks.encode("ascii"), dtype=f"S{HEX}") if self.chunks else None
+        chunks = digests[which].tobytes().decode("ascii") if digests is not None else ""
+        return ShardTable(
+            tensor=self.tensor[rows], file=self.file[rows], begin=self.begin[rows], size=self.size[rows],
+            offsets=self.offsets[rows], lengths=self.lengths[rows], chunk_size=self.chunk_size[rows],
+            nchunks=self.nchunks[rows], codec=self.codec[rows],
+            checksums=[self.checksums[i] for i in rows.tolist()], chunks=chunks,
+            files=self.files, codecs=self.codecs,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ JSON
+
+    def to_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"rows": self.rows, "dims": self.dims}
+        for k in _COLUMNS:
+            body[k] = encode_ints(getattr(self, k))
+        body["offsets"] = encode_ints(self.offsets.reshape(-1))
+        body["lengths"] = encode_ints(self.lengths.reshape(-1))
+        body.update(files=self.files, codecs=self.codecs, checksums=self.checksums, chunks=self.chunks)
+        return body
+
+    @classmethod
+    def from_body(cls, body: Any) -> ShardTable:
+        """The table of :meth:`to_body`'s JSON: the columns decoded and their lengths and the
+        index columns' ranges checked (what the values mean is the manifest's to check)."""
+        if not isinstance(body, dict):
+            raise TableError("the shard table is not an object")
+        n, dims = body.get("rows"), body.get("dims")
+        if type(n) is not int or type(dims) is not int or n < 0 or not 0 <= dims <= 64:
+            raise TableError(f"rows {n!r} / dims {dims!r} are not counts")
+        cols = {k: decode_ints(body.get(k), n, k) for k in _COLUMNS}
+        off = decode_ints(body.get("offsets"), n * dims, "offsets").reshape(n, dims)
+        ln = decode_ints(body.get("lengths"), n * dims, "lengths").reshape(n, dims)
+        files, codecs, checksums, chunks = (body.get(k) for k in ("files", "codecs", "checksums", "chunks"))
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            raise TableError("files is not a list of names")
+        if not isinstance(codecs, list) or not codecs or codecs[0] != []:
+            raise TableError("codecs is not a list starting with [] (raw)")
+        if not isinstance(checksums, list) or len(checksums) != n or not all(isinstance(c, str) for c in checksums):
+            raise TableError(f"checksums is not a list of {n} strings")
+        if not isinstance(chunks, str) or not chunks.isascii():
+            raise TableError("chunks is not a string of hex digests")
+        for k, bound in (("file", len(files)), ("codec", len(codecs))):
+            c = cols[k]
+            if n and (c.min() < 0 or c.max() >= bound):
+                raise TableError(f"column {k!r} indexes past its table of {bound}")
+        nch = cols["nchunks"]
+        if n and (nch.min() < 0 or nch.max() > len(chunks) // HEX):  # (bounded: the sum cannot wrap)
+            raise TableError("a chunk count out of range")
+        if len(chunks) != HEX * int(nch.sum()):
+            raise TableError(f"chunks holds {len(chunks)} characters for {int(nch.sum())} digests")
+        return cls(**cols, offsets=off, lengths=ln, checksums=checksums, chunks=chunks, files=files, codecs=codecs)
+
+    # ------------------------------------------------------------------ shards
+
+    def shards(self, a: int, b: int, ndim: int) -> list[Shard]:
+        """:class:`Shard` objects of rows ``a..b`` (of a tensor of rank ``ndim``)."""
+        return self.shards_of(np.arange(a, b), ndim)
+
+    def shards_of(self, rows: np.ndarray, ndim: int) -> list[Shard]:
+        from .manifest import Shard
+
+        at = self.chunk_at
+        chunks, files, codecs, checksums = self.chunks, self.files, self.codecs, self.checksums
+        offs = self.offsets[rows, :ndim].tolist()
+        lens = self.lengths[rows, :ndim].tolist()
+        out = []
+        new = object.__new__
+        for i, o, k, f, b, e, c, cs, a0, a1 in zip(
+            rows.tolist(), offs, lens, self.file[rows].tolist(), self.begin[rows].tolist(),
+            self.end[rows].tolist(), self.codec[rows].tolist(), self.chunk_size[rows].tolist(),
+            at[rows].tolist(), at[rows + 1].tolist(),
+        ):  # fmt: skip
+            s = new(Shard)
+            s.__dict__ = {
+                "offsets": o, "lengths": k, "file": files[f], "begin": b, "end": e,
+                "checksum": checksums[i], "codec": codecs[c], "chunk_size": cs,
+                "chunks": [chunks[j : j + HEX] for j in range(HEX * a0, HEX * a1, HEX)],
+            }  # fmt: skip
+            out.append(s)
+        return out
+
+    def meeting(
+        self, a: int, b: int, offsets: Sequence[int], shape: Sequence[int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Of rows ``a..b`` (one tensor's), those whose slice meets the region at ``offsets``
+        of ``shape``: (their indices, the overlaps' offsets, the overlaps' lengths)."""
+        nd = len(shape)
+        o = self.offsets[a:b, :nd]
+        lo = np.maximum(o, np.asarray(offsets, dtype=np.int64))
+        hi = np.minimum(o + self.lengths[a:b, :nd], np.asarray(offsets, dtype=np.int64) + np.asarray(shape, dtype=np.int64))
+        hit = np.flatnonzero((hi > lo).all(axis=1))
+        return hit + a, lo[hit], (hi - lo)[hit]
+
+
+def _int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _ints(xs: Any) -> bool:
+    return isinstance(xs, list) and all(_int(x) and x >= 0 for x in xs)
