@@ -15,6 +15,7 @@ DCP reader and serving all read through here.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor
@@ -380,11 +381,13 @@ def check_shard_file(storage: Storage, file: str, shards: Sequence[FileShard], s
                 file,
             )
         key, code, shape = found
+        if begin == end:
+            continue  # an empty piece (a rank's empty FSDP shard): several share one offset, no bytes to misread
         # As the writer puts it (level.FileEntry): raw bytes under their dtype's code and
         # shape, where safetensors has one; coded bytes, or a dtype it lacks, as U8 bytes.
         want = None if s.coded else codes.get(s.dtype)
         want_code, want_shape = (want, list(s.lengths)) if want else ("U8", [end - begin])
-        if key != name or code != want_code or shape != want_shape:
+        if not _names(key, name) or code != want_code or shape != want_shape:
             raise _in_file(
                 CorruptBlobError(
                     f"{at}: its safetensors header has {key!r} ({code} {shape}) at bytes {begin}..{end}, "
@@ -392,6 +395,17 @@ def check_shard_file(storage: Storage, file: str, shards: Sequence[FileShard], s
                 ),
                 file,
             )
+
+
+#: What a writer may append to a tensor's name in a shard file's header: the offsets of one of
+#: several pieces a rank writes of it (``parts.py``: ``name@[0,4]``) and a ``~N`` that keeps
+#: entries distinct (``tree.unique_name``).
+_HEADER_SUFFIX = re.compile(r"(@\[[0-9,]*\])?(~[0-9]+)?")
+
+
+def _names(key: str, name: str) -> bool:
+    """Whether header entry ``key`` is one the writer gives tensor ``name``."""
+    return key.startswith(name) and _HEADER_SUFFIX.fullmatch(key, len(name)) is not None
 
 
 def _in_file(e: CorruptBlobError, file: str) -> CorruptBlobError:
