@@ -8,6 +8,8 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
+from typing import Any
 
 import torch
 
@@ -45,3 +47,21 @@ def machine_info(root: str, device: str = "cpu") -> None:
     gpu = f" ({torch.cuda.get_device_name()})" if device.startswith("cuda") else ""
     print(f"python:  {sys.version.split()[0]}  torch {torch.__version__}  device {device}{gpu}")
     print(f"load:    {loadavg()} (1/5/15 min; other work skews results)", flush=True)
+
+
+def copy_rate(dst: Any, src: Any, repeats: int = 5) -> float:
+    """Bytes per second of ``dst.copy_(src)`` (tensors of one size; pinned host <-> CUDA copies
+    synchronized), best of ``repeats`` after one warm-up copy."""
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    dst.copy_(src, non_blocking=True)
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return src.nbytes / min(times)

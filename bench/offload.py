@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from common import machine_info  # bench/common.py
+from common import copy_rate, machine_info  # bench/common.py
 
 from fmstore import format_size
 from fmstore.offload import OffloadedOptimizer, offload_parameters
@@ -109,19 +109,8 @@ def bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> tuple[float, float]:
     host.fill_(1)
     dev = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
 
-    def best(dst: torch.Tensor, src: torch.Tensor) -> float:
-        dst.copy_(src, non_blocking=True)
-        sync()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            dst.copy_(src, non_blocking=True)
-            sync()
-            times.append(time.perf_counter() - t0)
-        return nbytes / min(times)
-
-    h2d = best(dev, host)
-    d2h = best(host, dev) if CUDA else h2d
+    h2d = copy_rate(dev, host, repeats)
+    d2h = copy_rate(host, dev, repeats) if CUDA else h2d
     del host, dev
     free_device()
     return h2d, d2h

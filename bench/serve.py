@@ -79,7 +79,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from common import evict, machine_info, sh  # bench/common.py
+from common import copy_rate, evict, machine_info, sh  # bench/common.py
 
 from fmstore import Checkpointer, Policy, format_size, parse_size
 from fmstore.serving import LoadStats, load_state_dict
@@ -219,17 +219,10 @@ def copy_bandwidth(nbytes: int, repeats: int = 5) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=CUDA)
     src.fill_(1)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
-    dst.copy_(src, non_blocking=True)
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src, non_blocking=True)
-        sync()
-        times.append(time.perf_counter() - t0)
+    rate = copy_rate(dst, src, repeats)
     del src, dst
     free_device()
-    return nbytes / min(times)
+    return rate
 
 
 def s3_client(opts: dict[str, Any], threads: int) -> Any:
