@@ -184,19 +184,26 @@ def loss_of(out: torch.Tensor) -> torch.Tensor:
     return out.float().square().mean()
 
 
+def plain_step(model: torch.nn.Module, opt: Any, autocast: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One iteration as every method but the manual-master one runs it: forward (under bf16
+    autocast if asked), backward, the optimizer's step, gradients set to None."""
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+            loss = loss_of(model(x))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
 def train_gpu(a: argparse.Namespace, n: int) -> Train:
     if not CUDA:
         model = make_stack(a, torch.float32, "cpu")
         opt = torch.optim.AdamW(model.parameters(), lr=a.lr, foreach=True)
-
-        def step_cpu(x: torch.Tensor) -> torch.Tensor:
-            loss = loss_of(model(x))
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
-
-        return Train(model, step_cpu, note="fp32 params, AdamW(foreach) on the CPU")
+        return Train(model, plain_step(model, opt), note="fp32 params, AdamW(foreach) on the CPU")
     model = make_stack(a, torch.bfloat16, DEVICE)
     params = [p for p in model.parameters()]
     masters = [p.detach().float() for p in params]
@@ -263,12 +270,7 @@ def train_fsdp(a: argparse.Namespace, n: int) -> Train:
         opt = torch.optim.AdamW(model.parameters(), lr=a.lr, foreach=True)
         kind = "foreach"
 
-    def step(x: torch.Tensor) -> torch.Tensor:
-        loss = loss_of(model(x))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+    step = plain_step(model, opt)
 
     # fp32 shards up for the forward and again for the backward (resharded after forward), fp32 grads down
     return Train(model, step, note=f"FSDP2 CPUOffloadPolicy, fp32 host params (masters), {'bf16' if CUDA else 'fp32'} compute, AdamW({kind}) on the host",
@@ -291,13 +293,7 @@ def train_torchao(a: argparse.Namespace, n: int) -> Train:
         model.parameters(), torch.optim.AdamW, fused=True, offload_gradients=False, lr=a.lr
     )
 
-    def step(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=fp32):
-            loss = loss_of(model(x))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
+    step = plain_step(model, opt, autocast=fp32)
 
     width = 4 if fp32 else 2
     note = ("fp32 params under bf16 autocast (fp32 masters on the host)" if fp32
@@ -314,12 +310,7 @@ def train_fmstore(a: argparse.Namespace, n: int, overlap: bool, stack: contextli
         device_fraction=a.device_fraction, overlap_backward=overlap, **({"fused": True} if CUDA else {}),
     )  # fmt: skip
 
-    def step(x: torch.Tensor) -> torch.Tensor:
-        loss = loss_of(model(x))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
+    step = plain_step(model, opt)
 
     moved = states * (1 - a.device_fraction)
     note = (f"{'bf16 params, fp32 masters + ' if CUDA else 'fp32 params, '}AdamW states {format_size(states)} in the store, "
