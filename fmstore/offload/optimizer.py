@@ -418,13 +418,13 @@ class OffloadedOptimizer(torch.optim.Optimizer):
         self._drain_writes()
         state: dict[int, dict[str, Any]] = {}
         for c in self._chunks:
+            step = self._inner.state[c.flat].get("step")
+            if step is None and not c.names:
+                continue  # never stepped: no state, nothing to read
             if c.resident is not None:
                 host = {n: t.detach().cpu() for n, t in c.resident.items()}
             else:
                 host = {n: self.store.get(self._key(c, n), promote=False) for n in self._stored_names(c)}
-            step = self._inner.state[c.flat].get("step")
-            if step is None and not c.names:
-                continue
             for p, off in zip(c.params, c.offsets):
                 st: dict[str, Any] = {}
                 if step is not None:
