@@ -50,6 +50,21 @@ def max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
 
 
+def step_beside_fp32_masters(model, opt, twin, masters, ropt, x) -> None:
+    """One step of ``model`` under ``opt`` and the same step of its low-precision ``twin`` the
+    manual way: gradients cast to the fp32 ``masters``, ``ropt`` steps them, copied back."""
+    for m in (model, twin):
+        m.zero_grad()
+        m(x).float().pow(2).mean().backward()
+    opt.step()
+    for mp, p in zip(masters, twin.parameters()):
+        mp.grad = p.grad.float()
+    ropt.step()
+    with torch.no_grad():
+        for mp, p in zip(masters, twin.parameters()):
+            p.copy_(mp)
+
+
 def offloaded(model, store, **kw) -> OffloadedOptimizer:
     return OffloadedOptimizer(
         model.parameters(), torch.optim.AdamW, store=store, device="cpu", chunk_bytes="16KiB", **KW, **kw
@@ -164,16 +179,7 @@ def test_low_precision_parameters_keep_fp32_masters(tmp_path):
     ropt = torch.optim.AdamW(masters, **KW)
     opt = offloaded(model, spilling_store(tmp_path, host="8KiB"))
     for x in batches(5):
-        for m in (model, twin):
-            m.zero_grad()
-            m(x.bfloat16()).float().pow(2).mean().backward()
-        opt.step()
-        for mp, p in zip(masters, twin.parameters()):
-            mp.grad = p.grad.float()
-        ropt.step()
-        with torch.no_grad():
-            for mp, p in zip(masters, twin.parameters()):
-                p.copy_(mp)
+        step_beside_fp32_masters(model, opt, twin, masters, ropt, x.bfloat16())
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert max_diff(model, twin) == 0.0
     sd = opt.state_dict()
@@ -237,16 +243,7 @@ def test_cuda_bf16_fused_matches_fp32_masters(tmp_path):
     g = torch.Generator(device=dev).manual_seed(1)
     for _ in range(5):
         x = torch.randn(16, 256, device=dev, generator=g, dtype=torch.bfloat16)
-        for m in (model, twin):
-            m.zero_grad()
-            m(x).float().pow(2).mean().backward()
-        opt.step()
-        for mp, p in zip(masters, twin.parameters()):
-            mp.grad = p.grad.float()
-        ropt.step()
-        with torch.no_grad():
-            for mp, p in zip(masters, twin.parameters()):
-                p.copy_(mp)
+        step_beside_fp32_masters(model, opt, twin, masters, ropt, x)
     torch.cuda.synchronize()
     assert max_diff(model, twin) == 0.0
     assert opt.stats()["bytes_to_device"] > 0
