@@ -6,6 +6,7 @@ import datetime
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -65,3 +66,10 @@ def copy_rate(dst: Any, src: Any, repeats: int = 5) -> float:
         sync()
         times.append(time.perf_counter() - t0)
     return src.nbytes / min(times)
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (for a server or a process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -52,7 +52,6 @@ import contextlib
 import gc
 import os
 import shutil
-import socket
 import statistics
 import tempfile
 import time
@@ -62,7 +61,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from common import copy_rate, machine_info  # bench/common.py
+from common import copy_rate, free_port, machine_info  # bench/common.py
 
 from fmstore import format_size
 from fmstore.offload import OffloadedOptimizer, offload_parameters
@@ -237,9 +236,7 @@ def process_group() -> None:
 
     if dist.is_initialized():
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     if CUDA:
         torch.cuda.set_device(0)
     dist.init_process_group(

@@ -64,7 +64,6 @@ import json
 import mmap
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -79,7 +78,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from common import copy_rate, evict, machine_info, sh  # bench/common.py
+from common import copy_rate, evict, free_port, machine_info, sh  # bench/common.py
 
 from fmstore import Checkpointer, Policy, format_size, parse_size
 from fmstore.serving import LoadStats, load_state_dict
@@ -604,12 +603,6 @@ def part_load(a: argparse.Namespace, workdir: str) -> None:
 
 
 # =============================================================================== part 2: serving
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def call(port: int, method: str, path: str, body: Any = None, conn: Any = None) -> tuple[int, Any]:
