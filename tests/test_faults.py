@@ -419,7 +419,9 @@ def test_a_reader_racing_retention_of_a_writer_process_always_loads_one_whole_st
     finally:
         lines = zygote.kill_child()
     newest = max(int(line.split()[1]) for line in lines if line.startswith("committed"))
-    assert len(seen) >= 20 and newest >= max(seen), (len(seen), newest)  # it raced a moving target
+    # It raced a moving target. A commit is visible before the writer prints its line, so the
+    # kill may land between the two: the reader can have loaded one step past the last line.
+    assert len(seen) >= 20 and newest + 1 >= max(seen), (len(seen), newest, max(seen))
 
 
 # ----------------------------------------------------------------- f. fuzzed manifests and shard headers
