@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fmstore.checkpoint.shardtable import HEX, decode_ints, encode_ints
+from fmstore.checkpoint.shardtable import HEX, ShardTable, decode_ints, encode_ints
 
 _INT_FIELDS = ("begin", "chunk_size")
 
@@ -16,6 +16,7 @@ def v3_to_v2(body: dict[str, Any]) -> dict[str, Any]:
         return body
     t, sh = body["tensors"], body["shards"]
     n, dims = sh["rows"], sh["dims"]
+    table = ShardTable.from_body(sh)  # (the checksums and digests in either of their forms)
     col = {k: decode_ints(sh[k], n, k).tolist() for k in ("tensor", "file", "begin", "size", "chunk_size", "nchunks", "codec")}
     off = decode_ints(sh["offsets"], n * dims, "offsets").reshape(n, dims).tolist()
     ln = decode_ints(sh["lengths"], n * dims, "lengths").reshape(n, dims).tolist()
@@ -33,10 +34,10 @@ def v3_to_v2(body: dict[str, Any]) -> dict[str, Any]:
                 "file": sh["files"][col["file"][i]],
                 "begin": col["begin"][i],
                 "end": col["begin"][i] + col["size"][i],
-                "checksum": sh["checksums"][i],
+                "checksum": table.checksums[i],
                 "codec": sh["codecs"][col["codec"][i]],
                 "chunk_size": col["chunk_size"][i],
-                "chunks": [sh["chunks"][j : j + HEX] for j in range(at * HEX, (at + k) * HEX, HEX)],
+                "chunks": [table.chunks[j : j + HEX] for j in range(at * HEX, (at + k) * HEX, HEX)],
             }
         )
         at += k

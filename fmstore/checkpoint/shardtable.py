@@ -24,10 +24,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import zlib
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import xxhash
 
 from ..errors import TableError
 
@@ -41,28 +43,62 @@ _COLUMNS = ("tensor", "file", "begin", "size", "chunk_size", "nchunks", "codec")
 
 
 def encode_ints(a: np.ndarray) -> list[str]:
-    """``[type, base64]`` of an integer column, in the narrowest little-endian type holding it."""
+    """``[type, "deflate", base64]`` of an integer column: the narrowest little-endian type
+    holding it, deflated.  A job's columns are regular (every rank's slice of a tensor at the
+    same offsets, files of one rank in a row, one chunk size), so they deflate to a few percent
+    of their bytes; deflate is zlib's, in the standard library, and inflates at hundreds of MB/s,
+    which is why it is used rather than recording each layout as a rule."""
     a = np.asarray(a, dtype=np.int64)
     lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
     for t in _INTS:
         info = np.iinfo(np.dtype(t))
         if info.min <= lo and hi <= info.max:
             break
-    return [t, base64.b64encode(a.astype(t).tobytes()).decode("ascii")]
+    packed = zlib.compress(a.astype(t).tobytes(), 1)
+    return [t, "deflate", base64.b64encode(packed).decode("ascii")]
 
 
 def decode_ints(x: Any, n: int, what: str) -> np.ndarray:
-    """The int64 column of ``encode_ints``'s ``x``, which must hold ``n`` values."""
+    """The int64 column of ``encode_ints``'s ``x``, which must hold ``n`` values (a plain
+    ``[type, base64]`` pair too: the first manifests of version 3 had those)."""
+    deflated = isinstance(x, list) and len(x) == 3 and x[1] == "deflate"
+    if deflated:
+        x = [x[0], x[2]]
     if not (isinstance(x, list) and len(x) == 2 and x[0] in _INTS and isinstance(x[1], str)):
         raise TableError(f"column {what!r} is not a [type, base64] pair of an integer type")
-    try:
-        raw = base64.b64decode(x[1], validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise TableError(f"column {what!r} is not base64 ({e})") from None
     t = np.dtype(x[0])
+    raw = _unbase64(x[1], what)
+    if deflated:
+        raw = _inflate(raw, n * t.itemsize, what)
     if len(raw) != n * t.itemsize:
         raise TableError(f"column {what!r} holds {len(raw)} bytes, not {n} values of {x[0]}")
     return np.frombuffer(raw, dtype=t).astype(np.int64)
+
+
+def _unbase64(text: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise TableError(f"column {what!r} is not base64 ({e})") from None
+
+
+def _inflate(raw: bytes, expect: int, what: str) -> bytes:
+    """``raw`` inflated, never to more than ``expect`` bytes (a hostile stream cannot make it
+    allocate more than the column it claims to be)."""
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(raw, expect)
+    except zlib.error as e:
+        raise TableError(f"column {what!r} is not a deflate stream ({e})") from None
+    if d.unconsumed_tail or not d.eof:
+        raise TableError(f"column {what!r} inflates to other than {expect} bytes")
+    return out
+
+
+def derived_checksum(hexes: str) -> str:
+    """A shard's checksum as :func:`~fmstore.checkpoint.writing.digest_all` makes it from its
+    chunk digests (``hexes``, one after another): the manifest stores only those that differ."""
+    return "xxh3_128:" + xxhash.xxh3_128_hexdigest(hexes.encode("ascii"))
 
 
 class ShardTable:
@@ -240,7 +276,17 @@ class ShardTable:
             body[k] = encode_ints(getattr(self, k))
         body["offsets"] = encode_ints(self.offsets.reshape(-1))
         body["lengths"] = encode_ints(self.lengths.reshape(-1))
-        body.update(files=self.files, codecs=self.codecs, checksums=self.checksums, chunks=self.chunks)
+        # Raw digests: a 16-byte xxh3-128 is 22 characters of base64 against 32 of hex.  A
+        # checksum made from the row's digests (every codec but a stream's) is not stored.
+        at = (HEX * self.chunk_at).tolist()
+        chunks = self.chunks
+        other = [
+            [i, c] for i, (c, a, b) in enumerate(zip(self.checksums, at, at[1:])) if c != derived_checksum(chunks[a:b])
+        ]  # fmt: skip
+        body.update(
+            files=self.files, codecs=self.codecs, checksums={"derived": "xxh3_128", "other": other},
+            digests=base64.b64encode(bytes.fromhex(chunks)).decode("ascii"),
+        )  # fmt: skip
         return body
 
     @classmethod
@@ -256,12 +302,14 @@ class ShardTable:
         off = decode_ints(body.get("offsets"), n * dims, "offsets").reshape(n, dims)
         ln = decode_ints(body.get("lengths"), n * dims, "lengths").reshape(n, dims)
         files, codecs, checksums, chunks = (body.get(k) for k in ("files", "codecs", "checksums", "chunks"))
+        if "digests" in body:  # raw digests (the first manifests of version 3 had hex)
+            if chunks is not None or not isinstance(body["digests"], str):
+                raise TableError("digests is not one base64 string (beside no chunks)")
+            chunks = _unbase64(body["digests"], "digests").hex()
         if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
             raise TableError("files is not a list of names")
         if not isinstance(codecs, list) or not codecs or codecs[0] != []:
             raise TableError("codecs is not a list starting with [] (raw)")
-        if not isinstance(checksums, list) or len(checksums) != n or not all(isinstance(c, str) for c in checksums):
-            raise TableError(f"checksums is not a list of {n} strings")
         if not isinstance(chunks, str) or not chunks.isascii():
             raise TableError("chunks is not a string of hex digests")
         for k, bound in (("file", len(files)), ("codec", len(codecs))):
@@ -273,7 +321,9 @@ class ShardTable:
             raise TableError("a chunk count out of range")
         if len(chunks) != HEX * int(nch.sum()):
             raise TableError(f"chunks holds {len(chunks)} characters for {int(nch.sum())} digests")
-        return cls(**cols, offsets=off, lengths=ln, checksums=checksums, chunks=chunks, files=files, codecs=codecs)
+        table = cls(**cols, offsets=off, lengths=ln, checksums=[], chunks=chunks, files=files, codecs=codecs)
+        table.checksums = _checksums(checksums, n, chunks, table.chunk_at)
+        return table
 
     # ------------------------------------------------------------------ shards
 
@@ -315,6 +365,26 @@ class ShardTable:
         hi = np.minimum(o + self.lengths[a:b, :nd], np.asarray(offsets, dtype=np.int64) + np.asarray(shape, dtype=np.int64))
         hit = np.flatnonzero((hi > lo).all(axis=1))
         return hit + a, lo[hit], (hi - lo)[hit]
+
+
+def _checksums(x: Any, n: int, chunks: str, chunk_at: np.ndarray) -> list[str]:
+    """The ``n`` checksums of a body's ``checksums``: a list of them, or the derived ones but
+    for an ``other`` list of ``[row, checksum]``."""
+    if isinstance(x, list):
+        if len(x) != n or not all(isinstance(c, str) for c in x):
+            raise TableError(f"checksums is not a list of {n} strings")
+        return x
+    if not (isinstance(x, dict) and x.get("derived") == "xxh3_128" and isinstance(x.get("other"), list)):
+        raise TableError('checksums is neither a list nor {"derived": "xxh3_128", "other": [...]}')
+    at = (HEX * chunk_at).tolist()
+    out = [derived_checksum(chunks[a:b]) for a, b in zip(at, at[1:])]
+    for item in x["other"]:
+        if not (isinstance(item, list) and len(item) == 2 and _int(item[0]) and isinstance(item[1], str)):
+            raise TableError("checksums' other is not a list of [row, checksum]")
+        if not 0 <= item[0] < n:
+            raise TableError(f"checksums' other names row {item[0]} of {n}")
+        out[item[0]] = item[1]
+    return out
 
 
 def _int(x: Any) -> bool:
