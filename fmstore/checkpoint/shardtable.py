@@ -15,8 +15,12 @@ Columns (``rows`` long, ``offsets``/``lengths`` ``rows * dims``, padded with zer
 tensor's rank): ``tensor`` (index into the tensor list the table comes with), ``file`` (index
 into ``files``), ``begin`` and ``size`` (the byte range in the file), ``offsets`` and
 ``lengths`` (the slice of the global tensor), ``chunk_size`` and ``nchunks`` (the checksum
-chunks; their 32-character xxh3-128 hex digests follow one another in ``chunks``), ``codec``
-(index into ``codecs``, whose entry 0 is the raw ``[]``) and ``checksums`` (a list of strings).
+chunks; their 16-byte xxh3-128 digests follow one another in ``digests``, base64; in memory the
+32-character hex of each in ``chunks``), ``codec`` (index into ``codecs``, whose entry 0 is the
+raw ``[]``) and ``checksums``: ``{"derived": "xxh3_128", "other": [[row, checksum], ...]}``, a
+row's checksum being the xxh3-128 of its chunk digests unless ``other`` names it (a codec
+stream's).  The first manifests of version 3 had plain ``[type, base64]`` columns, hex
+``chunks`` and a list of every checksum; they still load.
 """
 
 from __future__ import annotations
