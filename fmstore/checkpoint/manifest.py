@@ -151,15 +151,20 @@ class TensorEntry:
             from .sharding import overlaps  # imports torch: reading a manifest does not
 
             return overlaps(self._shards, off, ln)
+        return self.meeting(off, ln).overlaps()
+
+    def meeting(self, off: tuple[int, ...], ln: tuple[int, ...]) -> Meeting:
+        """The rows of this (table) tensor's shards that meet the box ``off``/``ln``, as
+        columns: what a reader plans from without making a Shard object per row."""
         table = self.table
-        assert table is not None
+        assert table is not None  # (its shards, where made, were made from it)
         rows, ov_off, ov_len = table.meeting(*self.rows, off, ln)
-        shards = table.shards_of(rows, len(off))
-        if not off:
-            return [(s, (), (), False) for s in shards]
-        o, k = table.offsets[rows, 1 : len(off)], table.lengths[rows, 1 : len(off)]
-        same = ((o == np.asarray(off[1:], np.int64)) & (k == np.asarray(ln[1:], np.int64))).all(axis=1).tolist()
-        return [(s, tuple(a), tuple(b), r) for s, a, b, r in zip(shards, ov_off.tolist(), ov_len.tolist(), same)]
+        if off:
+            o, k = table.offsets[rows, 1 : len(off)], table.lengths[rows, 1 : len(off)]
+            same = ((o == np.asarray(off[1:], np.int64)) & (k == np.asarray(ln[1:], np.int64))).all(axis=1)
+        else:
+            same = np.zeros(len(rows), dtype=bool)
+        return Meeting(table, len(off), rows, ov_off, ov_len, same)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TensorEntry):
@@ -168,6 +173,38 @@ class TensorEntry:
 
     def __repr__(self) -> str:
         return f"TensorEntry(dtype={self.dtype!r}, shape={self.shape!r}, shards=<{self.nshards}>)"
+
+
+@dataclass
+class Meeting:
+    """The shards of one tensor a box meets, as rows of its :class:`ShardTable`: the rows, the
+    overlaps' offsets and lengths (``rows x ndim``) and whether each shard has the box's
+    extent in every dimension but the first (its overlap is then a run of whole rows)."""
+
+    table: ShardTable
+    ndim: int
+    rows: np.ndarray
+    off: np.ndarray
+    len: np.ndarray
+    same: np.ndarray
+
+    def files(self) -> set[str]:
+        t = self.table
+        return {t.files[i] for i in np.unique(t.file[self.rows]).tolist()}
+
+    def overlaps(
+        self, which: np.ndarray | None = None
+    ) -> list[tuple[Shard, tuple[int, ...], tuple[int, ...], bool]]:
+        """:func:`.sharding.overlaps`' form of the rows (of ``which`` of them: a bool mask)."""
+        rows, off, ln, same = self.rows, self.off, self.len, self.same
+        if which is not None:
+            rows, off, ln, same = rows[which], off[which], ln[which], same[which]
+        shards = self.table.shards_of(rows, self.ndim)
+        if not self.ndim:
+            return [(s, (), (), False) for s in shards]
+        return [
+            (s, tuple(a), tuple(b), r) for s, a, b, r in zip(shards, off.tolist(), ln.tolist(), same.tolist())
+        ]
 
 
 @dataclass
@@ -302,7 +339,9 @@ class Manifest:
             names = tensor_leaves(node, rank).values() if tensor is not None else ()
             value = unflatten(node, {name: tensor(name) for name in names}, rank)  # type: ignore[misc]
         if value is MISSING:
-            raise KeyError(f"snapshot step {self.step} holds no state at {path_text(tuple(path))!r} for rank {rank}")
+            raise KeyError(
+                f"snapshot step {self.step} holds no state at {path_text(tuple(path))!r} for rank {rank}"
+            )
         return value
 
     def saved_ranks(self, path: tuple[Any, ...]) -> list[int] | None:
@@ -310,8 +349,6 @@ class Manifest:
         with ``fmstore_per_rank = True``, an :class:`~fmstore.checkpoint.RNGState`), in order;
         None where ``path`` holds no per-rank state."""
         return per_rank_ranks(self.tree, tuple(path))
-
-
 
 
 def tensors_body(tensors: dict[str, TensorEntry]) -> dict[str, Any]:
@@ -335,14 +372,18 @@ def table_of(tensors: dict[str, TensorEntry]) -> ShardTable:
     first = entries[0].table if entries else None
     if first is not None and all(e.table is first and e._shards is None for e in entries):
         bounds = [e.rows for e in entries]
-        if bounds[0][0] == 0 and bounds[-1][1] == first.rows and all(
-            a[1] == b[0] for a, b in zip(bounds, bounds[1:])
+        if (
+            bounds[0][0] == 0
+            and bounds[-1][1] == first.rows
+            and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
         ):
             counts = np.array([b - a for a, b in bounds], dtype=np.int64)
             if np.array_equal(first.tensor, np.repeat(np.arange(len(entries)), counts)):
                 return first
     ndims = [len(e.shape) if isinstance(e.shape, list) else 0 for e in entries]
-    return ShardTable.of_shards(((i, s) for i, e in enumerate(entries) for s in e.shards), max(ndims, default=0), ndims)
+    return ShardTable.of_shards(
+        ((i, s) for i, e in enumerate(entries) for s in e.shards), max(ndims, default=0), ndims
+    )
 
 
 def tensors_of_table(tbody: Any, sbody: Any) -> dict[str, TensorEntry]:
@@ -362,7 +403,8 @@ def tensors_of_table(tbody: Any, sbody: Any) -> dict[str, TensorEntry]:
     ends = np.cumsum(np.bincount(t, minlength=len(names))).tolist() if names else []
     starts = [0, *ends[:-1]]
     return {
-        n: TensorEntry(d, s, table=table, rows=(a, b)) for n, d, s, a, b in zip(names, dtypes, shapes, starts, ends)
+        n: TensorEntry(d, s, table=table, rows=(a, b))
+        for n, d, s, a, b in zip(names, dtypes, shapes, starts, ends)
     }
 
 
@@ -394,7 +436,6 @@ def numel(shape: object) -> int:
     for s in shape:  # type: ignore[attr-defined]
         n *= int(s)
     return n
-
 
 
 _codec_registry: Any = None

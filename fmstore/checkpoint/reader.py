@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from math import prod
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..blob import SAFETENSORS_CODES, as_memoryview, dtype_from_name, dtype_name
@@ -32,7 +33,7 @@ from ..errors import ChecksumError, CorruptBlobError, FmstoreError
 from ..gcpause import paused_gc
 from ..storage import Storage
 from ..tiers.host import BufferPool
-from .manifest import Manifest, ManifestError, Shard, TensorEntry, numel
+from .manifest import Manifest, ManifestError, Meeting, Shard, TensorEntry, numel
 from .manifest_check import FileShard
 from .sharding import plan_read
 
@@ -170,19 +171,31 @@ class SnapshotReader:
 Overlaps = list[tuple[Shard, tuple[int, ...], tuple[int, ...], bool]]
 
 
-def find_overlaps(manifest: Manifest, regions: list[Region]) -> list[Overlaps | None]:
-    """For each region, the saved shards it meets (:func:`.sharding.overlaps`); None for a
-    tensor the manifest does not have (the plan says so)."""
-    out: list[Overlaps | None] = []
+def find_overlaps(manifest: Manifest, regions: list[Region]) -> list[Overlaps | Meeting | None]:
+    """For each region, the saved shards it meets: a :class:`.manifest.Meeting` (columns) for a
+    tensor of a shard table, else :func:`.sharding.overlaps`' list; None for a tensor the
+    manifest does not have (the plan says so)."""
+    out: list[Overlaps | Meeting | None] = []
     for r in regions:
         entry = manifest.tensors.get(r.name)
-        out.append(None if entry is None else entry.overlaps(tuple(r.offsets), tuple(r.dest.shape)))
+        if entry is None:
+            out.append(None)
+        elif entry.table is not None:
+            out.append(entry.meeting(tuple(r.offsets), tuple(r.dest.shape)))
+        else:
+            out.append(entry.overlaps(tuple(r.offsets), tuple(r.dest.shape)))
     return out
 
 
-def files_of(found: list[Overlaps | None]) -> set[str]:
+def files_of(found: list[Overlaps | Meeting | None]) -> set[str]:
     """The shard files holding the overlaps :func:`find_overlaps` found."""
-    return {s.file for shards in found if shards for s, _, _, _ in shards}
+    out: set[str] = set()
+    for shards in found:
+        if isinstance(shards, Meeting):
+            out |= shards.files()
+        elif shards:
+            out.update(s.file for s, _, _, _ in shards)
+    return out
 
 
 def plan_regions(
@@ -190,7 +203,7 @@ def plan_regions(
     regions: list[Region],
     pool: BufferPool,
     plan: ReadPlan | None = None,
-    found: list[Overlaps | None] | None = None,
+    found: list[Overlaps | Meeting | None] | None = None,
 ) -> ReadPlan:
     """What reading ``regions`` of ``manifest``'s snapshot takes: the byte ranges of each file,
     the decodes, the chunk checks and the copies into the destinations.  A pure function of
@@ -198,12 +211,15 @@ def plan_regions(
     and listed in the plan's ``releases``).  ``found``: :func:`find_overlaps` of the regions,
     where the caller has it already."""
     plan = plan if plan is not None else ReadPlan()
-    for i, r in enumerate(regions):
-        _plan(manifest, r, pool, plan, found[i] if found is not None else None)
+    with paused_gc():  # a whole load plans an object or two per shard: 1 M for 512 k shards
+        for i, r in enumerate(regions):
+            _plan(manifest, r, pool, plan, found[i] if found is not None else None)
     return plan
 
 
-def _plan(manifest: Manifest, r: Region, pool: BufferPool, plan: ReadPlan, found: Overlaps | None) -> None:
+def _plan(
+    manifest: Manifest, r: Region, pool: BufferPool, plan: ReadPlan, found: Overlaps | Meeting | None
+) -> None:
     step = manifest.step
     entry = manifest.tensors.get(r.name)
     if entry is None:
@@ -238,6 +254,8 @@ def _plan(manifest: Manifest, r: Region, pool: BufferPool, plan: ReadPlan, found
     if found is None:
         found = entry.overlaps(region_off, region_len)
     reads, checks = plan.reads, plan.checks
+    if isinstance(found, Meeting):  # the common cases from the columns; the rest shard by shard
+        covered, found = _plan_rows(r.name, found, host, region_off, region_len, itemsize, plan)
     for shard, ov_off, ov_len, rows in found:
         ov = (ov_off, ov_len)
         covered += prod(ov_len)
@@ -293,6 +311,70 @@ def _plan(manifest: Manifest, r: Region, pool: BufferPool, plan: ReadPlan, found
         )
 
 
+def _plan_rows(
+    name: str,
+    met: Meeting,
+    host: torch.Tensor,
+    region_off: tuple[int, ...],
+    region_len: tuple[int, ...],
+    itemsize: int,
+    plan: ReadPlan,
+) -> tuple[int, Overlaps]:
+    """What :func:`_plan`'s loop does for a raw shard whose overlap is the whole region or a
+    run of whole rows on checksum-chunk boundaries (a whole or a dim-0 resharded load: nearly
+    every shard), from the table's columns at once; Shard objects are made for the checks
+    only.  Returns the elements those rows cover and the other rows, for the loop."""
+    t, rows, nd = met.table, met.rows, met.ndim
+    size = t.size[rows]
+    lengths = t.lengths[rows, :nd]
+    raw = t.codec[rows] == 0  # (codecs[0] is the raw [])
+    bad = raw & (size != lengths.prod(axis=1) * itemsize)
+    if bad.any():
+        i = int(rows[np.argmax(bad)])
+        raise ManifestError(
+            f"tensor {name!r}: {int(t.size[i])} bytes recorded in {t.files[int(t.file[i])]!r}"
+        )
+    offsets = t.offsets[rows, :nd]
+    if nd:
+        r_off, r_len = np.asarray(region_off, np.int64), np.asarray(region_len, np.int64)
+        whole = np.where(
+            met.same,
+            (offsets[:, 0] == r_off[0]) & (lengths[:, 0] == r_len[0]),
+            ((offsets == r_off) & (lengths == r_len)).all(axis=1),
+        )
+        row_bytes = prod(region_len[1:]) * itemsize
+        start = (met.off[:, 0] - offsets[:, 0]) * row_bytes
+        end = start + met.len[:, 0] * row_bytes
+        at = (met.off[:, 0] - r_off[0]) * row_bytes
+        cs = np.where(t.chunk_size[rows] > 0, t.chunk_size[rows], np.maximum(size, 1))
+        aligned = met.same & (start % cs == 0) & ((end % cs == 0) | (end == size))
+        fast = raw & (whole | aligned)
+        start, at, nbytes = (
+            np.where(whole, 0, start),
+            np.where(whole, 0, at),
+            np.where(whole, size, end - start),
+        )
+    else:  # a 0-d tensor: the one shard is the whole region
+        fast = raw
+        start = at = np.zeros(len(rows), np.int64)
+        nbytes = size
+    covered = int(met.len[fast].prod(axis=1).sum())
+    if fast.any():
+        host_bytes = memoryview(host.reshape(-1).view(torch.uint8).numpy())
+        reads, checks = plan.reads, plan.checks
+        shards = t.shards_of(rows[fast], nd)
+        for shard, s, a, n in zip(shards, start[fast].tolist(), at[fast].tolist(), nbytes[fast].tolist()):
+            view = host_bytes[a : a + n]
+            if n:
+                in_file = reads.get(shard.file)
+                if in_file is None:
+                    reads[shard.file] = [(shard.begin + s, view)]
+                else:
+                    in_file.append((shard.begin + s, view))
+            checks.append((name, shard, view, s))
+    return covered, met.overlaps(~fast) if not fast.all() else []
+
+
 def _plan_encoded(
     name: str,
     shard: Shard,
@@ -331,8 +413,7 @@ def check_shard_file(storage: Storage, file: str, shards: Sequence[FileShard], s
         if end > size:
             raise _in_file(
                 CorruptBlobError(
-                    f"{at}: tensor {name!r} is at bytes {begin}..{end}, the file has {size} "
-                    "(truncated file?)"
+                    f"{at}: tensor {name!r} is at bytes {begin}..{end}, the file has {size} (truncated file?)"
                 ),
                 file,
             )
