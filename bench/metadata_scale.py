@@ -33,15 +33,35 @@ the real code runs them:
 Each is run ``--repeats`` times, medians, against a raw limit measured in the same run: json of
 the same bytes (``json.loads`` of the report files and of the manifest, ``json.dumps`` of the
 manifest's body as plain dicts) and, for the merge and the plans, one pass over every shard
-entry doing nothing.  Run::
+entry doing nothing.
+
+Beside them, in the same run and for the same job (``--no-dcp`` leaves it out), torch DCP's
+counterpart of each (``bench/metadata_dcp.py`` builds and runs it through torch's own functions,
+without a process group; see its docstring for what is built how), and the ratio fmstore/DCP:
+
+- merge <-> DCP's global save planning: ``DefaultSavePlanner.create_global_plan`` on every
+  rank's ``SavePlan`` (``dedup_save_plans``, ``create_default_global_save_plan``, the flatten
+  mappings merged, ``_validate_global_plan``);
+- commit <-> ``FileSystemWriter.finish``: ``Metadata`` with ``storage_data`` (a ``_StorageInfo``
+  per ``MetadataIndex``) and its ``pickle.dumps``; the pickled size beside the manifest's;
+- read <-> ``pickle.loads`` of those bytes: no validation at all (fmstore's read validates
+  everything, and does not use pickle, which is not safe on untrusted data);
+- plan <-> ``create_default_local_load_plan`` for the same target ranks (DTensor stand-ins
+  whose chunk torch computes; meta tensors for the whole-tensor rank): DCP's plan is its read
+  items only (no file checks, no destinations allocated);
+- whole load <-> unpickle + load plan.
+
+Run::
 
     PYTHONPATH=. .venv/bin/python bench/metadata_scale.py                 # 1,024 x 500
     PYTHONPATH=. .venv/bin/python bench/metadata_scale.py --world 64 --tensors 100 --repeats 1
+    PYTHONPATH=. .venv/bin/python bench/metadata_scale.py --world 8192 --repeats 1  # its job: ~5 min, 2.7 GB
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import statistics
@@ -109,11 +129,12 @@ def main() -> int:
     p.add_argument("--tensors", type=int, default=500, help="sharded tensors (DTensors over all ranks)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-extras", action="store_true", help="no step scalars, no per-rank RNG state")
+    p.add_argument("--no-dcp", action="store_true", help="no torch DCP counterpart")
     p.add_argument(
         "--profile", metavar="OP", help="cProfile one operation (merge, commit, read, plan) instead"
     )
     args = p.parse_args()
-    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])  # bench/: common, metadata_dcp
     from common import machine_info
 
     machine_info(".", "cpu")
@@ -161,6 +182,7 @@ def main() -> int:
         return 0
 
     rows: list[tuple[str, float, float | None, str]] = []
+    fm: dict[str, float] = {}  # fmstore's seconds of the operations DCP is compared on
 
     def row(label: str, seconds: float, raw_s: float | None, raw_label: str = "") -> None:
         rows.append((label, seconds, raw_s, raw_label))
@@ -172,12 +194,8 @@ def main() -> int:
     print(f"{'operation (median of ' + str(r) + ')':58s} {'time':>10s}  goal {GOAL:.0f} s  vs raw limit")
     touch_r, _ = timed(lambda: touch_reports(reports), r)
     loads_reports, _ = timed(lambda: [json.loads(b) for b in report_files.values()], r)
-    row(
-        "merge the reports (parsed)",
-        timed(lambda: merge(job, reports), r)[0],
-        touch_r,
-        "one pass over the entries",
-    )
+    fm["merge"] = timed(lambda: merge(job, reports), r)[0]
+    row("merge the reports (parsed)", fm["merge"], touch_r, "one pass over the entries")
     row(
         "merge the report files (json.loads included)",
         timed(lambda: merge_files(job, storage), r)[0],
@@ -186,12 +204,8 @@ def main() -> int:
     )
     body = plain_body(raw)
     dumps_s, _ = timed(lambda: json.dumps(body, separators=(",", ":")).encode(), r)
-    row(
-        "commit: Manifest(...).to_json()",
-        timed(lambda: commit(job, entries, files, tree), r)[0],
-        dumps_s,
-        "json.dumps of the same body",
-    )
+    fm["commit"] = timed(lambda: commit(job, entries, files, tree), r)[0]
+    row("commit: Manifest(...).to_json()", fm["commit"], dumps_s, "json.dumps of the same body")
     loads_s, _ = timed(lambda: json.loads(raw), r)
     gc.disable()
     try:
@@ -199,6 +213,7 @@ def main() -> int:
     finally:
         gc.enable()
     read_s, _ = timed(lambda: Manifest.from_json(raw, where="bench"), r)
+    fm["read"] = read_s
     row("read: Manifest.from_json (validated)", read_s, loads_s, "json.loads of the manifest")
     print(f"{'   (json.loads of the manifest, collector paused)':58s} {loads_nogc:8.3f} s")
     v2_s, _ = timed(lambda: Manifest.from_json(raw_v2, where="bench"), r)
@@ -218,6 +233,7 @@ def main() -> int:
                 del planned
         med = {k: statistics.median(v) for k, v in per.items()}
         parts = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in med.items() if k != "total")
+        fm[target.label] = med["total"]
         row(f"plan {target.label}", med["total"], touch_m, "one pass over the shards")
         print(f"{'   (ms: ' + parts + ')':58s}")
         row("   whole load: read + plan", read_s + med["total"], loads_s + touch_m, "json.loads + one pass")
@@ -225,7 +241,76 @@ def main() -> int:
     print(
         f"\n{len(rows) - len(over)} of {len(rows)} under {GOAL:.0f} s" + (f"; over: {over}" if over else "")
     )
+    if not args.no_dcp:
+        # fmstore's objects are not needed any more: free them before DCP's (8,192 ranks).
+        del reports, report_files, storage, entries, files, tree, manifest, touched, body
+        job.__dict__.pop("reports", None)
+        job.__dict__.pop("report_files", None)
+        gc.collect()
+        dcp(job, targets, fm, read_s, len(raw), r)
     return 0
+
+
+def dcp(
+    job: Job, targets: list[Target], fm: dict[str, float], read_s: float, manifest_bytes: int, r: int
+) -> None:
+    """torch DCP's counterpart of the operations, at the same job size, and fmstore/DCP."""
+    import metadata_dcp as d
+
+    t0 = time.perf_counter()
+    plans = d.save_plans(job)
+    n_items = sum(len(p.items) for p in plans)
+    print(
+        f"\ntorch DCP, the same job: {n_items} write items in {job.world} local SavePlans"
+        f" (built in {time.perf_counter() - t0:.1f} s)",
+        flush=True,
+    )
+    dcp_s: dict[str, float] = {}
+    dcp_s["merge"], (final, metadata) = timed(functools.partial(d.global_plan, plans), r)
+    del plans
+    results = d.write_results(final)
+    del final
+    gc.collect()
+    dcp_s["commit"], raw = timed(functools.partial(d.finish, metadata, results), r)
+    del results, metadata
+    gc.collect()
+    dcp_s["read"], md = timed(lambda: d.read(raw), r)
+    print(
+        f"DCP .metadata: {len(raw) / 1e6:.1f} MB pickled ({len(md.storage_data)} storage entries)"
+        f" vs fmstore manifest {manifest_bytes / 1e6:.1f} MB\n",
+        flush=True,
+    )
+    for target in targets:
+        ranks = sorted({0, target.world // 2, target.world - 1})
+        times = []
+        for rank in ranks:
+            state = d.load_state_dict(job, target, rank)
+            for _ in range(r):
+                gc.collect()
+                t0 = time.perf_counter()
+                d.load_plan(state, md)
+                times.append(time.perf_counter() - t0)
+        dcp_s[target.label] = statistics.median(times)
+    rows = [
+        ("merge the reports <-> DCP create_global_plan", "merge", "merge"),
+        ("commit <-> DCP finish: storage_data + pickle.dumps", "commit", "commit"),
+        ("read (validated) <-> pickle.loads (no validation)", "read", "read"),
+    ]
+    for target in targets:
+        rows.append((f"plan {target.label} <-> create_default_local_load_plan", target.label, target.label))
+    head = f"operation (median of {r}), fmstore <-> DCP"
+    print(f"{head:68s} {'fmstore':>9s} {'DCP':>9s}  fmstore/DCP")
+    for label, a, b in rows:
+        print(f"{label:68s} {fm[a]:8.3f}s {dcp_s[b]:8.3f}s  {fm[a] / dcp_s[b]:7.2f}x", flush=True)
+    for target in targets:
+        f_s, d_s = read_s + fm[target.label], dcp_s["read"] + dcp_s[target.label]
+        label = f"whole load, {target.label}: read + plan"
+        print(f"{label:68s} {f_s:8.3f}s {d_s:8.3f}s  {f_s / d_s:7.2f}x")
+    print(
+        "(DCP's read is an unpickle that checks nothing, and pickle runs code from the file: fmstore's\n"
+        " read validates the manifest and is plain json. DCP's plan is its read items only; fmstore's\n"
+        " also checks the keys, allocates the destinations and checks every file it reads.)"
+    )
 
 
 if __name__ == "__main__":

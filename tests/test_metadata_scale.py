@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import fmstore.testing.metadata as ms
+from fmstore.blob import as_memoryview
 from fmstore.checkpoint.level import SnapshotLevel
 from fmstore.checkpoint.manifest import MIN_CHUNK_SIZE, Manifest, TensorEntry, tensors_body, tensors_of_table
 from fmstore.checkpoint.manifest_compat import to_json_v2
@@ -120,7 +121,9 @@ def test_the_merge_refuses_reports_that_do_not_add_up(job: ms.Job) -> None:
         merge_reports(reports, job.step)
 
 
-@pytest.mark.parametrize("raw", [b'{"token": "t", "entr', b"\xff\xfe", b"[1, 2]"], ids=["torn", "binary", "list"])
+@pytest.mark.parametrize(
+    "raw", [b'{"token": "t", "entr', b"\xff\xfe", b"[1, 2]"], ids=["torn", "binary", "list"]
+)
 def test_a_rank_report_that_is_not_a_json_object_is_a_report_error_naming_the_rank(
     tmp_path: Any, raw: bytes
 ) -> None:
@@ -204,6 +207,34 @@ def test_a_resharded_load_reads_exactly_what_it_needs(
             )
 
 
+def test_the_plan_from_columns_is_the_plan_from_shard_objects(job: ms.Job, manifest: Manifest) -> None:
+    """The reader plans a table's tensors from its columns (``Meeting``, Shard objects only
+    for what it records); entries built from Shard lists go shard by shard.  Both give the
+    same reads and chunk checks, for a dim-0 reshard, a 2-D mesh and a whole load."""
+    listed = Manifest.from_json(manifest.to_json(), where="test")
+    for e in listed.tensors.values():
+        e.shards = list(e.shards)  # (the setter drops the table: the shard-by-shard path)
+    assert all(e.table is None for e in listed.tensors.values())
+
+    def summary(planned: ms.Planned) -> tuple[Any, Any]:
+        reads = sorted((f, o, len(mv)) for f, ranges in planned.plan.reads.items() for o, mv in ranges)
+        checks = sorted(
+            (name, sh.file, sh.begin, tuple(sh.chunks), start, len(as_memoryview(buf)))
+            for name, sh, buf, start in planned.plan.checks
+        )
+        return reads, checks
+
+    for target, rank in [
+        (ms.Target("32 ranks, Shard(0)", (32,)), 5),
+        (ms.Target("64 ranks, 4x16 mesh", (4, 16)), 33),
+        (ms.Target("1 rank", (1,)), 0),
+    ]:
+        storage = ms.MemoryStorage(job)
+        columns = summary(ms.plan_load(job, storage, manifest, target, rank))
+        assert columns == summary(ms.plan_load(job, storage, listed, target, rank)), target.label
+        assert columns[0] and columns[1]
+
+
 def test_a_whole_read_through_the_reader_matches(job: ms.Job, manifest: Manifest) -> None:
     """SnapshotReader.read (file checks, plan, reads, verification) for a 4x16-mesh rank."""
     target = ms.Target("64 ranks, 4x16 mesh", (4, 16))
@@ -217,3 +248,67 @@ def test_a_whole_read_through_the_reader_matches(job: ms.Job, manifest: Manifest
             r.dest.reshape(-1).view(torch.uint8),
             expected(job, specs[r.name], tuple(r.offsets), tuple(r.dest.shape)),
         )
+
+
+def test_the_dcp_counterpart_writes_each_slice_once_and_loads_every_element_once() -> None:
+    """The bench's torch DCP side (bench/metadata_dcp.py) on 8 ranks x 6 tensors, shapes divided
+    by 1,000 (so some ranks hold empty slices): after DCP's dedup, one write item per (tensor,
+    rank with a non-empty slice) on that rank, at fmstore's dim-0 slice, each step scalar and
+    RNG tensor once; a whole-tensor load plan reads every element exactly once, and a mesh
+    rank's plan fills its chunk exactly once."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import metadata_dcp as d
+
+    world = 8
+    job = ms.Job(world, 6, scale=1000)
+    final, metadata = d.global_plan(d.save_plans(job))
+    items = [(rank, it) for rank, plan in enumerate(final) for it in plan.items]
+    assert any(ms.dim0(s.shape[0], world, world - 1)[0] == 0 for s in job.sharded)  # empty slices exist
+    for s in job.sharded:
+        got = sorted(
+            (rank, tuple(it.index.offset))
+            for rank, it in items
+            if it.index.fqn == s.name and it.tensor_data.chunk.sizes[0]
+        )
+        want = [
+            (rank, (first, *[0] * (len(s.shape) - 1)))
+            for rank in range(world)
+            for rows, first in [ms.dim0(s.shape[0], world, rank)]
+            if rows
+        ]
+        assert got == want, s.name
+        # The empty slices all sit at offset shape[0]: DCP keeps one of them.
+        assert sum(1 for _, it in items if it.index.fqn == s.name) - len(want) <= 1
+    rng = ("torch", "numpy/keys", "python/state")
+    plain = [s.name for s in job.steps] + [f"rng/rank-{r}/{p}" for r in range(world) for p in rng]
+    assert sorted(it.index.fqn for _, it in items if it.type.name == "TENSOR") == sorted(plain)
+    md = d.read(d.finish(metadata, d.write_results(final)))
+    assert len(md.storage_data) == len(items)
+
+    def covered(plan: Any, shapes: dict[str, tuple[int, ...]]) -> None:
+        seen = {n: torch.zeros(shape, dtype=torch.int32) for n, shape in shapes.items()}
+        for ri in plan.items:
+            box = tuple(slice(o, o + n) for o, n in zip(ri.dest_offsets, ri.lengths))
+            seen[ri.dest_index.fqn][box] += 1
+        for n, t in seen.items():
+            assert bool((t == 1).all()), n
+
+    whole = d.load_state_dict(job, ms.Target("1 rank", (1,)), 0)
+    covered(d.load_plan(whole, md), {n: tuple(t.shape) for n, t in whole.items()})
+    target = ms.Target("8 ranks, 4x2 mesh", (4, 2))
+    for rank in range(target.world):
+        state = d.load_state_dict(job, target, rank)
+        shapes = {}
+        for n, t in state.items():
+            if isinstance(t, d.LocalShard):
+                (chunk,) = t.__create_chunk_list__()
+                spec = next(s for s in job.sharded if s.name == n)
+                assert (tuple(chunk.offsets), tuple(chunk.sizes)) == target.region(spec.shape, rank)
+                shapes[n] = tuple(chunk.sizes)
+            else:
+                shapes[n] = tuple(t.shape)
+        plan = d.load_plan(state, md)
+        covered(plan, shapes)
