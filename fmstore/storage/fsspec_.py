@@ -138,21 +138,24 @@ class FsspecStorage(Storage):
         pieces = [
             (off + a, dest[a:b]) for off, dest in ranges for a, b in chunks(0, len(dest), self.part_size)
         ]
+        groups = coalesce(pieces, self.part_size)
         if getattr(self.fs, "async_impl", False):
-            self._sync(self._read_async(path, pieces))
+            self._sync(self._read_async(path, groups))
             return
-        for off, dest in pieces:
-            fill_exactly(path, off, dest, self.fs.cat_file(path, start=off, end=off + len(dest)))
+        for start, end, group in groups:
+            fill_group(path, start, group, self.fs.cat_file(path, start=start, end=end))
 
-    async def _read_async(self, path: str, pieces: list[tuple[int, memoryview]]) -> None:
+    async def _read_async(
+        self, path: str, groups: list[tuple[int, int, list[tuple[int, memoryview]]]]
+    ) -> None:
         gate = asyncio.Semaphore(self.concurrency)
 
-        async def one(off: int, dest: memoryview) -> None:
+        async def one(start: int, end: int, group: list[tuple[int, memoryview]]) -> None:
             async with gate:
-                data = await self.fs._cat_file(path, start=off, end=off + len(dest))
-            fill_exactly(path, off, dest, data)
+                data = await self.fs._cat_file(path, start=start, end=end)
+            fill_group(path, start, group, data)
 
-        await asyncio.gather(*(one(off, dest) for off, dest in pieces))
+        await asyncio.gather(*(one(*g) for g in groups))
 
     def _read_with(self, rel: str, use: Callable[[Reader], T]) -> T:
         # fsspec has no general way to pin a version across requests: one request reads it all.
@@ -220,7 +223,44 @@ class BytesReader(Reader):
             fill_exactly(self.name, off, dest, self.data[off : off + len(dest)])
 
 
-def fill_exactly(name: str, off: int, dest: memoryview, data: bytes) -> None:
+#: Ranges of one file at most this far apart are read with one request (the bytes between
+#: are read and dropped): a request to an object store costs tens of milliseconds, in which
+#: a connection moves megabytes, and a load reads a file's tensors one range each (one GET per
+#: tensor: 1,005 GETs for a 1,000-tensor file before, bench/s3_requests.py).
+COALESCE_GAP = 1 << 20
+
+
+def coalesce(
+    pieces: Sequence[tuple[int, memoryview]], limit: int, gap: int = COALESCE_GAP
+) -> list[tuple[int, int, list[tuple[int, memoryview]]]]:
+    """``pieces`` (offset, destination) grouped into requests ``(start, end, pieces)``: by
+    offset, a piece joins the group before it when it starts at most ``gap`` bytes after that
+    group's end and the group stays within ``limit`` bytes (overlapping pieces share bytes)."""
+    groups: list[tuple[int, int, list[tuple[int, memoryview]]]] = []
+    for off, dest in sorted(pieces, key=lambda p: p[0]):
+        end = off + len(dest)
+        if groups:
+            start, last, group = groups[-1]
+            if off - last <= gap and max(last, end) - start <= limit:
+                group.append((off, dest))
+                groups[-1] = (start, max(last, end), group)
+                continue
+        groups.append((off, end, [(off, dest)]))
+    return groups
+
+
+def fill_group(name: str, start: int, group: Sequence[tuple[int, memoryview]], data: bytes) -> None:
+    """Each of ``group``'s destinations from ``data``, the file's bytes from ``start`` on."""
+    if len(group) == 1:  # (its offset is the start)
+        off, dest = group[0]
+        fill_exactly(name, off, dest, data)
+        return
+    view = memoryview(data)
+    for off, dest in group:
+        fill_exactly(name, off, dest, view[off - start : off - start + len(dest)])
+
+
+def fill_exactly(name: str, off: int, dest: memoryview, data: bytes | memoryview) -> None:
     """``dest[:] = data``, which must be as long: less is a file that ends too soon."""
     if len(data) != len(dest):
         raise CorruptBlobError(f"{name}: truncated file: {len(data)} of {len(dest)} bytes at offset {off}")

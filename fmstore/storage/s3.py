@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from ..errors import RootNotFoundError, StorageError
 from .base import Reader
 from .files import byte_view, chunks
-from .fsspec_ import FsspecStorage, fill_exactly, gather_bytes
+from .fsspec_ import FsspecStorage, coalesce, fill_group, gather_bytes
 
 T = TypeVar("T")
 
@@ -313,17 +313,17 @@ class _VersionReader(Reader):
     def read_into(self, ranges: Sequence[tuple[int, memoryview]]) -> None:
         part = self.storage.part_size
         pieces = [(off + a, dest[a:b]) for off, dest in ranges for a, b in chunks(0, len(dest), part)]
-        self.storage._sync(self._read_all(pieces))
+        self.storage._sync(self._read_all(coalesce(pieces, part)))
 
-    async def _read_all(self, pieces: list[tuple[int, memoryview]]) -> None:
+    async def _read_all(self, groups: list[tuple[int, int, list[tuple[int, memoryview]]]]) -> None:
         gate = asyncio.Semaphore(self.storage.concurrency)
 
-        async def one(off: int, dest: memoryview) -> None:
+        async def one(start: int, end: int, group: list[tuple[int, memoryview]]) -> None:
             async with gate:
-                body, _ = await self._get(off, off + len(dest))
-            fill_exactly(self.name, off, dest, body)
+                body, _ = await self._get(start, end)
+            fill_group(self.name, start, group, body)
 
-        await asyncio.gather(*(one(off, dest) for off, dest in pieces))
+        await asyncio.gather(*(one(*g) for g in groups))
 
 
 def _part_for(total: int, part: int) -> int:
