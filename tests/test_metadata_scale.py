@@ -235,6 +235,92 @@ def test_the_plan_from_columns_is_the_plan_from_shard_objects(job: ms.Job, manif
         assert columns[0] and columns[1]
 
 
+def test_the_column_check_of_a_header_passes_exactly_what_the_shard_loop_passes(
+    job: ms.Job, manifest: Manifest
+) -> None:
+    """A shard file's header is checked as columns (``_rows_match``) and, where that finds a
+    mismatch, by the loop over its shards that names the first bad one.  For each damage of
+    one header entry, the column check passes only where the loop passes (else it would let
+    a permuted or retyped manifest load other values)."""
+    import random
+
+    from fmstore.checkpoint.reader import _rows_match, check_shard_file, header_entries
+    from fmstore.errors import CorruptBlobError
+
+    class Damaged(ms.MemoryStorage):
+        image = b""  # the damaged header (and its length before it)
+
+        def read_ranges(self, rel: str, ranges: Any) -> None:
+            if not self.image:
+                return super().read_ranges(rel, ranges)
+            for off, dest in ranges:
+                dest[:] = (self.image + bytes(len(dest)))[off : off + len(dest)]
+
+    storage = Damaged(job)
+    file = sorted(manifest.referenced_files())[3]
+    rows = manifest.shards_by_file().rows(file)
+    assert rows is not None and len(rows) > 3
+    head = bytearray(min(storage.size(file), 1 << 20))
+    storage.read_ranges(file, [(0, memoryview(head))])
+    n = int.from_bytes(head[:8], "little")
+    good = json.loads(bytes(head[8 : 8 + n]))
+    names = [k for k in good if k != "__metadata__"]
+    rng = random.Random(7)
+
+    def damages(h: dict[str, Any], k: str, other: str) -> list[tuple[str, Any]]:
+        e = h[k]
+        return [
+            ("renamed", lambda: h.__setitem__(other + "x", h.pop(k))),
+            (
+                "swapped names",
+                lambda: (
+                    h.__setitem__("_t", h.pop(k)),
+                    h.__setitem__(k, h.pop(other)),
+                    h.__setitem__(other, h.pop("_t")),
+                ),
+            ),  # fmt: skip
+            ("a suffix writers use", lambda: h.__setitem__(k + "@[0,4]~2", h.pop(k))),
+            ("other dtype", lambda: e.__setitem__("dtype", "F64" if e["dtype"] != "F64" else "I8")),
+            ("other shape", lambda: e.__setitem__("shape", [*e["shape"], 1])),
+            ("a shape of text", lambda: e.__setitem__("shape", "x")),
+            ("an end moved", lambda: e["data_offsets"].__setitem__(1, e["data_offsets"][1] + 2)),
+            ("gone", lambda: h.pop(k)),
+            ("unchanged", lambda: None),
+        ]
+
+    outcomes = set()
+    full = [k for k in names if good[k]["data_offsets"][0] < good[k]["data_offsets"][1]]
+    for round in range(12):
+        k = rng.choice(full)
+        other = rng.choice([x for x in names if x != k])
+        for what, _ in damages(json.loads(json.dumps(good)), k, other):
+            header = json.loads(json.dumps(good))
+            dict(damages(header, k, other))[what]()
+            header.pop("__metadata__")  # (room for a longer name: the data must not move)
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (n - len(raw)) if len(raw) <= n else b""
+            if len(raw) != n:
+                continue  # (a longer header would move the data: not this test's subject)
+
+            storage.image = n.to_bytes(8, "little") + raw
+            try:
+                check_shard_file(storage, file, rows.shards(), 1)  # type: ignore[arg-type]
+                loop = True
+            except CorruptBlobError:
+                loop = False
+            columns = _rows_match(rows, header_entries(header), 8 + n)
+            assert columns == loop, (what, round)
+            outcomes.add((what, loop))
+    assert ("unchanged", True) in outcomes and ("a suffix writers use", True) in outcomes
+    assert {w for w, ok in outcomes if not ok} >= {
+        "renamed",
+        "swapped names",
+        "other dtype",
+        "other shape",
+        "gone",
+    }
+
+
 def test_a_whole_read_through_the_reader_matches(job: ms.Job, manifest: Manifest) -> None:
     """SnapshotReader.read (file checks, plan, reads, verification) for a 4x16-mesh rank."""
     target = ms.Target("64 ranks, 4x16 mesh", (4, 16))

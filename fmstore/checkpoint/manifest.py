@@ -41,7 +41,7 @@ from .tree import arrays_as_tensors as _arrays_read_as_tensors
 if TYPE_CHECKING:  # TensorEntry.torch_dtype's annotation: reading a manifest imports no torch
     import torch
 
-    from .manifest_check import FileShard
+    from .manifest_check import ByFile
 
 FORMAT = "fmstore.snapshot"
 #: Checksum chunk: a partial read (resharding) verifies just the chunks it touches.
@@ -292,7 +292,7 @@ class Manifest:
 
         validate(self, where)
 
-    def shards_by_file(self) -> dict[str, list[FileShard]]:
+    def shards_by_file(self) -> ByFile:
         """File -> every shard in it as a :class:`.manifest_check.FileShard` (tensor, byte
         range, dtype, shape, coded or not): what a reader checks a file's header against.
         The lists are made when first asked for (a large job's table has 512 k rows; a load

@@ -130,8 +130,10 @@ def _check_table(
         if mt is None or int(mt.group(1)) > m.step:
             fail(
                 table.file == f,
-                lambda i, name=name: f" names file {name!r}, which is not a shard file "
-                "of this snapshot or an earlier one under the same root",
+                lambda i, name=name: (
+                    f" names file {name!r}, which is not a shard file "
+                    "of this snapshot or an earlier one under the same root"
+                ),
             )
         if int(mt.group(1)) == m.step:
             recorded = m.files.get(name)
@@ -141,11 +143,13 @@ def _check_table(
     lim = limit[table.file]
     fail(
         (lim == -2) | ((lim >= 0) & (end > lim)),
-        lambda i: f": bytes {int(begin[i])}..{int(end[i])} of {files[int(table.file[i])]!r} lie outside the file "
-        + (
-            "(not in the files this snapshot records)"
-            if lim[i] == -2
-            else f"({int(lim[i])} bytes this snapshot records)"
+        lambda i: (
+            f": bytes {int(begin[i])}..{int(end[i])} of {files[int(table.file[i])]!r} lie outside the file "
+            + (
+                "(not in the files this snapshot records)"
+                if lim[i] == -2
+                else f"({int(lim[i])} bytes this snapshot records)"
+            )
         ),
     )
     count = np.where(pad, 1, ln).prod(axis=1) if dims else np.ones(n, dtype=np.int64)
@@ -154,8 +158,10 @@ def _check_table(
     raw = codec == 0
     fail(
         raw & (size != nbytes),
-        lambda i: f": {int(size[i])} bytes recorded in {files[int(table.file[i])]!r} "
-        f"for a raw shard of {int(nbytes[i])} bytes",
+        lambda i: (
+            f": {int(size[i])} bytes recorded in {files[int(table.file[i])]!r} "
+            f"for a raw shard of {int(nbytes[i])} bytes"
+        ),
     )
     chunked = raw.copy()
     if not raw.all():
@@ -179,14 +185,18 @@ def _check_table(
     cs = table.chunk_size
     fail(
         chunked & ((cs < MIN_CHUNK_SIZE) | (cs > MAX_CHUNK_SIZE)),
-        lambda i: f": chunk_size {int(cs[i])} in {files[int(table.file[i])]!r} "
-        f"is not in [{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}]",
+        lambda i: (
+            f": chunk_size {int(cs[i])} in {files[int(table.file[i])]!r} "
+            f"is not in [{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}]"
+        ),
     )
     want = -(-nbytes // np.where(chunked, cs, 1))
     fail(
         chunked & (table.nchunks != want),
-        lambda i: f": {int(table.nchunks[i])} chunk digests in {files[int(table.file[i])]!r} for "
-        f"{int(nbytes[i])} bytes in chunks of {int(cs[i])} (want {int(want[i])})",
+        lambda i: (
+            f": {int(table.nchunks[i])} chunk digests in {files[int(table.file[i])]!r} for "
+            f"{int(nbytes[i])} bytes in chunks of {int(cs[i])} (want {int(want[i])})"
+        ),
     )
     # Shards may repeat a region (replicas), never leave one out: a tensor is at most as large
     # as its shards, which are bounded by the bytes stored for them.
@@ -204,7 +214,6 @@ def _check_table(
                 f"{where}: tensor {names[i]!r}: its shards hold {have} of the {total} "
                 f"elements of shape {e.shape}"
             )
-
 
 
 def validate_tree(tree: Any, tensors: dict[str, TensorEntry], where: str) -> None:
@@ -268,7 +277,6 @@ def _pair(x: Any) -> bool:
 
 def _key(k: Any) -> bool:
     return isinstance(k, str) or _int(k)
-
 
 
 class FileShard(NamedTuple):
@@ -337,4 +345,37 @@ class ByFile(dict):  # type: ignore[type-arg]
     def get(self, file: str, default: Any = None) -> Any:  # noqa: ARG002 - every file has a list
         return self[file]
 
+    def rows(self, file: str) -> FileRows | None:
+        """The shards in ``file`` as columns, where they all come from shard tables (else
+        None: the file has shards of Shard lists, checked from :class:`FileShard` objects)."""
+        groups = self._groups.get(file)
+        if not groups or dict.__contains__(self, file) and len(self[file]) != sum(len(g[3]) for g in groups):
+            return None
+        parts = []
+        for table, info, which, rows in groups:
+            k = which[rows]
+            ndim = np.array([n for _, _, n in info], dtype=np.int64)[k]
+            coded = np.array([bool(c) for c in table.codecs], dtype=bool)[table.codec[rows]]
+            parts.append((k, info, table.begin[rows], table.end[rows], table.lengths[rows], ndim, coded))
+        return FileRows(parts)
 
+
+class FileRows:
+    """The shards of one file as columns, from :meth:`ByFile.rows`: per group of one shard
+    table, the entry index of each row into ``info`` ((name, dtype, ndim) per tensor), the
+    byte ranges, the lengths (padded), each row's rank and whether its bytes are coded."""
+
+    def __init__(self, parts: list[tuple[np.ndarray, list[tuple[str, str, int]], np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> None:  # fmt: skip
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return sum(len(p[0]) for p in self.parts)
+
+    def shards(self) -> list[FileShard]:
+        """The same shards as :class:`FileShard` objects (to name the first bad one)."""
+        out = []
+        for k, info, begin, end, lengths, ndim, coded in self.parts:
+            for i, b, e, ln, n, c in zip(k.tolist(), begin.tolist(), end.tolist(), lengths.tolist(), ndim.tolist(), coded.tolist()):  # fmt: skip
+                name, dtype, _ = info[i]
+                out.append(FileShard(name, b, e, dtype, tuple(ln[:n]), c))
+        return out

@@ -34,7 +34,7 @@ from ..gcpause import paused_gc
 from ..storage import Storage
 from ..tiers.host import BufferPool
 from .manifest import Manifest, ManifestError, Meeting, Shard, TensorEntry, numel
-from .manifest_check import FileShard
+from .manifest_check import ByFile, FileRows, FileShard
 from .sharding import plan_read
 
 #: The longest safetensors header a shard file may have (safetensors' own limit).
@@ -81,7 +81,7 @@ class SnapshotReader:
         self.pool = pool or BufferPool(pinned=False)
         self._lock = threading.Lock()
         self._checked: set[str] = set()  # shard files whose size and header were checked
-        self._by_file: dict[str, list[FileShard]] | None = None
+        self._by_file: ByFile | None = None
 
     def read(self, regions: list[Region]) -> None:
         """Fill every region's destination; a damaged or missing byte raises, naming the
@@ -116,7 +116,7 @@ class SnapshotReader:
             if self._by_file is None:  # every shard of the table, by file, once
                 self._by_file = self.manifest.shards_by_file()
             with paused_gc():
-                shards = self._by_file.get(file, [])
+                shards = self._by_file.rows(file) or self._by_file.get(file, [])
         try:
             check_shard_file(self.storage, file, shards, self.manifest.step)
         except FileNotFoundError:
@@ -403,13 +403,16 @@ def _plan_encoded(
         plan.copies.append((host[dslices] if dslices else host, block))
 
 
-def check_shard_file(storage: Storage, file: str, shards: Sequence[FileShard], step: int) -> None:
+def check_shard_file(storage: Storage, file: str, shards: Sequence[FileShard] | FileRows, step: int) -> None:
     """See :meth:`SnapshotReader.check_file` (``shards``: those the manifest puts in ``file``,
     see :class:`.manifest_check.FileShard`)."""
     at = f"snapshot step {step}: shard file {file!r}"
     size = storage.size(file)
+    rows = shards if isinstance(shards, FileRows) else None  # (checked as columns, below)
+    if rows is not None and any(bool((p[3] > size).any()) for p in rows.parts):
+        rows, shards = None, rows.shards()  # (the loop names the first shard past the end)
     # The real size first: it is what bounds the buffers a load allocates for these ranges.
-    for name, begin, end, *_ in shards:
+    for name, begin, end, *_ in shards if rows is None else ():
         if end > size:
             raise _in_file(
                 CorruptBlobError(
@@ -438,17 +441,12 @@ def check_shard_file(storage: Storage, file: str, shards: Sequence[FileShard], s
     # The header's entries by byte range: each shard's must be there, named for its tensor,
     # with the dtype code and shape the manifest implies (a damaged manifest that permutes
     # names or dtypes keeps every byte range, and would load other values).
-    entries: dict[tuple[int, int], tuple[str, Any, Any]] = {}
-    for key, value in header.items():
-        offsets = value.get("data_offsets") if isinstance(value, dict) and key != "__metadata__" else None
-        if (
-            type(offsets) is list
-            and len(offsets) == 2
-            and type(offsets[0]) is int
-            and type(offsets[1]) is int
-        ):
-            entries[(offsets[0], offsets[1])] = (key, value.get("dtype"), value.get("shape"))
+    entries = header_entries(header)
     base = 8 + n  # safetensors' data offsets count from the end of the header
+    if rows is not None:
+        if _rows_match(rows, entries, base):
+            return
+        shards = rows.shards()  # (the loop names the first shard that does not match)
     codes = _CODES_BY_NAME
     for s in shards:
         name, begin, end = s.name, s.begin, s.end
@@ -476,6 +474,88 @@ def check_shard_file(storage: Storage, file: str, shards: Sequence[FileShard], s
                 ),
                 file,
             )
+
+
+def header_entries(header: dict[str, Any]) -> dict[tuple[int, int], tuple[str, Any, Any]]:
+    """A safetensors header's entries by byte range: (name, dtype code, shape), as found."""
+    entries: dict[tuple[int, int], tuple[str, Any, Any]] = {}
+    for key, value in header.items():
+        offsets = value.get("data_offsets") if isinstance(value, dict) and key != "__metadata__" else None
+        if (
+            type(offsets) is list
+            and len(offsets) == 2
+            and type(offsets[0]) is int
+            and type(offsets[1]) is int
+        ):
+            entries[(offsets[0], offsets[1])] = (key, value.get("dtype"), value.get("shape"))
+    return entries
+
+
+def _rows_match(rows: FileRows, entries: dict[tuple[int, int], tuple[str, Any, Any]], base: int) -> bool:
+    """Whether every shard of ``rows`` has its header entry as :func:`check_shard_file`'s loop
+    checks it (there is an entry at its byte range; for a shard with bytes: named for its
+    tensor, with the dtype code and shape the manifest implies), compared as columns: a whole
+    load checks every file, 512 k shards for a job of 1,024 ranks."""
+    # The entries with bytes by where they begin (no two share a byte, so a begin is unique).
+    index: dict[int, int] = {}
+    keys: list[str] = []
+    ends, code_of, nd = [], [], []
+    code_ids: dict[Any, int] = {}
+    shapes: list[list[int]] = []
+    for (b, e), (key, code, shape) in entries.items():
+        if e > b:
+            index[b] = len(keys)
+            keys.append(key)
+            ends.append(e)
+            code_of.append(code_ids.setdefault(code, len(code_ids)) if isinstance(code, str) else -1)
+            good = type(shape) is list and all(type(x) is int for x in shape)
+            nd.append(len(shape) if good else -1)
+            shapes.append(shape if good else [])
+    width = max([1, *(p[4].shape[1] for p in rows.parts), *nd])
+    hshape = np.full((len(keys), width), -1, dtype=np.int64)
+    for i, sh in enumerate(shapes):
+        hshape[i, : len(sh)] = sh
+    hend, hcode, hnd = np.array(ends, np.int64), np.array(code_of, np.int64), np.array(nd, np.int64)
+    u8 = code_ids.get("U8", -2)
+    for k, info, begin, end, lengths, ndim, coded in rows.parts:
+        b, e = begin - base, end - base
+        empty = b == e
+        if empty.any():  # an empty piece: an entry at its (shared) offset, nothing else to check
+            if not all((x, x) in entries for x in b[empty].tolist()):
+                return False
+        b, e, k, lengths, ndim, coded = (
+            b[~empty],
+            e[~empty],
+            k[~empty],
+            lengths[~empty],
+            ndim[~empty],
+            coded[~empty],
+        )
+        at = [index.get(x, -1) for x in b.tolist()]
+        i = np.array(at, dtype=np.int64)
+        if len(i) and (i.min() < 0 or (hend[i] != e).any()):
+            return False
+        names = [info[j][0] for j in k.tolist()]
+        if not all(key == name or _names(key, name) for key, name in zip([keys[j] for j in at], names)):
+            return False
+        # The code and shape the writer gives: its dtype's code and the lengths, where
+        # safetensors has a code and the bytes are raw; else U8 bytes of the stored size.
+        want = np.array([code_ids.get(_CODES_BY_NAME.get(d), -2) if d in _CODES_BY_NAME else -3 for _, d, _ in info], np.int64)[k]  # fmt: skip
+        plain = ~coded & (want != -3)
+        want = np.where(plain, want, u8)
+        want_nd = np.where(plain, ndim, 1)
+        want_shape = np.full((len(i), width), -1, dtype=np.int64)
+        cols = np.arange(width)
+        w = lengths[:, : min(width, lengths.shape[1])]
+        want_shape[:, : w.shape[1]] = np.where(cols[: w.shape[1]] < ndim[:, None], w, -1)
+        want_shape[~plain] = -1
+        want_shape[~plain, 0] = (e - b)[~plain]
+        if (
+            len(i)
+            and ((hcode[i] != want) | (hnd[i] != want_nd) | (hshape[i] != want_shape).any(axis=1)).any()
+        ):
+            return False
+    return True
 
 
 #: What a writer may append to a tensor's name in a shard file's header: the offsets of one of
