@@ -56,20 +56,20 @@ def test_the_slices_are_torchs_shard_0() -> None:
 
 def test_reports_are_in_the_form_a_level_writes(job: ms.Job) -> None:
     rep = job.reports[1]
-    assert list(rep) == ["token", "error", "names", "files", "tensors", "shards", "per_rank"]
+    assert list(rep) == ["token", "error", "also", "files", "tensors", "shards", "per_rank"]
     (file,) = rep["files"]
     assert rep["files"][file] == len(job.blobs[file])
     entries = tensors_of_table(rep["tensors"], rep["shards"])  # a version-3 manifest's table
     for e in entries.values():
         (sh,) = e.shards
         assert sh.file == file and len(sh.chunks) == -(-(sh.end - sh.begin) // MIN_CHUNK_SIZE)
-    assert "rng/rank-1/torch" in entries and "rng/rank-1/torch" in rep["names"]
+    assert "rng/rank-1/torch" in entries and "rng/rank-1/torch" not in rep["also"]
     assert [path for path, _ in rep["per_rank"]] == [["rng"]]
 
 
 def test_the_merged_table_covers_every_tensor_once(job: ms.Job, merged: Any) -> None:
     entries, files, tree = merged
-    names = {n for rep in job.reports.values() for n in rep["names"]}
+    names = {n for rep in job.reports.values() for n in [*rep["also"], *rep["tensors"]["names"]]}
     assert set(entries) == names
     assert len(entries) == TENSORS + len(job.steps) + 3 * WORLD
     assert set(files) == {job.shard_file(r) for r in range(WORLD)}
@@ -92,11 +92,11 @@ def test_the_merged_table_covers_every_tensor_once(job: ms.Job, merged: Any) -> 
 
 
 def _report_without(rep: dict[str, Any], name: str) -> dict[str, Any]:
-    """``rep`` with tensor ``name``'s shard rows gone (its name still in ``names``)."""
+    """``rep`` with tensor ``name``'s shard rows gone (its name still in the state: ``also``)."""
     entries = tensors_of_table(rep["tensors"], rep["shards"])
     del entries[name]
     kept = {n: TensorEntry(e.dtype, e.shape, e.shards) for n, e in entries.items()}
-    return {**rep, **tensors_body(kept)}
+    return {**rep, **tensors_body(kept), "also": [*rep["also"], name]}
 
 
 def test_the_merge_refuses_reports_that_do_not_add_up(job: ms.Job) -> None:

@@ -527,13 +527,14 @@ def rank_report(
 ) -> dict[str, Any]:
     """The report rank ``rank`` writes of its part of a multi-rank save (the body of its
     ``rank-NNNNN.json``, which :meth:`SnapshotLevel.collect_reports` reads): the save attempt's
-    ``token``, every tensor name of its state, the files it wrote (name -> size), its tensors
+    ``token``, the tensor names of its state not among its tensors (``also``: each tensor
+    name of a state is in one or the other), the files it wrote (name -> size), its tensors
     (names, dtypes, shapes) and their shards as a shard table (``tensors``/``shards``, as a
     version-3 manifest has them) and, from ranks other than 0, the per-rank nodes of its ``tree``."""
     return {
         "token": token,
         "error": None,
-        "names": names,
+        "also": [n for n in names if n not in entries],
         "files": files,
         **tensors_body(entries),
         "per_rank": per_rank_nodes(tree) if rank != 0 else [],

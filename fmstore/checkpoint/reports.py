@@ -3,8 +3,8 @@ half of a multi-rank commit, a pure function of the parsed reports (``SnapshotLe
 waits for and reads them), so that its cost for a large job is measured and tested without
 processes (``bench/metadata_scale.py``: 1,024 ranks with 500 tensors each).
 
-A report is what :meth:`SnapshotLevel.write` of one rank writes: the names of every tensor of its
-state, its shard file and size, the tensors it wrote or references (names, dtypes, global
+A report is what :meth:`SnapshotLevel.write` of one rank writes: the names of the tensors of its
+state it neither wrote nor references (its tensors' names are the rest), its shard file and size, the tensors it wrote or references (names, dtypes, global
 shapes) with their shards as a shard table (:mod:`.shardtable`, the manifest's own form) and,
 from ranks other than 0, its per-rank subtrees.  The merge concatenates the tables in rank
 order, keeps a region that several ranks report (a replica, an empty slice) once, groups the
@@ -47,7 +47,7 @@ def _merge(
     for r in sorted(reports):
         rep = reports[r]
         try:
-            names.update(rep["names"])
+            names.update(rep["also"] if "also" in rep else rep["names"])  # ("names": all, before "also")
             files.update(rep["files"])
             tb = rep["tensors"]
             ns, ds, ss = tb["names"], tb["dtypes"], tb["shapes"]
@@ -56,6 +56,7 @@ def _merge(
             table = ShardTable.from_body(rep["shards"])
             if table.rows and (table.tensor.min() < 0 or table.tensor.max() >= len(ns)):
                 raise ValueError("a shard row names no tensor of the report")
+            names.update(ns)
             to_global = []
             for name, dtype, shape in zip(ns, ds, ss):
                 g = index.get(name)

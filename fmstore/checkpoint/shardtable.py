@@ -110,7 +110,7 @@ class ShardTable:
 
     __slots__ = (
         "tensor", "file", "begin", "size", "offsets", "lengths", "chunk_size", "nchunks", "codec",
-        "checksums", "chunks", "files", "codecs", "_chunk_at",
+        "_checksums", "_other", "chunks", "files", "codecs", "_chunk_at",
     )  # fmt: skip
 
     def __init__(
@@ -125,16 +125,43 @@ class ShardTable:
         chunk_size: np.ndarray,
         nchunks: np.ndarray,
         codec: np.ndarray,
-        checksums: list[Any],
+        checksums: list[Any] | None,
         chunks: str,
         files: list[Any],
         codecs: list[Any],
+        other: dict[int, str] | None = None,
     ) -> None:
+        """``checksums``: every row's; or None and ``other``: the rows whose checksum is not
+        the one derived from their digests (:func:`derived_checksum`), the rest derived when
+        first asked for (a merge and a commit never ask)."""
         self.tensor, self.file, self.begin, self.size = tensor, file, begin, size
         self.offsets, self.lengths = offsets, lengths  # (rows, dims)
         self.chunk_size, self.nchunks, self.codec = chunk_size, nchunks, codec
-        self.checksums, self.chunks, self.files, self.codecs = checksums, chunks, files, codecs
+        self.chunks, self.files, self.codecs = chunks, files, codecs
+        self._checksums, self._other = checksums, other
+        assert checksums is not None or other is not None
         self._chunk_at: np.ndarray | None = None
+
+    @property
+    def checksums(self) -> list[Any]:
+        if self._checksums is None:
+            at = (HEX * self.chunk_at).tolist()
+            chunks = self.chunks
+            out = [derived_checksum(chunks[a:b]) for a, b in zip(at, at[1:])]
+            for i, c in (self._other or {}).items():
+                out[i] = c
+            self._checksums = out
+        return self._checksums
+
+    def other(self) -> dict[int, str]:
+        """The rows whose checksum is not derived from their digests, and theirs."""
+        if self._other is None:
+            at = (HEX * self.chunk_at).tolist()
+            chunks = self.chunks
+            self._other = {
+                i: c for i, (c, a, b) in enumerate(zip(self.checksums, at, at[1:])) if c != derived_checksum(chunks[a:b])
+            }  # fmt: skip
+        return self._other
 
     @property
     def rows(self) -> int:
@@ -231,7 +258,8 @@ class ShardTable:
         codecs: dict[str, int] = {"[]": 0}
         codec_list: list[Any] = [[]]
         cols: dict[str, list[np.ndarray]] = {k: [] for k in (*_COLUMNS, "offsets", "lengths")}
-        checksums: list[Any] = []
+        other: dict[int, str] = {}
+        at = 0
         for t, tmap in zip(tables, tensor_maps):
             fmap = np.array([files.setdefault(f, len(files)) for f in t.files], dtype=np.int64)
             cmap = []
@@ -249,10 +277,11 @@ class ShardTable:
             for k in ("offsets", "lengths"):
                 a = getattr(t, k)
                 cols[k].append(np.pad(a, ((0, 0), (0, dims - a.shape[1]))) if a.shape[1] < dims else a)
-            checksums += t.checksums
+            other.update((at + i, c) for i, c in t.other().items())
+            at += t.rows
         cat = {k: np.concatenate(v) if v else np.zeros((0, dims) if k in ("offsets", "lengths") else 0, np.int64) for k, v in cols.items()}  # fmt: skip
         return cls(
-            **cat, checksums=checksums, chunks="".join(t.chunks for t in tables),
+            **cat, checksums=None, other=other, chunks="".join(t.chunks for t in tables),
             files=list(files), codecs=codec_list,
         )  # fmt: skip
 
@@ -268,9 +297,16 @@ class ShardTable:
             tensor=self.tensor[rows], file=self.file[rows], begin=self.begin[rows], size=self.size[rows],
             offsets=self.offsets[rows], lengths=self.lengths[rows], chunk_size=self.chunk_size[rows],
             nchunks=self.nchunks[rows], codec=self.codec[rows],
-            checksums=[self.checksums[i] for i in rows.tolist()], chunks=chunks,
-            files=self.files, codecs=self.codecs,
+            checksums=None, other=self._take_other(rows), chunks=chunks, files=self.files, codecs=self.codecs,
         )  # fmt: skip
+
+    def _take_other(self, rows: np.ndarray) -> dict[int, str]:
+        other = self.other()
+        if not other:
+            return {}
+        keys = np.fromiter(other, dtype=np.int64, count=len(other))
+        at = np.flatnonzero(np.isin(rows, keys))
+        return {new: other[old] for new, old in zip(at.tolist(), rows[at].tolist())}
 
     # ------------------------------------------------------------------ JSON
 
@@ -282,14 +318,10 @@ class ShardTable:
         body["lengths"] = encode_ints(self.lengths.reshape(-1))
         # Raw digests: a 16-byte xxh3-128 is 22 characters of base64 against 32 of hex.  A
         # checksum made from the row's digests (every codec but a stream's) is not stored.
-        at = (HEX * self.chunk_at).tolist()
-        chunks = self.chunks
-        other = [
-            [i, c] for i, (c, a, b) in enumerate(zip(self.checksums, at, at[1:])) if c != derived_checksum(chunks[a:b])
-        ]  # fmt: skip
+        other = [[i, c] for i, c in sorted(self.other().items())]
         body.update(
             files=self.files, codecs=self.codecs, checksums={"derived": "xxh3_128", "other": other},
-            digests=base64.b64encode(bytes.fromhex(chunks)).decode("ascii"),
+            digests=base64.b64encode(bytes.fromhex(self.chunks)).decode("ascii"),
         )  # fmt: skip
         return body
 
@@ -325,9 +357,29 @@ class ShardTable:
             raise TableError("a chunk count out of range")
         if len(chunks) != HEX * int(nch.sum()):
             raise TableError(f"chunks holds {len(chunks)} characters for {int(nch.sum())} digests")
-        table = cls(**cols, offsets=off, lengths=ln, checksums=[], chunks=chunks, files=files, codecs=codecs)
-        table.checksums = _checksums(checksums, n, chunks, table.chunk_at)
-        return table
+        if isinstance(checksums, list):
+            if len(checksums) != n or not all(isinstance(c, str) for c in checksums):
+                raise TableError(f"checksums is not a list of {n} strings")
+            return cls(
+                **cols,
+                offsets=off,
+                lengths=ln,
+                checksums=checksums,
+                chunks=chunks,
+                files=files,
+                codecs=codecs,
+            )
+        other = _other_checksums(checksums, n)
+        return cls(
+            **cols,
+            offsets=off,
+            lengths=ln,
+            checksums=None,
+            other=other,
+            chunks=chunks,
+            files=files,
+            codecs=codecs,
+        )
 
     # ------------------------------------------------------------------ shards
 
@@ -366,22 +418,20 @@ class ShardTable:
         nd = len(shape)
         o = self.offsets[a:b, :nd]
         lo = np.maximum(o, np.asarray(offsets, dtype=np.int64))
-        hi = np.minimum(o + self.lengths[a:b, :nd], np.asarray(offsets, dtype=np.int64) + np.asarray(shape, dtype=np.int64))
+        hi = np.minimum(
+            o + self.lengths[a:b, :nd],
+            np.asarray(offsets, dtype=np.int64) + np.asarray(shape, dtype=np.int64),
+        )
         hit = np.flatnonzero((hi > lo).all(axis=1))
         return hit + a, lo[hit], (hi - lo)[hit]
 
 
-def _checksums(x: Any, n: int, chunks: str, chunk_at: np.ndarray) -> list[str]:
-    """The ``n`` checksums of a body's ``checksums``: a list of them, or the derived ones but
-    for an ``other`` list of ``[row, checksum]``."""
-    if isinstance(x, list):
-        if len(x) != n or not all(isinstance(c, str) for c in x):
-            raise TableError(f"checksums is not a list of {n} strings")
-        return x
+def _other_checksums(x: Any, n: int) -> dict[int, str]:
+    """The rows of a body's ``{"derived": "xxh3_128", "other": [[row, checksum], ...]}``
+    whose checksum is not derived from their digests, and theirs."""
     if not (isinstance(x, dict) and x.get("derived") == "xxh3_128" and isinstance(x.get("other"), list)):
         raise TableError('checksums is neither a list nor {"derived": "xxh3_128", "other": [...]}')
-    at = (HEX * chunk_at).tolist()
-    out = [derived_checksum(chunks[a:b]) for a, b in zip(at, at[1:])]
+    out: dict[int, str] = {}
     for item in x["other"]:
         if not (isinstance(item, list) and len(item) == 2 and _int(item[0]) and isinstance(item[1], str)):
             raise TableError("checksums' other is not a list of [row, checksum]")
