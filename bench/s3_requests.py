@@ -492,12 +492,17 @@ def fit(xs: list[int], ys: list[int]) -> tuple[float, float]:
     return my - b * mx, b
 
 
-def polls_in(seconds: float) -> int:
+def polls_in(seconds: float, ranks: int = 1) -> float:
     """Poll rounds a rank waiting ``seconds`` makes: fmstore/checkpoint/level.py ``_poll`` sleeps
-    10 ms, then 1.5 times longer each round, at most 0.5 s (request time not counted)."""
+    10 ms, then 1.5 times longer each round, at most ``max(0.5, ranks / POLL_RATE)`` s on an
+    object store (each sleep jittered to 75-100 %: its mean, 87.5 %, here; request time not
+    counted)."""
+    from fmstore.checkpoint.level import POLL_RATE
+
+    longest = max(0.5, ranks / POLL_RATE)
     n, t, delay = 0, 0.0, 0.01
     while t < seconds:
-        n, t, delay = n + 1, t + delay, min(delay * 1.5, 0.5)
+        n, t, delay = n + 1, t + 0.875 * delay, min(delay * 1.5, longest)
     return n
 
 
@@ -552,7 +557,8 @@ def extrapolate(rows: Rows, seconds: float, rtt_ms: float) -> None:
     print("  and each save's step-N/ is a new range.")
     print(
         "  Non-poll requests: least-squares per rank over the 2-8 rank runs; polls: the code's schedule "
-        f"({polls_in(seconds)} rounds in {seconds:g} s a waiting rank) x the measured requests of a round."
+        f"({polls_in(seconds)} rounds in {seconds:g} s a waiting rank, fewer where ranks / level.POLL_RATE > 0.5 s) x the "
+        "measured requests of a round."
     )
     for phase, what in (("save", "first save"), ("save2", "incremental save"), ("load", "load")):
         fits = group_fits(rows, phase)
@@ -562,7 +568,9 @@ def extrapolate(rows: Rows, seconds: float, rtt_ms: float) -> None:
             floor = 0.0
             for group in ("shard", "report", "commit", "root"):
                 n = {c: max(0.0, a + b * ranks) for (g, c), (a, b) in fits.items() if g == group}
-                polled = {c: v * (ranks - 1) * polls_in(seconds) for (g, c), v in rnd.items() if g == group}
+                polled = {
+                    c: v * (ranks - 1) * polls_in(seconds, ranks) for (g, c), v in rnd.items() if g == group
+                }
                 put = n.get("PUT", 0.0) + polled.get("PUT", 0.0)
                 get = sum(n.get(c, 0.0) + polled.get(c, 0.0) for c in ("GET", "LIST"))
                 if put + get == 0:

@@ -202,6 +202,20 @@ class S3Storage(FsspecStorage):
                 pass
         self.fs.invalidate_cache(path)
 
+    def _exists(self, rel: str) -> bool:
+        # One HEAD: s3fs's exists follows a 404 with a LIST (is it a directory?), and fmstore
+        # asks only for files; ranks waiting for a commit ask this of one key together.
+        return bool(self._sync(self._head(*self._bucket_key(rel))))
+
+    async def _head(self, bucket: str, key: str) -> bool:
+        # The 404 is caught here, on the loop: raised through fsspec's sync it would sit in a
+        # reference cycle with the caller's frames (and keep a dropped Checkpointer alive).
+        try:
+            await self.fs._call_s3("head_object", Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return False
+        return True
+
     # ------------------------------------------------------------------ conditional requests
 
     @property
