@@ -51,7 +51,9 @@ def _merge(
             files.update(rep["files"])
             tb = rep["tensors"]
             ns, ds, ss = tb["names"], tb["dtypes"], tb["shapes"]
-            if not (type(ns) is list and type(ds) is list and type(ss) is list and len(ns) == len(ds) == len(ss)):
+            if not (
+                type(ns) is list and type(ds) is list and type(ss) is list and len(ns) == len(ds) == len(ss)
+            ):
                 raise ValueError("its tensors' names, dtypes and shapes do not match")
             table = ShardTable.from_body(rep["shards"])
             if table.rows and (table.tensor.min() < 0 or table.tensor.max() >= len(ns)):
