@@ -92,7 +92,7 @@ def touch_reports(reports: dict[int, dict[str, Any]]) -> int:
     """One pass over every shard row of the reports (their checksums), doing nothing with it."""
     n = 0
     for rep in reports.values():
-        for _ in rep["shards"]["checksums"]:
+        for _ in range(rep["shards"]["rows"]):
             n += 1
     return n
 
@@ -200,6 +200,27 @@ def main() -> int:
         "merge the report files (json.loads included)",
         timed(lambda: merge_files(job, storage), r)[0],
         loads_reports,
+        "json.loads of the reports",
+    )
+    # The steady state of a long run: every rank's layout (tensor names, dtypes, shapes) as at
+    # the last save, so its report carries only the layout's digest (reports.Layouts).
+    from fmstore.checkpoint.reports import Layouts, layout_digest, merge_reports
+
+    layouts, steady = Layouts(), {}
+    full = {}
+    for rk, rep in reports.items():
+        digest = layout_digest(rep["also"], rep["tensors"])
+        full[rk] = {**rep, "layout": digest}
+        steady[rk] = json.dumps({k: v for k, v in full[rk].items() if k not in ("also", "tensors")}).encode()
+    merge_reports(full, job.step, layouts)
+    loads_steady, _ = timed(lambda: [json.loads(b) for b in steady.values()], r)
+    fm["merge-steady"] = timed(
+        lambda: merge_reports({rk: json.loads(b) for rk, b in steady.items()}, job.step, layouts), r
+    )[0]
+    row(
+        f"merge the report files, layouts known ({sum(map(len, steady.values())) / 1e6:.1f} MB)",
+        fm["merge-steady"],
+        loads_steady,
         "json.loads of the reports",
     )
     body = plain_body(raw)

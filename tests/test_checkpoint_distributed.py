@@ -56,6 +56,9 @@ def _save_worker(rank: int, world: int, port: int, root: str, compression: str |
         }
         with Checkpointer(root, compression=compression) as ck:
             assert (ck.rank, ck.world_size) == (rank, world)
+            level, sent = ck.levels[0], []  # the reports this rank sends (keys only)
+            report = level._report
+            level._report = lambda rel, body: (sent.append(set(body)), report(rel, body))[1]
             info = ck.save(1, state).wait()
             assert info.step == 1
             # An incremental second snapshot: only "w" changes.
@@ -63,6 +66,10 @@ def _save_worker(rank: int, world: int, port: int, root: str, compression: str |
             state["step"] = 2
             info2 = ck.save(2, state).wait()
             assert info2.tensors_written <= 1
+            # The layout (tensor names, dtypes, shapes) went with the first report only: the
+            # coordinator merged the second from its memory of it (reports.Layouts).
+            assert "tensors" in sent[0] and "layout" in sent[0], sent
+            assert "tensors" not in sent[1] and "layout" in sent[1], sent
             dist.barrier()
     finally:
         dist.destroy_process_group()

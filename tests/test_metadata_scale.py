@@ -121,6 +121,40 @@ def test_the_merge_refuses_reports_that_do_not_add_up(job: ms.Job) -> None:
         merge_reports(reports, job.step)
 
 
+def test_layouts_sent_once_merge_the_same_and_an_unknown_one_is_refused(job: ms.Job, merged: Any) -> None:
+    """DCP's plan cache in fmstore's form: a rank sends its layout (tensor names, dtypes,
+    shapes) with its digest, then only the digest; the coordinator's Layouts fills it in and,
+    with every rank's layout as at the last save, reuses that save's mapping."""
+    from fmstore.checkpoint.reports import Layouts, layout_digest
+
+    def reports(strip: bool) -> dict[int, dict[str, Any]]:
+        out = {}
+        for r, rep in json.loads(json.dumps(job.reports)).items():
+            rep["layout"] = layout_digest(rep["also"], rep["tensors"])
+            if strip:
+                del rep["also"], rep["tensors"]
+            out[int(r)] = rep
+        return out
+
+    layouts = Layouts()
+    first = merge_reports(reports(strip=False), job.step, layouts)
+    assert first[:2] == merged[:2]
+    key, mapping = layouts.key, layouts.mapping
+    again = merge_reports(reports(strip=True), job.step, layouts)
+    assert again[:2] == merged[:2] and layouts.key == key and layouts.mapping is mapping  # reused
+    assert merge_reports(reports(strip=True), job.step, layouts)[:2] == merged[:2]
+    with pytest.raises(ReportError, match="rank 0's report names layout .* not seen"):
+        merge_reports(reports(strip=True), job.step, Layouts())
+    # One rank's layout changes (a tensor more in its state): sent whole, merged anew.
+    changed = reports(strip=True)
+    rep = json.loads(json.dumps(job.reports[5]))
+    rep["also"].append("extra")
+    rep["layout"] = layout_digest(rep["also"], rep["tensors"])
+    changed[5] = rep
+    with pytest.raises(ReportError, match="'extra' is not fully saved"):
+        merge_reports(changed, job.step, layouts)
+
+
 @pytest.mark.parametrize(
     "raw", [b'{"token": "t", "entr', b"\xff\xfe", b"[1, 2]"], ids=["torn", "binary", "list"]
 )

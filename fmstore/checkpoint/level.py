@@ -31,7 +31,7 @@ from ..storage import Storage
 from .lease import DEFAULT_TTL, WriterLease
 from .listing import SnapshotNotFoundError, committed_steps, read_manifest  # noqa: F401
 from .manifest import CHUNK_SIZE, MANIFEST, Manifest, Shard, TensorEntry, step_dir, tensors_body
-from .reports import ReportError, merge_reports
+from .reports import Layouts, ReportError, layout_digest, merge_reports
 from .sharding import Piece
 from .snapshots import Snapshots
 from .staging import StagedTensor
@@ -123,6 +123,9 @@ class SnapshotLevel:
         self.snapshots = Snapshots(storage, writer=self.writer, lease_ttl=lease_ttl)
         self._file_sizes: dict[str, int] = {}  # stored files' sizes, for write_local's live fractions
         self._last_manifest: Manifest | None = None
+        #: the layout digest of this rank's last committed report (the coordinator has it)
+        self._layout_sent: str | None = None
+        self._layouts = Layouts()  # the coordinator's memory of the ranks' layouts
 
     @property
     def url(self) -> str:
@@ -213,15 +216,22 @@ class SnapshotLevel:
             entries, files = local.entries, local.files
             if self.world_size > 1:
                 doing = f"writing {rel_dir}/rank-{self.rank:05d}.json"
-                self._report(rel_dir, rank_report(token, names, files, entries, tree, self.rank))
+                report = rank_report(token, names, files, entries, tree, self.rank)
+                layout = report["layout"] = layout_digest(report["also"], report["tensors"])
+                if layout == self._layout_sent:  # the coordinator has it from the last save
+                    del report["also"], report["tensors"]
+                self._report(rel_dir, report)
+                self._layout_sent = None  # (until this save commits: after a failed one, send it all)
                 if self.rank != 0:
                     doing = f"waiting for rank 0 to commit {rel_dir}"
                     self._wait_for_commit(rel_dir, token)
                     self._last_manifest = None  # only rank 0 holds it; read it back when needed
+                    self._layout_sent = layout
                     return Written(local.bytes_written, len(entries), local.tensors_written)
                 doing = f"merging the ranks' reports of {rel_dir}"
                 entries, files, per_rank = self.collect_reports(rel_dir, step, token)
                 tree = merge_trees(tree, per_rank)
+                self._layout_sent = layout
             doing = f"writing {rel_dir}/{MANIFEST}"
             written = local.bytes_written + self.commit(step, entries, files, tree, meta)
         except OSError as e:
@@ -437,7 +447,11 @@ class SnapshotLevel:
             body = {"token": token, "errors": failed}
             self.storage.write(f"{rel_dir}/aborted.json", [json.dumps(body).encode()])
             raise FmstoreError(f"step {step} not committed to {self.name!r}: {'; '.join(failed)}")
-        return merge_reports(reports, step)
+        try:
+            return merge_reports(reports, step, self._layouts)
+        except BaseException:
+            self._layouts = Layouts()  # (the ranks send their layouts again at the next save)
+            raise
 
     def _wait_for_commit(self, rel_dir: str, token: str) -> None:
         def committed() -> bool | None:
@@ -553,7 +567,9 @@ def rank_report(
         "error": None,
         "also": [n for n in names if n not in entries],
         "files": files,
-        **tensors_body(entries),
+        # By name: a rank's layout is then the same at every save of the same state, whichever
+        # of its tensors an incremental save wrote or referenced (reports.Layouts).
+        **tensors_body(dict(sorted(entries.items()))),
         "per_rank": per_rank_nodes(tree) if rank != 0 else [],
     }
 

@@ -37,6 +37,9 @@ from .manifest import Manifest, ManifestError, Meeting, Shard, TensorEntry, nume
 from .manifest_check import ByFile, FileRows, FileShard
 from .sharding import plan_read
 
+#: Shards of one region from which a load plans with array arithmetic (:func:`_plan_rows`):
+#: for a few, numpy's cost per call is more than the loop's per shard.
+COLUMNS_FROM = 16
 #: The longest safetensors header a shard file may have (safetensors' own limit).
 MAX_HEADER = 100_000_000
 #: The first read of a shard file: its header length and, for all but huge tables, its header.
@@ -255,7 +258,10 @@ def _plan(
         found = entry.overlaps(region_off, region_len)
     reads, checks = plan.reads, plan.checks
     if isinstance(found, Meeting):  # the common cases from the columns; the rest shard by shard
-        covered, found = _plan_rows(r.name, found, host, region_off, region_len, itemsize, plan)
+        if len(found.rows) >= COLUMNS_FROM:
+            covered, found = _plan_rows(r.name, found, host, region_off, region_len, itemsize, plan)
+        else:
+            found = found.overlaps()
     for shard, ov_off, ov_len, rows in found:
         ov = (ov_off, ov_len)
         covered += prod(ov_len)

@@ -25,17 +25,67 @@ from .manifest import TensorEntry
 from .shardtable import ShardTable
 
 
+class Layouts:
+    """The coordinator's memory of the ranks' layouts (DCP's plan cache, in fmstore's form).
+
+    A rank's layout is the part of its report that stays while its state's structure does:
+    its tensors' names, dtypes and shapes, and the names it holds but does not write.  A rank
+    sends it with its digest (:func:`layout_digest`) and, after a save that committed, only
+    the digest while it stays the same; the coordinator keeps the layouts of the last save,
+    and where every rank sends the digests of the last save, the merge reuses that save's
+    mapping of each rank's tensors to the manifest's instead of building it again.  A digest
+    it does not know is a :class:`ReportError` (that save fails; the ranks send their layouts
+    again at the next)."""
+
+    def __init__(self) -> None:
+        self.known: dict[str, tuple[Any, Any]] = {}  # digest -> (also, tensors)
+        self.key: tuple[str, ...] | None = None  # the digests, in rank order, of ``mapping``
+        self.mapping: Any = None
+
+    def expand(self, reports: Mapping[int, dict[str, Any]], step: int) -> None:
+        """Each report's layout in place: from the report (then remembered) or from memory."""
+        known: dict[str, tuple[Any, Any]] = {}
+        for r in sorted(reports):
+            rep = reports[r]
+            digest = rep.get("layout")
+            if not isinstance(digest, str):
+                continue  # (a whole report: nothing to expand or remember)
+            if "tensors" in rep:
+                known[digest] = (rep.get("also", []), rep["tensors"])
+                continue
+            layout = known.get(digest) or self.known.get(digest)
+            if layout is None:
+                raise ReportError(
+                    f"step {step}: rank {r}'s report names layout {digest}, which the coordinator has not seen"
+                )
+            rep["also"], rep["tensors"] = known[digest] = layout
+        self.known = known
+
+
+def layout_digest(also: Any, tensors: Any) -> str:
+    """The digest of a report's layout (:class:`Layouts`)."""
+    import json
+
+    import xxhash
+
+    return xxhash.xxh3_128_hexdigest(json.dumps([also, tensors], separators=(",", ":")).encode())
+
+
 def merge_reports(
-    reports: Mapping[int, Mapping[str, Any]], step: int
+    reports: Mapping[int, Mapping[str, Any]], step: int, layouts: Layouts | None = None
 ) -> tuple[dict[str, TensorEntry], dict[str, int], dict[int, list[Any]]]:
     """(tensor table, files written -> size, rank -> its per-rank nodes) of the reports of one
-    save attempt (rank -> report, every rank's, none with an error)."""
+    save attempt (rank -> report, every rank's, none with an error); ``layouts``: the
+    coordinator's memory of the last save's (a report that carries only its layout's digest
+    is expanded from it first)."""
     with paused_gc():
-        return _merge(reports, step)
+        if layouts is not None:
+            layouts.expand(reports, step)  # type: ignore[arg-type]
+        return _merge(reports, step, layouts)
 
 
 def _merge(
-    reports: Mapping[int, Mapping[str, Any]], step: int
+    reports: Mapping[int, Mapping[str, Any]], step: int, layouts: Layouts | None = None
 ) -> tuple[dict[str, TensorEntry], dict[str, int], dict[int, list[Any]]]:
     index: dict[str, int] = {}  # tensor name -> its index, in the order ranks first report them
     dtypes: list[Any] = []
@@ -44,18 +94,33 @@ def _merge(
     names: set[str] = set()
     tables: list[ShardTable] = []
     maps: list[np.ndarray] = []
-    for r in sorted(reports):
+    ranks = sorted(reports)
+    key = tuple(str(reports[r].get("layout")) for r in ranks)
+    # Every rank with the layout it had at the last save: that save's mapping holds.
+    cached = (
+        layouts is not None
+        and layouts.key == key
+        and all(isinstance(reports[r].get("layout"), str) for r in ranks)
+    )
+    if cached:
+        index, dtypes, shapes, names, maps = layouts.mapping  # type: ignore[union-attr]
+    for pos, r in enumerate(ranks):
         rep = reports[r]
         try:
-            names.update(rep["also"] if "also" in rep else rep["names"])  # ("names": all, before "also")
             files.update(rep["files"])
+            table = ShardTable.from_body(rep["shards"])
+            if cached:
+                if table.rows and (table.tensor.min() < 0 or table.tensor.max() >= len(maps[pos])):
+                    raise ValueError("a shard row names no tensor of the report")
+                tables.append(table)
+                continue
+            names.update(rep["also"] if "also" in rep else rep["names"])  # ("names": all, before "also")
             tb = rep["tensors"]
             ns, ds, ss = tb["names"], tb["dtypes"], tb["shapes"]
             if not (
                 type(ns) is list and type(ds) is list and type(ss) is list and len(ns) == len(ds) == len(ss)
             ):
                 raise ValueError("its tensors' names, dtypes and shapes do not match")
-            table = ShardTable.from_body(rep["shards"])
             if table.rows and (table.tensor.min() < 0 or table.tensor.max() >= len(ns)):
                 raise ValueError("a shard row names no tensor of the report")
             names.update(ns)
@@ -80,6 +145,8 @@ def _merge(
             raise ReportError(
                 f"step {step}: rank {r}'s report is malformed ({type(e).__name__}: {e})"
             ) from None
+    if layouts is not None and not cached:
+        layouts.key, layouts.mapping = key, (index, dtypes, shapes, names, maps)
     order = list(index)
     merged = ShardTable.concat(tables, maps)
     ndims = np.array([len(s) for s in shapes], dtype=np.int64)
