@@ -89,7 +89,7 @@ GOAL = 1.0  # seconds, per operation (issue 13)
 
 
 def touch_reports(reports: dict[int, dict[str, Any]]) -> int:
-    """One pass over every shard row of the reports (their checksums), doing nothing with it."""
+    """One pass over every shard row of the reports, doing nothing with it."""
     n = 0
     for rep in reports.values():
         for _ in range(rep["shards"]["rows"]):
