@@ -494,13 +494,14 @@ def fit(xs: list[int], ys: list[int]) -> tuple[float, float]:
 
 def polls_in(seconds: float, ranks: int = 1) -> float:
     """Poll rounds a rank waiting ``seconds`` makes: fmstore/checkpoint/level.py ``_poll`` sleeps
-    10 ms, then 1.5 times longer each round, at most ``max(0.5, ranks / POLL_RATE)`` s on an
+    ``max(10 ms, ranks / POLL_RATE / 8)``, then 1.5 times longer each round, at most ``max(0.5,
+    ranks / POLL_RATE)`` s on an
     object store (each sleep jittered to 75-100 %: its mean, 87.5 %, here; request time not
     counted)."""
     from fmstore.checkpoint.level import POLL_RATE
 
-    longest = max(0.5, ranks / POLL_RATE)
-    n, t, delay = 0, 0.0, 0.01
+    longest, delay = max(0.5, ranks / POLL_RATE), max(0.01, ranks / POLL_RATE / 8)
+    n, t = 0, 0.0
     while t < seconds:
         n, t, delay = n + 1, t + 0.875 * delay, min(delay * 1.5, longest)
     return n

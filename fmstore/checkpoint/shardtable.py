@@ -110,7 +110,7 @@ class ShardTable:
 
     __slots__ = (
         "tensor", "file", "begin", "size", "offsets", "lengths", "chunk_size", "nchunks", "codec",
-        "_checksums", "_other", "chunks", "files", "codecs", "_chunk_at",
+        "_checksums", "_other", "chunks", "files", "codecs", "_chunk_at", "_end",
     )  # fmt: skip
 
     def __init__(
@@ -141,6 +141,7 @@ class ShardTable:
         self._checksums, self._other = checksums, other
         assert checksums is not None or other is not None
         self._chunk_at: np.ndarray | None = None
+        self._end: np.ndarray | None = None
 
     @property
     def checksums(self) -> list[Any]:
@@ -173,7 +174,9 @@ class ShardTable:
 
     @property
     def end(self) -> np.ndarray:
-        return self.begin + self.size
+        if self._end is None:  # (once: a load asks for a few rows of it per tensor)
+            self._end = self.begin + self.size
+        return self._end
 
     @property
     def chunk_at(self) -> np.ndarray:
