@@ -354,10 +354,37 @@ class ByFile(dict):  # type: ignore[type-arg]
         parts = []
         for table, info, which, rows in groups:
             k = which[rows]
-            ndim = np.array([n for _, _, n in info], dtype=np.int64)[k]
+            ndims, dtype_of, dtypes = self._of_info(info)
             coded = np.array([bool(c) for c in table.codecs], dtype=bool)[table.codec[rows]]
-            parts.append((k, info, table.begin[rows], table.end[rows], table.lengths[rows], ndim, coded))
+            parts.append(
+                (
+                    k,
+                    info,
+                    table.begin[rows],
+                    table.end[rows],
+                    table.lengths[rows],
+                    ndims[k],
+                    coded,
+                    dtype_of[k],
+                    dtypes,
+                )
+            )
         return FileRows(parts)
+
+    def _of_info(self, info: list[tuple[str, str, int]]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Each tensor's rank, and its dtype as an index into the dtypes of ``info``: once per
+        table (a whole load asks for a thousand files of the same tensors)."""
+        cache = self.__dict__.setdefault("_info", {})
+        out = cache.get(id(info))
+        if out is None:
+            dtypes = sorted({d for _, d, _ in info})
+            at = {d: i for i, d in enumerate(dtypes)}
+            out = cache[id(info)] = (
+                np.array([n for _, _, n in info], dtype=np.int64),
+                np.array([at[d] for _, d, _ in info], dtype=np.int64),
+                dtypes,
+            )
+        return out
 
 
 class FileRows:
@@ -374,7 +401,7 @@ class FileRows:
     def shards(self) -> list[FileShard]:
         """The same shards as :class:`FileShard` objects (to name the first bad one)."""
         out = []
-        for k, info, begin, end, lengths, ndim, coded in self.parts:
+        for k, info, begin, end, lengths, ndim, coded, *_ in self.parts:
             for i, b, e, ln, n, c in zip(k.tolist(), begin.tolist(), end.tolist(), lengths.tolist(), ndim.tolist(), coded.tolist()):  # fmt: skip
                 name, dtype, _ = info[i]
                 out.append(FileShard(name, b, e, dtype, tuple(ln[:n]), c))

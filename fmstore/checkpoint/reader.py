@@ -523,20 +523,16 @@ def _rows_match(rows: FileRows, entries: dict[tuple[int, int], tuple[str, Any, A
         hshape[i, : len(sh)] = sh
     hend, hcode, hnd = np.array(ends, np.int64), np.array(code_of, np.int64), np.array(nd, np.int64)
     u8 = code_ids.get("U8", -2)
-    for k, info, begin, end, lengths, ndim, coded in rows.parts:
+    for k, info, begin, end, lengths, ndim, coded, dtype_of, dtypes in rows.parts:
         b, e = begin - base, end - base
         empty = b == e
         if empty.any():  # an empty piece: an entry at its (shared) offset, nothing else to check
             if not all((x, x) in entries for x in b[empty].tolist()):
                 return False
-        b, e, k, lengths, ndim, coded = (
-            b[~empty],
-            e[~empty],
-            k[~empty],
-            lengths[~empty],
-            ndim[~empty],
-            coded[~empty],
-        )
+        keep = ~empty
+        b, e, k, lengths, ndim, coded, dtype_of = (
+            b[keep], e[keep], k[keep], lengths[keep], ndim[keep], coded[keep], dtype_of[keep],
+        )  # fmt: skip
         at = [index.get(x, -1) for x in b.tolist()]
         i = np.array(at, dtype=np.int64)
         if len(i) and (i.min() < 0 or (hend[i] != e).any()):
@@ -546,7 +542,7 @@ def _rows_match(rows: FileRows, entries: dict[tuple[int, int], tuple[str, Any, A
             return False
         # The code and shape the writer gives: its dtype's code and the lengths, where
         # safetensors has a code and the bytes are raw; else U8 bytes of the stored size.
-        want = np.array([code_ids.get(_CODES_BY_NAME.get(d), -2) if d in _CODES_BY_NAME else -3 for _, d, _ in info], np.int64)[k]  # fmt: skip
+        want = np.array([code_ids.get(_CODES_BY_NAME[d], -2) if d in _CODES_BY_NAME else -3 for d in dtypes], np.int64)[dtype_of]  # fmt: skip
         plain = ~coded & (want != -3)
         want = np.where(plain, want, u8)
         want_nd = np.where(plain, ndim, 1)
