@@ -593,10 +593,13 @@ def extrapolate(rows: Rows, seconds: float, rtt_ms: float) -> None:
             if phase != "load":
                 # The coordinator reads the reports one after another: exists (HEAD), then the
                 # read (HEAD + GET): a latency floor no partitioning removes.
+                from fmstore.checkpoint.level import REPORT_READERS
+
                 serial = 3 * ranks * rtt_ms / 1000
                 print(
-                    f"    the coordinator's serial report reads: {3 * ranks:,} round trips, {serial:.0f} s "
-                    f"at {rtt_ms:g} ms each (level.py collect_reports.all_in)"
+                    f"    the coordinator's report reads: {3 * ranks:,} round trips, {serial:.0f} s at {rtt_ms:g} ms "
+                    f"each one after the other, {serial / REPORT_READERS:.1f} s on its {REPORT_READERS} threads "
+                    "(level.py collect_reports)"
                 )
 
 
