@@ -355,6 +355,26 @@ def test_the_column_check_of_a_header_passes_exactly_what_the_shard_loop_passes(
     }
 
 
+def test_a_flipped_byte_in_a_load_planned_from_columns_is_a_checksum_error(
+    job: ms.Job, manifest: Manifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole load plans each tensor's 64 shards from the table's columns, its chunk checks
+    holding a ChunkRef, not a Shard: a byte flipped in one shard's bytes is still a
+    ChecksumError naming the tensor, the file and the chunk."""
+    from fmstore.checkpoint.shardtable import ChunkRef
+    from fmstore.errors import ChecksumError
+
+    storage = ms.MemoryStorage(job)
+    planned = ms.plan_load(job, storage, manifest, ms.Target("1 rank", (1,)), 0)
+    name, ref, buf, start = next(c for c in planned.plan.checks if isinstance(c[1], ChunkRef) and len(c[2]))
+    bad = bytearray(job.blobs[ref.file])
+    bad[ref.begin + start + len(buf) // 2] ^= 0x10
+    monkeypatch.setitem(job.blobs, ref.file, bytes(bad))
+    with pytest.raises(ChecksumError) as err:
+        SnapshotReader(storage, manifest)._run(planned.plan)  # type: ignore[arg-type]
+    assert name in str(err.value) and ref.file in str(err.value) and "chunk" in str(err.value)
+
+
 def test_a_whole_read_through_the_reader_matches(job: ms.Job, manifest: Manifest) -> None:
     """SnapshotReader.read (file checks, plan, reads, verification) for a 4x16-mesh rank."""
     target = ms.Target("64 ranks, 4x16 mesh", (4, 16))

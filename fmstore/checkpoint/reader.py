@@ -36,6 +36,7 @@ from ..tiers.host import BufferPool
 from .manifest import Manifest, ManifestError, Meeting, Shard, TensorEntry, numel
 from .manifest_check import ByFile, FileRows, FileShard
 from .sharding import plan_read
+from .shardtable import ChunkRef
 
 #: Shards of one region from which a load plans with array arithmetic (:func:`_plan_rows`):
 #: for a few, numpy's cost per call is more than the loop's per shard.
@@ -61,7 +62,7 @@ class Region:
 class ReadPlan:
     reads: dict[str, list[tuple[int, memoryview]]] = field(default_factory=dict)  # file -> ranges
     # chunks to verify: (tensor, shard, the bytes read, where they start in the shard)
-    checks: list[tuple[str, Shard, torch.Tensor | memoryview, int]] = field(default_factory=list)
+    checks: list[tuple[str, Shard | ChunkRef, torch.Tensor | memoryview, int]] = field(default_factory=list)
     copies: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (dest view, block)
     decodes: list[tuple[str, Shard, Codec, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     finals: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (host, dest)
@@ -368,7 +369,7 @@ def _plan_rows(
     if fast.any():
         host_bytes = memoryview(host.reshape(-1).view(torch.uint8).numpy())
         reads, checks = plan.reads, plan.checks
-        shards = t.shards_of(rows[fast], nd)
+        shards = t.refs(rows[fast])  # (a chunk check's view of each: no Shard object made)
         for shard, s, a, n in zip(shards, start[fast].tolist(), at[fast].tolist(), nbytes[fast].tolist()):
             view = host_bytes[a : a + n]
             if n:
@@ -538,8 +539,9 @@ def _rows_match(rows: FileRows, entries: dict[tuple[int, int], tuple[str, Any, A
         if len(i) and (i.min() < 0 or (hend[i] != e).any()):
             return False
         names = [info[j][0] for j in k.tolist()]
-        if not all(key == name or _names(key, name) for key, name in zip([keys[j] for j in at], names)):
-            return False
+        found = [keys[j] for j in at]
+        if found != names and not all(key == name or _names(key, name) for key, name in zip(found, names)):
+            return False  # (the first test compares the lists in one call: names as written)
         # The code and shape the writer gives: its dtype's code and the lengths, where
         # safetensors has a code and the bytes are raw; else U8 bytes of the stored size.
         want = np.array([code_ids.get(_CODES_BY_NAME[d], -2) if d in _CODES_BY_NAME else -3 for d in dtypes], np.int64)[dtype_of]  # fmt: skip
@@ -577,7 +579,9 @@ def _in_file(e: CorruptBlobError, file: str) -> CorruptBlobError:
 
 
 def verify_all(
-    checks: list[tuple[str, Shard, torch.Tensor | memoryview, int]], step: int, pool: Executor | None
+    checks: list[tuple[str, Shard | ChunkRef, torch.Tensor | memoryview, int]],
+    step: int,
+    pool: Executor | None,
 ) -> None:
     """Check every chunk read back (in parallel); a mismatch names the tensor, file and chunk."""
     import xxhash

@@ -413,6 +413,22 @@ class ShardTable:
             out.append(s)
         return out
 
+    def refs(self, rows: np.ndarray) -> list[ChunkRef]:
+        """:class:`ChunkRef` s of ``rows``: what checking their chunks needs, without a
+        :class:`Shard` object each (a whole load of a 1,024-rank snapshot checks 512 k)."""
+        at = self.chunk_at
+        new = object.__new__
+        files, chunks = self.files, self.chunks
+        out = []
+        for f, b, cs, a0, a1 in zip(
+            self.file[rows].tolist(), self.begin[rows].tolist(), self.chunk_size[rows].tolist(),
+            (HEX * at[rows]).tolist(), (HEX * at[rows + 1]).tolist(),
+        ):  # fmt: skip
+            ref = new(ChunkRef)
+            ref.file, ref.begin, ref.chunk_size, ref.hexes = files[f], b, cs, chunks[a0:a1]
+            out.append(ref)
+        return out
+
     def meeting(
         self, a: int, b: int, offsets: Sequence[int], shape: Sequence[int]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -427,6 +443,23 @@ class ShardTable:
         )
         hit = np.flatnonzero((hi > lo).all(axis=1))
         return hit + a, lo[hit], (hi - lo)[hit]
+
+
+class ChunkRef:
+    """A table row's shard as a chunk check sees it (:func:`~fmstore.checkpoint.reader.verify_all`):
+    its file, where it begins, its chunk size and its chunk digests (``hexes``, one after
+    another: ``chunks`` splits them when asked)."""
+
+    __slots__ = ("file", "begin", "chunk_size", "hexes")
+    file: str
+    begin: int
+    chunk_size: int
+    hexes: str
+
+    @property
+    def chunks(self) -> list[str]:
+        h = self.hexes
+        return [h[j : j + HEX] for j in range(0, len(h), HEX)]
 
 
 def _other_checksums(x: Any, n: int) -> dict[int, str]:
