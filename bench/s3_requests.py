@@ -132,14 +132,7 @@ class RequestCounter:
 
 
 def open_hooked(url: str, options: dict[str, Any]) -> tuple[Any, RequestCounter]:
-    """The (cached) s3fs file system a Checkpointer on ``url`` will use, hooked.
-
-    Opened twice: creating the first client makes botocore rewrite the ``retries`` dict that
-    fmstore's module-level ``S3_CONFIG`` shares with the options (``max_attempts`` becomes
-    ``total_max_attempts``), so the first instance's cache token is never asked for again and
-    the Checkpointer would get a second instance (fmstore/storage/s3.py:60-64)."""
-    first, _ = S3Storage.open_fs(url, options)
-    first.connect()
+    """The (cached) s3fs file system a Checkpointer on ``url`` will use, hooked."""
     fs, _ = S3Storage.open_fs(url, options)
     return fs, RequestCounter(fs)
 

@@ -38,10 +38,8 @@ class Requests:
     """The S3 API calls, by operation, of the s3fs client a Checkpointer on ``url`` will use."""
 
     def __init__(self, url: str, options: dict[str, Any]) -> None:
-        # Opened twice: botocore rewrites the ``retries`` dict of fmstore's S3_CONFIG when the first
-        # client of a process is made, which changes the options' fsspec cache token once; the
-        # second open is the cached instance every later Storage with these options gets.
-        S3Storage.open_fs(url, options)[0].connect()
+        # The cached instance every Storage with these options gets (fmstore's S3 config is
+        # copied for each open: botocore rewriting its retries no longer changes the cache key).
         self.fs = S3Storage.open_fs(url, options)[0]
         self.fs.connect()  # makes the aiobotocore client that is hooked
         self.ops: Counter[str] = Counter()

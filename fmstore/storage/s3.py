@@ -11,6 +11,7 @@ Every request has the timeouts and bounded retries below.
 from __future__ import annotations
 
 import asyncio
+import copy
 import errno
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -60,8 +61,13 @@ class S3Storage(FsspecStorage):
     def _fs_options(cls, options: dict[str, Any]) -> dict[str, Any]:
         # Time-bounded requests: botocore's defaults (60 s per read, retried, and s3fs retrying
         # those 5 times) left a save blocked for minutes behind a server that stopped answering.
-        # storage_options' own config_kwargs win.
-        return {**options, "config_kwargs": {**S3_CONFIG, **(options.get("config_kwargs") or {})}}
+        # storage_options' own config_kwargs win.  A deep copy: botocore rewrites the retries
+        # of the config it is given (max_attempts into total_max_attempts), which changed
+        # S3_CONFIG itself, so fsspec's cache key, and made one more client per process.
+        return {
+            **options,
+            "config_kwargs": {**copy.deepcopy(S3_CONFIG), **(options.get("config_kwargs") or {})},
+        }
 
     @classmethod
     def _configure(cls, fs: Any) -> None:
