@@ -36,7 +36,7 @@ manifest's body as plain dicts) and, for the merge and the plans, one pass over 
 entry doing nothing.
 
 Beside them, in the same run and for the same job (``--no-dcp`` leaves it out), torch DCP's
-counterpart of each (``bench/metadata_dcp.py`` builds and runs it through torch's own functions,
+counterpart of each (``fmstore.testing.metadata_dcp`` builds and runs it through torch's own functions,
 without a process group; see its docstring for what is built how), and the ratio fmstore/DCP:
 
 - merge <-> DCP's global save planning: ``DefaultSavePlanner.create_global_plan`` on every
@@ -78,7 +78,9 @@ from fmstore.testing.metadata import (
     commit,
     merge,
     merge_files,
+    merge_steady,
     plan_load,
+    steady_reports,
     to_json_v2,
 )
 
@@ -134,7 +136,7 @@ def main() -> int:
         "--profile", metavar="OP", help="cProfile one operation (merge, commit, read, plan) instead"
     )
     args = p.parse_args()
-    sys.path.insert(0, __file__.rsplit("/", 1)[0])  # bench/: common, metadata_dcp
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])  # bench/: common
     from common import machine_info
 
     machine_info(".", "cpu")
@@ -204,19 +206,9 @@ def main() -> int:
     )
     # The steady state of a long run: every rank's layout (tensor names, dtypes, shapes) as at
     # the last save, so its report carries only the layout's digest (reports.Layouts).
-    from fmstore.checkpoint.reports import Layouts, layout_digest, merge_reports
-
-    layouts, steady = Layouts(), {}
-    full = {}
-    for rk, rep in reports.items():
-        digest = layout_digest(rep["also"], rep["tensors"])
-        full[rk] = {**rep, "layout": digest}
-        steady[rk] = json.dumps({k: v for k, v in full[rk].items() if k not in ("also", "tensors")}).encode()
-    merge_reports(full, job.step, layouts)
+    layouts, steady = steady_reports(job)
     loads_steady, _ = timed(lambda: [json.loads(b) for b in steady.values()], r)
-    fm["merge-steady"] = timed(
-        lambda: merge_reports({rk: json.loads(b) for rk, b in steady.items()}, job.step, layouts), r
-    )[0]
+    fm["merge-steady"] = timed(lambda: merge_steady(job, layouts, steady), r)[0]
     row(
         f"merge the report files, layouts known ({sum(map(len, steady.values())) / 1e6:.1f} MB)",
         fm["merge-steady"],
@@ -276,7 +268,7 @@ def dcp(
     job: Job, targets: list[Target], fm: dict[str, float], read_s: float, manifest_bytes: int, r: int
 ) -> None:
     """torch DCP's counterpart of the operations, at the same job size, and fmstore/DCP."""
-    import metadata_dcp as d
+    import fmstore.testing.metadata_dcp as d
 
     t0 = time.perf_counter()
     plans = d.save_plans(job)

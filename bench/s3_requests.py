@@ -491,7 +491,7 @@ def polls_in(seconds: float, ranks: int = 1) -> float:
     ranks / POLL_RATE)`` s on an
     object store (each sleep jittered to 75-100 %: its mean, 87.5 %, here; request time not
     counted)."""
-    from fmstore.checkpoint.level import POLL_RATE
+    from fmstore.checkpoint import POLL_RATE
 
     longest, delay = max(0.5, ranks / POLL_RATE), max(0.01, ranks / POLL_RATE / 8)
     n, t = 0, 0.0
@@ -586,7 +586,7 @@ def extrapolate(rows: Rows, seconds: float, rtt_ms: float) -> None:
             if phase != "load":
                 # The coordinator reads the reports one after another: exists (HEAD), then the
                 # read (HEAD + GET): a latency floor no partitioning removes.
-                from fmstore.checkpoint.level import REPORT_READERS
+                from fmstore.checkpoint import REPORT_READERS
 
                 serial = 3 * ranks * rtt_ms / 1000
                 print(

@@ -391,16 +391,12 @@ def test_a_whole_read_through_the_reader_matches(job: ms.Job, manifest: Manifest
 
 
 def test_the_dcp_counterpart_writes_each_slice_once_and_loads_every_element_once() -> None:
-    """The bench's torch DCP side (bench/metadata_dcp.py) on 8 ranks x 6 tensors, shapes divided
+    """The bench's torch DCP side (fmstore.testing.metadata_dcp) on 8 ranks x 6 tensors, shapes divided
     by 1,000 (so some ranks hold empty slices): after DCP's dedup, one write item per (tensor,
     rank with a non-empty slice) on that rank, at fmstore's dim-0 slice, each step scalar and
     RNG tensor once; a whole-tensor load plan reads every element exactly once, and a mesh
     rank's plan fills its chunk exactly once."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import metadata_dcp as d
+    import fmstore.testing.metadata_dcp as d
 
     world = 8
     job = ms.Job(world, 6, scale=1000)

@@ -51,6 +51,8 @@ _LAZY = {
     "check_save_options": "options",
     "watch_optimizer_steps": "overlap",
     "DEFAULT_TTL": "lease",  # torch-free
+    "POLL_RATE": "level",
+    "REPORT_READERS": "level",
     "Part": "parts",
     "PartsWritten": "parts",
     "SnapshotWriter": "parts",
@@ -116,4 +118,6 @@ __all__ = [
     "PartsWritten",  # what SnapshotWriter.write wrote: the parts' shard records and files, for commit
     "tensor_names",  # path in a nested state -> the name a save gives the tensor there
     "DEFAULT_TTL",  # seconds a root's S3 writer lease stays valid unrenewed (lease_ttl= default)
+    "POLL_RATE",  # at most this many polls a second of all ranks waiting on one object-store key
+    "REPORT_READERS",  # threads a multi-rank save's coordinator reads the ranks' reports with
 ]

@@ -34,7 +34,7 @@ from ..checkpoint.level import FileEntry, SnapshotLevel, merge_trees, rank_repor
 from ..checkpoint.manifest import CHUNK_SIZE, MANIFEST, Manifest, Shard, TensorEntry, step_dir
 from ..checkpoint.manifest_compat import to_json_v2
 from ..checkpoint.reader import Region, SnapshotReader, files_of, find_overlaps, plan_regions
-from ..checkpoint.reports import merge_reports
+from ..checkpoint.reports import Layouts, layout_digest, merge_reports
 from ..checkpoint.sharding import owner_of
 from ..checkpoint.tree import PerRank, compare, flatten, tensor_leaves
 from ..checkpoint.writing import digest_all
@@ -335,6 +335,24 @@ def merge(
     entries, files, per_rank = merge_reports(reports, job.step)
     tree = merge_trees(job.tree(0), per_rank)
     return entries, files, tree
+
+
+def steady_reports(job: Job) -> tuple[Layouts, dict[int, bytes]]:
+    """The steady state of a long run: a coordinator's ``Layouts`` that merged the job's
+    reports once, and each rank's next report file, carrying only its layout's digest."""
+    layouts, full, steady = Layouts(), {}, {}
+    for r, rep in job.reports.items():
+        full[r] = {**rep, "layout": layout_digest(rep["also"], rep["tensors"])}
+        steady[r] = json.dumps({k: v for k, v in full[r].items() if k not in ("also", "tensors")}).encode()
+    merge_reports(full, job.step, layouts)
+    return layouts, steady
+
+
+def merge_steady(
+    job: Job, layouts: Layouts, steady: dict[int, bytes]
+) -> tuple[dict[str, TensorEntry], dict[str, int], dict]:
+    """The coordinator's merge of ``steady_reports``' files (their ``json.loads`` included)."""
+    return merge_reports({r: json.loads(raw) for r, raw in steady.items()}, job.step, layouts)
 
 
 def merge_files(job: Job, storage: MemoryStorage) -> tuple[dict[str, TensorEntry], dict[str, int], dict]:
