@@ -50,7 +50,12 @@ class WaitTimeoutError(FmstoreError, TimeoutError):
 
 
 class CorruptBlobError(FmstoreError):
-    """Stored bytes that do not form a complete, well-formed blob (truncated, bad header)."""
+    """Stored bytes that do not form a complete, well-formed blob (truncated, bad header);
+    ``file``, where known: the shard file it is in (a verify report names it)."""
+
+    def __init__(self, message: str, *, file: str | None = None) -> None:
+        super().__init__(message)
+        self.file = file
 
 
 class ConfigError(FmstoreError, ValueError):
@@ -88,8 +93,8 @@ class ChecksumError(CorruptBlobError):
     def __init__(
         self, message: str, tensor: str | None = None, file: str | None = None, chunk: int | None = None
     ) -> None:
-        super().__init__(message)
-        self.tensor, self.file, self.chunk = tensor, file, chunk
+        super().__init__(message, file=file)
+        self.tensor, self.chunk = tensor, chunk
 
 
 class ManifestError(FmstoreError):

@@ -124,8 +124,8 @@ class SnapshotReader:
         try:
             check_shard_file(self.storage, file, shards, self.manifest.step)
         except FileNotFoundError:
-            raise _in_file(
-                CorruptBlobError(f"snapshot step {self.manifest.step}: shard file {file!r} is missing"), file
+            raise CorruptBlobError(
+                f"snapshot step {self.manifest.step}: shard file {file!r} is missing", file=file
             ) from None
         with self._lock:
             self._checked.add(file)
@@ -138,13 +138,11 @@ class SnapshotReader:
             try:
                 storage.read_ranges(file, ranges)
             except FileNotFoundError:
-                raise _in_file(
-                    CorruptBlobError(f"snapshot step {step}: shard file {file!r} is missing"), file
+                raise CorruptBlobError(
+                    f"snapshot step {step}: shard file {file!r} is missing", file=file
                 ) from None
             except CorruptBlobError as e:
-                raise _in_file(
-                    CorruptBlobError(f"snapshot step {step}: shard file {file!r}: {e}"), file
-                ) from None
+                raise CorruptBlobError(f"snapshot step {step}: shard file {file!r}: {e}", file=file) from None
         for name, shard, codec, blob, out in plan.decodes:
             dtype = dtype_from_name(self.manifest.tensors[name].dtype)
             try:
@@ -160,8 +158,8 @@ class SnapshotReader:
             except ChecksumError:
                 raise
             except CorruptBlobError as e:
-                raise _in_file(
-                    CorruptBlobError(f"snapshot step {step}: shard file {shard.file!r}: {e}"), shard.file
+                raise CorruptBlobError(
+                    f"snapshot step {step}: shard file {shard.file!r}: {e}", file=shard.file
                 ) from None
         verify_all(plan.checks, step, storage.pool)
         for dest, block in plan.copies:
@@ -421,11 +419,9 @@ def check_shard_file(storage: Storage, file: str, shards: Sequence[FileShard] | 
     # The real size first: it is what bounds the buffers a load allocates for these ranges.
     for name, begin, end, *_ in shards if rows is None else ():
         if end > size:
-            raise _in_file(
-                CorruptBlobError(
-                    f"{at}: tensor {name!r} is at bytes {begin}..{end}, the file has {size} (truncated file?)"
-                ),
-                file,
+            raise CorruptBlobError(
+                f"{at}: tensor {name!r} is at bytes {begin}..{end}, the file has {size} (truncated file?)",
+                file=file,
             )
     head = bytearray(min(size, HEAD_READ))
     try:
@@ -442,9 +438,9 @@ def check_shard_file(storage: Storage, file: str, shards: Sequence[FileShard] | 
         if not isinstance(header, dict):
             raise ValueError("not an object")
     except CorruptBlobError as e:
-        raise _in_file(CorruptBlobError(f"{at}: bad safetensors header ({e})"), file) from None
+        raise CorruptBlobError(f"{at}: bad safetensors header ({e})", file=file) from None
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise _in_file(CorruptBlobError(f"{at}: safetensors header is not JSON ({e})"), file) from None
+        raise CorruptBlobError(f"{at}: safetensors header is not JSON ({e})", file=file) from None
     # The header's entries by byte range: each shard's must be there, named for its tensor,
     # with the dtype code and shape the manifest implies (a damaged manifest that permutes
     # names or dtypes keeps every byte range, and would load other values).
@@ -459,12 +455,10 @@ def check_shard_file(storage: Storage, file: str, shards: Sequence[FileShard] | 
         name, begin, end = s.name, s.begin, s.end
         found = entries.get((begin - base, end - base))
         if found is None:
-            raise _in_file(
-                CorruptBlobError(
-                    f"{at}: its safetensors header lists no tensor at bytes {begin}..{end}, "
-                    f"where the manifest has tensor {name!r}"
-                ),
-                file,
+            raise CorruptBlobError(
+                f"{at}: its safetensors header lists no tensor at bytes {begin}..{end}, "
+                f"where the manifest has tensor {name!r}",
+                file=file,
             )
         key, code, shape = found
         if begin == end:
@@ -474,12 +468,10 @@ def check_shard_file(storage: Storage, file: str, shards: Sequence[FileShard] | 
         want = None if s.coded else codes.get(s.dtype)
         want_code, want_shape = (want, list(s.lengths)) if want else ("U8", [end - begin])
         if not _names(key, name) or code != want_code or shape != want_shape:
-            raise _in_file(
-                CorruptBlobError(
-                    f"{at}: its safetensors header has {key!r} ({code} {shape}) at bytes {begin}..{end}, "
-                    f"where the manifest has tensor {name!r} ({want_code} {want_shape})"
-                ),
-                file,
+            raise CorruptBlobError(
+                f"{at}: its safetensors header has {key!r} ({code} {shape}) at bytes {begin}..{end}, "
+                f"where the manifest has tensor {name!r} ({want_code} {want_shape})",
+                file=file,
             )
 
 
@@ -571,11 +563,6 @@ _HEADER_SUFFIX = re.compile(r"(@\[[0-9,]*\])?(~[0-9]+)?")
 def _names(key: str, name: str) -> bool:
     """Whether header entry ``key`` is one the writer gives tensor ``name``."""
     return key.startswith(name) and _HEADER_SUFFIX.fullmatch(key, len(name)) is not None
-
-
-def _in_file(e: CorruptBlobError, file: str) -> CorruptBlobError:
-    e.file = file  # type: ignore[attr-defined]  # which file, for a verify report
-    return e
 
 
 def verify_all(

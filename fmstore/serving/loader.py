@@ -294,9 +294,9 @@ class StreamingLoader:
         try:
             self.storage.read_ranges(shard.file, [(shard.begin + start, memoryview(piece.numpy()))])
         except FileNotFoundError:
-            raise _in_file(CorruptBlobError(f"{at}: the file is missing"), shard.file) from None
+            raise CorruptBlobError(f"{at}: the file is missing", file=shard.file) from None
         except CorruptBlobError as e:
-            raise _in_file(CorruptBlobError(f"{at}: {e}"), shard.file) from None
+            raise CorruptBlobError(f"{at}: {e}", file=shard.file) from None
         with self._lock:
             self.stats.read_bytes += piece.numel()
 
@@ -330,11 +330,6 @@ class StreamingLoader:
 
     def __repr__(self) -> str:
         return f"StreamingLoader({self.snapshot.url!r})"
-
-
-def _in_file(e: CorruptBlobError, file: str) -> CorruptBlobError:
-    e.file = file  # type: ignore[attr-defined]  # which file, as the checkpoint reader's errors say
-    return e
 
 
 def load_state_dict(
