@@ -135,10 +135,7 @@ class FsspecStorage(Storage):
 
     def _read_ranges(self, rel: str, ranges: Sequence[tuple[int, memoryview]]) -> None:
         path = self.path(rel)
-        pieces = [
-            (off + a, dest[a:b]) for off, dest in ranges for a, b in chunks(0, len(dest), self.part_size)
-        ]
-        groups = coalesce(pieces, self.part_size)
+        groups = coalesce(ranges, self.part_size)
         if getattr(self.fs, "async_impl", False):
             self._sync(self._read_async(path, groups))
             return
@@ -231,11 +228,14 @@ COALESCE_GAP = 1 << 20
 
 
 def coalesce(
-    pieces: Sequence[tuple[int, memoryview]], limit: int, gap: int = COALESCE_GAP
+    ranges: Sequence[tuple[int, memoryview]], limit: int, gap: int = COALESCE_GAP
 ) -> list[tuple[int, int, list[tuple[int, memoryview]]]]:
-    """``pieces`` (offset, destination) grouped into requests ``(start, end, pieces)``: by
-    offset, a piece joins the group before it when it starts at most ``gap`` bytes after that
-    group's end and the group stays within ``limit`` bytes (overlapping pieces share bytes)."""
+    """``ranges`` (offset, destination) as requests ``(start, end, pieces)`` of at most
+    ``limit`` bytes: a range longer than that is cut into pieces of ``limit`` (read in
+    parallel); by offset, a piece joins the group before it when it starts at most ``gap``
+    bytes after that group's end and the group stays within ``limit`` bytes (overlapping
+    pieces share bytes)."""
+    pieces = [(off + a, dest[a:b]) for off, dest in ranges for a, b in chunks(0, len(dest), limit)]
     groups: list[tuple[int, int, list[tuple[int, memoryview]]]] = []
     for off, dest in sorted(pieces, key=lambda p: p[0]):
         end = off + len(dest)

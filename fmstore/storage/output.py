@@ -46,8 +46,6 @@ def remove_stale(final: str) -> None:
         remove_local(os.path.join(parent, name))
 
 
-
-
 class AtomicOutput:
     """Write ``final`` (a file, or a directory with ``is_dir``) under a temporary name in the
     same directory and rename it into place on :meth:`commit`: a killed export leaves at most a

@@ -331,9 +331,7 @@ class _VersionReader(Reader):
         return self.storage._sync(self._get(0, n))
 
     def read_into(self, ranges: Sequence[tuple[int, memoryview]]) -> None:
-        part = self.storage.part_size
-        pieces = [(off + a, dest[a:b]) for off, dest in ranges for a, b in chunks(0, len(dest), part)]
-        self.storage._sync(self._read_all(coalesce(pieces, part)))
+        self.storage._sync(self._read_all(coalesce(ranges, self.storage.part_size)))
 
     async def _read_all(self, groups: list[tuple[int, int, list[tuple[int, memoryview]]]]) -> None:
         gate = asyncio.Semaphore(self.storage.concurrency)
