@@ -302,6 +302,7 @@ class ByFile(dict):  # type: ignore[type-arg]
         # file -> (table, (name, dtype, ndim) of its entries, row -> entry, rows in the file)
         self._groups: dict[str, list[tuple[ShardTable, list[tuple[str, str, int]], np.ndarray, np.ndarray]]]
         self._groups = {}
+        self._info: dict[int, tuple[np.ndarray, np.ndarray, list[str]]] = {}  # id(info) -> _of_info's
         tables: dict[int, tuple[ShardTable, list[tuple[str, TensorEntry]]]] = {}
         for name, e in m.tensors.items():
             if e.table is None:
@@ -331,16 +332,7 @@ class ByFile(dict):  # type: ignore[type-arg]
         return out
 
     def _of_groups(self, file: str) -> list[FileShard]:
-        out: list[FileShard] = []
-        for table, info, which, rows in self._groups.get(file, []):
-            coded = [bool(table.codecs[c]) for c in table.codec[rows].tolist()]
-            for k, b, e, ln, c in zip(
-                which[rows].tolist(), table.begin[rows].tolist(), table.end[rows].tolist(),
-                table.lengths[rows].tolist(), coded,
-            ):  # fmt: skip
-                name, dtype, ndim = info[k]
-                out.append(FileShard(name, b, e, dtype, tuple(ln[:ndim]), c))
-        return out
+        return self._columns(file).shards()
 
     def get(self, file: str, default: Any = None) -> Any:  # noqa: ARG002 - every file has a list
         return self[file]
@@ -351,8 +343,12 @@ class ByFile(dict):  # type: ignore[type-arg]
         groups = self._groups.get(file)
         if not groups or dict.__contains__(self, file) and len(self[file]) != sum(len(g[3]) for g in groups):
             return None
+        return self._columns(file)
+
+    def _columns(self, file: str) -> FileRows:
+        """The table rows in ``file`` as columns (none: no rows)."""
         parts = []
-        for table, info, which, rows in groups:
+        for table, info, which, rows in self._groups.get(file, []):
             k = which[rows]
             ndims, dtype_of, dtypes = self._of_info(info)
             coded = np.array([bool(c) for c in table.codecs], dtype=bool)[table.codec[rows]]
@@ -374,12 +370,11 @@ class ByFile(dict):  # type: ignore[type-arg]
     def _of_info(self, info: list[tuple[str, str, int]]) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Each tensor's rank, and its dtype as an index into the dtypes of ``info``: once per
         table (a whole load asks for a thousand files of the same tensors)."""
-        cache = self.__dict__.setdefault("_info", {})
-        out = cache.get(id(info))
+        out = self._info.get(id(info))
         if out is None:
             dtypes = sorted({d for _, d, _ in info})
             at = {d: i for i, d in enumerate(dtypes)}
-            out = cache[id(info)] = (
+            out = self._info[id(info)] = (
                 np.array([n for _, _, n in info], dtype=np.int64),
                 np.array([at[d] for _, d, _ in info], dtype=np.int64),
                 dtypes,
@@ -390,10 +385,11 @@ class ByFile(dict):  # type: ignore[type-arg]
 class FileRows:
     """The shards of one file as columns, from :meth:`ByFile.rows`: per group of one shard
     table, the entry index of each row into ``info`` ((name, dtype, ndim) per tensor), the
-    byte ranges, the lengths (padded), each row's rank and whether its bytes are coded."""
+    byte ranges, the lengths (padded), each row's rank, whether its bytes are coded, and its
+    dtype as an index into the table's dtypes."""
 
-    def __init__(self, parts: list[tuple[np.ndarray, list[tuple[str, str, int]], np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]) -> None:  # fmt: skip
-        self.parts = parts
+    def __init__(self, parts: list[tuple[Any, ...]]) -> None:
+        self.parts = parts  # (entry of each row, info, begin, end, lengths, rank, coded, dtype index, dtypes)
 
     def __len__(self) -> int:
         return sum(len(p[0]) for p in self.parts)
