@@ -118,7 +118,9 @@ def budget_for(model: nn.Module) -> int:
 
 @pytest.fixture
 def store(tmp_path: Path):
-    s = TieredStore([HostTier(capacity=HOST_CAPACITY, pinned=False), LocalTier(tmp_path / "spill", fsync=False)])
+    s = TieredStore(
+        [HostTier(capacity=HOST_CAPACITY, pinned=False), LocalTier(tmp_path / "spill", fsync=False)]
+    )
     yield s
     s.close(flush=False)
 
@@ -301,12 +303,19 @@ def test_remove_restores_plain_model(store: TieredStore) -> None:
     h2.remove()
 
 
-def test_failing_forward_and_unit_called_alone(store: TieredStore) -> None:
+def offloaded_mlp_in_eval(
+    store: TieredStore,
+) -> tuple[nn.Module, nn.Module, torch.Tensor, OffloadedParameters]:
+    """The mlp pair in eval mode, the second offloaded with room for all of it, and an input."""
     ref, model = pair("mlp")
     ref.eval()
     model.eval()
     x, _ = mlp_data()
-    h = offload_parameters(model, store=store, device="cpu", budget=budget_for(model))
+    return ref, model, x, offload_parameters(model, store=store, device="cpu", budget=budget_for(model))
+
+
+def test_failing_forward_and_unit_called_alone(store: TieredStore) -> None:
+    ref, model, x, h = offloaded_mlp_in_eval(store)
     with pytest.raises(RuntimeError):
         model(torch.randn(6, 15))  # wrong width: the first unit's forward raises
     # nothing left entered or counted as in a forward (prefetches of the next units may wait)
@@ -377,11 +386,7 @@ def test_mixed_dtypes_and_nested_units(store: TieredStore) -> None:
 
 
 def test_sync_and_sync_all(store: TieredStore) -> None:
-    ref, model = pair("mlp")
-    ref.eval()
-    model.eval()
-    x, _ = mlp_data()
-    h = offload_parameters(model, store=store, device="cpu", budget=budget_for(model))
+    ref, model, x, h = offloaded_mlp_in_eval(store)
     with torch.no_grad():
         for p, q in zip(model.parameters(), ref.parameters()):
             p.mul_(0.5)  # seen through the version counter

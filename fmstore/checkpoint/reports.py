@@ -13,11 +13,13 @@ rows by tensor, and refuses a table in which a tensor some rank holds is not ful
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from math import prod
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from ..errors import ReportError
 from ..gcpause import paused_gc
@@ -64,10 +66,6 @@ class Layouts:
 
 def layout_digest(also: Any, tensors: Any) -> str:
     """The digest of a report's layout (:class:`Layouts`)."""
-    import json
-
-    import xxhash
-
     return xxhash.xxh3_128_hexdigest(json.dumps([also, tensors], separators=(",", ":")).encode())
 
 
