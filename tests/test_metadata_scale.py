@@ -278,7 +278,7 @@ def test_the_column_check_of_a_header_passes_exactly_what_the_shard_loop_passes(
     a permuted or retyped manifest load other values)."""
     import random
 
-    from fmstore.checkpoint.reader import _rows_match, check_shard_file, header_entries
+    from fmstore.checkpoint.shardfile import _rows_match, check_shard_file, header_entries
     from fmstore.errors import CorruptBlobError
 
     class Damaged(ms.MemoryStorage):

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..blob import SAFETENSORS_CODES, dtype_name
+from ..blob import dtype_name
 from ..codec import Encoded
 from ..errors import FmstoreError, StorageError
 from ..gcpause import paused_gc
@@ -32,6 +31,7 @@ from .lease import DEFAULT_TTL, WriterLease
 from .listing import SnapshotNotFoundError, committed_steps, read_manifest  # noqa: F401
 from .manifest import CHUNK_SIZE, MANIFEST, Manifest, Shard, TensorEntry, step_dir, tensors_body
 from .reports import Layouts, ReportError, layout_digest, merge_reports
+from .shardfile import FileEntry, shard_header
 from .sharding import Piece
 from .snapshots import Snapshots
 from .staging import StagedTensor
@@ -518,27 +518,6 @@ def _same_shard(base: Manifest, piece: Piece, dtype: torch.dtype, new: Shard) ->
     return None
 
 
-@dataclass
-class FileEntry:
-    """One safetensors entry of a shard file: its name, safetensors dtype code, shape, size in
-    bytes and the codec stages of an encoded blob (a U8 entry; empty for raw bytes)."""
-
-    name: str
-    code: str
-    shape: list[int]
-    nbytes: int
-    codec: list[dict]
-
-    @classmethod
-    def raw(cls, name: str, dtype: torch.dtype, shape: Sequence[int]) -> FileEntry:
-        """The entry of a tensor stored as its raw bytes, as a save writes one: its own dtype
-        code and shape where safetensors has the dtype, else U8 bytes (the manifest has the
-        dtype)."""
-        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-        code = SAFETENSORS_CODES.get(dtype)
-        return cls(name, code or "U8", list(shape) if code else [nbytes], nbytes, [])
-
-
 def _body(item: WriteItem) -> tuple[FileEntry, list[memoryview | bytes]]:
     """The shard-file entry for a tensor and the segments of its bytes: the raw tensor, or
     its encoded blob as a U8 entry (the manifest records the codec)."""
@@ -590,22 +569,6 @@ def merge_trees(tree: dict[str, Any], per_rank: dict[int, list[Any]]) -> dict[st
     for r, nodes in per_rank.items():
         merge_per_rank(tree, r, nodes)
     return tree
-
-
-def shard_header(entries: list[FileEntry]) -> tuple[bytes, list[tuple[int, int]]]:
-    """A safetensors header for the entries to write, in order, and each one's byte range in
-    the file (the header included)."""
-    body: dict[str, Any] = {"__metadata__": {"format": "fmstore.shard", "fmstore": "1"}}
-    pos = 0
-    spans = []
-    for e in entries:
-        body[e.name] = {"dtype": e.code, "shape": e.shape, "data_offsets": [pos, pos + e.nbytes]}
-        spans.append((pos, pos + e.nbytes))
-        pos += e.nbytes
-    raw = json.dumps(body, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % 8)
-    hlen = 8 + len(raw)
-    return len(raw).to_bytes(8, "little") + raw, [(a + hlen, b + hlen) for a, b in spans]
 
 
 def _parse_report(raw: bytes, rel: str, rank: int, step: int) -> dict[str, Any]:

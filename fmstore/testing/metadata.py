@@ -30,11 +30,12 @@ import torch
 import xxhash
 
 from ..blob import dtype_name
-from ..checkpoint.level import FileEntry, SnapshotLevel, merge_trees, rank_report, shard_header
+from ..checkpoint.level import SnapshotLevel, merge_trees, rank_report
 from ..checkpoint.manifest import CHUNK_SIZE, MANIFEST, Manifest, Shard, TensorEntry, step_dir
 from ..checkpoint.manifest_compat import to_json_v2
 from ..checkpoint.reader import Region, SnapshotReader, files_of, find_overlaps, plan_regions
 from ..checkpoint.reports import Layouts, layout_digest, merge_reports
+from ..checkpoint.shardfile import FileEntry, shard_header
 from ..checkpoint.sharding import owner_of
 from ..checkpoint.tree import PerRank, compare, flatten, tensor_leaves
 from ..checkpoint.writing import digest_all
