@@ -157,8 +157,8 @@ def main() -> int:
         Target(f"{args.world} ranks, {args.world // tp}x{tp} mesh", (args.world // tp, tp)),
         Target("1 rank, whole tensors", (1,)),
     ]
-    entries, files, tree = merge(job, reports)
-    raw = commit(job, entries, files, tree)
+    entries, files, tree, headers = merge(job, reports)
+    raw = commit(job, entries, files, tree, headers)
     manifest = Manifest.from_json(raw, where="bench")
     raw_v2 = to_json_v2(manifest)  # the same manifest as version 2 (an object per shard)
     print(
@@ -174,7 +174,7 @@ def main() -> int:
         ops: dict[str, Callable[[], Any]] = {
             "merge": lambda: merge(job, reports),
             "merge-files": lambda: merge_files(job, storage),
-            "commit": lambda: commit(job, entries, files, tree),
+            "commit": lambda: commit(job, entries, files, tree, headers),
             "read": lambda: Manifest.from_json(raw, where="bench"),
             "plan": lambda: [plan_load(job, storage, manifest, t, t.world // 2) for t in targets],
         }
@@ -217,7 +217,7 @@ def main() -> int:
     )
     body = plain_body(raw)
     dumps_s, _ = timed(lambda: json.dumps(body, separators=(",", ":")).encode(), r)
-    fm["commit"] = timed(lambda: commit(job, entries, files, tree), r)[0]
+    fm["commit"] = timed(lambda: commit(job, entries, files, tree, headers), r)[0]
     row("commit: Manifest(...).to_json()", fm["commit"], dumps_s, "json.dumps of the same body")
     loads_s, _ = timed(lambda: json.loads(raw), r)
     gc.disable()

@@ -295,6 +295,49 @@ def test_d_unknown_dtype_names_the_tensor(tmp_path: Path, dtype: Any) -> None:
 # ----------------------------------------------------------------- e. shard safetensors headers
 
 
+def test_e_a_sealed_manifest_checks_each_header_by_its_digest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manifest as its writer wrote it is sealed and records its files' header digests: a
+    load parses a shard file's header only where its digest differs (a damaged header is then
+    found as before); an edited manifest is not sealed, and its files get the whole check."""
+    from fmstore.checkpoint import shardfile
+    from fmstore.checkpoint.manifest import Manifest, is_sealed
+
+    state = {"a": torch.randn(100), "b": torch.randn(50)}
+    save(tmp_path, state)
+    raw = manifest_path(tmp_path).read_bytes()
+    m = Manifest.from_json(raw, where="test")
+    assert m.sealed and set(m.headers) == set(m.files) and len(m.files) == 1
+    assert not is_sealed(raw[:-40] + (b"0" if raw[-40:-39] != b"0" else b"1") + raw[-39:])  # one digit
+    assert not is_sealed(raw.replace(b'"step":1,', b'"step":2,'))  # the body
+
+    parsed: list[str] = []
+    real = shardfile.header_entries
+    monkeypatch.setattr(shardfile, "header_entries", lambda h: parsed.append("parsed") or real(h))
+    got = load(tmp_path)
+    assert parsed == [] and all(torch.equal(got[k], v) for k, v in state.items())
+
+    # Tensor b's entry renamed in the header (same length): the digest differs, the header is
+    # parsed and the rename found.
+    shard = shard_file(tmp_path / STEP1)
+    good = shard.read_bytes()
+    hlen = int.from_bytes(good[:8], "little")
+    assert good[8 : 8 + hlen].count(b'"b"') == 1
+    shard.write_bytes(good[:8] + good[8 : 8 + hlen].replace(b'"b"', b'"x"') + good[8 + hlen :])
+    with pytest.raises(CorruptBlobError, match=r"header has 'x'.*where the manifest has tensor 'b'"):
+        load(tmp_path)
+    assert parsed == ["parsed"]
+    shard.write_bytes(good)
+
+    # The manifest re-written by hand (the same content, other bytes): not sealed, checked whole.
+    edit(tmp_path, lambda body: None)
+    assert not Manifest.from_json(manifest_path(tmp_path).read_bytes(), where="test").sealed
+    parsed.clear()
+    got = load(tmp_path)
+    assert parsed == ["parsed"] and all(torch.equal(got[k], v) for k, v in state.items())
+
+
 def test_e_shard_headers_are_checked_once_per_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     state = {"a": torch.randn(100), "b": torch.randn(50), "c": torch.arange(7)}
     save(tmp_path, state)

@@ -16,11 +16,19 @@ from typing import Any
 
 import pytest
 import torch
+import xxhash
 
 import fmstore.testing.metadata as ms
 from fmstore.blob import as_memoryview
 from fmstore.checkpoint.level import SnapshotLevel
-from fmstore.checkpoint.manifest import MIN_CHUNK_SIZE, Manifest, TensorEntry, tensors_body, tensors_of_table
+from fmstore.checkpoint.manifest import (
+    MIN_CHUNK_SIZE,
+    Manifest,
+    TensorEntry,
+    seal,
+    tensors_body,
+    tensors_of_table,
+)
 from fmstore.checkpoint.manifest_compat import to_json_v2
 from fmstore.checkpoint.reader import SnapshotReader
 from fmstore.checkpoint.reports import ReportError, merge_reports
@@ -36,7 +44,7 @@ def job() -> ms.Job:
 
 
 @pytest.fixture(scope="module")
-def merged(job: ms.Job) -> tuple[dict[str, TensorEntry], dict[str, int], dict[str, Any]]:
+def merged(job: ms.Job) -> ms.Merged:
     return ms.merge(job, job.reports)
 
 
@@ -56,9 +64,11 @@ def test_the_slices_are_torchs_shard_0() -> None:
 
 def test_reports_are_in_the_form_a_level_writes(job: ms.Job) -> None:
     rep = job.reports[1]
-    assert list(rep) == ["token", "error", "also", "files", "tensors", "shards", "per_rank"]
+    assert list(rep) == ["token", "error", "also", "files", "headers", "tensors", "shards", "per_rank"]
     (file,) = rep["files"]
     assert rep["files"][file] == len(job.blobs[file])
+    n = int.from_bytes(job.blobs[file][:8], "little")
+    assert rep["headers"] == {file: xxhash.xxh3_128_hexdigest(job.blobs[file][: 8 + n])}
     entries = tensors_of_table(rep["tensors"], rep["shards"])  # a version-3 manifest's table
     for e in entries.values():
         (sh,) = e.shards
@@ -68,7 +78,7 @@ def test_reports_are_in_the_form_a_level_writes(job: ms.Job) -> None:
 
 
 def test_the_merged_table_covers_every_tensor_once(job: ms.Job, merged: Any) -> None:
-    entries, files, tree = merged
+    entries, files, tree, _ = merged
     names = {n for rep in job.reports.values() for n in [*rep["also"], *rep["tensors"]["names"]]}
     assert set(entries) == names
     assert len(entries) == TENSORS + len(job.steps) + 3 * WORLD
@@ -173,19 +183,27 @@ def test_a_rank_report_that_is_not_a_json_object_is_a_report_error_naming_the_ra
 
 
 def test_the_manifest_is_the_json_of_its_fields(job: ms.Job, merged: Any) -> None:
-    entries, files, tree = merged
-    raw = ms.commit(job, entries, files, tree)
-    m = Manifest(step=job.step, world_size=WORLD, tensors=entries, tree=tree, files=files, meta=job.meta())
+    entries, files, tree, headers = merged
+    raw = ms.commit(job, entries, files, tree, headers)
+    m = Manifest(
+        step=job.step, world_size=WORLD, tensors=entries, tree=tree, files=files, meta=job.meta(), headers=headers
+    )
     m.created = json.loads(raw)["created"]
     body = {
         "format": "fmstore.snapshot", "version": 3, "step": m.step, "world_size": WORLD,
         **tensors_body(entries), "tree": tree, "files": files, "created": m.created, "meta": m.meta,
+        "headers": headers,
     }  # fmt: skip
-    assert raw == json.dumps(body, separators=(",", ":")).encode()
+    assert raw == seal(json.dumps(body, separators=(",", ":")).encode())
+    assert len(headers) == WORLD and set(headers) == set(files)  # a digest of every rank's file
     back = Manifest.from_json(raw, where="test")
-    assert back == m
+    assert back == m and back.sealed
     # Version 2 of the same manifest (an object per shard) reads back the same.
-    assert Manifest.from_json(to_json_v2(m), where="test") == m
+    # (as an older fmstore wrote it: no header digests, no seal)
+    v2 = Manifest.from_json(to_json_v2(m), where="test")
+    assert v2.headers == {} and not v2.sealed
+    v2.headers = m.headers
+    assert v2 == m
 
 
 def expected(job: ms.Job, spec: ms.Spec, offsets: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:

@@ -31,7 +31,7 @@ from .lease import DEFAULT_TTL, WriterLease
 from .listing import SnapshotNotFoundError, committed_steps, read_manifest  # noqa: F401
 from .manifest import CHUNK_SIZE, MANIFEST, Manifest, Shard, TensorEntry, step_dir, tensors_body
 from .reports import Layouts, ReportError, layout_digest, merge_reports
-from .shardfile import FileEntry, shard_header
+from .shardfile import FileEntry, header_digest, shard_header
 from .sharding import Piece
 from .snapshots import Snapshots
 from .staging import StagedTensor
@@ -78,6 +78,7 @@ class LocalWrite:
     files: dict[str, int]
     bytes_written: int
     tensors_written: int
+    headers: dict[str, str] = field(default_factory=dict)  # file -> its header_digest
 
 
 @dataclass
@@ -213,10 +214,10 @@ class SnapshotLevel:
                         rel_dir, {"token": token, "error": f"rank {self.rank}: {type(e).__name__}: {e}"}
                     )
                 raise
-            entries, files = local.entries, local.files
+            entries, files, headers = local.entries, local.files, local.headers
             if self.world_size > 1:
                 doing = f"writing {rel_dir}/rank-{self.rank:05d}.json"
-                report = rank_report(token, names, files, entries, tree, self.rank)
+                report = rank_report(token, names, files, entries, tree, self.rank, local.headers)
                 layout = report["layout"] = layout_digest(report["also"], report["tensors"])
                 if layout == self._layout_sent:  # the coordinator has it from the last save
                     del report["also"], report["tensors"]
@@ -229,11 +230,11 @@ class SnapshotLevel:
                     self._layout_sent = layout
                     return Written(local.bytes_written, len(entries), local.tensors_written)
                 doing = f"merging the ranks' reports of {rel_dir}"
-                entries, files, per_rank = self.collect_reports(rel_dir, step, token)
+                entries, files, per_rank, headers = self.collect_reports(rel_dir, step, token)
                 tree = merge_trees(tree, per_rank)
                 self._layout_sent = layout
             doing = f"writing {rel_dir}/{MANIFEST}"
-            written = local.bytes_written + self.commit(step, entries, files, tree, meta)
+            written = local.bytes_written + self.commit(step, entries, files, tree, meta, headers=headers)
         except OSError as e:
             self._discard(step, local, token)
             cause = e.__cause__ if isinstance(e, StorageError) and isinstance(e.__cause__, OSError) else e
@@ -326,16 +327,18 @@ class SnapshotLevel:
             else:
                 to_keep += [(item, shard) for item, shard, _ in found]
         files: dict[str, int] = {}
+        headers: dict[str, str] = {}
         for rel, pairs in ((self.shard_file(step), to_write), (self.shard_file(step, kept=True), to_keep)):
             if pairs:
-                files[rel] = self._write_file(rel, pairs, entries)
+                files[rel], headers[rel] = self._write_file(rel, pairs, entries)
         self._file_sizes.update(files)
-        return LocalWrite(entries, files, sum(files.values()), len(to_write) + len(to_keep))
+        return LocalWrite(entries, files, sum(files.values()), len(to_write) + len(to_keep), headers)
 
     def _write_file(
         self, rel: str, pairs: list[tuple[WriteItem, Shard]], entries: dict[str, TensorEntry]
-    ) -> int:
-        """Write ``pairs`` into shard file ``rel``; their entries go into ``entries``."""
+    ) -> tuple[int, str]:
+        """Write ``pairs`` into shard file ``rel``; their entries go into ``entries``.  Returns
+        the file's size and its header's digest."""
         bodies = [_body(item) for item, _ in pairs]
         header, spans = shard_header([b for b, _ in bodies])
         segments: list[memoryview | bytes] = [header]
@@ -348,7 +351,7 @@ class SnapshotLevel:
             entries[item.piece.name] = TensorEntry(
                 dtype_name(item.staged.dtype), list(item.piece.global_shape), [shard]
             )
-        return size
+        return size, header_digest(header)
 
     def _file_size(self, rel: str) -> int:
         """A stored file's size: known from the manifests this level wrote or read, else asked."""
@@ -364,8 +367,10 @@ class SnapshotLevel:
         tree: dict[str, Any],
         meta: dict[str, Any],
         world_size: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> int:
-        """Write the manifest (the commit) and apply retention; returns the manifest's size."""
+        """Write the manifest (the commit) and apply retention; returns the manifest's size.
+        ``headers``: the written files' header digests (:attr:`.Manifest.headers`)."""
         manifest = Manifest(
             step=step,
             world_size=world_size or self.world_size,
@@ -373,6 +378,7 @@ class SnapshotLevel:
             tree=tree,
             files=files,
             meta=meta,
+            headers=headers or {},
         )
         with paused_gc():  # a manifest's JSON is thousands of short-lived objects
             raw = manifest.to_json()
@@ -414,10 +420,11 @@ class SnapshotLevel:
 
     def collect_reports(
         self, rel_dir: str, step: int, token: str
-    ) -> tuple[dict[str, TensorEntry], dict[str, int], dict[int, list[Any]]]:
+    ) -> tuple[dict[str, TensorEntry], dict[str, int], dict[int, list[Any]], dict[str, str]]:
         """Coordinator: wait for every rank's report of this attempt (``token``) in ``rel_dir``,
         then merge them into one tensor table (:func:`~fmstore.checkpoint.reports.merge_reports`:
-        the table, files -> sizes, rank -> its per-rank nodes for :func:`merge_trees`)."""
+        the table, files -> sizes, rank -> its per-rank nodes for :func:`merge_trees`, files ->
+        header digests)."""
         reports: dict[int, dict[str, Any]] = {}
 
         def read(r: int) -> tuple[int, bytes | None]:
@@ -536,11 +543,13 @@ def rank_report(
     entries: dict[str, TensorEntry],
     tree: dict[str, Any],
     rank: int,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The report rank ``rank`` writes of its part of a multi-rank save (the body of its
     ``rank-NNNNN.json``, which :meth:`SnapshotLevel.collect_reports` reads): the save attempt's
     ``token``, the tensor names of its state not among its tensors (``also``: each tensor
-    name of a state is in one or the other), the files it wrote (name -> size), its tensors
+    name of a state is in one or the other), the files it wrote (name -> size; ``headers``:
+    name -> :func:`~.shardfile.header_digest`), its tensors
     (names, dtypes, shapes) and their shards as a shard table (``tensors``/``shards``, as a
     version-3 manifest has them) and, from ranks other than 0, the per-rank nodes of its ``tree``."""
     return {
@@ -548,6 +557,7 @@ def rank_report(
         "error": None,
         "also": [n for n in names if n not in entries],
         "files": files,
+        "headers": headers or {},
         # By name: a rank's layout is then the same at every save of the same state, whichever
         # of its tensors an incremental save wrote or referenced (reports.Layouts).
         **tensors_body(dict(sorted(entries.items()))),

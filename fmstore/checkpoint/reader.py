@@ -115,7 +115,8 @@ class SnapshotReader:
             with paused_gc():
                 shards = self._by_file.rows(file) or self._by_file.get(file, [])
         try:
-            check_shard_file(self.storage, file, shards, self.manifest.step)
+            m = self.manifest
+            check_shard_file(self.storage, file, shards, m.step, m.headers.get(file) if m.sealed else None)
         except FileNotFoundError:
             raise CorruptBlobError(
                 f"snapshot step {self.manifest.step}: shard file {file!r} is missing", file=file

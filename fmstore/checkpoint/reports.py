@@ -23,7 +23,7 @@ import xxhash
 
 from ..errors import ReportError
 from ..gcpause import paused_gc
-from .manifest import TensorEntry
+from .manifest import TensorEntry, headers_of
 from .shardtable import ShardTable
 
 
@@ -69,10 +69,14 @@ def layout_digest(also: Any, tensors: Any) -> str:
     return xxhash.xxh3_128_hexdigest(json.dumps([also, tensors], separators=(",", ":")).encode())
 
 
+Merged = tuple[dict[str, TensorEntry], dict[str, int], dict[int, list[Any]], dict[str, str]]
+
+
 def merge_reports(
     reports: Mapping[int, Mapping[str, Any]], step: int, layouts: Layouts | None = None
-) -> tuple[dict[str, TensorEntry], dict[str, int], dict[int, list[Any]]]:
-    """(tensor table, files written -> size, rank -> its per-rank nodes) of the reports of one
+) -> Merged:
+    """(tensor table, files written -> size, rank -> its per-rank nodes, files written -> their
+    header digests) of the reports of one
     save attempt (rank -> report, every rank's, none with an error); ``layouts``: the
     coordinator's memory of the last save's (a report that carries only its layout's digest
     is expanded from it first)."""
@@ -82,13 +86,12 @@ def merge_reports(
         return _merge(reports, step, layouts)
 
 
-def _merge(
-    reports: Mapping[int, Mapping[str, Any]], step: int, layouts: Layouts | None = None
-) -> tuple[dict[str, TensorEntry], dict[str, int], dict[int, list[Any]]]:
+def _merge(reports: Mapping[int, Mapping[str, Any]], step: int, layouts: Layouts | None = None) -> Merged:
     index: dict[str, int] = {}  # tensor name -> its index, in the order ranks first report them
     dtypes: list[Any] = []
     shapes: list[Any] = []
     files: dict[str, int] = {}
+    headers: dict[str, str] = {}
     names: set[str] = set()
     tables: list[ShardTable] = []
     maps: list[np.ndarray] = []
@@ -106,6 +109,7 @@ def _merge(
         rep = reports[r]
         try:
             files.update(rep["files"])
+            headers.update(headers_of(rep.get("headers", {})))
             table = ShardTable.from_body(rep["shards"])
             if cached:
                 if table.rows and (table.tensor.min() < 0 or table.tensor.max() >= len(maps[pos])):
@@ -168,7 +172,7 @@ def _merge(
                 "must be a DTensor"
             )
     per_rank = {r: rep.get("per_rank", []) for r, rep in reports.items() if r != 0}
-    return entries, files, per_rank
+    return entries, files, per_rank, headers
 
 
 def _first_of_each_region(merged: ShardTable, ndims: np.ndarray) -> tuple[ShardTable, np.ndarray]:

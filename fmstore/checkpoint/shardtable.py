@@ -29,7 +29,7 @@ import base64
 import binascii
 import json
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -153,6 +153,16 @@ class ShardTable:
                 out[i] = c
             self._checksums = out
         return self._checksums
+
+    def _checksum_of(self) -> Callable[[int, int, int], str]:
+        """Row ``i``'s checksum, given its chunks ``a0..a1`` (of :attr:`chunk_at`): from the
+        list where it is made, else derived for that row alone (a load that makes Shard
+        objects of a few rows of a large table need not derive all 512 k)."""
+        if self._checksums is not None:
+            listed = self._checksums
+            return lambda i, a0, a1: listed[i]
+        other, chunks = self._other or {}, self.chunks
+        return lambda i, a0, a1: other.get(i) or derived_checksum(chunks[HEX * a0 : HEX * a1])
 
     def other(self) -> dict[int, str]:
         """The rows whose checksum is not derived from their digests, and theirs."""
@@ -394,7 +404,8 @@ class ShardTable:
         from .manifest import Shard
 
         at = self.chunk_at
-        chunks, files, codecs, checksums = self.chunks, self.files, self.codecs, self.checksums
+        chunks, files, codecs = self.chunks, self.files, self.codecs
+        checksum = self._checksum_of()
         offs = self.offsets[rows, :ndim].tolist()
         lens = self.lengths[rows, :ndim].tolist()
         out = []
@@ -407,7 +418,7 @@ class ShardTable:
             s = new(Shard)
             s.__dict__ = {
                 "offsets": o, "lengths": k, "file": files[f], "begin": b, "end": e,
-                "checksum": checksums[i], "codec": codecs[c], "chunk_size": cs,
+                "checksum": checksum(i, a0, a1), "codec": codecs[c], "chunk_size": cs,
                 "chunks": [chunks[j : j + HEX] for j in range(HEX * a0, HEX * a1, HEX)],
             }  # fmt: skip
             out.append(s)

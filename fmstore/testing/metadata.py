@@ -35,7 +35,7 @@ from ..checkpoint.manifest import CHUNK_SIZE, MANIFEST, Manifest, Shard, TensorE
 from ..checkpoint.manifest_compat import to_json_v2
 from ..checkpoint.reader import Region, SnapshotReader, files_of, find_overlaps, plan_regions
 from ..checkpoint.reports import Layouts, layout_digest, merge_reports
-from ..checkpoint.shardfile import FileEntry, shard_header
+from ..checkpoint.shardfile import FileEntry, header_digest, shard_header
 from ..checkpoint.sharding import owner_of
 from ..checkpoint.tree import PerRank, compare, flatten, tensor_leaves
 from ..checkpoint.writing import digest_all
@@ -240,7 +240,8 @@ class Job:
             shard = Shard(list(offsets), list(local), file, begin, end, checksum, [], cs, chunks)
             entries[s.name] = TensorEntry(dtype_name(s.dtype), list(s.shape), [shard])
         files = {file: self.sizes[file]}
-        return rank_report(self.token, sorted(specs), files, entries, self.tree(rank), rank)
+        headers = {file: header_digest(header)}
+        return rank_report(self.token, sorted(specs), files, entries, self.tree(rank), rank, headers)
 
     def global_bytes(self, s: Spec) -> torch.Tensor:
         """Tensor ``s``'s bytes (``data``), as a uint8 tensor of its shape and one more
@@ -329,13 +330,15 @@ class MemoryStorage:
 # ---------------------------------------------------------------------- the operations
 
 
-def merge(
-    job: Job, reports: dict[int, dict[str, Any]]
-) -> tuple[dict[str, TensorEntry], dict[str, int], dict]:
-    """The coordinator's merge of parsed reports, and the tree merge ``SnapshotLevel.write`` does."""
-    entries, files, per_rank = merge_reports(reports, job.step)
+Merged = tuple[dict[str, TensorEntry], dict[str, int], dict, dict[str, str]]
+
+
+def merge(job: Job, reports: dict[int, dict[str, Any]]) -> Merged:
+    """The coordinator's merge of parsed reports, and the tree merge ``SnapshotLevel.write``
+    does: the tensor table, files -> sizes, the tree, files -> header digests."""
+    entries, files, per_rank, headers = merge_reports(reports, job.step)
     tree = merge_trees(job.tree(0), per_rank)
-    return entries, files, tree
+    return entries, files, tree, headers
 
 
 def steady_reports(job: Job) -> tuple[Layouts, dict[int, bytes]]:
@@ -349,26 +352,30 @@ def steady_reports(job: Job) -> tuple[Layouts, dict[int, bytes]]:
     return layouts, steady
 
 
-def merge_steady(
-    job: Job, layouts: Layouts, steady: dict[int, bytes]
-) -> tuple[dict[str, TensorEntry], dict[str, int], dict]:
+def merge_steady(job: Job, layouts: Layouts, steady: dict[int, bytes]) -> tuple[Any, ...]:
     """The coordinator's merge of ``steady_reports``' files (their ``json.loads`` included)."""
     return merge_reports({r: json.loads(raw) for r, raw in steady.items()}, job.step, layouts)
 
 
-def merge_files(job: Job, storage: MemoryStorage) -> tuple[dict[str, TensorEntry], dict[str, int], dict]:
+def merge_files(job: Job, storage: MemoryStorage) -> Merged:
     """``SnapshotLevel.collect_reports`` on the report files (their ``json.loads`` included)."""
     level = SnapshotLevel("bench", storage, rank=0, world_size=job.world)  # type: ignore[arg-type]
-    entries, files, per_rank = level.collect_reports(step_dir(job.step), job.step, job.token)
-    return entries, files, merge_trees(job.tree(0), per_rank)
+    entries, files, per_rank, headers = level.collect_reports(step_dir(job.step), job.step, job.token)
+    return entries, files, merge_trees(job.tree(0), per_rank), headers
 
 
-def commit(job: Job, entries: dict[str, TensorEntry], files: dict[str, int], tree: dict[str, Any]) -> bytes:
+def commit(
+    job: Job,
+    entries: dict[str, TensorEntry],
+    files: dict[str, int],
+    tree: dict[str, Any],
+    headers: dict[str, str] | None = None,
+) -> bytes:
     """``SnapshotLevel.commit`` of the merged table, into a :class:`MemoryStorage`: the
     manifest's bytes."""
     storage = MemoryStorage(job)
     level = SnapshotLevel("bench", storage, world_size=job.world)  # type: ignore[arg-type]
-    level.commit(job.step, entries, files, tree, job.meta())
+    level.commit(job.step, entries, files, tree, job.meta(), headers=headers)
     return storage.written[f"{step_dir(job.step)}/{MANIFEST}"]
 
 
