@@ -84,6 +84,7 @@ from fmstore.testing.metadata import (
     to_json_v2,
 )
 
+
 def goal(world: int) -> float:
     """Seconds per operation the issue sets (issue 30): 1 s up to 1,024 ranks, 8 s beyond
     (8,192 ranks)."""

@@ -408,6 +408,41 @@ def test_a_whole_read_through_the_reader_matches(job: ms.Job, manifest: Manifest
         )
 
 
+def test_an_object_stores_files_are_checked_several_at_once_and_a_bad_one_still_raises(
+    job: ms.Job, manifest: Manifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole load from an object store (MemoryStorage is not local) checks its 64 shard
+    files from several threads: two checks meet at a barrier, which one after the other
+    could not pass.  A damaged file among them is still a CorruptBlobError naming it."""
+    import itertools
+    import threading
+
+    from fmstore.checkpoint import reader as reader_module
+    from fmstore.errors import CorruptBlobError
+
+    met = threading.Barrier(2, timeout=30)  # (one check alone there: BrokenBarrierError in 30 s)
+    real = reader_module.check_shard_file
+    calls = itertools.count()
+    threads = set()
+
+    def meeting(*args: Any) -> None:
+        threads.add(threading.get_ident())
+        if next(calls) < 2:  # the first two checks wait for each other
+            met.wait()
+        real(*args)
+
+    monkeypatch.setattr(reader_module, "check_shard_file", meeting)
+    files = sorted(manifest.referenced_files())
+    SnapshotReader(ms.MemoryStorage(job), manifest).check_all(files)  # type: ignore[arg-type]
+    assert len(threads) > 1
+
+    bad = bytearray(job.blobs[files[40]])
+    bad[8:12] = b"????"  # its header is not JSON any more
+    monkeypatch.setitem(job.blobs, files[40], bytes(bad))
+    with pytest.raises(CorruptBlobError, match=files[40]):
+        SnapshotReader(ms.MemoryStorage(job), manifest).check_all(files)  # type: ignore[arg-type]
+
+
 def test_the_dcp_counterpart_writes_each_slice_once_and_loads_every_element_once() -> None:
     """The bench's torch DCP side (fmstore.testing.metadata_dcp) on 8 ranks x 6 tensors, shapes divided
     by 1,000 (so some ranks hold empty slices): after DCP's dedup, one write item per (tensor,

@@ -446,8 +446,7 @@ def plan_load(job: Job, storage: MemoryStorage, manifest: Manifest, target: Targ
     found = find_overlaps(manifest, regions)
     files = files_of(found)
     t3 = time.perf_counter()
-    for file in sorted(files):
-        reader.check_file(file)
+    reader.check_all(files)
     t4 = time.perf_counter()
     plan = plan_regions(manifest, regions, reader.pool, None, found)
     t5 = time.perf_counter()
