@@ -110,9 +110,12 @@ class SnapshotReader:
             for file in todo:
                 self.check_file(file)
             return
-        # Threads of their own: the storage's I/O pool runs the reads these checks make.
-        with ThreadPoolExecutor(min(CHECKERS, len(todo)), thread_name_prefix="fmstore-check") as ex:
-            for _ in ex.map(self.check_file, todo):
+        # Threads of their own (the storage's I/O pool runs the reads these checks make), each
+        # a run of the files in name order: the first run to fail has the first bad file.
+        n = min(CHECKERS, len(todo))
+        runs = [todo[len(todo) * i // n : len(todo) * (i + 1) // n] for i in range(n)]
+        with ThreadPoolExecutor(n, thread_name_prefix="fmstore-check") as ex:
+            for _ in ex.map(lambda run: [self.check_file(f) for f in run], runs):
                 pass
 
     def check_file(self, file: str) -> None:
@@ -376,14 +379,17 @@ def _plan_rows(
         host_bytes = memoryview(host.reshape(-1).view(torch.uint8).numpy())
         reads, checks = plan.reads, plan.checks
         shards = t.refs(rows[fast])  # (a chunk check's view of each: no Shard object made)
-        for shard, s, a, n in zip(shards, start[fast].tolist(), at[fast].tolist(), nbytes[fast].tolist()):
+        pos = (t.begin[rows[fast]] + start[fast]).tolist()
+        for shard, p, s, a, n in zip(
+            shards, pos, start[fast].tolist(), at[fast].tolist(), nbytes[fast].tolist()
+        ):
             view = host_bytes[a : a + n]
             if n:
                 in_file = reads.get(shard.file)
                 if in_file is None:
-                    reads[shard.file] = [(shard.begin + s, view)]
+                    reads[shard.file] = [(p, view)]
                 else:
-                    in_file.append((shard.begin + s, view))
+                    in_file.append((p, view))
             checks.append((name, shard, view, s))
     return covered, met.overlaps(~fast) if not fast.all() else []
 
