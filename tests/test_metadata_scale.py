@@ -411,9 +411,10 @@ def test_a_whole_read_through_the_reader_matches(job: ms.Job, manifest: Manifest
 def test_an_object_stores_files_are_checked_several_at_once_and_a_bad_one_still_raises(
     job: ms.Job, manifest: Manifest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A whole load from an object store (MemoryStorage is not local) checks its 64 shard
-    files from several threads: two checks meet at a barrier, which one after the other
-    could not pass.  A damaged file among them is still a CorruptBlobError naming it."""
+    """A whole load from an object store (here a MemoryStorage that says it is not local)
+    checks its 64 shard files from several threads: two checks meet at a barrier, which one
+    after the other could not pass.  A damaged file among them is still a CorruptBlobError
+    naming it."""
     import itertools
     import threading
 
@@ -432,6 +433,7 @@ def test_an_object_stores_files_are_checked_several_at_once_and_a_bad_one_still_
         real(*args)
 
     monkeypatch.setattr(reader_module, "check_shard_file", meeting)
+    monkeypatch.setattr(ms.MemoryStorage, "local", False)
     files = sorted(manifest.referenced_files())
     SnapshotReader(ms.MemoryStorage(job), manifest).check_all(files)  # type: ignore[arg-type]
     assert len(threads) > 1

@@ -284,7 +284,10 @@ class MemoryStorage:
     the data is an error where the job has no data)."""
 
     url = "memory://bench"
-    local = False
+    #: As a local root: what the bench measures is the CPU's part of the metadata, and with no
+    #: latency to hide, an object store's 16 file checks at once would only contend for the
+    #: GIL (whole-tensor plan at 1,024 ranks: checks 140 ms one after the other, 200 ms so).
+    local = True
     pool = None
 
     def __init__(self, job: Job) -> None:
