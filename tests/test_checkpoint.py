@@ -124,6 +124,30 @@ def test_round_trip_training_state_into_a_fresh_model(tmp_path):
     np.random.set_state(restored["rng"]["numpy"])
 
 
+def test_a_load_reads_the_manifest_once(tmp_path, monkeypatch):
+    """A load into a training state reads the manifest for the state's shape (fresh optimizers
+    are given state to fill) and for the load itself: once (a 1,024-rank manifest is 13 MB,
+    read by every rank)."""
+    from fmstore.storage import Storage
+
+    state, _, _ = training_state()
+    with Checkpointer(tmp_path, keep_last=None) as ck:
+        ck.save(3, state).wait()
+    reads = []
+    real = Storage.read_bytes
+
+    def counting(self, rel, *args, **kwargs):
+        reads.append(rel)
+        return real(self, rel, *args, **kwargs)
+
+    monkeypatch.setattr(Storage, "read_bytes", counting)
+    fresh_state, fresh_model, _ = training_state(seed=1)
+    with Checkpointer(tmp_path) as ck:
+        restored = ck.load(fresh_state)
+    assert [r for r in reads if r.endswith("manifest.json")] == ["step-0000000003/manifest.json"]
+    assert_equal_state(restored, state)
+
+
 def test_save_returns_after_staging_and_is_isolated_from_later_changes(tmp_path):
     w = torch.zeros(1 << 20)
     with Checkpointer(tmp_path) as ck:

@@ -111,7 +111,6 @@ class SnapshotLoader:
                     raise
         raise AssertionError("unreachable")
 
-
     def _load_once(self, state: Any, step: int | None, device: Any, level: str | None, strict: bool) -> Any:
         levels = self.levels_of(level)
         snap = None
@@ -141,11 +140,12 @@ class SnapshotLoader:
             )
         # The snapshot exists: only now are fresh optimizers given state to fill (where it has some).
         prepared = None
+        read: dict[SnapshotLevel, Manifest] = {}  # each manifest read once a load (13 MB at 1,024 ranks)
         if state is not None:
-            saved = snap.tree if snap is not None else _first_tree(holders, step)
+            saved = snap.tree if snap is not None else _first_tree(holders, step, read)
             prepared = stateful.for_load(state, lambda path: subtree(saved, path, self.rank))
         try:
-            out = self._restore(snap, holders, step, prepared, device, level, strict)
+            out = self._restore(snap, holders, step, prepared, device, level, strict, read)
         except BaseException:
             if prepared is not None:
                 stateful.undo_init(prepared)
@@ -169,7 +169,9 @@ class SnapshotLoader:
         device: Any,
         level: str | None,
         strict: bool,
+        read: dict[SnapshotLevel, Manifest],
     ) -> Any:
+        """``read``: the manifests the load has read already, by level."""
         targets: dict[str, torch.Tensor] = {}
         target_tree = None
         if prepared is not None:
@@ -191,7 +193,7 @@ class SnapshotLoader:
             self.persists.wait()
         for i, lvl in enumerate(holders):
             try:
-                manifest = lvl.manifest(step)
+                manifest = read.pop(lvl, None) or lvl.manifest(step)
                 names = self._check_keys(step, manifest.tree, target_tree, opaque, strict)
                 return self._load_from(lvl, manifest, targets, names, device)
             except (CorruptBlobError, ManifestError, SnapshotNotFoundError) as e:
@@ -261,6 +263,7 @@ class SnapshotLoader:
         reader.read(regions)
         return unflatten(manifest.tree, out, self.rank)
 
+
 #: Loads of the latest snapshot that lose a race with retention, before giving up.
 RETENTION_RETRIES = 5
 
@@ -272,12 +275,16 @@ def _deleted_while_loading(lvl: SnapshotLevel, step: int) -> SnapshotDeletedErro
     )
 
 
-def _first_tree(holders: list[SnapshotLevel], step: int) -> dict[str, Any]:
-    """The state tree of ``step`` from the first level whose manifest reads; a damaged one is
-    skipped here as the load skips it (which warns), the last one's error is raised."""
+def _first_tree(
+    holders: list[SnapshotLevel], step: int, read: dict[SnapshotLevel, Manifest]
+) -> dict[str, Any]:
+    """The state tree of ``step`` from the first level whose manifest reads (kept in ``read``
+    for the load); a damaged one is skipped here as the load skips it (which warns), the last
+    one's error is raised."""
     for i, lvl in enumerate(holders):
         try:
-            return lvl.manifest(step).tree
+            read[lvl] = lvl.manifest(step)
+            return read[lvl].tree
         except (CorruptBlobError, ManifestError, SnapshotNotFoundError) as e:
             if i + 1 == len(holders):
                 if not lvl.committed(step):
@@ -300,5 +307,3 @@ def _keys_error(step: int, missing: list[str], unexpected: list[str]) -> StateKe
 def slot_text(slot: stateful.Slot) -> str:
     path = "/".join(str(k) for k in slot.path) or "<root>"
     return f"{path!r} ({type(slot.obj).__name__})"
-
-
