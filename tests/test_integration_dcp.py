@@ -492,6 +492,64 @@ def test_sharded_save_on_2_ranks_loads_on_1(tmp_path):
     assert_same(target, whole)
 
 
+@quick_exit
+def _async_save_worker(rank: int, world: int, port: int, root: str) -> None:
+    """FSDP2 on ``world`` gloo ranks, trained two steps, ``dcp.async_save`` through fmstore's
+    writer (step 7; rank 0 writes the gathered state beside the root)."""
+    from test_checkpoint_fsdp import build, train
+
+    _init(rank, world, port)
+    try:
+        model, optim = build(world)
+        train(model, optim, 2, seed=1)
+        msd, osd = get_state_dict(model, optim)
+        state = {"model": msd, "optim": osd, "step": 7}
+        full = gathered({"model": msd, "optim": osd})
+        if rank == 0:
+            save_file(full, os.path.join(root, "..", "reference.safetensors"))
+        thread = AsyncCheckpointerType.THREAD
+        dcp.async_save(
+            state, storage_writer=FmstoreStorageWriter(root, 7), async_checkpointer_type=thread
+        ).result(timeout=300)
+    finally:
+        dist.destroy_process_group()
+
+
+@quick_exit
+def _load_worker(rank: int, world: int, port: int, root: str) -> None:
+    """The snapshot ``_async_save_worker`` wrote, loaded by ``dcp.load`` into FSDP2 on ``world``
+    ranks (a fresh model and optimizer): every tensor, gathered, equals the saved one."""
+    from test_checkpoint_fsdp import build
+
+    _init(rank, world, port)
+    try:
+        model, optim = build(world)
+        msd, osd = get_state_dict(model, optim)  # (fresh: no optimizer state yet)
+        target = {"model": msd, "optim": osd, "step": 0}
+        dcp.load(target, storage_reader=FmstoreStorageReader(root, 7))
+        set_state_dict(model, optim, model_state_dict=target["model"], optim_state_dict=target["optim"])
+        msd, osd = get_state_dict(model, optim)
+        back = gathered({"model": msd, "optim": osd})
+        want = load_file(os.path.join(root, "..", "reference.safetensors"))
+        assert set(back) == set(want) and target["step"] == 7
+        for name, t in back.items():
+            assert torch.equal(bits(t), bits(want[name])), name
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_async_save_on_4_ranks_loads_on_2(tmp_path):
+    """Issue 16's DCP run on gloo CPU processes: ``dcp.async_save`` through
+    ``FmstoreStorageWriter`` on 4 ranks (FSDP2), ``dcp.load`` on 2, bit exact."""
+    root = str(tmp_path / "ckpt")
+    os.makedirs(root)
+    _spawn(_async_save_worker, 4, root)
+    with Checkpointer(root) as ck:
+        assert ck.steps() == [7] and ck.manifest(7).world_size == 4
+    _spawn(_load_worker, 2, root)
+
+
 # ----------------------------------------------------------------------------- DCP's metadata
 # On the pattern of torch's own checks of what dcp.save returns and read_metadata gives back
 # (FileSystemWriter.finish fills version and storage_meta; its checkpoint_id loads again).
