@@ -436,16 +436,17 @@ def verify_all(
         if not cs:
             raise ManifestError(f"snapshot step {step}: tensor {name!r} has no chunk checksums")
         mv = as_memoryview(buf)
+        digests = shard.chunks  # (once a shard: a ChunkRef splits its digests when asked)
         for i, a in enumerate(range(0, len(mv), cs)):
-            jobs.append((name, shard, start // cs + i, start + a, mv[a : a + cs]))
-    pieces = [j[4] for j in jobs]
+            jobs.append((name, shard, digests, start // cs + i, start + a, mv[a : a + cs]))
+    pieces = [j[5] for j in jobs]
     hashes = (
         list(pool.map(xxhash.xxh3_128_hexdigest, pieces))
         if pool
         else [xxhash.xxh3_128_hexdigest(m) for m in pieces]
     )
-    for (name, shard, index, offset, mv), h in zip(jobs, hashes):
-        if index >= len(shard.chunks) or h != shard.chunks[index]:
+    for (name, shard, digests, index, offset, mv), h in zip(jobs, hashes):
+        if index >= len(digests) or h != digests[index]:
             raise ChecksumError(
                 f"snapshot step {step}: tensor {name!r} in {shard.file!r} does not match its checksum "
                 f"(chunk {index}, bytes {shard.begin + offset}..{shard.begin + offset + len(mv)})",
