@@ -44,7 +44,7 @@ def job() -> ms.Job:
 
 
 @pytest.fixture(scope="module")
-def merged(job: ms.Job) -> ms.Merged:
+def merged(job: ms.Job) -> ms.MergedTree:
     return ms.merge(job, job.reports)
 
 

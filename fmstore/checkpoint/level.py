@@ -30,7 +30,7 @@ from ..storage import Storage
 from .lease import DEFAULT_TTL, WriterLease
 from .listing import SnapshotNotFoundError, committed_steps, read_manifest  # noqa: F401
 from .manifest import CHUNK_SIZE, MANIFEST, Manifest, Shard, TensorEntry, step_dir, tensors_body
-from .reports import Layouts, ReportError, layout_digest, merge_reports
+from .reports import Layouts, Merged, ReportError, layout_digest, merge_reports
 from .shardfile import FileEntry, header_digest, shard_header
 from .sharding import Piece
 from .snapshots import Snapshots
@@ -217,7 +217,7 @@ class SnapshotLevel:
             entries, files, headers = local.entries, local.files, local.headers
             if self.world_size > 1:
                 doing = f"writing {rel_dir}/rank-{self.rank:05d}.json"
-                report = rank_report(token, names, files, entries, tree, self.rank, local.headers)
+                report = rank_report(token, names, files, entries, tree, self.rank, headers)
                 layout = report["layout"] = layout_digest(report["also"], report["tensors"])
                 if layout == self._layout_sent:  # the coordinator has it from the last save
                     del report["also"], report["tensors"]
@@ -418,9 +418,7 @@ class SnapshotLevel:
             time.sleep(delay * random.uniform(0.75, 1.0))
             delay = min(delay * 1.5, longest)
 
-    def collect_reports(
-        self, rel_dir: str, step: int, token: str
-    ) -> tuple[dict[str, TensorEntry], dict[str, int], dict[int, list[Any]], dict[str, str]]:
+    def collect_reports(self, rel_dir: str, step: int, token: str) -> Merged:
         """Coordinator: wait for every rank's report of this attempt (``token``) in ``rel_dir``,
         then merge them into one tensor table (:func:`~fmstore.checkpoint.reports.merge_reports`:
         the table, files -> sizes, rank -> its per-rank nodes for :func:`merge_trees`, files ->

@@ -113,11 +113,8 @@ def check_shard_file(
             rest = bytearray(n - len(raw))
             storage.read_ranges(file, [(len(head), memoryview(rest))])
             raw += rest
-        if digest is not None:
-            h = xxhash.xxh3_128(head[:8])
-            h.update(raw)
-            if h.hexdigest() == digest:
-                return  # the header written with these shards: what the checks below would find
+        if digest is not None and header_digest(head[:8] + raw) == digest:
+            return  # the header written with these shards: what the checks below would find
         header = json.loads(bytes(raw))
         if not isinstance(header, dict):
             raise ValueError("not an object")

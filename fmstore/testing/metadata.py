@@ -34,7 +34,7 @@ from ..checkpoint.level import SnapshotLevel, merge_trees, rank_report
 from ..checkpoint.manifest import CHUNK_SIZE, MANIFEST, Manifest, Shard, TensorEntry, step_dir
 from ..checkpoint.manifest_compat import to_json_v2
 from ..checkpoint.reader import Region, SnapshotReader, files_of, find_overlaps, plan_regions
-from ..checkpoint.reports import Layouts, layout_digest, merge_reports
+from ..checkpoint.reports import Layouts, Merged, layout_digest, merge_reports
 from ..checkpoint.shardfile import FileEntry, header_digest, shard_header
 from ..checkpoint.sharding import owner_of
 from ..checkpoint.tree import PerRank, compare, flatten, tensor_leaves
@@ -333,10 +333,11 @@ class MemoryStorage:
 # ---------------------------------------------------------------------- the operations
 
 
-Merged = tuple[dict[str, TensorEntry], dict[str, int], dict, dict[str, str]]
+#: What the merge gives a commit: reports.Merged with the ranks' per-rank nodes merged into the tree.
+MergedTree = tuple[dict[str, TensorEntry], dict[str, int], dict, dict[str, str]]
 
 
-def merge(job: Job, reports: dict[int, dict[str, Any]]) -> Merged:
+def merge(job: Job, reports: dict[int, dict[str, Any]]) -> MergedTree:
     """The coordinator's merge of parsed reports, and the tree merge ``SnapshotLevel.write``
     does: the tensor table, files -> sizes, the tree, files -> header digests."""
     entries, files, per_rank, headers = merge_reports(reports, job.step)
@@ -355,12 +356,12 @@ def steady_reports(job: Job) -> tuple[Layouts, dict[int, bytes]]:
     return layouts, steady
 
 
-def merge_steady(job: Job, layouts: Layouts, steady: dict[int, bytes]) -> tuple[Any, ...]:
+def merge_steady(job: Job, layouts: Layouts, steady: dict[int, bytes]) -> Merged:
     """The coordinator's merge of ``steady_reports``' files (their ``json.loads`` included)."""
     return merge_reports({r: json.loads(raw) for r, raw in steady.items()}, job.step, layouts)
 
 
-def merge_files(job: Job, storage: MemoryStorage) -> Merged:
+def merge_files(job: Job, storage: MemoryStorage) -> MergedTree:
     """``SnapshotLevel.collect_reports`` on the report files (their ``json.loads`` included)."""
     level = SnapshotLevel("bench", storage, rank=0, world_size=job.world)  # type: ignore[arg-type]
     entries, files, per_rank, headers = level.collect_reports(step_dir(job.step), job.step, job.token)
